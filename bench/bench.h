@@ -1,0 +1,9 @@
+/* bench.h - entry points of apex-bench's subcommands (argv[0] is the
+ * subcommand's name). Each returns a process exit status. */
+#ifndef APEX_BENCH_H
+#define APEX_BENCH_H
+
+int bench_attn_main(int argc, char **argv);
+int bench_sched_main(int argc, char **argv);
+
+#endif

@@ -1,0 +1,39 @@
+/* apex-bench: dispatches to one benchmark per subcommand. Each prints a
+ * readable table, or one JSON object with --json, and measures its own
+ * baseline in the same run. */
+#include <stdio.h>
+#include <string.h>
+
+#include "bench/bench.h"
+
+typedef struct {
+    const char *name;
+    int (*main)(int argc, char **argv);
+    const char *what;
+} bench_cmd;
+
+static const bench_cmd commands[] = {
+    {"attn", bench_attn_main, "CPU decode attention vs a same-run STREAM read"},
+#ifdef APEX_BENCH_SCHED
+    {"sched", bench_sched_main, "scheduler decision cost"},
+#endif
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: apex-bench COMMAND [--json] [options]\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].what);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name))
+            return commands[i].main(argc - 1, argv + 1);
+    fprintf(stderr, "apex-bench: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

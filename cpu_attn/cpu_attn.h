@@ -1,0 +1,84 @@
+/*
+ * cpu_attn.h - paged decode attention on the CPU.
+ *
+ * One query token per sequence attends to that sequence's KV, stored in
+ * blocks of the APEX layout (see apex.h): block b of the layer slab starts at
+ * kv + b * block_bytes; inside it K is [n_kv_heads][block_tokens][head_dim],
+ * then V likewise. Sequence i attends positions [start_i, len_i) where
+ * start_i = window ? max(0, len_i - window) : 0.
+ *
+ * Two implementations with one signature:
+ *   cpu_attn_reference  plain scalar loops, fp32 math, whole-sequence softmax:
+ *                       the definition the optimised kernel is held to.
+ *   cpu_attn_decode     OpenMP over (sequence, kv head, KV chunk) work items,
+ *                       so one long sequence uses every thread; each item
+ *                       produces a partial (max, sum, acc) merged by
+ *                       log-sum-exp; inner loops dispatched once at start to
+ *                       AVX-512(+BF16) / AVX2+FMA+F16C / scalar.
+ */
+#ifndef APEX_CPU_ATTN_H
+#define APEX_CPU_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "apex/apex.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cpu_attn_geom {
+    int32_t n_q_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t block_tokens;
+    apex_dtype kv_dtype;
+} cpu_attn_geom;
+
+typedef struct cpu_attn_batch {
+    int32_t n_seqs;
+    const void *q;             /* [n_seqs][n_q_heads][head_dim], q_dtype      */
+    apex_dtype q_dtype;
+    void *out;                 /* [n_seqs][n_q_heads][head_dim], out_dtype    */
+    apex_dtype out_dtype;
+    const int32_t *seq_lens;   /* [n_seqs], each >= 1                         */
+    const int32_t *block_table;/* [n_seqs][block_table_stride] block ids      */
+    int32_t block_table_stride;
+    const void *kv;            /* layer slab base                             */
+    size_t block_bytes;        /* bytes between consecutive blocks            */
+    float scale;               /* already resolved (never 0)                  */
+    float softcap;             /* 0 = off                                     */
+    int32_t window;            /* 0 = all                                     */
+} cpu_attn_batch;
+
+typedef enum cpu_attn_isa {
+    CPU_ATTN_ISA_SCALAR = 0,
+    CPU_ATTN_ISA_AVX2 = 1,
+    CPU_ATTN_ISA_AVX512 = 2
+} cpu_attn_isa;
+
+/* The variant picked from cpuid (or APEX_ISA), decided once, thread-safe. */
+cpu_attn_isa cpu_attn_isa_selected(void);
+const char *cpu_attn_isa_name(cpu_attn_isa isa);
+/* Forces a variant (tests); returns 0, or -1 if the CPU lacks it. */
+int cpu_attn_isa_force(cpu_attn_isa isa);
+
+/* Workspace for cpu_attn_decode: partial results of the split-K items.
+ * Sized for a batch of at most max_seqs sequences of at most max_len tokens
+ * on n_threads threads. Opaque; NULL on allocation failure. */
+typedef struct cpu_attn_ws cpu_attn_ws;
+cpu_attn_ws *cpu_attn_ws_create(const cpu_attn_geom *g, int32_t max_seqs,
+                                int32_t max_len, int32_t n_threads);
+void cpu_attn_ws_destroy(cpu_attn_ws *ws);
+
+/* Both return 0 on success. Inputs are trusted (APEX validates them at the
+ * ABI); n_threads <= the workspace's. */
+int cpu_attn_reference(const cpu_attn_geom *g, const cpu_attn_batch *b);
+int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b,
+                    cpu_attn_ws *ws, int32_t n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APEX_CPU_ATTN_H */

@@ -1,0 +1,62 @@
+#include "csrc/block_pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "csrc/error.h"
+#include "csrc/host_mem.h"
+
+apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
+                                 int32_t n_blocks, int32_t n_layers,
+                                 size_t block_bytes) {
+    memset(p, 0, sizeof *p);
+    p->tier = APEX_TIER_HOST;
+    p->n_blocks = n_blocks;
+    p->n_layers = n_layers;
+    p->block_bytes = block_bytes;
+    size_t n = n_blocks > 0 ? (size_t)n_blocks : 1;
+    if (block_bytes && (size_t)n_layers > SIZE_MAX / n / block_bytes)
+        return apex_fail(APEX_ERR_NO_MEMORY, "host KV pool size overflows size_t");
+    p->mem_bytes = n * (size_t)n_layers * block_bytes;
+    p->refcount = calloc(n, sizeof *p->refcount);
+    p->free_stack = malloc(n * sizeof *p->free_stack);
+    if (!p->refcount || !p->free_stack) {
+        block_pool_destroy(p);
+        return apex_fail(APEX_ERR_NO_MEMORY,
+                         "out of memory for the tables of %d host blocks", n_blocks);
+    }
+    p->mem = host_mem_alloc(w, p->mem_bytes);
+    if (!p->mem) {
+        block_pool_destroy(p);
+        return APEX_ERR_NO_MEMORY; /* host_mem_alloc set the message */
+    }
+    /* Lowest ids on top, so allocation order is deterministic. */
+    for (int32_t i = 0; i < n_blocks; i++) p->free_stack[i] = n_blocks - 1 - i;
+    p->n_free = n_blocks;
+    return APEX_OK;
+}
+
+void block_pool_destroy(block_pool *p) {
+    if (p->mem) host_mem_free(p->mem, p->mem_bytes);
+    free(p->refcount);
+    free(p->free_stack);
+    memset(p, 0, sizeof *p);
+}
+
+int32_t block_pool_alloc(block_pool *p) {
+    if (p->n_free == 0) return -1;
+    int32_t b = p->free_stack[--p->n_free];
+    p->refcount[b] = 1;
+    return b;
+}
+
+void block_pool_ref(block_pool *p, int32_t b) { p->refcount[b]++; }
+
+void block_pool_unref(block_pool *p, int32_t b) {
+    if (--p->refcount[b] == 0) p->free_stack[p->n_free++] = b;
+}
+
+void block_pool_copy(block_pool *p, int32_t dst, int32_t src) {
+    for (int32_t l = 0; l < p->n_layers; l++)
+        memcpy(block_pool_at(p, l, dst), block_pool_at(p, l, src), p->block_bytes);
+}

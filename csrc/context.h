@@ -1,0 +1,44 @@
+/*
+ * context.h - what an apex_context owns. Everything a context needs lives
+ * here, so two contexts share nothing but read-only process facts (the
+ * chosen CPU kernel variant).
+ */
+#ifndef APEX_CONTEXT_H
+#define APEX_CONTEXT_H
+
+#include "apex/apex.h"
+#include "cpu_attn/cpu_attn.h"
+#include "csrc/block_pool.h"
+#include "csrc/cpu_workers.h"
+#include "csrc/seq_table.h"
+
+struct apex_context {
+    apex_config cfg;            /* resolved; cfg.cpu_set points at cpu_set */
+    char cpu_set[256];
+    int host_mode;
+    size_t block_bytes;         /* one block, one layer                    */
+    cpu_workers workers;
+    block_pool pools[2];        /* [APEX_TIER_DEVICE], [APEX_TIER_HOST]    */
+    seq_table seqs;
+    cpu_attn_geom geom;
+    cpu_attn_ws *ws;
+    int32_t *batch_lens;        /* [max_batch]                             */
+    int32_t *batch_table;       /* [max_batch][max_blocks_per_seq]         */
+    apex_stats stats;           /* counters; pool figures filled on read   */
+};
+
+apex_status context_create(const apex_config *cfg, apex_context **out);
+void context_destroy(apex_context *ctx);
+
+/* Validated batches only (see plugin/src/apex_api.c). */
+void context_kv_write(apex_context *ctx, int32_t layer, int32_t n,
+                      const int32_t *seqs, const int32_t *pos, const void *k,
+                      const void *v, apex_dtype src);
+void context_kv_read(const apex_context *ctx, int32_t layer, int32_t n,
+                     const int32_t *seqs, const int32_t *pos, void *k, void *v,
+                     apex_dtype dst);
+apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
+                              const int32_t *seqs, const void *q, void *out,
+                              const apex_attn_opts *opts);
+
+#endif

@@ -1,0 +1,258 @@
+/*
+ * apex.h - the APEX C ABI.
+ *
+ * APEX is a hybrid CPU-GPU attention backend that serving engines load as a
+ * shared object (libapex.so). The engine keeps its linear layers; APEX owns the
+ * KV cache and runs decode attention.
+ *
+ * Model of use
+ * ------------
+ *  1. Fill an apex_config (apex_config_init gives defaults and reads the
+ *     APEX_* environment variables), describing the model geometry, the block
+ *     size and the capacity of each KV tier, then apex_context_create().
+ *     A context owns everything; two contexts share nothing.
+ *
+ *  2. Sequences are engine-chosen slot ids in [0, max_seqs). For each request:
+ *       apex_seq_add(ctx, seq, APEX_TIER_AUTO)      placed on a tier
+ *       apex_seq_reserve(ctx, seq, n, &first_pos)   room for n more tokens
+ *       apex_kv_write(ctx, layer, ...)              per layer: the new K/V rows
+ *       apex_attention(ctx, layer, ...)             per layer: decode attention
+ *       apex_seq_free(ctx, seq)                     when the request ends
+ *     apex_seq_fork() makes a sequence that shares every block of another (a
+ *     common prompt prefix); the first reserve that lands in a shared block
+ *     copies it (copy-on-write), so a write never changes another sequence.
+ *
+ *  3. Decode attention attends the single query token of each sequence (the
+ *     token at position len-1, whose K/V must already be written) to positions
+ *     [max(0, len-window), len) of that sequence. Lengths come from APEX's own
+ *     tables: the engine never passes them.
+ *
+ * KV layout (identical on both tiers, so a tier move is a block copy)
+ * -------------------------------------------------------------------
+ * A block holds block_tokens consecutive positions of one sequence, for every
+ * layer. Within a tier, layer l's slab is [n_blocks][block_bytes]; one block of
+ * one layer is
+ *     K: [n_kv_heads][block_tokens][head_dim]   then
+ *     V: [n_kv_heads][block_tokens][head_dim]   in kv_dtype,
+ * so block_bytes = 2 * n_kv_heads * block_tokens * head_dim * sizeof(kv_dtype).
+ * Each (block, kv head) is a contiguous [block_tokens][head_dim] panel, which
+ * is what the CPU kernel streams.
+ *
+ * Errors
+ * ------
+ * Every function returns an apex_status. On failure nothing changed, and
+ * apex_last_error() returns a message (thread-local, valid until the next APEX
+ * call on the same thread). APEX never aborts the host process.
+ *
+ * Threads
+ * -------
+ * A context is not thread-safe: one engine thread drives it. Attention runs
+ * on the context's own worker threads (OpenMP, pinned with hwloc to cpu_set).
+ * Different contexts may be used from different threads.
+ */
+#ifndef APEX_H
+#define APEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define APEX_API
+#else
+#define APEX_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped on any incompatible change of a type or function below. */
+#define APEX_ABI_VERSION 1
+#define APEX_VERSION_STRING "0.1.0"
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum apex_status {
+    APEX_OK = 0,
+    APEX_ERR_INVALID_ARG = 1,  /* null pointer, bad geometry, NaN, bad option */
+    APEX_ERR_UNKNOWN_SEQ = 2,  /* sequence slot not in use                   */
+    APEX_ERR_SEQ_EXISTS = 3,   /* sequence slot already in use               */
+    APEX_ERR_OUT_OF_RANGE = 4, /* position, layer, batch or length too large  */
+    APEX_ERR_OUT_OF_BLOCKS = 5,/* the tier has no free KV blocks left         */
+    APEX_ERR_NO_MEMORY = 6,    /* an allocation failed                        */
+    APEX_ERR_UNSUPPORTED = 7,  /* valid but not supported (head_dim, dtype..) */
+    APEX_ERR_INTERNAL = 8
+} apex_status;
+
+/* Short name of a status ("APEX_ERR_OUT_OF_BLOCKS"). Never NULL. */
+APEX_API const char *apex_status_name(apex_status s);
+
+/* Message describing the last failure on this thread ("" if none). */
+APEX_API const char *apex_last_error(void);
+
+APEX_API int apex_abi_version(void);        /* == APEX_ABI_VERSION */
+APEX_API const char *apex_version(void);    /* "0.1.0"             */
+
+/* ---------------------------------------------------------------- config */
+
+typedef enum apex_dtype {
+    APEX_DTYPE_F32 = 0,
+    APEX_DTYPE_F16 = 1,
+    APEX_DTYPE_BF16 = 2
+} apex_dtype;
+
+typedef enum apex_tier {
+    APEX_TIER_AUTO = -1,  /* device if it has room, else host */
+    APEX_TIER_DEVICE = 0, /* GPU memory                       */
+    APEX_TIER_HOST = 1    /* pinned, NUMA-local host memory   */
+} apex_tier;
+
+typedef struct apex_config {
+    /* Model geometry. head_dim in {64, 80, 96, 128, 256};
+     * n_q_heads must be a multiple of n_kv_heads (MHA, GQA and MQA). */
+    int32_t n_layers;
+    int32_t n_q_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    apex_dtype kv_dtype;   /* storage type of the KV cache            */
+    apex_dtype act_dtype;  /* default type of q, k, v and the output */
+
+    /* KV cache. block_tokens in {8, 16, 32, 64, 128, 256}. */
+    int32_t block_tokens;
+    int64_t device_blocks; /* GPU tier capacity (0 in host mode)    */
+    int64_t host_blocks;   /* host tier capacity                    */
+
+    int32_t max_seqs;      /* sequence slots: ids are [0, max_seqs) */
+    int32_t max_batch;     /* sequences per attention / write call  */
+    int32_t max_seq_len;   /* tokens per sequence                   */
+
+    /* CPU workers. n_threads 0 = one per core of cpu_set.
+     * cpu_set: hwloc list syntax ("0-7,16"), NULL or "" = all cores. */
+    int32_t n_threads;
+    const char *cpu_set;
+} apex_config;
+
+/* Fills defaults, then applies the environment:
+ *   APEX_HOST_BLOCKS, APEX_DEVICE_BLOCKS, APEX_THREADS, APEX_CPUSET,
+ *   APEX_BLOCK_TOKENS, APEX_MAX_SEQS, APEX_MAX_BATCH, APEX_MAX_SEQ_LEN.
+ * Geometry (n_layers ... head_dim) is left 0: the engine must set it.
+ * A malformed variable gives APEX_ERR_INVALID_ARG naming it. */
+APEX_API apex_status apex_config_init(apex_config *cfg);
+
+/* --------------------------------------------------------------- context */
+
+typedef struct apex_context apex_context;
+
+/* Validates cfg, allocates both tiers and the worker state.
+ * On a machine without a usable GPU, device_blocks is reduced to 0
+ * ("host mode") and apex_context_host_mode() reports it. */
+APEX_API apex_status apex_context_create(const apex_config *cfg,
+                                         apex_context **out);
+APEX_API apex_status apex_context_destroy(apex_context *ctx); /* NULL ok */
+
+/* The config in force (after host-mode and thread-count resolution). */
+APEX_API apex_status apex_context_config(const apex_context *ctx,
+                                         apex_config *out);
+APEX_API int apex_context_host_mode(const apex_context *ctx);
+
+/* Name of the CPU kernel variant in use: "avx512", "avx2" or "scalar".
+ * Chosen once from cpuid; APEX_ISA=avx512|avx2|scalar forces one. */
+APEX_API const char *apex_cpu_isa(void);
+
+/* ------------------------------------------------------------- sequences */
+
+typedef struct apex_seq_info {
+    int32_t len;        /* tokens reserved (and written, if the engine did) */
+    int32_t n_blocks;   /* blocks in its table                              */
+    int32_t n_shared;   /* of which shared with another sequence            */
+    apex_tier tier;     /* where its KV lives                               */
+} apex_seq_info;
+
+/* Starts an empty sequence in slot seq on the given tier (AUTO: device if
+ * it has a free block, else host). */
+APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq,
+                                  apex_tier tier);
+
+/* Grows seq by n tokens; *first_pos (may be NULL) gets the first new
+ * position. Allocates blocks on the sequence's tier and makes every block
+ * that holds a new position private (copy-on-write). All or nothing:
+ * APEX_ERR_OUT_OF_BLOCKS leaves the sequence as it was. */
+APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq,
+                                      int32_t n, int32_t *first_pos);
+
+/* dst (a free slot) becomes a copy of src that shares all of src's blocks. */
+APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src,
+                                   int32_t dst);
+
+/* Releases the slot and drops its references to its blocks. */
+APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq);
+
+APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
+                                       apex_seq_info *out);
+
+/* -------------------------------------------------------------- KV write */
+
+/* Stores K and V rows for n (sequence, position) pairs of one layer.
+ *   k, v: [n][n_kv_heads][head_dim] in src_dtype, rows contiguous.
+ * Each position must be reserved (pos < len) and lie in a block that is not
+ * shared with another sequence. Validates everything before writing. */
+APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer,
+                                   int32_t n, const int32_t *seqs,
+                                   const int32_t *pos, const void *k,
+                                   const void *v, apex_dtype src_dtype);
+
+/* Reads K and V rows back (the inverse of apex_kv_write; for tests and
+ * migration checks). k, v: [n][n_kv_heads][head_dim] in dst_dtype. */
+APEX_API apex_status apex_kv_read(const apex_context *ctx, int32_t layer,
+                                  int32_t n, const int32_t *seqs,
+                                  const int32_t *pos, void *k, void *v,
+                                  apex_dtype dst_dtype);
+
+/* ------------------------------------------------------------- attention */
+
+typedef struct apex_attn_opts {
+    float scale;       /* softmax scale; 0 = 1/sqrt(head_dim)             */
+    float softcap;     /* logits = softcap*tanh(logits/softcap); 0 = off  */
+    int32_t window;    /* attend to the last `window` positions; 0 = all  */
+    apex_dtype q_dtype;   /* type of q                                    */
+    apex_dtype out_dtype; /* type of out                                  */
+} apex_attn_opts;
+
+/* Defaults: scale 0, softcap 0, window 0, q/out in the config's act_dtype. */
+APEX_API apex_attn_opts apex_attn_opts_default(const apex_context *ctx);
+
+/* Decode attention of layer for a batch of n distinct sequences.
+ *   q:   [n][n_q_heads][head_dim]   (q_dtype)
+ *   out: [n][n_q_heads][head_dim]   (out_dtype)
+ * opts may be NULL (defaults). A NaN or Inf in q is rejected before any
+ * work. Every sequence must have len >= 1. */
+APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer,
+                                    int32_t n, const int32_t *seqs,
+                                    const void *q, void *out,
+                                    const apex_attn_opts *opts);
+
+/* ------------------------------------------------------------ statistics */
+
+typedef struct apex_stats {
+    uint64_t attention_calls;     /* apex_attention calls that succeeded */
+    uint64_t seqs_attended_host;  /* sequence-layers attended on the CPU */
+    uint64_t seqs_attended_device;/* sequence-layers attended on the GPU */
+    uint64_t kv_tokens_attended;  /* sum of attended lengths             */
+    uint64_t kv_rows_written;     /* (seq, pos) rows stored, all layers  */
+    uint64_t cow_copies;          /* blocks copied on write              */
+    uint64_t errors;              /* calls that returned an error        */
+    int64_t blocks_used[2];       /* [APEX_TIER_DEVICE], [APEX_TIER_HOST] */
+    int64_t blocks_free[2];
+    int32_t seqs_active;
+    double attention_seconds;     /* wall time inside apex_attention     */
+    double kv_write_seconds;      /* wall time inside apex_kv_write      */
+} apex_stats;
+
+APEX_API apex_status apex_stats_get(const apex_context *ctx,
+                                    apex_stats *out);
+APEX_API apex_status apex_stats_reset(apex_context *ctx); /* counters only */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APEX_H */

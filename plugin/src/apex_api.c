@@ -1,0 +1,251 @@
+/*
+ * apex_api.c - the exported ABI: argument checks, then the core. Every check
+ * happens before any state changes, so a failing call changes nothing.
+ */
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#include "cpu_attn/dtype_convert.h"
+#include "csrc/context.h"
+#include "csrc/error.h"
+#include "plugin/src/config.h"
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Counts a failure on a mutable context and passes the status through. */
+static apex_status counted(apex_context *ctx, apex_status st) {
+    if (st != APEX_OK && ctx) ctx->stats.errors++;
+    return st;
+}
+
+#define CHECK_CTX(ctx)                                                            \
+    do {                                                                          \
+        if (!(ctx)) return apex_fail(APEX_ERR_INVALID_ARG, "%s: context is NULL", \
+                                     __func__);                                   \
+    } while (0)
+
+/* ------------------------------------------------------------- context */
+
+APEX_API apex_status apex_context_create(const apex_config *cfg, apex_context **out) {
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_context_create: out is NULL");
+    *out = NULL;
+    apex_status st = apex_config_validate(cfg);
+    if (st) return st;
+    st = context_create(cfg, out);
+    if (st == APEX_OK) apex_clear_error();
+    return st;
+}
+
+APEX_API apex_status apex_context_destroy(apex_context *ctx) {
+    context_destroy(ctx);
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_context_config(const apex_context *ctx, apex_config *out) {
+    CHECK_CTX(ctx);
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_context_config: out is NULL");
+    *out = ctx->cfg;
+    return APEX_OK;
+}
+
+APEX_API int apex_context_host_mode(const apex_context *ctx) { return ctx ? ctx->host_mode : 1; }
+
+APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_selected()); }
+
+/* ----------------------------------------------------------- sequences */
+
+APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
+    CHECK_CTX(ctx);
+    return counted(ctx, seq_table_add(&ctx->seqs, seq, tier));
+}
+
+APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
+                                      int32_t *first_pos) {
+    CHECK_CTX(ctx);
+    return counted(ctx, seq_table_reserve(&ctx->seqs, seq, n, first_pos));
+}
+
+APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src, int32_t dst) {
+    CHECK_CTX(ctx);
+    return counted(ctx, seq_table_fork(&ctx->seqs, src, dst));
+}
+
+APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq) {
+    CHECK_CTX(ctx);
+    return counted(ctx, seq_table_free(&ctx->seqs, seq));
+}
+
+APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
+                                       apex_seq_info *out) {
+    CHECK_CTX(ctx);
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_seq_get_info: out is NULL");
+    const seq_entry *e = seq_table_get(&ctx->seqs, seq);
+    if (!e) return APEX_ERR_UNKNOWN_SEQ;
+    const block_pool *p = seq_table_pool(&ctx->seqs, e);
+    const int32_t *row = seq_table_row(&ctx->seqs, seq);
+    int32_t shared = 0;
+    for (int32_t i = 0; i < e->n_blocks; i++) shared += p->refcount[row[i]] > 1;
+    *out = (apex_seq_info){.len = e->len, .n_blocks = e->n_blocks, .n_shared = shared,
+                           .tier = e->tier};
+    return APEX_OK;
+}
+
+/* ------------------------------------------------------------ KV write */
+
+/* Checks a (layer, batch) against the context; writing = positions must be
+ * in private blocks. */
+static apex_status check_rows(const apex_context *ctx, const char *fn, int32_t layer,
+                              int32_t n, const int32_t *seqs, const int32_t *pos,
+                              const void *k, const void *v, apex_dtype dt, int writing) {
+    if (layer < 0 || layer >= ctx->cfg.n_layers)
+        return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, layer,
+                         ctx->cfg.n_layers);
+    if (n < 0 || n > ctx->cfg.max_batch)
+        return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: batch of %d rows, max_batch is %d", fn, n,
+                         ctx->cfg.max_batch);
+    if (n > 0 && (!seqs || !pos || !k || !v))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: seqs, pos, k and v must not be NULL", fn);
+    if (!apex_dtype_valid(dt))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: dtype %d is not an apex_dtype", fn, (int)dt);
+    const seq_table *t = &ctx->seqs;
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = seq_table_get(t, seqs[i]);
+        if (!e) return APEX_ERR_UNKNOWN_SEQ;
+        if (pos[i] < 0 || pos[i] >= e->len)
+            return apex_fail(APEX_ERR_OUT_OF_RANGE,
+                             "%s: row %d: position %d of sequence %d is not reserved (len %d)",
+                             fn, i, pos[i], seqs[i], e->len);
+        if (writing) {
+            int32_t b = seq_table_row(t, seqs[i])[pos[i] / ctx->cfg.block_tokens];
+            if (seq_table_pool(t, e)->refcount[b] > 1)
+                return apex_fail(APEX_ERR_INVALID_ARG,
+                                 "%s: row %d: position %d of sequence %d is in a block shared "
+                                 "with another sequence (reserve new positions instead)",
+                                 fn, i, pos[i], seqs[i]);
+        }
+    }
+    return APEX_OK;
+}
+
+/* First non-finite element of an array, or -1. */
+static int64_t first_nonfinite(const void *p, apex_dtype t, size_t count) {
+    for (size_t i = 0; i < count; i++)
+        if (!isfinite(apex_load_f32(p, t, i))) return (int64_t)i;
+    return -1;
+}
+
+APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
+                                   const int32_t *seqs, const int32_t *pos, const void *k,
+                                   const void *v, apex_dtype src_dtype) {
+    CHECK_CTX(ctx);
+    double t0 = now_seconds();
+    apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
+    if (st) return counted(ctx, st);
+    size_t count = (size_t)n * (size_t)ctx->cfg.n_kv_heads * (size_t)ctx->cfg.head_dim;
+    int64_t bad_k = first_nonfinite(k, src_dtype, count);
+    int64_t bad = bad_k >= 0 ? bad_k : first_nonfinite(v, src_dtype, count);
+    if (bad >= 0) {
+        int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "apex_kv_write: %s row %lld has a NaN or Inf",
+                                      bad_k >= 0 ? "k" : "v", (long long)(bad / row_el)));
+    }
+    context_kv_write(ctx, layer, n, seqs, pos, k, v, src_dtype);
+    ctx->stats.kv_rows_written += (uint64_t)n;
+    ctx->stats.kv_write_seconds += now_seconds() - t0;
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_kv_read(const apex_context *ctx, int32_t layer, int32_t n,
+                                  const int32_t *seqs, const int32_t *pos, void *k, void *v,
+                                  apex_dtype dst_dtype) {
+    CHECK_CTX(ctx);
+    apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, dst_dtype, 0);
+    if (st) return st;
+    context_kv_read(ctx, layer, n, seqs, pos, k, v, dst_dtype);
+    return APEX_OK;
+}
+
+/* ----------------------------------------------------------- attention */
+
+APEX_API apex_attn_opts apex_attn_opts_default(const apex_context *ctx) {
+    apex_dtype act = ctx ? ctx->cfg.act_dtype : APEX_DTYPE_F32;
+    return (apex_attn_opts){.scale = 0, .softcap = 0, .window = 0, .q_dtype = act,
+                            .out_dtype = act};
+}
+
+APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
+                                    const int32_t *seqs, const void *q, void *out,
+                                    const apex_attn_opts *opts) {
+    CHECK_CTX(ctx);
+    double t0 = now_seconds();
+    apex_attn_opts o = opts ? *opts : apex_attn_opts_default(ctx);
+    const char *fn = __func__;
+    if (layer < 0 || layer >= ctx->cfg.n_layers)
+        return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn,
+                                      layer, ctx->cfg.n_layers));
+    if (n < 1 || n > ctx->cfg.max_batch)
+        return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE,
+                                      "%s: batch of %d sequences outside [1, max_batch %d]", fn,
+                                      n, ctx->cfg.max_batch));
+    if (!seqs || !q || !out)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "%s: seqs, q and out must not be NULL", fn));
+    if (!apex_dtype_valid(o.q_dtype) || !apex_dtype_valid(o.out_dtype))
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "%s: q_dtype %d / out_dtype %d: not an apex_dtype", fn,
+                                      (int)o.q_dtype, (int)o.out_dtype));
+    if (!isfinite(o.scale) || o.scale < 0 || !isfinite(o.softcap) || o.softcap < 0 ||
+        o.window < 0)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "%s: scale %g, softcap %g and window %d must be finite "
+                                      "and >= 0", fn, o.scale, o.softcap, o.window));
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = seq_table_get(&ctx->seqs, seqs[i]);
+        if (!e) return counted(ctx, APEX_ERR_UNKNOWN_SEQ);
+        if (e->len < 1)
+            return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE,
+                                          "%s: sequence %d has no tokens to attend", fn,
+                                          seqs[i]));
+    }
+    size_t row_el = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
+    int64_t bad = first_nonfinite(q, o.q_dtype, (size_t)n * row_el);
+    if (bad >= 0)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "%s: q of sequence %d (batch row %lld) has a NaN or Inf",
+                                      fn, seqs[bad / (int64_t)row_el],
+                                      (long long)(bad / (int64_t)row_el)));
+    if (o.scale == 0) o.scale = 1.0f / sqrtf((float)ctx->cfg.head_dim);
+    apex_status st = context_attention(ctx, layer, n, seqs, q, out, &o);
+    if (st) return counted(ctx, st);
+    ctx->stats.attention_calls++;
+    ctx->stats.attention_seconds += now_seconds() - t0;
+    return APEX_OK;
+}
+
+/* ---------------------------------------------------------- statistics */
+
+APEX_API apex_status apex_stats_get(const apex_context *ctx, apex_stats *out) {
+    CHECK_CTX(ctx);
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_stats_get: out is NULL");
+    *out = ctx->stats;
+    out->cow_copies = ctx->seqs.cow_copies;
+    for (int t = 0; t < 2; t++) {
+        out->blocks_free[t] = ctx->pools[t].n_free;
+        out->blocks_used[t] = ctx->pools[t].n_blocks - ctx->pools[t].n_free;
+    }
+    out->seqs_active = ctx->seqs.n_active;
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_stats_reset(apex_context *ctx) {
+    CHECK_CTX(ctx);
+    memset(&ctx->stats, 0, sizeof ctx->stats);
+    ctx->seqs.cow_copies = 0;
+    return APEX_OK;
+}

@@ -1,0 +1,138 @@
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attn/dtype_convert.h"
+#include "csrc/error.h"
+#include "plugin/src/config.h"
+
+#define DEFAULT_HOST_KV_GB 2.0
+
+/* Reads integer variable name into *out if it is set; error if malformed. */
+static apex_status env_int(const char *name, int64_t lo, int64_t hi, int64_t *out,
+                           int *found) {
+    const char *s = getenv(name);
+    *found = 0;
+    if (!s || !*s) return APEX_OK;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v < lo || v > hi)
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s='%s' is not an integer in [%lld, %lld]",
+                         name, s, (long long)lo, (long long)hi);
+    *out = v;
+    *found = 1;
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_config_init(apex_config *cfg) {
+    if (!cfg) return apex_fail(APEX_ERR_INVALID_ARG, "apex_config_init: cfg is NULL");
+    apex_config c = {
+        .kv_dtype = APEX_DTYPE_F16,
+        .act_dtype = APEX_DTYPE_F16,
+        .block_tokens = 16,
+        .device_blocks = 0,
+        .host_blocks = 0,
+        .max_seqs = 256,
+        .max_batch = 256,
+        .max_seq_len = 32768,
+        .n_threads = 0,
+        .cpu_set = NULL,
+    };
+    static const struct {
+        const char *name;
+        int64_t lo, hi;
+        size_t off;
+        int is64;
+    } vars[] = {
+        {"APEX_HOST_BLOCKS", 0, INT32_MAX, offsetof(apex_config, host_blocks), 1},
+        {"APEX_DEVICE_BLOCKS", 0, INT32_MAX, offsetof(apex_config, device_blocks), 1},
+        {"APEX_THREADS", 0, 1024, offsetof(apex_config, n_threads), 0},
+        {"APEX_BLOCK_TOKENS", 1, 4096, offsetof(apex_config, block_tokens), 0},
+        {"APEX_MAX_SEQS", 1, 1 << 20, offsetof(apex_config, max_seqs), 0},
+        {"APEX_MAX_BATCH", 1, 1 << 20, offsetof(apex_config, max_batch), 0},
+        {"APEX_MAX_SEQ_LEN", 1, 1 << 24, offsetof(apex_config, max_seq_len), 0},
+    };
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        int64_t v;
+        int found;
+        apex_status st = env_int(vars[i].name, vars[i].lo, vars[i].hi, &v, &found);
+        if (st) return st;
+        if (!found) continue;
+        char *field = (char *)&c + vars[i].off;
+        if (vars[i].is64) *(int64_t *)field = v;
+        else *(int32_t *)field = (int32_t)v;
+    }
+    const char *cpus = getenv("APEX_CPUSET");
+    if (cpus && *cpus) c.cpu_set = cpus;
+    *cfg = c;
+    apex_clear_error();
+    return APEX_OK;
+}
+
+size_t apex_config_block_bytes(const apex_config *c) {
+    return 2 * (size_t)c->n_kv_heads * (size_t)c->block_tokens * (size_t)c->head_dim *
+           apex_dtype_size(c->kv_dtype);
+}
+
+int64_t apex_config_host_blocks(const apex_config *c) {
+    if (c->host_blocks > 0) return c->host_blocks;
+    double gb = DEFAULT_HOST_KV_GB;
+    const char *s = getenv("APEX_HOST_KV_GB");
+    if (s && *s) {
+        char *end;
+        double v = strtod(s, &end);
+        if (!*end && isfinite(v) && v > 0) gb = v;
+    }
+    double per_block = (double)apex_config_block_bytes(c) * c->n_layers;
+    double n = floor(gb * 1073741824.0 / per_block);
+    return n < 1 ? 1 : (n > INT32_MAX ? INT32_MAX : (int64_t)n);
+}
+
+apex_status apex_config_validate(const apex_config *c) {
+    if (!c) return apex_fail(APEX_ERR_INVALID_ARG, "config is NULL");
+    if (c->n_layers < 1 || c->n_layers > 4096)
+        return apex_fail(APEX_ERR_INVALID_ARG, "n_layers %d out of range [1, 4096]", c->n_layers);
+    if (c->n_kv_heads < 1 || c->n_kv_heads > 1024)
+        return apex_fail(APEX_ERR_INVALID_ARG, "n_kv_heads %d out of range [1, 1024]",
+                         c->n_kv_heads);
+    if (c->n_q_heads < 1 || c->n_q_heads > 4096 || c->n_q_heads % c->n_kv_heads)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "n_q_heads %d must be a positive multiple of n_kv_heads %d",
+                         c->n_q_heads, c->n_kv_heads);
+    switch (c->head_dim) {
+    case 64: case 80: case 96: case 128: case 256: break;
+    default:
+        return apex_fail(APEX_ERR_UNSUPPORTED,
+                         "head_dim %d is not supported (64, 80, 96, 128, 256)", c->head_dim);
+    }
+    if (!apex_dtype_valid(c->kv_dtype) || !apex_dtype_valid(c->act_dtype))
+        return apex_fail(APEX_ERR_INVALID_ARG, "kv_dtype %d / act_dtype %d: not an apex_dtype",
+                         (int)c->kv_dtype, (int)c->act_dtype);
+    switch (c->block_tokens) {
+    case 8: case 16: case 32: case 64: case 128: case 256: break;
+    default:
+        return apex_fail(APEX_ERR_UNSUPPORTED,
+                         "block_tokens %d is not supported (8, 16, 32, 64, 128, 256)",
+                         c->block_tokens);
+    }
+    if (c->device_blocks < 0 || c->device_blocks > INT32_MAX || c->host_blocks < 0 ||
+        c->host_blocks > INT32_MAX)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "device_blocks %lld / host_blocks %lld out of range [0, 2^31)",
+                         (long long)c->device_blocks, (long long)c->host_blocks);
+    if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
+        return apex_fail(APEX_ERR_INVALID_ARG, "max_seqs %d out of range [1, 2^20]", c->max_seqs);
+    if (c->max_batch < 1 || c->max_batch > c->max_seqs)
+        return apex_fail(APEX_ERR_INVALID_ARG, "max_batch %d out of range [1, max_seqs %d]",
+                         c->max_batch, c->max_seqs);
+    if (c->max_seq_len < 1 || c->max_seq_len > (1 << 24))
+        return apex_fail(APEX_ERR_INVALID_ARG, "max_seq_len %d out of range [1, 2^24]",
+                         c->max_seq_len);
+    if (c->n_threads < 0 || c->n_threads > 1024)
+        return apex_fail(APEX_ERR_INVALID_ARG, "n_threads %d out of range [0, 1024]",
+                         c->n_threads);
+    return APEX_OK;
+}

@@ -1,0 +1,18 @@
+/* config.h - validation and resolution of apex_config (internal). */
+#ifndef APEX_PLUGIN_CONFIG_H
+#define APEX_PLUGIN_CONFIG_H
+
+#include "apex/apex.h"
+
+/* Bytes of one block of one layer for this geometry. */
+size_t apex_config_block_bytes(const apex_config *c);
+
+/* Checks every field; APEX_ERR_INVALID_ARG / APEX_ERR_UNSUPPORTED with a
+ * message naming the field. */
+apex_status apex_config_validate(const apex_config *c);
+
+/* host_blocks 0 means "size the host tier from APEX_HOST_KV_GB" (default
+ * 2 GiB of KV over all layers); returns the block count to use. */
+int64_t apex_config_host_blocks(const apex_config *c);
+
+#endif
