@@ -31,6 +31,9 @@ static apex_status counted(apex_context *ctx, apex_status st) {
 
 /* ------------------------------------------------------------- context */
 
+APEX_API int apex_abi_version(void) { return APEX_ABI_VERSION; }
+APEX_API const char *apex_version(void) { return APEX_VERSION_STRING; }
+
 APEX_API apex_status apex_context_create(const apex_config *cfg, apex_context **out) {
     if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_context_create: out is NULL");
     *out = NULL;

@@ -215,11 +215,16 @@ static void test_out_of_blocks_all_or_nothing(void **state) {
     (void)state;
     world w;
     make_world(&w);
-    assert_ok(apex_seq_add(w.ctx, 0, APEX_TIER_AUTO));
-    w.active[0] = 1;
-    assert_ok(apex_seq_reserve(w.ctx, 0, 8 * (BLOCKS - 2), NULL));
-    w.len[0] = 8 * (BLOCKS - 2);
-    for (int p = 0; p < w.len[0]; p++) write_pos(&w, 0, p);
+    /* Fill all but 2 blocks: 12 + 12 + 4 of 30. */
+    static const int fill[][2] = {{0, MAX_LEN}, {2, MAX_LEN}, {3, 4 * BT}};
+    for (int i = 0; i < 3; i++) {
+        int s = fill[i][0];
+        assert_ok(apex_seq_add(w.ctx, s, APEX_TIER_AUTO));
+        w.active[s] = 1;
+        assert_ok(apex_seq_reserve(w.ctx, s, fill[i][1], NULL));
+        w.len[s] = fill[i][1];
+        for (int p = 0; p < w.len[s]; p++) write_pos(&w, s, p);
+    }
     assert_ok(apex_seq_add(w.ctx, 1, APEX_TIER_AUTO));
     w.active[1] = 1;
     int32_t first = 123;

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages APEX builds with, when any is missing.
+# Idempotent and non-interactive; needs root (or sudo) only if something is missing.
+set -euo pipefail
+
+pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "apex setup: installing ${missing[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
+    echo "apex setup: need root to install: ${missing[*]}" >&2; exit 1; fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
