@@ -66,7 +66,10 @@ typedef struct device_iface {
     apex_status (*wait_flag)(apex_device *dev, device_stream *s, const uint32_t *flag,
                              uint32_t value);
 
-    /* Kernels: the contracts of cuda/apex_cuda.h. */
+    /* Kernels: the contracts of cuda/apex_cuda.h. decode_workspace_bytes
+     * sizes apex_cuda_decode.workspace for split-K (NULL or 0: none). */
+    size_t (*decode_workspace_bytes)(apex_device *dev, int32_t max_seqs, int32_t n_q_heads,
+                                     int32_t head_dim);
     apex_status (*paged_decode)(apex_device *dev, const apex_cuda_decode *a, device_stream *s);
     apex_status (*kv_append)(apex_device *dev, const apex_cuda_kv_append *a, device_stream *s);
     apex_status (*gather_rows)(apex_device *dev, const apex_cuda_rows *t, int n_tensors,
