@@ -1,0 +1,342 @@
+/* AVX-512 inner kernel (F/BW/VL/DQ; BF16 only for bf16 output, behind a
+ * runtime check). Built with AVX-512 flags; run only where cpuid says so.
+ *
+ * Per span, tokens go in groups of >= 64 (whole blocks). For each group:
+ *  QK  tiles of TT tokens x HT heads (TT*HT <= 16 accumulators), q from L1,
+ *      K converted once per tile; the 16 accumulators are summed by one
+ *      transpose-reduce into one vector of 16 scores.
+ *  softmax  per head: max, rescale of the running sums if it grew, a
+ *      polynomial exp over the row of scores.
+ *  PV  per 16-wide slice of head_dim, all heads' accumulators in registers,
+ *      V converted once per (token, slice), p broadcast from memory.
+ * The next group's K and V are prefetched at the start of each group since
+ * blocks are scattered and the hardware prefetcher cannot guess them. */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "cpu_attn/cpu_attn_impl.h"
+#include "cpu_attn/dtype_convert.h"
+
+#define INL static inline __attribute__((always_inline))
+
+INL __m512 ld16(const uint8_t *p, int dt) {
+    if (dt == APEX_DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (dt == APEX_DTYPE_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps((const float *)p);
+}
+
+/* Lane j of the result = sum of the lanes of x[j]; x[n..15] count as 0.
+ * Four shuffle+add levels; the network puts input P[j] in lane j, so it is
+ * fed x[P[k]] (P is its own inverse). */
+INL __m512 hsum16(const __m512 *x, int n) {
+    static const int P[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+    __m512 y[16], a[8], b[4], c[2];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) y[k] = P[k] < n ? x[P[k]] : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[i], y[i + 8], 0x44),
+                             _mm512_shuffle_f32x4(y[i], y[i + 8], 0xEE));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88),
+                             _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44),
+                             _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+/* e^x, relative error ~1e-7 (Cephes expf polynomial on x - n ln2, scaled by
+ * 2^n with vscalefps). x is clamped to >= -104, where e^x is 0 in fp32. */
+INL __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|). */
+INL __m512 tanh16(__m512 y) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 ay = _mm512_andnot_ps(sign, y);
+    const __m512 e = exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.0f)));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_or_ps(t, _mm512_and_ps(sign, y));
+}
+
+/* ---------------------------------------------------------------- QK */
+
+/* Scores of TT consecutive K rows against HT q heads:
+ * s[h * SROW + j] = q[h] . k[j]. */
+INL void qk_tile(const float *q, int D, const uint8_t *k, size_t rowb, float *s, int dt,
+                 int TT, int HT) {
+    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+        __m512 qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++) qv[h] = _mm512_loadu_ps(q + (size_t)h * D + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m512 kv = ld16(k + (size_t)j * rowb + (size_t)c * esz, dt);
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
+        }
+    }
+    const __m512 r = hsum16(a, TT * HT);
+    /* Lanes [h*TT, h*TT+TT) belong to head h: one masked store per head,
+     * addressed so that lane h*TT lands on s[h*SROW]. */
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + (ptrdiff_t)h * CPU_ATTN_SROW - h * TT,
+                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+/* n consecutive rows of one block panel, HT heads. */
+INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s, int dt,
+                 int HT) {
+    int j = 0;
+    if (HT == 1) {
+        for (; j + 16 <= n; j += 16) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 16, 1);
+        for (; j + 8 <= n; j += 8) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 8, 1);
+    } else {
+        const int TT = 16 / HT;
+        for (; j + TT <= n; j += TT) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, TT, HT);
+    }
+    for (; j < n; j++) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 1, HT);
+}
+
+#define QK_CASE(DT, HT) \
+    case (DT) * 16 + (HT): qk_rows(qh, D, k, rowb, n, sh, DT, HT); break;
+#define QK_CASES(DT) \
+    QK_CASE(DT, 1) QK_CASE(DT, 2) QK_CASE(DT, 3) QK_CASE(DT, 4) \
+    QK_CASE(DT, 5) QK_CASE(DT, 6) QK_CASE(DT, 7) QK_CASE(DT, 8)
+
+static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s,
+                     int dt, int G) {
+    for (int h0 = 0; h0 < G; h0 += 8) {
+        const int HT = G - h0 < 8 ? G - h0 : 8;
+        const float *qh = q + (size_t)h0 * D;
+        float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
+        switch (dt * 16 + HT) {
+            QK_CASES(APEX_DTYPE_F32)
+            QK_CASES(APEX_DTYPE_F16)
+            QK_CASES(APEX_DTYPE_BF16)
+        default: break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- PV */
+
+/* One piece of a group: n rows of one block's V panel, their probabilities
+ * at column so of the score rows. */
+typedef struct {
+    const uint8_t *v;
+    int n, so;
+} pv_piece;
+
+/* acc[h][c..c+16) += sum_t p[h][t] v[t][c..c+16) for HP heads, all pieces.
+ * NS independent token sets keep >= 8 FMA chains in flight. */
+INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
+                  int c, int dt, int HP) {
+    const int NS = HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8;
+    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < NS * HP; i++) a[i] = _mm512_setzero_ps();
+    for (int x = 0; x < npc; x++) {
+        const uint8_t *v = pc[x].v + (size_t)c * esz;
+        const float *p = s + pc[x].so;
+        const int n = pc[x].n;
+        int t = 0;
+        for (; t + NS <= n; t += NS) {
+#pragma GCC unroll 8
+            for (int u = 0; u < NS; u++) {
+                const __m512 vv = ld16(v + (size_t)(t + u) * rowb, dt);
+#pragma GCC unroll 16
+                for (int h = 0; h < HP; h++)
+                    a[u * HP + h] = _mm512_fmadd_ps(
+                        _mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t + u]), vv, a[u * HP + h]);
+            }
+        }
+        for (; t < n; t++) {
+            const __m512 vv = ld16(v + (size_t)t * rowb, dt);
+#pragma GCC unroll 16
+            for (int h = 0; h < HP; h++)
+                a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t]), vv, a[h]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < HP; h++) {
+        __m512 sum = a[h];
+#pragma GCC unroll 8
+        for (int u = 1; u < NS; u++) sum = _mm512_add_ps(sum, a[u * HP + h]);
+        float *o = acc + (size_t)h * D + c;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum));
+    }
+}
+
+INL void pv_heads(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
+                  int dt, int HP) {
+    for (int c = 0; c < D; c += 16) pv_slice(pc, npc, rowb, s, acc, D, c, dt, HP);
+}
+
+#define PV_CASE(DT, HP) \
+    case (DT) * 32 + (HP): pv_heads(pc, npc, rowb, sh, ah, D, DT, HP); break;
+#define PV_CASES(DT)                                                                     \
+    PV_CASE(DT, 1) PV_CASE(DT, 2) PV_CASE(DT, 3) PV_CASE(DT, 4) PV_CASE(DT, 5)           \
+    PV_CASE(DT, 6) PV_CASE(DT, 7) PV_CASE(DT, 8) PV_CASE(DT, 9) PV_CASE(DT, 10)          \
+    PV_CASE(DT, 11) PV_CASE(DT, 12) PV_CASE(DT, 13) PV_CASE(DT, 14) PV_CASE(DT, 15)      \
+    PV_CASE(DT, 16)
+
+static void pv_group(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
+                     int dt, int G) {
+    for (int h0 = 0; h0 < G; h0 += 16) {
+        const int HP = G - h0 < 16 ? G - h0 : 16;
+        const float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
+        float *ah = acc + (size_t)h0 * D;
+        switch (dt * 32 + HP) {
+            PV_CASES(APEX_DTYPE_F32)
+            PV_CASES(APEX_DTYPE_F16)
+            PV_CASES(APEX_DTYPE_BF16)
+        default: break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- span */
+
+static void prefetch_rows(const cpu_attn_span *sp, int32_t t0, int32_t t1, size_t rowb) {
+    for (int32_t t = t0; t < t1;) {
+        const int32_t bt = sp->bt, blk_end = (t / bt + 1) * bt, e = blk_end < t1 ? blk_end : t1;
+        const uint8_t *blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
+        const size_t off = (size_t)(t % bt) * rowb, len = (size_t)(e - t) * rowb;
+        for (size_t x = 0; x < len; x += 64) {
+            _mm_prefetch((const char *)blk + sp->k_off + off + x, _MM_HINT_T0);
+            _mm_prefetch((const char *)blk + sp->v_off + off + x, _MM_HINT_T0);
+        }
+        t = e;
+    }
+}
+
+static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
+    const int G = sp->G, D = sp->D, bt = sp->bt, dt = (int)sp->kv_dtype;
+    const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
+    const int32_t gt = bt > CPU_ATTN_GROUP_TOKENS ? bt : CPU_ATTN_GROUP_TOKENS;
+    float *sc = scratch + CPU_ATTN_SPAD; /* row h at sc + h*SROW, pad either side */
+    pv_piece pc[CPU_ATTN_GROUP_TOKENS / 8 + 2];
+    for (int h = 0; h < G; h++) m[h] = -INFINITY, l[h] = 0.0f;
+    memset(acc, 0, (size_t)G * (size_t)D * sizeof(float));
+    const float cap = sp->softcap;
+    const __m512 capv = _mm512_set1_ps(cap), inv_capv = _mm512_set1_ps(cap > 0.0f ? 1.0f / cap : 0.0f);
+
+    {
+        const int32_t ge0 = (sp->t0 / gt + 1) * gt;
+        prefetch_rows(sp, sp->t0, ge0 < sp->t1 ? ge0 : sp->t1, rowb);
+    }
+    for (int32_t gs = sp->t0; gs < sp->t1;) {
+        const int32_t gend = (gs / gt + 1) * gt, ge = gend < sp->t1 ? gend : sp->t1;
+        const int n = ge - gs;
+        if (ge < sp->t1) prefetch_rows(sp, ge, gend + gt < sp->t1 ? gend + gt : sp->t1, rowb);
+
+        int npc = 0;
+        for (int32_t t = gs; t < ge;) {
+            const int32_t be = (t / bt + 1) * bt, e = be < ge ? be : ge;
+            const uint8_t *blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
+            const size_t off = (size_t)(t % bt) * rowb;
+            qk_block(sp->q, D, blk + sp->k_off + off, rowb, e - t, sc + (t - gs), dt, G);
+            pc[npc++] = (pv_piece){blk + sp->v_off + off, e - t, t - gs};
+            t = e;
+        }
+
+        const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
+        for (int h = 0; h < G; h++) {
+            float *row = sc + (size_t)h * CPU_ATTN_SROW;
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            int j = 0;
+            for (; j < n; j += 16) {
+                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                __m512 x = _mm512_maskz_loadu_ps(k, row + j);
+                if (cap > 0.0f) {
+                    x = _mm512_mul_ps(capv, tanh16(_mm512_mul_ps(x, inv_capv)));
+                    _mm512_mask_storeu_ps(row + j, k, x);
+                }
+                vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+            }
+            const float mx = _mm512_reduce_max_ps(vmax);
+            if (mx > m[h]) {
+                /* The running max grew: rescale what was summed so far. */
+                const float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - mx);
+                l[h] *= alpha;
+                const __m512 av = _mm512_set1_ps(alpha);
+                float *ah = acc + (size_t)h * D;
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(ah + d, _mm512_mul_ps(av, _mm512_loadu_ps(ah + d)));
+                m[h] = mx;
+            }
+            const __m512 mv = _mm512_set1_ps(m[h]);
+            __m512 vsum = _mm512_setzero_ps();
+            for (j = 0; j < n; j += 16) {
+                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
+                _mm512_mask_storeu_ps(row + j, k, p);
+                vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+            }
+            l[h] += _mm512_reduce_add_ps(vsum);
+        }
+
+        pv_group(pc, npc, rowb, sc, acc, D, dt, G);
+        gs = ge;
+    }
+}
+
+/* ---------------------------------------------------------------- store */
+
+__attribute__((target("avx512bf16"))) static void store_bf16_native(uint16_t *o, const float *src,
+                                                                      __m512 mv, int32_t n) {
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(o + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), mv)));
+    const float mul = _mm512_cvtss_f32(mv);
+    for (; i < n; i++) o[i] = apex_f32_to_bf16(src[i] * mul);
+}
+
+static void store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n) {
+    const __m512 mv = _mm512_set1_ps(mul);
+    int32_t i = 0;
+    if (dt == APEX_DTYPE_F32) {
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps((float *)out + i, _mm512_mul_ps(_mm512_loadu_ps(src + i), mv));
+    } else if (dt == APEX_DTYPE_F16) {
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + i),
+                                _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + i), mv),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else if (cpu_attn_have_avx512bf16()) {
+        store_bf16_native((uint16_t *)out, src, mv, n);
+        return;
+    }
+    for (; i < n; i++) apex_store_f32(out, dt, (size_t)i, src[i] * mul);
+}
+
+const cpu_attn_kernel cpu_attn_kernel_avx512 = {span_avx512, store_avx512};

@@ -1,0 +1,221 @@
+/* cpu_attn_decode: splits the batch into work items (sequence, KV head,
+ * chunk of KV blocks) so that one long sequence still spreads over every
+ * thread, runs the selected ISA's span kernel on each item, and merges the
+ * partial (max, sum, acc) of chunked sequences by log-sum-exp. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attn/cpu_attn_impl.h"
+#include "cpu_attn/dtype_convert.h"
+
+/* Fewer tokens than this per item cost more in merging and scheduling than
+ * they gain in balance. */
+#define MIN_CHUNK_TOKENS 256
+/* Items per thread aimed for, so dynamic scheduling evens out ragged work. */
+#define ITEMS_PER_THREAD 8
+
+struct cpu_attn_ws {
+    cpu_attn_geom g;
+    int32_t max_seqs, max_len, n_threads;
+    size_t thread_floats;   /* per-thread scratch stride, in floats      */
+    float *thread_scratch;  /* [n_threads][thread_floats]               */
+    int32_t cap_chunks;     /* (sequence, chunk) pairs the plan may use  */
+    size_t part_floats;     /* floats per item partial: m[G] l[G] acc[G][D] */
+    float *partials;        /* [cap_chunks][n_kv_heads][part_floats]     */
+    int32_t *chunk_seq;     /* [cap_chunks] sequence of each chunk       */
+    int32_t *chunk_t0, *chunk_t1;
+    int32_t *seq_first;     /* [max_seqs] first chunk of the sequence    */
+    int32_t *seq_nchunks;   /* [max_seqs]                                */
+};
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+static void *alloc64(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+cpu_attn_ws *cpu_attn_ws_create(const cpu_attn_geom *g, int32_t max_seqs, int32_t max_len,
+                                int32_t n_threads) {
+    if (!g || g->n_kv_heads <= 0 || g->n_q_heads <= 0 || g->head_dim <= 0 || max_seqs <= 0 ||
+        n_threads <= 0)
+        return NULL;
+    cpu_attn_ws *ws = calloc(1, sizeof *ws);
+    if (!ws) return NULL;
+    ws->g = *g;
+    ws->max_seqs = max_seqs;
+    ws->max_len = max_len;
+    ws->n_threads = n_threads;
+    const size_t G = (size_t)(g->n_q_heads / g->n_kv_heads), D = (size_t)g->head_dim;
+    /* q[G][D], acc[G][D], m[G], l[G], then the kernel's own scratch. */
+    ws->thread_floats = round16(G * D) * 2 + round16(G) * 2 +
+                        round16(cpu_attn_scratch_floats((int32_t)G, (int32_t)D));
+    /* A plan never needs more chunks than this: see plan(). */
+    ws->cap_chunks = ITEMS_PER_THREAD * n_threads + 3 * max_seqs + 1;
+    ws->part_floats = round16(G * (D + 2));
+    ws->thread_scratch = alloc64((size_t)n_threads * ws->thread_floats * sizeof(float));
+    ws->partials = alloc64((size_t)ws->cap_chunks * (size_t)g->n_kv_heads * ws->part_floats *
+                           sizeof(float));
+    ws->chunk_seq = malloc((size_t)ws->cap_chunks * sizeof(int32_t));
+    ws->chunk_t0 = malloc((size_t)ws->cap_chunks * sizeof(int32_t));
+    ws->chunk_t1 = malloc((size_t)ws->cap_chunks * sizeof(int32_t));
+    ws->seq_first = malloc((size_t)max_seqs * sizeof(int32_t));
+    ws->seq_nchunks = malloc((size_t)max_seqs * sizeof(int32_t));
+    if (!ws->thread_scratch || !ws->partials || !ws->chunk_seq || !ws->chunk_t0 ||
+        !ws->chunk_t1 || !ws->seq_first || !ws->seq_nchunks) {
+        cpu_attn_ws_destroy(ws);
+        return NULL;
+    }
+    return ws;
+}
+
+void cpu_attn_ws_destroy(cpu_attn_ws *ws) {
+    if (!ws) return;
+    free(ws->thread_scratch);
+    free(ws->partials);
+    free(ws->chunk_seq);
+    free(ws->chunk_t0);
+    free(ws->chunk_t1);
+    free(ws->seq_first);
+    free(ws->seq_nchunks);
+    free(ws);
+}
+
+static int32_t seq_start(const cpu_attn_batch *b, int32_t len) {
+    return b->window > 0 && len > b->window ? len - b->window : 0;
+}
+
+/* Cuts every sequence's attended range into chunks on block borders, each
+ * about chunk_tokens long. Returns the number of chunks, or -1 if the
+ * workspace is too small for this batch. */
+static int32_t plan(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws *ws,
+                    int32_t n_threads) {
+    const int32_t bt = g->block_tokens, H = g->n_kv_heads;
+    if (b->n_seqs > ws->max_seqs) return -1;
+    int64_t total = 0;
+    for (int32_t i = 0; i < b->n_seqs; i++) total += b->seq_lens[i] - seq_start(b, b->seq_lens[i]);
+    int64_t chunk = INT32_MAX;
+    if (n_threads > 1) {
+        int64_t target = (int64_t)ITEMS_PER_THREAD * n_threads;
+        chunk = (total * H + target - 1) / target;
+        if (chunk < MIN_CHUNK_TOKENS) chunk = MIN_CHUNK_TOKENS;
+    }
+    /* Chunk count per sequence <= tokens/chunk + 3 (partial blocks at both
+     * ends, rounding), and sum(tokens) / chunk <= target / H, so the plan
+     * fits cap_chunks; the doubling below only guards the arithmetic. */
+    for (;;) {
+        int64_t cb = (chunk + bt - 1) / bt; /* blocks per chunk */
+        int32_t n = 0, fits = 1;
+        for (int32_t i = 0; i < b->n_seqs && fits; i++) {
+            const int32_t len = b->seq_lens[i], start = seq_start(b, len);
+            const int32_t fb = start / bt, nb = (len - 1) / bt - fb + 1;
+            const int32_t nch = (int32_t)((nb + cb - 1) / cb);
+            if (n + nch > ws->cap_chunks) {
+                fits = 0;
+                break;
+            }
+            ws->seq_first[i] = n;
+            ws->seq_nchunks[i] = nch;
+            for (int32_t k = 0; k < nch; k++) {
+                /* Spread the blocks evenly over the chunks. */
+                int32_t b0 = fb + (int32_t)((int64_t)nb * k / nch);
+                int32_t b1 = fb + (int32_t)((int64_t)nb * (k + 1) / nch);
+                int32_t t0 = b0 * bt, t1 = b1 * bt;
+                ws->chunk_seq[n] = i;
+                ws->chunk_t0[n] = t0 > start ? t0 : start;
+                ws->chunk_t1[n] = t1 < len ? t1 : len;
+                n++;
+            }
+        }
+        if (fits) return n;
+        if (chunk >= INT32_MAX) return -1;
+        chunk *= 2;
+    }
+}
+
+int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws *ws,
+                    int32_t n_threads) {
+    if (b->n_seqs <= 0) return 0;
+    if (n_threads > ws->n_threads) n_threads = ws->n_threads;
+    if (n_threads < 1) n_threads = 1;
+    const int32_t n_chunks = plan(g, b, ws, n_threads);
+    if (n_chunks < 0) return -1;
+
+    const cpu_attn_kernel *kern = cpu_attn_kernel_get(cpu_attn_isa_selected());
+    const int32_t H = g->n_kv_heads, HQ = g->n_q_heads, G = HQ / H, D = g->head_dim;
+    const int32_t bt = g->block_tokens;
+    const size_t esz = apex_dtype_size(g->kv_dtype);
+    const size_t panel = (size_t)bt * (size_t)D * esz; /* one head's K (or V) in a block */
+    const size_t osz = apex_dtype_size(b->out_dtype);
+    const size_t GD = (size_t)G * (size_t)D;
+    const int32_t n_items = n_chunks * H;
+
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *ts = ws->thread_scratch + (size_t)omp_get_thread_num() * ws->thread_floats;
+        float *q = ts;
+        float *acc = q + round16(GD);
+        float *m = acc + round16(GD);
+        float *l = m + round16((size_t)G);
+        float *kscratch = l + round16((size_t)G);
+
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t it = 0; it < n_items; it++) {
+            const int32_t c = it / H, h = it % H, i = ws->chunk_seq[c];
+            const size_t qbase = ((size_t)i * (size_t)HQ + (size_t)h * (size_t)G) * (size_t)D;
+            for (size_t x = 0; x < GD; x++) q[x] = apex_load_f32(b->q, b->q_dtype, qbase + x) * b->scale;
+            const cpu_attn_span sp = {
+                .q = q,
+                .kv = b->kv,
+                .blocks = b->block_table + (size_t)i * (size_t)b->block_table_stride,
+                .block_bytes = b->block_bytes,
+                .k_off = (size_t)h * panel,
+                .v_off = ((size_t)H + (size_t)h) * panel,
+                .G = G, .D = D, .bt = bt,
+                .t0 = ws->chunk_t0[c], .t1 = ws->chunk_t1[c],
+                .kv_dtype = g->kv_dtype,
+                .softcap = b->softcap,
+            };
+            if (ws->seq_nchunks[i] == 1) {
+                kern->span(&sp, m, l, acc, kscratch);
+                for (int32_t j = 0; j < G; j++)
+                    kern->store((uint8_t *)b->out + (qbase + (size_t)j * D) * osz, b->out_dtype,
+                                acc + (size_t)j * D, 1.0f / l[j], D);
+            } else {
+                float *p = ws->partials + (size_t)it * ws->part_floats;
+                kern->span(&sp, p, p + G, p + 2 * G, kscratch);
+            }
+        }
+
+        /* Merge the chunks of split sequences: out = sum_c acc_c e^(m_c-M)
+         * / sum_c l_c e^(m_c-M), M the largest m_c. */
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t x = 0; x < b->n_seqs * H; x++) {
+            const int32_t i = x / H, h = x % H, nch = ws->seq_nchunks[i];
+            if (nch <= 1) continue;
+            const int32_t c0 = ws->seq_first[i];
+            for (int32_t j = 0; j < G; j++) {
+                float M = -INFINITY;
+                for (int32_t k = 0; k < nch; k++) {
+                    const float *p = ws->partials + ((size_t)(c0 + k) * H + h) * ws->part_floats;
+                    if (p[j] > M) M = p[j];
+                }
+                float L = 0.0f;
+                memset(acc, 0, (size_t)D * sizeof(float));
+                for (int32_t k = 0; k < nch; k++) {
+                    const float *p = ws->partials + ((size_t)(c0 + k) * H + h) * ws->part_floats;
+                    const float w = expf(p[j] - M);
+                    L += w * p[G + j];
+                    const float *pa = p + 2 * G + (size_t)j * D;
+                    for (int32_t d = 0; d < D; d++) acc[d] += w * pa[d];
+                }
+                const size_t obase = ((size_t)i * (size_t)HQ + (size_t)h * G + (size_t)j) * D;
+                kern->store((uint8_t *)b->out + obase * osz, b->out_dtype, acc, 1.0f / L, D);
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,62 @@
+/*
+ * cpu_attn_impl.h - internals shared by the dispatcher (cpu_attn_decode.c)
+ * and the per-ISA inner kernels (cpu_attn_{scalar,avx2,avx512}.c).
+ *
+ * The dispatcher cuts the batch into spans: one sequence, one KV head, a
+ * token range that starts and ends anywhere (window start, a chunk border on
+ * a block border, the sequence end). An ISA kernel runs online softmax over
+ * one span for all q heads of that KV head at once, so K and V are read once.
+ */
+#ifndef APEX_CPU_ATTN_IMPL_H
+#define APEX_CPU_ATTN_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu_attn/cpu_attn.h"
+
+/* Largest block_tokens (apex.h) and the padding around each head's row of
+ * scores, so that whole-vector masked stores stay inside the row. */
+#define CPU_ATTN_MAX_BT 256
+#define CPU_ATTN_SPAD 16
+/* Tokens scored before each softmax update: at least one block. Bigger
+ * amortises the per-update horizontal work; smaller keeps K/V in L1. */
+#define CPU_ATTN_GROUP_TOKENS 64
+#define CPU_ATTN_SROW (CPU_ATTN_GROUP_TOKENS + CPU_ATTN_MAX_BT + 2 * CPU_ATTN_SPAD)
+
+typedef struct cpu_attn_span {
+    const float *q;          /* [G][D] fp32, already multiplied by scale     */
+    const uint8_t *kv;       /* layer slab                                   */
+    const int32_t *blocks;   /* the sequence's block ids                     */
+    size_t block_bytes;
+    size_t k_off, v_off;     /* bytes from a block's start to this head's
+                              * K panel and V panel                          */
+    int32_t G, D, bt;        /* q heads per KV head, head_dim, block_tokens  */
+    int32_t t0, t1;          /* token positions [t0, t1), t0 < t1            */
+    apex_dtype kv_dtype;
+    float softcap;           /* 0 = off                                      */
+} cpu_attn_span;
+
+/* Floats of per-thread scratch a kernel's span() needs (64-byte aligned). */
+static inline size_t cpu_attn_scratch_floats(int32_t G, int32_t D) {
+    return (size_t)G * CPU_ATTN_SROW + (size_t)G * 16 + (size_t)D + 64;
+}
+
+typedef struct cpu_attn_kernel {
+    /* Online softmax over the span: m[G] running max, l[G] sum of
+     * exp(s - m), acc[G][D] sum of exp(s - m) * v (not normalised). */
+    void (*span)(const cpu_attn_span *s, float *m, float *l, float *acc,
+                 float *scratch);
+    /* out[i] = src[i] * mul, i < n, stored as dt. */
+    void (*store)(void *out, apex_dtype dt, const float *src, float mul, int32_t n);
+} cpu_attn_kernel;
+
+extern const cpu_attn_kernel cpu_attn_kernel_scalar;
+extern const cpu_attn_kernel cpu_attn_kernel_avx2;
+extern const cpu_attn_kernel cpu_attn_kernel_avx512;
+/* Whether the CPU has AVX512-BF16 (the avx512 kernel uses it for bf16 out). */
+int cpu_attn_have_avx512bf16(void);
+
+const cpu_attn_kernel *cpu_attn_kernel_get(cpu_attn_isa isa);
+
+#endif /* APEX_CPU_ATTN_IMPL_H */

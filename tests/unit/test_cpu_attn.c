@@ -1,0 +1,308 @@
+/* CPU decode attention: the reference against hand-computed cases, and the
+ * optimised kernel (every ISA variant this CPU runs) against the reference
+ * over KV/q/out dtypes, head_dim, GQA ratio, block size, ragged lengths,
+ * sliding window and soft-cap.
+ *
+ * Tolerances (|kernel - reference| <= ATOL + rtol(out_dtype) * |reference|,
+ * with V in [-1, 1] so outputs are O(1)):
+ *   ATOL 2e-5: fp32 accumulation over up to 32768 tokens with a polynomial
+ *              exp (~1e-7 relative) against the double reference;
+ *   rtol fp32 0, fp16 2^-10, bf16 2^-7: one unit of the output type's
+ *              rounding (the kernel and the reference may round to either
+ *              side of a midpoint). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attn/cpu_attn.h"
+#include "cpu_attn/dtype_convert.h"
+
+#define ATOL 2e-5
+
+static double rtol(apex_dtype out) {
+    return out == APEX_DTYPE_F16 ? 1.0 / 1024 : out == APEX_DTYPE_BF16 ? 1.0 / 128 : 0.0;
+}
+
+/* splitmix64: fixed seed, reproducible. */
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static float rng_unit(void) { /* [-1, 1) */
+    return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+typedef struct {
+    int32_t hq, hkv, d, bt;
+    apex_dtype kv, q, out;
+    int32_t n_seqs;
+    const int32_t *lens;
+    float softcap;
+    int32_t window;
+    float q_mag; /* scales q: large values make the softmax peaky */
+} tcase;
+
+static int n_isas;
+static cpu_attn_isa isas[3];
+
+/* Builds the case (blocks in shuffled order), runs the reference and the
+ * kernel under every ISA and thread count, asserts the tolerance. */
+static void run_case(const tcase *c, double *worst) {
+    cpu_attn_geom g = {c->hq, c->hkv, c->d, c->bt, c->kv};
+    const size_t esz = apex_dtype_size(c->kv);
+    const size_t block_bytes = 2 * (size_t)c->hkv * (size_t)c->bt * (size_t)c->d * esz;
+    int32_t max_len = 0, stride = 0, n_blocks = 0;
+    for (int32_t i = 0; i < c->n_seqs; i++) {
+        int32_t nb = (c->lens[i] + c->bt - 1) / c->bt;
+        if (c->lens[i] > max_len) max_len = c->lens[i];
+        if (nb > stride) stride = nb;
+        n_blocks += nb;
+    }
+    /* Block ids: a shuffled permutation, one extra unused block at id 0 so
+     * that no sequence starts at the slab base. */
+    int32_t *perm = malloc((size_t)(n_blocks + 1) * sizeof *perm);
+    for (int32_t i = 0; i <= n_blocks; i++) perm[i] = i;
+    for (int32_t i = n_blocks; i > 1; i--) {
+        int32_t j = 1 + (int32_t)(rng_next() % (uint64_t)i);
+        int32_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    int32_t *table = calloc((size_t)c->n_seqs * (size_t)stride, sizeof *table);
+    for (int32_t i = 0, next = 1; i < c->n_seqs; i++)
+        for (int32_t b = 0; b < (c->lens[i] + c->bt - 1) / c->bt; b++)
+            table[(size_t)i * stride + b] = perm[next++];
+    uint8_t *kv = malloc((size_t)(n_blocks + 1) * block_bytes);
+    const size_t n_kv = (size_t)(n_blocks + 1) * block_bytes / esz;
+    for (size_t x = 0; x < n_kv; x++) apex_store_f32(kv, c->kv, x, rng_unit());
+    const size_t n_q = (size_t)c->n_seqs * (size_t)c->hq * (size_t)c->d;
+    void *q = malloc(n_q * 4);
+    for (size_t x = 0; x < n_q; x++) apex_store_f32(q, c->q, x, rng_unit() * c->q_mag);
+    float *ref = malloc(n_q * sizeof *ref);
+    void *out = malloc(n_q * 4);
+
+    cpu_attn_batch b = {
+        .n_seqs = c->n_seqs, .q = q, .q_dtype = c->q, .out = ref, .out_dtype = APEX_DTYPE_F32,
+        .seq_lens = c->lens, .block_table = table, .block_table_stride = stride, .kv = kv,
+        .block_bytes = block_bytes, .scale = 1.0f / sqrtf((float)c->d), .softcap = c->softcap,
+        .window = c->window,
+    };
+    assert_int_equal(cpu_attn_reference(&g, &b), 0);
+
+    b.out = out;
+    b.out_dtype = c->out;
+    cpu_attn_ws *ws = cpu_attn_ws_create(&g, c->n_seqs, max_len, 3);
+    assert_non_null(ws);
+    static const int32_t threads[] = {1, 2, 3};
+    for (int k = 0; k < n_isas; k++) {
+        assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
+        for (int ti = 0; ti < 3; ti++) {
+            memset(out, 0xff, n_q * 4); /* NaN everywhere: every output must be written */
+            assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
+            double err = 0.0;
+            size_t bad = SIZE_MAX;
+            for (size_t x = 0; x < n_q; x++) {
+                double r = ref[x], v = apex_load_f32(out, c->out, x);
+                double e = fabs(v - r);
+                if (!(e <= ATOL + rtol(c->out) * fabs(r)) && bad == SIZE_MAX) bad = x;
+                if (!(e <= err)) err = e;
+            }
+            if (bad != SIZE_MAX) {
+                fprintf(stderr,
+                        "mismatch isa=%s threads=%d hq=%d hkv=%d d=%d bt=%d kv=%d q=%d out=%d "
+                        "softcap=%g window=%d q_mag=%g: elem %zu ref %.8g got %.8g\n",
+                        cpu_attn_isa_name(isas[k]), threads[ti], c->hq, c->hkv, c->d, c->bt,
+                        c->kv, c->q, c->out, c->softcap, c->window, c->q_mag, bad, ref[bad],
+                        apex_load_f32(out, c->out, bad));
+                fail();
+            }
+            if (c->out == APEX_DTYPE_F32 && worst && err > *worst) *worst = err;
+        }
+    }
+    cpu_attn_ws_destroy(ws);
+    free(perm);
+    free(table);
+    free(kv);
+    free(q);
+    free(ref);
+    free(out);
+}
+
+/* ------------------------------------------------------------------ tests */
+
+/* Reference on two tokens, scale 1: scores 0 and ln 3 give weights 1/4 and
+ * 3/4, so with V rows of 1s and 5s every output is 4. Then soft-cap 1
+ * (scores 0 and tanh(ln 3) = 0.8) and window 1 (only the last token). */
+static void test_reference_hand(void **state) {
+    (void)state;
+    enum { D = 64, BT = 8 };
+    cpu_attn_geom g = {1, 1, D, BT, APEX_DTYPE_F32};
+    float kv[2 * BT * D] = {0}; /* K panel then V panel of one block */
+    float q[D] = {0};
+    q[0] = 1.0f;
+    kv[1 * D + 0] = logf(3.0f); /* K row 1 */
+    for (int d = 0; d < D; d++) {
+        kv[BT * D + 0 * D + d] = 1.0f; /* V row 0 */
+        kv[BT * D + 1 * D + d] = 5.0f; /* V row 1 */
+    }
+    int32_t len = 2, table = 0;
+    float out[D];
+    cpu_attn_batch b = {
+        .n_seqs = 1, .q = q, .q_dtype = APEX_DTYPE_F32, .out = out, .out_dtype = APEX_DTYPE_F32,
+        .seq_lens = &len, .block_table = &table, .block_table_stride = 1, .kv = kv,
+        .block_bytes = sizeof kv, .scale = 1.0f, .softcap = 0.0f, .window = 0,
+    };
+    assert_int_equal(cpu_attn_reference(&g, &b), 0);
+    for (int d = 0; d < D; d++) assert_float_equal(out[d], 4.0f, 1e-6f);
+
+    b.softcap = 1.0f;
+    const double w1 = 1.0 / (1.0 + exp(-0.8)); /* weight of token 1 */
+    assert_int_equal(cpu_attn_reference(&g, &b), 0);
+    for (int d = 0; d < D; d++) assert_float_equal(out[d], (float)(1.0 + 4.0 * w1), 1e-6f);
+
+    b.softcap = 0.0f;
+    b.window = 1;
+    assert_int_equal(cpu_attn_reference(&g, &b), 0);
+    for (int d = 0; d < D; d++) assert_float_equal(out[d], 5.0f, 0.0f);
+
+    /* The kernel agrees on the same hand case (single token window too). */
+    cpu_attn_ws *ws = cpu_attn_ws_create(&g, 1, 2, 2);
+    assert_non_null(ws);
+    for (int k = 0; k < n_isas; k++) {
+        assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
+        b.window = 0;
+        assert_int_equal(cpu_attn_decode(&g, &b, ws, 2), 0);
+        for (int d = 0; d < D; d++) assert_float_equal(out[d], 4.0f, 1e-5f);
+        b.window = 1;
+        assert_int_equal(cpu_attn_decode(&g, &b, ws, 2), 0);
+        for (int d = 0; d < D; d++) assert_float_equal(out[d], 5.0f, 1e-6f);
+    }
+    cpu_attn_ws_destroy(ws);
+}
+
+static void test_isa_dispatch(void **state) {
+    (void)state;
+    cpu_attn_isa sel = cpu_attn_isa_selected();
+    assert_true(sel == CPU_ATTN_ISA_SCALAR || sel == CPU_ATTN_ISA_AVX2 ||
+                sel == CPU_ATTN_ISA_AVX512);
+    assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX512), "avx512");
+    assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX2), "avx2");
+    assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_SCALAR), "scalar");
+    assert_int_equal(cpu_attn_isa_force(CPU_ATTN_ISA_SCALAR), 0);
+    assert_int_equal(cpu_attn_isa_selected(), CPU_ATTN_ISA_SCALAR);
+    assert_int_equal(cpu_attn_isa_force((cpu_attn_isa)7), -1);
+    /* Whatever the CPU supports comes back selected when forced. */
+    for (int k = 0; k < n_isas; k++) {
+        assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
+        assert_int_equal(cpu_attn_isa_selected(), isas[k]);
+    }
+    assert_int_equal(cpu_attn_isa_force(sel), 0);
+}
+
+/* Every kv dtype x head_dim x GQA ratio x block size, ragged lengths that
+ * end mid-block; q/out dtypes rotate through all nine pairs. */
+static void test_sweep(void **state) {
+    (void)state;
+    static const int32_t lens[] = {1, 7, 16, 33, 130, 257, 64, 9};
+    static const int32_t dims[] = {64, 80, 96, 128, 256};
+    static const int32_t ratio[][2] = {{1, 2}, {4, 2}, {7, 1}, {8, 1}, {3, 3}}; /* {G, hkv} */
+    static const int32_t bts[] = {8, 16, 32};
+    double worst = 0.0;
+    int n = 0;
+    for (int kvt = 0; kvt < 3; kvt++)
+        for (int di = 0; di < 5; di++)
+            for (int ri = 0; ri < 5; ri++)
+                for (int bi = 0; bi < 3; bi++, n++) {
+                    tcase c = {
+                        .hq = ratio[ri][0] * ratio[ri][1], .hkv = ratio[ri][1], .d = dims[di],
+                        .bt = bts[bi], .kv = (apex_dtype)kvt, .q = (apex_dtype)(n % 3),
+                        .out = (apex_dtype)((n / 3) % 3), .n_seqs = 8, .lens = lens,
+                        .q_mag = (n % 4 == 0) ? 12.0f : 1.0f,
+                    };
+                    run_case(&c, &worst);
+                }
+    fprintf(stderr, "sweep: %d cases, worst fp32 abs error %.3g\n", n, worst);
+}
+
+/* Longer sequences, a peaky softmax whose max moves, chunked over threads. */
+static void test_long(void **state) {
+    (void)state;
+    static const int32_t lens_a[] = {32768, 5, 12345};
+    static const int32_t lens_b[] = {4099, 2048, 1};
+    double worst = 0.0;
+    tcase a = {32, 8, 128, 16, APEX_DTYPE_F16, APEX_DTYPE_F32, APEX_DTYPE_F32, 3, lens_a,
+               0.0f, 0, 4.0f};
+    run_case(&a, &worst);
+    tcase b = {8, 1, 64, 32, APEX_DTYPE_BF16, APEX_DTYPE_BF16, APEX_DTYPE_F32, 3, lens_b,
+               0.0f, 0, 20.0f};
+    run_case(&b, &worst);
+    tcase c = {7, 1, 256, 8, APEX_DTYPE_F32, APEX_DTYPE_F16, APEX_DTYPE_F32, 3, lens_b,
+               0.0f, 0, 1.0f};
+    run_case(&c, &worst);
+    fprintf(stderr, "long: worst fp32 abs error %.3g\n", worst);
+}
+
+/* Sliding windows that start mid-block (and windows longer than the
+ * sequence), soft-cap, and both together. */
+static void test_window_softcap(void **state) {
+    (void)state;
+    static const int32_t lens[] = {1, 15, 100, 513, 2000, 37};
+    static const int32_t windows[] = {0, 1, 5, 17, 100, 1000, 4096};
+    static const float caps[] = {0.0f, 30.0f, 2.0f};
+    static const int32_t geo[][3] = {{32, 8, 128}, {8, 8, 64}, {14, 2, 80}, {16, 1, 96}};
+    double worst = 0.0;
+    int n = 0;
+    for (int wi = 0; wi < 7; wi++)
+        for (int ci = 0; ci < 3; ci++, n++) {
+            const int32_t *gg = geo[n % 4];
+            tcase c = {gg[0], gg[1], gg[2], n % 2 ? 16 : 32, (apex_dtype)(n % 3),
+                       (apex_dtype)((n / 3) % 3), APEX_DTYPE_F32, 6, lens, caps[ci], windows[wi],
+                       n % 2 ? 10.0f : 1.0f};
+            run_case(&c, &worst);
+        }
+    fprintf(stderr, "window/softcap: %d cases, worst fp32 abs error %.3g\n", n, worst);
+}
+
+/* A workspace sized for fewer threads than asked still works (clamped), and
+ * an empty batch is a no-op. */
+static void test_workspace(void **state) {
+    (void)state;
+    cpu_attn_geom g = {4, 1, 64, 16, APEX_DTYPE_F16};
+    assert_null(cpu_attn_ws_create(&g, 0, 16, 1));
+    cpu_attn_ws *ws = cpu_attn_ws_create(&g, 4, 4096, 1);
+    assert_non_null(ws);
+    cpu_attn_batch b = {.n_seqs = 0};
+    assert_int_equal(cpu_attn_decode(&g, &b, ws, 4), 0);
+    cpu_attn_ws_destroy(ws);
+    cpu_attn_ws_destroy(NULL);
+}
+
+int main(void) {
+    rng_state = 0x5eed;
+    /* Variants this CPU runs; forcing each is part of the test. */
+    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512};
+    cpu_attn_isa sel = cpu_attn_isa_selected();
+    for (int k = 0; k < 3; k++)
+        if (cpu_attn_isa_force(all[k]) == 0) isas[n_isas++] = all[k];
+    cpu_attn_isa_force(sel);
+    fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reference_hand),
+        cmocka_unit_test(test_isa_dispatch),
+        cmocka_unit_test(test_sweep),
+        cmocka_unit_test(test_long),
+        cmocka_unit_test(test_window_softcap),
+        cmocka_unit_test(test_workspace),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
