@@ -1,0 +1,12 @@
+# Scheduler benchmark (apex-bench sched) and the serving simulator (apex-sim).
+target_sources(apex-bench PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/bench_sched.c)
+target_compile_definitions(apex-bench PRIVATE APEX_BENCH_SCHED)
+
+add_executable(apex-sim
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/sim_main.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/sim.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/workload.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/policies.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/exec.c)
+target_link_libraries(apex-sim PRIVATE apex_core)
+target_include_directories(apex-sim PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/sim)
