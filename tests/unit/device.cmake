@@ -1,0 +1,1 @@
+apex_unit_test(test_device_emulated unit/test_device_emulated.c)
