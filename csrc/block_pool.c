@@ -3,8 +3,47 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "csrc/device.h"
 #include "csrc/error.h"
 #include "csrc/host_mem.h"
+
+/* Tables (refcounts, free stack) for n_blocks, every block free. */
+static apex_status init_tables(block_pool *p, int32_t n_blocks) {
+    size_t n = n_blocks > 0 ? (size_t)n_blocks : 1;
+    p->refcount = calloc(n, sizeof *p->refcount);
+    p->free_stack = malloc(n * sizeof *p->free_stack);
+    if (!p->refcount || !p->free_stack)
+        return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the tables of %d blocks",
+                         n_blocks);
+    /* Lowest ids on top, so allocation order is deterministic. */
+    for (int32_t i = 0; i < n_blocks; i++) p->free_stack[i] = n_blocks - 1 - i;
+    p->n_free = n_blocks;
+    p->n_blocks = n_blocks;
+    return APEX_OK;
+}
+
+apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_blocks,
+                                   int32_t n_layers, size_t block_bytes) {
+    memset(p, 0, sizeof *p);
+    p->tier = APEX_TIER_DEVICE;
+    p->n_layers = n_layers;
+    p->block_bytes = block_bytes;
+    int32_t n = *n_blocks;
+    while (n > 0) {
+        p->mem_bytes = (size_t)n * (size_t)n_layers * block_bytes;
+        if (dev->iface->mem_alloc(dev, p->mem_bytes, (void **)&p->mem) == APEX_OK) break;
+        n /= 2;
+    }
+    if (n == 0) p->mem_bytes = 0;
+    p->dev = dev;
+    apex_status st = init_tables(p, n);
+    if (st) {
+        block_pool_destroy(p);
+        return st;
+    }
+    *n_blocks = n;
+    return APEX_OK;
+}
 
 apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
                                  int32_t n_blocks, int32_t n_layers,
@@ -15,29 +54,26 @@ apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
     p->n_layers = n_layers;
     p->block_bytes = block_bytes;
     size_t n = n_blocks > 0 ? (size_t)n_blocks : 1;
+    p->n_blocks = 0;
     if (block_bytes && (size_t)n_layers > SIZE_MAX / n / block_bytes)
         return apex_fail(APEX_ERR_NO_MEMORY, "host KV pool size overflows size_t");
     p->mem_bytes = n * (size_t)n_layers * block_bytes;
-    p->refcount = calloc(n, sizeof *p->refcount);
-    p->free_stack = malloc(n * sizeof *p->free_stack);
-    if (!p->refcount || !p->free_stack) {
+    apex_status st = init_tables(p, n_blocks);
+    if (st) {
         block_pool_destroy(p);
-        return apex_fail(APEX_ERR_NO_MEMORY,
-                         "out of memory for the tables of %d host blocks", n_blocks);
+        return st;
     }
     p->mem = host_mem_alloc(w, p->mem_bytes);
     if (!p->mem) {
         block_pool_destroy(p);
         return APEX_ERR_NO_MEMORY; /* host_mem_alloc set the message */
     }
-    /* Lowest ids on top, so allocation order is deterministic. */
-    for (int32_t i = 0; i < n_blocks; i++) p->free_stack[i] = n_blocks - 1 - i;
-    p->n_free = n_blocks;
     return APEX_OK;
 }
 
 void block_pool_destroy(block_pool *p) {
-    if (p->mem) host_mem_free(p->mem, p->mem_bytes);
+    if (p->mem && p->dev) p->dev->iface->mem_free(p->dev, p->mem);
+    else if (p->mem) host_mem_free(p->mem, p->mem_bytes);
     free(p->refcount);
     free(p->free_stack);
     memset(p, 0, sizeof *p);

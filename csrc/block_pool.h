@@ -13,8 +13,11 @@
 #include "apex/apex.h"
 #include "csrc/cpu_workers.h"
 
+typedef struct apex_device apex_device;
+
 typedef struct block_pool {
     apex_tier tier;
+    apex_device *dev;     /* device pool: memory from this device */
     int32_t n_blocks;
     int32_t n_layers;
     size_t block_bytes;   /* one block of one layer */
@@ -29,6 +32,10 @@ typedef struct block_pool {
 apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
                                  int32_t n_blocks, int32_t n_layers,
                                  size_t block_bytes);
+/* A device pool: n_blocks (or, if that does not fit, the largest power-of-
+ * two fraction of it that does) in dev's memory. *n_blocks gets the count. */
+apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_blocks,
+                                   int32_t n_layers, size_t block_bytes);
 void block_pool_destroy(block_pool *p);
 
 /* A free block with refcount 1, or -1 when the pool is exhausted. */
@@ -45,7 +52,7 @@ static inline uint8_t *block_pool_layer(const block_pool *p, int32_t layer) {
     return block_pool_at(p, layer, 0);
 }
 
-/* Copies block src to block dst in every layer. */
+/* Copies block src to block dst in every layer (host pools only). */
 void block_pool_copy(block_pool *p, int32_t dst, int32_t src);
 
 #endif

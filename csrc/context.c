@@ -8,6 +8,47 @@
 #include "csrc/error.h"
 #include "plugin/src/config.h"
 
+/* seq_table's copy-on-write hook: host blocks are copied once the CPU
+ * worker (which may still be writing them) is idle; device blocks on the
+ * context's own stream, ordered after the engine stream's work. */
+static void copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
+    apex_context *ctx = user;
+    if (tier == APEX_TIER_DEVICE) {
+        pipeline_copy_device_block(ctx, dst, src);
+        return;
+    }
+    if (ctx->dev) cpu_jobs_drain(&ctx->pipe.jobs);
+    block_pool_copy(&ctx->pools[APEX_TIER_HOST], dst, src);
+}
+
+/* Opens the configured device, or none (host mode). */
+static apex_status open_device(apex_context *ctx) {
+    apex_device_kind kind = ctx->cfg.device;
+    if (kind == APEX_DEVICE_AUTO) {
+#ifdef APEX_HAVE_CUDA_DEVICE
+        kind = apex_cuda_device_count() > 0 ? APEX_DEVICE_CUDA : APEX_DEVICE_NONE;
+#else
+        kind = APEX_DEVICE_NONE;
+#endif
+    }
+    if (kind == APEX_DEVICE_EMULATED) {
+        const char *mb = getenv("APEX_EMU_DEVICE_MB");
+        size_t bytes = (size_t)(mb && atol(mb) > 0 ? atol(mb) : 256) << 20;
+        return device_emulated_create(bytes, &ctx->dev);
+    }
+    if (kind == APEX_DEVICE_CUDA) {
+#ifdef APEX_HAVE_CUDA_DEVICE
+        apex_status st = device_cuda_create(0, &ctx->dev);
+        if (st == APEX_OK) return APEX_OK;
+        fprintf(stderr, "apex: no usable CUDA device (%s): host mode\n", apex_last_error());
+#else
+        fprintf(stderr, "apex: built without the CUDA device: host mode\n");
+#endif
+    }
+    ctx->dev = NULL;
+    return APEX_OK;
+}
+
 apex_status context_create(const apex_config *cfg, apex_context **out) {
     apex_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for a context");
@@ -22,13 +63,6 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
     }
     ctx->cfg.cpu_set = ctx->cpu_set;
     ctx->block_bytes = apex_config_block_bytes(cfg);
-
-    /* No GPU tier is built into this runtime yet: host mode. */
-    ctx->host_mode = 1;
-    if (cfg->device_blocks > 0)
-        fprintf(stderr, "apex: host mode (no GPU tier): device_blocks %lld -> 0\n",
-                (long long)cfg->device_blocks);
-    ctx->cfg.device_blocks = 0;
     ctx->cfg.host_blocks = apex_config_host_blocks(cfg);
     ctx->pools[APEX_TIER_DEVICE].tier = APEX_TIER_DEVICE;
 
@@ -41,6 +75,8 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
     st = seq_table_init(&ctx->seqs, cfg->max_seqs, cfg->max_seq_len, cfg->block_tokens,
                         &ctx->pools[APEX_TIER_DEVICE], &ctx->pools[APEX_TIER_HOST]);
     if (st) goto fail;
+    ctx->seqs.copy_block = copy_block;
+    ctx->seqs.copy_user = ctx;
 
     ctx->geom = (cpu_attn_geom){
         .n_q_heads = cfg->n_q_heads,
@@ -58,6 +94,26 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
         st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the attention workspace");
         goto fail;
     }
+
+    if ((st = open_device(ctx))) goto fail;
+    ctx->host_mode = ctx->dev == NULL;
+    if (ctx->dev) {
+        /* Staging first: the pipeline needs it; the pool takes what is left. */
+        if ((st = pipeline_init(ctx))) goto fail;
+        int32_t want = (int32_t)cfg->device_blocks, got = want;
+        st = block_pool_init_device(&ctx->pools[APEX_TIER_DEVICE], ctx->dev, &got,
+                                    cfg->n_layers, ctx->block_bytes);
+        if (st) goto fail;
+        if (got < want)
+            fprintf(stderr, "apex: the %s device holds %d of the %d device blocks asked for\n",
+                    ctx->dev->iface->name, got, want);
+        ctx->cfg.device_blocks = got;
+    } else {
+        if (cfg->device_blocks > 0)
+            fprintf(stderr, "apex: host mode (no device): device_blocks %lld -> 0\n",
+                    (long long)cfg->device_blocks);
+        ctx->cfg.device_blocks = 0;
+    }
     cpu_workers_pin(&ctx->workers);
     *out = ctx;
     return APEX_OK;
@@ -68,27 +124,16 @@ fail:
 
 void context_destroy(apex_context *ctx) {
     if (!ctx) return;
+    pipeline_destroy(ctx);
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);
     free(ctx->batch_table);
     seq_table_destroy(&ctx->seqs);
+    block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
     block_pool_destroy(&ctx->pools[APEX_TIER_HOST]);
+    if (ctx->dev) ctx->dev->iface->destroy(ctx->dev);
     cpu_workers_destroy(&ctx->workers);
     free(ctx);
-}
-
-/* Address of row (seq, pos), kv head 0, of K (which = 0) or V (which = 1)
- * in layer; head h is h * block_tokens * head_dim elements further. */
-static uint8_t *kv_row(const apex_context *ctx, int32_t layer, int32_t seq, int32_t pos,
-                       int which) {
-    const seq_entry *e = &ctx->seqs.seqs[seq];
-    int32_t bt = ctx->cfg.block_tokens;
-    int32_t b = seq_table_row(&ctx->seqs, seq)[pos / bt];
-    size_t el = apex_dtype_size(ctx->cfg.kv_dtype);
-    size_t panel = (size_t)bt * (size_t)ctx->cfg.head_dim;
-    size_t off = ((size_t)which * (size_t)ctx->cfg.n_kv_heads * panel +
-                  (size_t)(pos % bt) * (size_t)ctx->cfg.head_dim) * el;
-    return block_pool_at(seq_table_pool(&ctx->seqs, e), layer, b) + off;
 }
 
 /* Converts count elements from (src, st) to (dst, dt). */
@@ -100,55 +145,140 @@ static void convert(void *dst, apex_dtype dt, const void *src, apex_dtype st, si
     for (size_t i = 0; i < count; i++) apex_store_f32(dst, dt, i, apex_load_f32(src, st, i));
 }
 
-void context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
-                      const int32_t *pos, const void *k, const void *v, apex_dtype src) {
+/* Byte offset of pool slot (block * bt + off), kv head 0, K (which 0) or V
+ * (which 1) within its layer slab; head h is h * bt * head_dim further. */
+static size_t slot_offset(const apex_context *ctx, int64_t slot, int which) {
+    int32_t bt = ctx->cfg.block_tokens;
+    size_t el = apex_dtype_size(ctx->cfg.kv_dtype);
+    size_t panel = (size_t)bt * (size_t)ctx->cfg.head_dim;
+    return (size_t)(slot / bt) * ctx->block_bytes +
+           ((size_t)which * (size_t)ctx->cfg.n_kv_heads * panel +
+            (size_t)(slot % bt) * (size_t)ctx->cfg.head_dim) * el;
+}
+
+static int64_t pos_slot(const apex_context *ctx, int32_t seq, int32_t pos) {
+    int32_t bt = ctx->cfg.block_tokens;
+    return (int64_t)seq_table_row(&ctx->seqs, seq)[pos / bt] * bt + pos % bt;
+}
+
+void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_t n,
+                        const int64_t *slots, const void *k, const void *v, apex_dtype src) {
     int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
-    size_t row_el = (size_t)hk * (size_t)d;
-    size_t sel = apex_dtype_size(src), kel = apex_dtype_size(ctx->cfg.kv_dtype);
-    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * kel;
+    size_t row = (size_t)hk * (size_t)d * apex_dtype_size(src);
+    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * apex_dtype_size(ctx->cfg.kv_dtype);
+    uint8_t *slab = block_pool_layer(&ctx->pools[tier], layer);
     for (int32_t i = 0; i < n; i++) {
-        uint8_t *kd = kv_row(ctx, layer, seqs[i], pos[i], 0);
-        uint8_t *vd = kv_row(ctx, layer, seqs[i], pos[i], 1);
-        const uint8_t *ks = (const uint8_t *)k + (size_t)i * row_el * sel;
-        const uint8_t *vs = (const uint8_t *)v + (size_t)i * row_el * sel;
+        uint8_t *kd = slab + slot_offset(ctx, slots[i], 0);
+        uint8_t *vd = slab + slot_offset(ctx, slots[i], 1);
+        const uint8_t *ks = (const uint8_t *)k + (size_t)i * row;
+        const uint8_t *vs = (const uint8_t *)v + (size_t)i * row;
+        size_t hrow = row / (size_t)hk;
         for (int32_t h = 0; h < hk; h++) {
-            convert(kd + h * head_stride, ctx->cfg.kv_dtype, ks + (size_t)h * d * sel, src, d);
-            convert(vd + h * head_stride, ctx->cfg.kv_dtype, vs + (size_t)h * d * sel, src, d);
+            convert(kd + h * head_stride, ctx->cfg.kv_dtype, ks + h * hrow, src, (size_t)d);
+            convert(vd + h * head_stride, ctx->cfg.kv_dtype, vs + h * hrow, src, (size_t)d);
         }
     }
 }
 
-void context_kv_read(const apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
-                     const int32_t *pos, void *k, void *v, apex_dtype dst) {
-    int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
-    size_t row_el = (size_t)hk * (size_t)d;
-    size_t del = apex_dtype_size(dst), kel = apex_dtype_size(ctx->cfg.kv_dtype);
-    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * kel;
+/* 1 if any row of the batch belongs to a device-tier sequence. */
+static int any_device(const apex_context *ctx, int32_t n, const int32_t *seqs) {
+    for (int32_t i = 0; i < n; i++)
+        if (ctx->seqs.seqs[seqs[i]].tier == APEX_TIER_DEVICE) return 1;
+    return 0;
+}
+
+apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                             const int32_t *pos, const void *k, const void *v, apex_dtype src) {
+    pipeline_sync(ctx);
+    if (ctx->dev && any_device(ctx, n, seqs)) {
+        pipeline *pl = &ctx->pipe;
+        const device_iface *f = ctx->dev->iface;
+        size_t bytes = (size_t)n * ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
+        apex_status st;
+        if ((st = f->memcpy_async(ctx->dev, pl->d_k_sync, k, bytes, pl->own_stream)) ||
+            (st = f->memcpy_async(ctx->dev, pl->d_v_sync, v, bytes, pl->own_stream)) ||
+            (st = pipeline_kv_write(ctx, layer, n, seqs, pos, pl->d_k_sync, pl->d_v_sync, src,
+                                    pl->own_stream)))
+            return st;
+        pipeline_sync(ctx);
+        return APEX_OK;
+    }
     for (int32_t i = 0; i < n; i++) {
-        const uint8_t *ks = kv_row(ctx, layer, seqs[i], pos[i], 0);
-        const uint8_t *vs = kv_row(ctx, layer, seqs[i], pos[i], 1);
-        uint8_t *kd = (uint8_t *)k + (size_t)i * row_el * del;
-        uint8_t *vd = (uint8_t *)v + (size_t)i * row_el * del;
+        int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
+        size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
+        context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot, (const uint8_t *)k + i * row,
+                           (const uint8_t *)v + i * row, src);
+    }
+    return APEX_OK;
+}
+
+apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                            const int32_t *pos, void *k, void *v, apex_dtype dst) {
+    pipeline_sync(ctx);
+    int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
+    size_t kel = apex_dtype_size(ctx->cfg.kv_dtype), del = apex_dtype_size(dst);
+    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * kel;
+    uint8_t tmp[2][256 * 4];
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
+        int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
+        const uint8_t *slab = block_pool_layer(&ctx->pools[e->tier], layer);
         for (int32_t h = 0; h < hk; h++) {
-            convert(kd + (size_t)h * d * del, dst, ks + h * head_stride, ctx->cfg.kv_dtype, d);
-            convert(vd + (size_t)h * d * del, dst, vs + h * head_stride, ctx->cfg.kv_dtype, d);
+            const uint8_t *src[2] = {slab + slot_offset(ctx, slot, 0) + h * head_stride,
+                                     slab + slot_offset(ctx, slot, 1) + h * head_stride};
+            for (int w = 0; w < 2; w++) {
+                if (e->tier == APEX_TIER_DEVICE) {
+                    const device_iface *f = ctx->dev->iface;
+                    apex_status st = f->memcpy_async(ctx->dev, tmp[w], src[w], (size_t)d * kel,
+                                                     ctx->pipe.own_stream);
+                    if (!st) st = f->stream_sync(ctx->dev, ctx->pipe.own_stream);
+                    if (st) return st;
+                    src[w] = tmp[w];
+                }
+            }
+            size_t at = ((size_t)i * hk + (size_t)h) * (size_t)d * del;
+            convert((uint8_t *)k + at, dst, src[0], ctx->cfg.kv_dtype, (size_t)d);
+            convert((uint8_t *)v + at, dst, src[1], ctx->cfg.kv_dtype, (size_t)d);
         }
     }
+    return APEX_OK;
 }
 
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                               const int32_t *seqs, const void *q, void *out,
                               const apex_attn_opts *opts) {
     const seq_table *t = &ctx->seqs;
-    int32_t stride = t->max_blocks_per_seq;
     uint64_t tokens = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &t->seqs[seqs[i]];
+        int32_t start = opts->window > 0 && e->len > opts->window ? e->len - opts->window : 0;
+        tokens += (uint64_t)(e->len - start);
+    }
+    ctx->stats.kv_tokens_attended += tokens;
+    pipeline_sync(ctx);
+    if (ctx->dev && any_device(ctx, n, seqs)) {
+        pipeline *pl = &ctx->pipe;
+        const device_iface *f = ctx->dev->iface;
+        size_t hd = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim;
+        apex_status st;
+        if ((st = f->memcpy_async(ctx->dev, pl->d_q_sync, q,
+                                  (size_t)n * hd * apex_dtype_size(opts->q_dtype),
+                                  pl->own_stream)) ||
+            (st = pipeline_attention(ctx, layer, n, seqs, pl->d_q_sync, pl->d_out_sync, opts,
+                                     pl->own_stream)) ||
+            (st = f->memcpy_async(ctx->dev, out, pl->d_out_sync,
+                                  (size_t)n * hd * apex_dtype_size(opts->out_dtype),
+                                  pl->own_stream)))
+            return st;
+        pipeline_sync(ctx);
+        return APEX_OK;
+    }
+    int32_t stride = t->max_blocks_per_seq;
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &t->seqs[seqs[i]];
         ctx->batch_lens[i] = e->len;
         memcpy(ctx->batch_table + (size_t)i * stride, seq_table_row(t, seqs[i]),
                (size_t)e->n_blocks * sizeof(int32_t));
-        int32_t start = opts->window > 0 && e->len > opts->window ? e->len - opts->window : 0;
-        tokens += (uint64_t)(e->len - start);
     }
     cpu_attn_batch b = {
         .n_seqs = n,
@@ -169,6 +299,5 @@ apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
     if (cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads) != 0)
         return apex_fail(APEX_ERR_INTERNAL, "CPU attention kernel failed");
     ctx->stats.seqs_attended_host += (uint64_t)n;
-    ctx->stats.kv_tokens_attended += tokens;
     return APEX_OK;
 }

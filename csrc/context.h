@@ -10,12 +10,16 @@
 #include "cpu_attn/cpu_attn.h"
 #include "csrc/block_pool.h"
 #include "csrc/cpu_workers.h"
+#include "csrc/device.h"
+#include "csrc/pipeline.h"
 #include "csrc/seq_table.h"
 
 struct apex_context {
     apex_config cfg;            /* resolved; cfg.cpu_set points at cpu_set */
     char cpu_set[256];
-    int host_mode;
+    int host_mode;              /* no device: every sequence on the host  */
+    apex_device *dev;           /* NULL in host mode                       */
+    pipeline pipe;              /* the async hybrid path (with a device)   */
     size_t block_bytes;         /* one block, one layer                    */
     cpu_workers workers;
     block_pool pools[2];        /* [APEX_TIER_DEVICE], [APEX_TIER_HOST]    */
@@ -30,11 +34,18 @@ struct apex_context {
 apex_status context_create(const apex_config *cfg, apex_context **out);
 void context_destroy(apex_context *ctx);
 
-/* Validated batches only (see plugin/src/apex_api.c). */
-void context_kv_write(apex_context *ctx, int32_t layer, int32_t n,
+/* Stores n K/V rows at pool slots (block * block_tokens + offset) of a
+ * host-tier layer, converting from src. */
+void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_t n,
+                        const int64_t *slots, const void *k, const void *v, apex_dtype src);
+
+/* Validated batches only (see plugin/src/apex_api.c). With a device, the
+ * synchronous calls first wait for in-flight work and run device-tier rows
+ * through the pipeline on the context's own stream. */
+apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n,
                       const int32_t *seqs, const int32_t *pos, const void *k,
                       const void *v, apex_dtype src);
-void context_kv_read(const apex_context *ctx, int32_t layer, int32_t n,
+apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n,
                      const int32_t *seqs, const int32_t *pos, void *k, void *v,
                      apex_dtype dst);
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,

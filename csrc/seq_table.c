@@ -100,7 +100,7 @@ apex_status seq_table_reserve(seq_table *t, int32_t seq, int32_t n,
     if (cow) {
         int32_t old = row[e->n_blocks - 1];
         int32_t fresh = block_pool_alloc(p);
-        block_pool_copy(p, fresh, old);
+        t->copy_block(t->copy_user, e->tier, fresh, old);
         block_pool_unref(p, old);
         row[e->n_blocks - 1] = fresh;
         t->cow_copies++;

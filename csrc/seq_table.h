@@ -30,6 +30,10 @@ typedef struct seq_table {
     block_pool *pools[2];     /* [APEX_TIER_DEVICE], [APEX_TIER_HOST]; not owned */
     int32_t n_active;
     uint64_t cow_copies;
+    /* Copies block src to dst (all layers) of a tier; set by the context so
+     * copies are ordered with in-flight device and CPU work. */
+    void (*copy_block)(void *user, apex_tier tier, int32_t dst, int32_t src);
+    void *copy_user;
 } seq_table;
 
 apex_status seq_table_init(seq_table *t, int32_t max_seqs, int32_t max_seq_len,

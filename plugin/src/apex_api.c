@@ -158,7 +158,8 @@ APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
                                       "apex_kv_write: %s row %lld has a NaN or Inf",
                                       bad_k >= 0 ? "k" : "v", (long long)(bad / row_el)));
     }
-    context_kv_write(ctx, layer, n, seqs, pos, k, v, src_dtype);
+    st = context_kv_write(ctx, layer, n, seqs, pos, k, v, src_dtype);
+    if (st) return counted(ctx, st);
     ctx->stats.kv_rows_written += (uint64_t)n;
     ctx->stats.kv_write_seconds += now_seconds() - t0;
     return APEX_OK;
@@ -170,8 +171,8 @@ APEX_API apex_status apex_kv_read(const apex_context *ctx, int32_t layer, int32_
     CHECK_CTX(ctx);
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, dst_dtype, 0);
     if (st) return st;
-    context_kv_read(ctx, layer, n, seqs, pos, k, v, dst_dtype);
-    return APEX_OK;
+    /* Logically const: it only waits for in-flight work before reading. */
+    return context_kv_read((apex_context *)ctx, layer, n, seqs, pos, k, v, dst_dtype);
 }
 
 /* ----------------------------------------------------------- attention */
@@ -182,51 +183,148 @@ APEX_API apex_attn_opts apex_attn_opts_default(const apex_context *ctx) {
                             .out_dtype = act};
 }
 
+/* Checks an attention batch and resolves its options into *o. */
+static apex_status check_attention(apex_context *ctx, const char *fn, int32_t layer, int32_t n,
+                                   const int32_t *seqs, const void *q, void *out,
+                                   const apex_attn_opts *opts, apex_attn_opts *o) {
+    *o = opts ? *opts : apex_attn_opts_default(ctx);
+    if (layer < 0 || layer >= ctx->cfg.n_layers)
+        return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, layer,
+                         ctx->cfg.n_layers);
+    if (n < 1 || n > ctx->cfg.max_batch)
+        return apex_fail(APEX_ERR_OUT_OF_RANGE,
+                         "%s: batch of %d sequences outside [1, max_batch %d]", fn, n,
+                         ctx->cfg.max_batch);
+    if (!seqs || !q || !out)
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: seqs, q and out must not be NULL", fn);
+    if (!apex_dtype_valid(o->q_dtype) || !apex_dtype_valid(o->out_dtype))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: q_dtype %d / out_dtype %d: not an apex_dtype",
+                         fn, (int)o->q_dtype, (int)o->out_dtype);
+    if (!isfinite(o->scale) || o->scale < 0 || !isfinite(o->softcap) || o->softcap < 0 ||
+        o->window < 0)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: scale %g, softcap %g and window %d must be finite and >= 0", fn,
+                         o->scale, o->softcap, o->window);
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = seq_table_get(&ctx->seqs, seqs[i]);
+        if (!e) return APEX_ERR_UNKNOWN_SEQ;
+        if (e->len < 1)
+            return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: sequence %d has no tokens to attend",
+                             fn, seqs[i]);
+    }
+    if (o->scale == 0) o->scale = 1.0f / sqrtf((float)ctx->cfg.head_dim);
+    return APEX_OK;
+}
+
 APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
                                     const int32_t *seqs, const void *q, void *out,
                                     const apex_attn_opts *opts) {
     CHECK_CTX(ctx);
     double t0 = now_seconds();
-    apex_attn_opts o = opts ? *opts : apex_attn_opts_default(ctx);
-    const char *fn = __func__;
-    if (layer < 0 || layer >= ctx->cfg.n_layers)
-        return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn,
-                                      layer, ctx->cfg.n_layers));
-    if (n < 1 || n > ctx->cfg.max_batch)
-        return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE,
-                                      "%s: batch of %d sequences outside [1, max_batch %d]", fn,
-                                      n, ctx->cfg.max_batch));
-    if (!seqs || !q || !out)
-        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                      "%s: seqs, q and out must not be NULL", fn));
-    if (!apex_dtype_valid(o.q_dtype) || !apex_dtype_valid(o.out_dtype))
-        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                      "%s: q_dtype %d / out_dtype %d: not an apex_dtype", fn,
-                                      (int)o.q_dtype, (int)o.out_dtype));
-    if (!isfinite(o.scale) || o.scale < 0 || !isfinite(o.softcap) || o.softcap < 0 ||
-        o.window < 0)
-        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                      "%s: scale %g, softcap %g and window %d must be finite "
-                                      "and >= 0", fn, o.scale, o.softcap, o.window));
-    for (int32_t i = 0; i < n; i++) {
-        const seq_entry *e = seq_table_get(&ctx->seqs, seqs[i]);
-        if (!e) return counted(ctx, APEX_ERR_UNKNOWN_SEQ);
-        if (e->len < 1)
-            return counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE,
-                                          "%s: sequence %d has no tokens to attend", fn,
-                                          seqs[i]));
-    }
+    apex_attn_opts o;
+    apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
+    if (st) return counted(ctx, st);
     size_t row_el = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
     int64_t bad = first_nonfinite(q, o.q_dtype, (size_t)n * row_el);
     if (bad >= 0)
         return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
                                       "%s: q of sequence %d (batch row %lld) has a NaN or Inf",
-                                      fn, seqs[bad / (int64_t)row_el],
+                                      __func__, seqs[bad / (int64_t)row_el],
                                       (long long)(bad / (int64_t)row_el)));
-    if (o.scale == 0) o.scale = 1.0f / sqrtf((float)ctx->cfg.head_dim);
-    apex_status st = context_attention(ctx, layer, n, seqs, q, out, &o);
+    st = context_attention(ctx, layer, n, seqs, q, out, &o);
     if (st) return counted(ctx, st);
     ctx->stats.attention_calls++;
+    ctx->stats.attention_seconds += now_seconds() - t0;
+    return APEX_OK;
+}
+
+/* ------------------------------------------------------ device pipeline */
+
+#define CHECK_DEV(ctx)                                                                  \
+    do {                                                                                \
+        CHECK_CTX(ctx);                                                                 \
+        if (!(ctx)->dev)                                                                \
+            return counted((ctx), apex_fail(APEX_ERR_UNSUPPORTED,                       \
+                                            "%s: no device in this context (host mode)", \
+                                            __func__));                                 \
+    } while (0)
+
+#define STREAM(s) ((device_stream *)(s))
+
+APEX_API apex_status apex_stream_create(apex_context *ctx, apex_stream *out) {
+    CHECK_DEV(ctx);
+    if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_stream_create: out is NULL"));
+    return counted(ctx, ctx->dev->iface->stream_create(ctx->dev, (device_stream **)out));
+}
+
+APEX_API apex_status apex_stream_destroy(apex_context *ctx, apex_stream s) {
+    CHECK_DEV(ctx);
+    if (s) ctx->dev->iface->stream_destroy(ctx->dev, STREAM(s));
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_stream_sync(apex_context *ctx, apex_stream s) {
+    CHECK_DEV(ctx);
+    if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_stream_sync: stream is NULL"));
+    return counted(ctx, ctx->dev->iface->stream_sync(ctx->dev, STREAM(s)));
+}
+
+APEX_API apex_status apex_device_alloc(apex_context *ctx, size_t bytes, void **out) {
+    CHECK_DEV(ctx);
+    if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_device_alloc: out is NULL"));
+    return counted(ctx, ctx->dev->iface->mem_alloc(ctx->dev, bytes, out));
+}
+
+APEX_API apex_status apex_device_free(apex_context *ctx, void *p) {
+    CHECK_DEV(ctx);
+    if (p) ctx->dev->iface->mem_free(ctx->dev, p);
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_memcpy_async(apex_context *ctx, void *dst, const void *src,
+                                       size_t bytes, apex_stream s) {
+    CHECK_DEV(ctx);
+    if (!dst || !src || !s)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "apex_memcpy_async: dst, src and stream must not be NULL"));
+    return counted(ctx, ctx->dev->iface->memcpy_async(ctx->dev, dst, src, bytes, STREAM(s)));
+}
+
+APEX_API apex_status apex_kv_write_async(apex_context *ctx, int32_t layer, int32_t n,
+                                         const int32_t *seqs, const int32_t *pos,
+                                         const void *k, const void *v, apex_dtype src_dtype,
+                                         apex_stream s) {
+    CHECK_DEV(ctx);
+    double t0 = now_seconds();
+    if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
+    apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
+    if (st) return counted(ctx, st);
+    if (n == 0) return APEX_OK;
+    st = pipeline_kv_write(ctx, layer, n, seqs, pos, k, v, src_dtype, STREAM(s));
+    if (st) return counted(ctx, st);
+    ctx->stats.kv_rows_written += (uint64_t)n;
+    ctx->stats.kv_write_seconds += now_seconds() - t0;
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int32_t n,
+                                          const int32_t *seqs, const void *q, void *out,
+                                          const apex_attn_opts *opts, apex_stream s) {
+    CHECK_DEV(ctx);
+    double t0 = now_seconds();
+    if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
+    apex_attn_opts o;
+    apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
+    if (st) return counted(ctx, st);
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
+        int32_t start = o.window > 0 && e->len > o.window ? e->len - o.window : 0;
+        ctx->stats.kv_tokens_attended += (uint64_t)(e->len - start);
+    }
+    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
+    if (st) return counted(ctx, st);
+    ctx->stats.attention_calls++;
+    /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
     return APEX_OK;
 }

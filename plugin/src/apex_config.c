@@ -40,6 +40,7 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
         .max_seq_len = 32768,
         .n_threads = 0,
         .cpu_set = NULL,
+        .device = APEX_DEVICE_AUTO,
     };
     static const struct {
         const char *name;
@@ -64,6 +65,19 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
         char *field = (char *)&c + vars[i].off;
         if (vars[i].is64) *(int64_t *)field = v;
         else *(int32_t *)field = (int32_t)v;
+    }
+    const char *dev = getenv("APEX_DEVICE");
+    if (dev && *dev) {
+        static const char *names[] = {"auto", "none", "emulated", "cuda"};
+        int found = 0;
+        for (int i = 0; i < 4; i++)
+            if (!strcmp(dev, names[i])) {
+                c.device = (apex_device_kind)i;
+                found = 1;
+            }
+        if (!found)
+            return apex_fail(APEX_ERR_INVALID_ARG,
+                             "APEX_DEVICE='%s' is not one of auto, none, emulated, cuda", dev);
     }
     const char *cpus = getenv("APEX_CPUSET");
     if (cpus && *cpus) c.cpu_set = cpus;
@@ -131,6 +145,9 @@ apex_status apex_config_validate(const apex_config *c) {
     if (c->max_seq_len < 1 || c->max_seq_len > (1 << 24))
         return apex_fail(APEX_ERR_INVALID_ARG, "max_seq_len %d out of range [1, 2^24]",
                          c->max_seq_len);
+    if (c->device < APEX_DEVICE_AUTO || c->device > APEX_DEVICE_CUDA)
+        return apex_fail(APEX_ERR_INVALID_ARG, "device %d is not an apex_device_kind",
+                         (int)c->device);
     if (c->n_threads < 0 || c->n_threads > 1024)
         return apex_fail(APEX_ERR_INVALID_ARG, "n_threads %d out of range [0, 1024]",
                          c->n_threads);

@@ -78,28 +78,13 @@ static void teardown_fixture(fixture *f) {
     free(f->kv);
 }
 
-/* Naive decode attention of one query head, in double. */
+/* Naive decode attention of one query head of sequence s. */
 static void naive(fixture *f, int s, int l, int h, const float *q, float scale, float softcap,
                   int window, double *out) {
     int hk = h / (HQ / HK), n = f->len[s];
     int start = window && n > window ? n - window : 0;
-    double *w = malloc(sizeof(double) * (size_t)n), mx = -INFINITY, sum = 0;
-    for (int t = start; t < n; t++) {
-        const float *k = kv_at(f, s, l, t, 0) + hk * D;
-        double dot = 0;
-        for (int i = 0; i < D; i++) dot += (double)q[i] * k[i];
-        dot *= scale;
-        if (softcap > 0) dot = softcap * tanh(dot / softcap);
-        w[t] = dot;
-        if (dot > mx) mx = dot;
-    }
-    for (int t = start; t < n; t++) sum += (w[t] = exp(w[t] - mx));
-    for (int i = 0; i < D; i++) out[i] = 0;
-    for (int t = start; t < n; t++) {
-        const float *v = kv_at(f, s, l, t, 1) + hk * D;
-        for (int i = 0; i < D; i++) out[i] += w[t] / sum * v[i];
-    }
-    free(w);
+    test_naive_attention(q, D, kv_at(f, s, l, 0, 0) + hk * D, kv_at(f, s, l, 0, 1) + hk * D,
+                         2 * HK * D, start, n, scale, softcap, out);
 }
 
 static void check_attention(fixture *f, int n, const int32_t *seqs, int layer,

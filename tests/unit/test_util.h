@@ -6,7 +6,9 @@
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <cmocka.h>
 
 #include "apex/apex.h"
@@ -36,5 +38,28 @@ static inline int32_t test_rand_int(uint64_t *s, int32_t n) { /* [0, n) */
     } while (0)
 
 #define assert_ok(call) assert_status(call, APEX_OK)
+
+/* Naive decode attention of one query head over rows [start, n) of k and v
+ * (row r of a head at k + r * stride), in double: the definition every
+ * kernel and pipeline test is checked against. */
+static inline void test_naive_attention(const float *q, int d, const float *k, const float *v,
+                                        size_t stride, int start, int n, float scale,
+                                        float softcap, double *out) {
+    double mx = -INFINITY, sum = 0;
+    double *w = (double *)malloc(sizeof(double) * (size_t)n);
+    for (int t = start; t < n; t++) {
+        double dot = 0;
+        for (int i = 0; i < d; i++) dot += (double)q[i] * k[t * stride + i];
+        dot *= scale;
+        if (softcap > 0) dot = softcap * tanh(dot / softcap);
+        w[t] = dot;
+        if (dot > mx) mx = dot;
+    }
+    for (int t = start; t < n; t++) sum += (w[t] = exp(w[t] - mx));
+    for (int i = 0; i < d; i++) out[i] = 0;
+    for (int t = start; t < n; t++)
+        for (int i = 0; i < d; i++) out[i] += w[t] / sum * v[t * stride + i];
+    free(w);
+}
 
 #endif

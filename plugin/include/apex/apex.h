@@ -107,6 +107,13 @@ typedef enum apex_tier {
     APEX_TIER_HOST = 1    /* pinned, NUMA-local host memory   */
 } apex_tier;
 
+typedef enum apex_device_kind {
+    APEX_DEVICE_AUTO = 0,     /* cuda if a GPU answers, else none          */
+    APEX_DEVICE_NONE = 1,     /* host mode: every sequence on the host tier */
+    APEX_DEVICE_EMULATED = 2, /* a capacity-limited device in host memory  */
+    APEX_DEVICE_CUDA = 3
+} apex_device_kind;
+
 typedef struct apex_config {
     /* Model geometry. head_dim in {64, 80, 96, 128, 256};
      * n_q_heads must be a multiple of n_kv_heads (MHA, GQA and MQA). */
@@ -130,11 +137,15 @@ typedef struct apex_config {
      * cpu_set: hwloc list syntax ("0-7,16"), NULL or "" = all cores. */
     int32_t n_threads;
     const char *cpu_set;
+
+    /* The accelerator (APEX_DEVICE=auto|none|emulated|cuda). */
+    apex_device_kind device;
 } apex_config;
 
 /* Fills defaults, then applies the environment:
  *   APEX_HOST_BLOCKS, APEX_DEVICE_BLOCKS, APEX_THREADS, APEX_CPUSET,
- *   APEX_BLOCK_TOKENS, APEX_MAX_SEQS, APEX_MAX_BATCH, APEX_MAX_SEQ_LEN.
+ *   APEX_BLOCK_TOKENS, APEX_MAX_SEQS, APEX_MAX_BATCH, APEX_MAX_SEQ_LEN,
+ *   APEX_DEVICE (auto|none|emulated|cuda).
  * Geometry (n_layers ... head_dim) is left 0: the engine must set it.
  * A malformed variable gives APEX_ERR_INVALID_ARG naming it. */
 APEX_API apex_status apex_config_init(apex_config *cfg);
@@ -143,9 +154,12 @@ APEX_API apex_status apex_config_init(apex_config *cfg);
 
 typedef struct apex_context apex_context;
 
-/* Validates cfg, allocates both tiers and the worker state.
- * On a machine without a usable GPU, device_blocks is reduced to 0
- * ("host mode") and apex_context_host_mode() reports it. */
+/* Validates cfg, opens the device, allocates both tiers and the worker
+ * state. Without a device (APEX_DEVICE=none, or auto on a machine with no
+ * usable GPU) device_blocks is reduced to 0 ("host mode") and
+ * apex_context_host_mode() reports it. If the device cannot hold
+ * device_blocks, the pool shrinks to what fits, with one line on stderr.
+ * The emulated device's memory is APEX_EMU_DEVICE_MB (default 256). */
 APEX_API apex_status apex_context_create(const apex_config *cfg,
                                          apex_context **out);
 APEX_API apex_status apex_context_destroy(apex_context *ctx); /* NULL ok */
@@ -230,6 +244,46 @@ APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer,
                                     int32_t n, const int32_t *seqs,
                                     const void *q, void *out,
                                     const apex_attn_opts *opts);
+
+/* ------------------------------------------- the device pipeline (async) */
+
+/* With a device, the engine's tensors live in device memory and the engine
+ * passes its stream. These calls only enqueue work on that stream (and on
+ * APEX's own copy stream and CPU worker) and return at once: the engine's
+ * thread never waits for the CPU cohort. Rows of device-tier sequences are
+ * served by device kernels; rows of host-tier sequences are copied down to
+ * pinned memory, handled by APEX's CPU worker (pinned to cpu_set, away from
+ * the engine thread), and the results copied up; the stream waits for them
+ * on the device. Arguments are checked at enqueue; q, k, v and out are not
+ * read by the host (no NaN check). Use one engine stream at a time. */
+
+/* A stream of the context's device: a cudaStream_t with the CUDA device,
+ * an emulated stream otherwise. */
+typedef struct apex_stream_opaque *apex_stream;
+
+APEX_API apex_status apex_stream_create(apex_context *ctx, apex_stream *out);
+APEX_API apex_status apex_stream_destroy(apex_context *ctx, apex_stream s);
+/* Blocks until everything enqueued on s (and the CPU work it waits for)
+ * has finished. */
+APEX_API apex_status apex_stream_sync(apex_context *ctx, apex_stream s);
+
+/* Device memory for the engine's tensors (tests, engines without their own
+ * allocator) and copies in any direction, ordered on s. */
+APEX_API apex_status apex_device_alloc(apex_context *ctx, size_t bytes, void **out);
+APEX_API apex_status apex_device_free(apex_context *ctx, void *p);
+APEX_API apex_status apex_memcpy_async(apex_context *ctx, void *dst, const void *src,
+                                       size_t bytes, apex_stream s);
+
+/* apex_kv_write with k, v in device memory, ordered on s. */
+APEX_API apex_status apex_kv_write_async(apex_context *ctx, int32_t layer, int32_t n,
+                                         const int32_t *seqs, const int32_t *pos,
+                                         const void *k, const void *v,
+                                         apex_dtype src_dtype, apex_stream s);
+
+/* apex_attention with q, out in device memory, ordered on s. */
+APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int32_t n,
+                                          const int32_t *seqs, const void *q, void *out,
+                                          const apex_attn_opts *opts, apex_stream s);
 
 /* ------------------------------------------------------------ statistics */
 

@@ -1,0 +1,347 @@
+#include "csrc/pipeline.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_attn/dtype_convert.h"
+#include "csrc/context.h"
+#include "csrc/error.h"
+
+#define ALIGN 256
+
+/* Next ALIGN-aligned piece of `bytes` from a buffer walk. */
+static void *carve(uint8_t **p, size_t bytes) {
+    uintptr_t a = ((uintptr_t)*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
+    *p = (uint8_t *)a + bytes;
+    return (void *)a;
+}
+
+/* Lays out one slot's pinned (host=1) or device (host=0) buffers from base
+ * (NULL: just measure); returns the bytes needed. */
+static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t mb,
+                     size_t row_q, size_t row_kv) {
+    stage_slot dummy;
+    if (!base) sl = &dummy;
+    uint8_t *p = base ? base : (uint8_t *)0;
+    if (host) {
+        sl->h_lens = carve(&p, B * 4);
+        sl->h_table = carve(&p, B * mb * 4);
+        sl->h_idx_g = carve(&p, B * 4);
+        sl->h_idx_c = carve(&p, B * 4);
+        sl->h_slots = carve(&p, B * 8);
+        sl->c_slots = carve(&p, B * 8);
+        sl->c_lens = carve(&p, B * 4);
+        sl->c_table = carve(&p, B * mb * 4);
+        sl->h_q = carve(&p, B * row_q);
+        sl->h_out = carve(&p, B * row_q);
+        sl->h_k = carve(&p, B * row_kv);
+        sl->h_v = carve(&p, B * row_kv);
+    } else {
+        sl->d_lens = carve(&p, B * 4);
+        sl->d_table = carve(&p, B * mb * 4);
+        sl->d_idx_g = carve(&p, B * 4);
+        sl->d_idx_c = carve(&p, B * 4);
+        sl->d_slots = carve(&p, B * 8);
+        sl->d_q_g = carve(&p, B * row_q);
+        sl->d_out_g = carve(&p, B * row_q);
+        sl->d_q_c = carve(&p, B * row_q);
+        sl->d_out_c = carve(&p, B * row_q);
+        sl->d_k = carve(&p, B * row_kv);
+        sl->d_v = carve(&p, B * row_kv);
+    }
+    return (size_t)(p - (base ? base : (uint8_t *)0)) + ALIGN;
+}
+
+apex_status pipeline_init(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    apex_device *dev = ctx->dev;
+    const device_iface *f = dev->iface;
+    pl->dev = dev;
+    const apex_config *c = &ctx->cfg;
+    /* fp32 rows: staging fits every q/out/k/v dtype. */
+    pl->row_q_bytes = (size_t)c->n_q_heads * c->head_dim * 4;
+    pl->row_kv_bytes = (size_t)c->n_kv_heads * c->head_dim * 4;
+    int32_t n = 2 * c->n_layers;
+    const char *env = getenv("APEX_STAGING_SLOTS");
+    if (env && atoi(env) >= 2) n = atoi(env);
+    if (n > 64) n = 64;
+    apex_status st;
+    if ((st = f->stream_create(dev, &pl->copy_stream)) ||
+        (st = f->stream_create(dev, &pl->own_stream)) ||
+        (st = f->event_create(dev, &pl->ev_copies)))
+        return st;
+    pl->slots = calloc((size_t)n, sizeof *pl->slots);
+    if (!pl->slots) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for staging slots");
+    pl->n_slots = n;
+    size_t B = (size_t)c->max_batch, mb = (size_t)ctx->seqs.max_blocks_per_seq;
+    size_t hb = layout(NULL, NULL, 1, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
+    size_t db = layout(NULL, NULL, 0, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
+    for (int32_t i = 0; i < n; i++) {
+        stage_slot *sl = &pl->slots[i];
+        sl->ctx = ctx;
+        if ((st = f->event_create(dev, &sl->ev_a)) || (st = f->event_create(dev, &sl->ev_down)) ||
+            (st = f->event_create(dev, &sl->ev_up)) || (st = f->event_create(dev, &sl->done)) ||
+            (st = f->host_alloc(dev, hb, &sl->h_mem)) || (st = f->mem_alloc(dev, db, &sl->d_mem)))
+            return st;
+        layout(sl, sl->h_mem, 1, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
+        layout(sl, sl->d_mem, 0, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
+    }
+    size_t qb = B * pl->row_q_bytes + ALIGN, kb = B * pl->row_kv_bytes + ALIGN;
+    if ((st = f->mem_alloc(dev, 2 * qb + 2 * kb, &pl->d_sync))) return st;
+    uint8_t *p = pl->d_sync;
+    pl->d_q_sync = carve(&p, B * pl->row_q_bytes);
+    pl->d_out_sync = carve(&p, B * pl->row_q_bytes);
+    pl->d_k_sync = carve(&p, B * pl->row_kv_bytes);
+    pl->d_v_sync = carve(&p, B * pl->row_kv_bytes);
+    if (f->decode_workspace_bytes) {
+        pl->decode_ws_bytes = f->decode_workspace_bytes(dev, c->max_batch, c->n_q_heads,
+                                                        c->head_dim);
+        if (pl->decode_ws_bytes && (st = f->mem_alloc(dev, pl->decode_ws_bytes, &pl->decode_ws)))
+            return st;
+    }
+    return cpu_jobs_start(&pl->jobs, dev);
+}
+
+void pipeline_destroy(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    if (!pl->dev) return;
+    const device_iface *f = pl->dev->iface;
+    apex_device *dev = pl->dev;
+    pipeline_sync(ctx);
+    cpu_jobs_stop(&pl->jobs);
+    for (int32_t i = 0; i < pl->n_slots; i++) {
+        stage_slot *sl = &pl->slots[i];
+        device_event *evs[] = {sl->ev_a, sl->ev_down, sl->ev_up, sl->done};
+        for (int e = 0; e < 4; e++)
+            if (evs[e]) f->event_destroy(dev, evs[e]);
+        if (sl->h_mem) f->host_free(dev, sl->h_mem);
+        if (sl->d_mem) f->mem_free(dev, sl->d_mem);
+    }
+    free(pl->slots);
+    if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
+    if (pl->d_sync) f->mem_free(dev, pl->d_sync);
+    if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
+    if (pl->copy_stream) f->stream_destroy(dev, pl->copy_stream);
+    if (pl->own_stream) f->stream_destroy(dev, pl->own_stream);
+    memset(pl, 0, sizeof *pl);
+}
+
+void pipeline_sync(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    if (!pl->dev) return;
+    cpu_jobs_drain(&pl->jobs);
+    if (pl->last_done) pl->dev->iface->event_sync(pl->dev, pl->last_done);
+    pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
+    pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
+}
+
+/* The next slot of the ring, once its previous use is over. This is the
+ * only place the engine thread can block: when it runs a whole ring of
+ * calls ahead of the device. */
+static stage_slot *acquire(pipeline *pl) {
+    stage_slot *sl = &pl->slots[pl->next_slot];
+    pl->next_slot = (pl->next_slot + 1) % pl->n_slots;
+    if (sl->used) pl->dev->iface->event_sync(pl->dev, sl->done);
+    if (sl->job) cpu_jobs_wait(&pl->jobs, sl->job);
+    sl->job = 0;
+    return sl;
+}
+
+static void finish(pipeline *pl, stage_slot *sl, device_stream *s) {
+    pl->dev->iface->event_record(pl->dev, sl->done, s);
+    sl->used = 1;
+    pl->last_done = sl->done;
+}
+
+/* ---- CPU jobs (run on the worker thread) */
+
+static void job_kv_write(void *arg) {
+    stage_slot *sl = arg;
+    context_write_rows(sl->ctx, APEX_TIER_HOST, sl->layer, sl->n_c, sl->c_slots, sl->h_k,
+                       sl->h_v, sl->dtype_in);
+}
+
+static void job_attention(void *arg) {
+    stage_slot *sl = arg;
+    apex_context *ctx = sl->ctx;
+    cpu_attn_batch b = {
+        .n_seqs = sl->n_c,
+        .q = sl->h_q,
+        .q_dtype = sl->dtype_in,
+        .out = sl->h_out,
+        .out_dtype = sl->dtype_out,
+        .seq_lens = sl->c_lens,
+        .block_table = sl->c_table,
+        .block_table_stride = ctx->seqs.max_blocks_per_seq,
+        .kv = block_pool_layer(&ctx->pools[APEX_TIER_HOST], sl->layer),
+        .block_bytes = ctx->block_bytes,
+        .scale = sl->scale,
+        .softcap = sl->softcap,
+        .window = sl->window,
+    };
+    cpu_workers_pin(&ctx->workers);
+    cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads);
+}
+
+/* ---- enqueue paths (engine thread) */
+
+#define TRY(call)                      \
+    do {                               \
+        apex_status st_ = (call);      \
+        if (st_) return st_;           \
+    } while (0)
+
+apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                              const int32_t *pos, const void *k, const void *v, apex_dtype dt,
+                              device_stream *s) {
+    pipeline *pl = &ctx->pipe;
+    apex_device *dev = pl->dev;
+    const device_iface *f = dev->iface;
+    stage_slot *sl = acquire(pl);
+    int32_t bt = ctx->cfg.block_tokens, n_g = 0, n_c = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
+        int64_t slot = (int64_t)seq_table_row(&ctx->seqs, seqs[i])[pos[i] / bt] * bt + pos[i] % bt;
+        if (e->tier == APEX_TIER_DEVICE) {
+            sl->h_slots[i] = slot;
+            n_g++;
+        } else {
+            sl->h_slots[i] = -1; /* the device kernel skips host rows */
+            sl->h_idx_c[n_c] = i;
+            sl->c_slots[n_c++] = slot;
+        }
+    }
+    TRY(f->event_wait(dev, s, pl->ev_copies));
+    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(dt);
+    if (n_g) {
+        TRY(f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)n * 8, s));
+        apex_cuda_kv_append a = {
+            .n_rows = n, .n_kv_heads = ctx->cfg.n_kv_heads, .head_dim = ctx->cfg.head_dim,
+            .block_tokens = bt, .k = k, .v = v, .src_dtype = dt, .slots = sl->d_slots,
+            .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
+            .block_bytes = ctx->block_bytes, .kv_dtype = ctx->cfg.kv_dtype,
+        };
+        TRY(f->kv_append(dev, &a, s));
+    }
+    if (n_c) {
+        TRY(f->memcpy_async(dev, sl->d_idx_c, sl->h_idx_c, (size_t)n_c * 4, s));
+        apex_cuda_rows t[2] = {
+            {.src = k, .dst = sl->d_k, .src_stride = row, .dst_stride = row, .row_bytes = row},
+            {.src = v, .dst = sl->d_v, .src_stride = row, .dst_stride = row, .row_bytes = row},
+        };
+        TRY(f->gather_rows(dev, t, 2, sl->d_idx_c, n_c, s));
+        TRY(f->event_record(dev, sl->ev_a, s));
+        TRY(f->event_wait(dev, pl->copy_stream, sl->ev_a));
+        TRY(f->memcpy_async(dev, sl->h_k, sl->d_k, (size_t)n_c * row, pl->copy_stream));
+        TRY(f->memcpy_async(dev, sl->h_v, sl->d_v, (size_t)n_c * row, pl->copy_stream));
+        TRY(f->event_record(dev, sl->ev_down, pl->copy_stream));
+        sl->layer = layer;
+        sl->n_c = n_c;
+        sl->dtype_in = dt;
+        sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_kv_write, sl, sl->ev_down});
+    }
+    finish(pl, sl, s);
+    return APEX_OK;
+}
+
+apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
+                               const int32_t *seqs, const void *q, void *out,
+                               const apex_attn_opts *o, device_stream *s) {
+    pipeline *pl = &ctx->pipe;
+    apex_device *dev = pl->dev;
+    const device_iface *f = dev->iface;
+    stage_slot *sl = acquire(pl);
+    int32_t mb = ctx->seqs.max_blocks_per_seq, n_g = 0, n_c = 0, max_len_g = 1;
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
+        const int32_t *row = seq_table_row(&ctx->seqs, seqs[i]);
+        if (e->tier == APEX_TIER_DEVICE) {
+            sl->h_idx_g[n_g] = i;
+            sl->h_lens[n_g] = e->len;
+            memcpy(sl->h_table + (size_t)n_g * mb, row, (size_t)e->n_blocks * 4);
+            if (e->len > max_len_g) max_len_g = e->len;
+            n_g++;
+        } else {
+            sl->h_idx_c[n_c] = i;
+            sl->c_lens[n_c] = e->len;
+            memcpy(sl->c_table + (size_t)n_c * mb, row, (size_t)e->n_blocks * 4);
+            n_c++;
+        }
+    }
+    size_t hd = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim;
+    size_t qrow = hd * apex_dtype_size(o->q_dtype), orow = hd * apex_dtype_size(o->out_dtype);
+    TRY(f->event_wait(dev, s, pl->ev_copies));
+    if (n_c) {
+        TRY(f->memcpy_async(dev, sl->d_idx_c, sl->h_idx_c, (size_t)n_c * 4, s));
+        apex_cuda_rows t = {.src = q, .dst = sl->d_q_c, .src_stride = qrow, .dst_stride = qrow,
+                            .row_bytes = qrow};
+        TRY(f->gather_rows(dev, &t, 1, sl->d_idx_c, n_c, s));
+        TRY(f->event_record(dev, sl->ev_a, s));
+        TRY(f->event_wait(dev, pl->copy_stream, sl->ev_a));
+        TRY(f->memcpy_async(dev, sl->h_q, sl->d_q_c, (size_t)n_c * qrow, pl->copy_stream));
+        TRY(f->event_record(dev, sl->ev_down, pl->copy_stream));
+        sl->layer = layer;
+        sl->n_c = n_c;
+        sl->dtype_in = o->q_dtype;
+        sl->dtype_out = o->out_dtype;
+        sl->scale = o->scale;
+        sl->softcap = o->softcap;
+        sl->window = o->window;
+        sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_attention, sl, sl->ev_down});
+        TRY(f->wait_flag(dev, pl->copy_stream, pl->jobs.flag, sl->job));
+        TRY(f->memcpy_async(dev, sl->d_out_c, sl->h_out, (size_t)n_c * orow, pl->copy_stream));
+        TRY(f->event_record(dev, sl->ev_up, pl->copy_stream));
+    }
+    if (n_g) {
+        TRY(f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)n_g * 4, s));
+        TRY(f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)n_g * mb * 4, s));
+        const void *qg = q;
+        void *outg = out;
+        if (n_c) { /* the device cohort's rows are not contiguous: gather them */
+            TRY(f->memcpy_async(dev, sl->d_idx_g, sl->h_idx_g, (size_t)n_g * 4, s));
+            apex_cuda_rows t = {.src = q, .dst = sl->d_q_g, .src_stride = qrow,
+                                .dst_stride = qrow, .row_bytes = qrow};
+            TRY(f->gather_rows(dev, &t, 1, sl->d_idx_g, n_g, s));
+            qg = sl->d_q_g;
+            outg = sl->d_out_g;
+        }
+        apex_cuda_decode a = {
+            .n_seqs = n_g, .n_q_heads = ctx->cfg.n_q_heads, .n_kv_heads = ctx->cfg.n_kv_heads,
+            .head_dim = ctx->cfg.head_dim, .block_tokens = ctx->cfg.block_tokens,
+            .kv_dtype = ctx->cfg.kv_dtype, .q_dtype = o->q_dtype, .out_dtype = o->out_dtype,
+            .q = qg, .out = outg, .seq_lens = sl->d_lens, .block_table = sl->d_table,
+            .block_table_stride = mb,
+            .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
+            .block_bytes = ctx->block_bytes, .scale = o->scale, .softcap = o->softcap,
+            .window = o->window, .max_seq_len = max_len_g, .workspace = pl->decode_ws,
+            .workspace_bytes = pl->decode_ws_bytes,
+        };
+        TRY(f->paged_decode(dev, &a, s));
+        if (n_c) {
+            apex_cuda_rows t = {.src = sl->d_out_g, .dst = out, .src_stride = orow,
+                                .dst_stride = orow, .row_bytes = orow};
+            TRY(f->scatter_rows(dev, &t, 1, sl->d_idx_g, n_g, s));
+        }
+    }
+    if (n_c) {
+        TRY(f->event_wait(dev, s, sl->ev_up));
+        apex_cuda_rows t = {.src = sl->d_out_c, .dst = out, .src_stride = orow,
+                            .dst_stride = orow, .row_bytes = orow};
+        TRY(f->scatter_rows(dev, &t, 1, sl->d_idx_c, n_c, s));
+    }
+    finish(pl, sl, s);
+    ctx->stats.seqs_attended_device += (uint64_t)n_g;
+    ctx->stats.seqs_attended_host += (uint64_t)n_c;
+    return APEX_OK;
+}
+
+void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
+    pipeline *pl = &ctx->pipe;
+    const device_iface *f = pl->dev->iface;
+    block_pool *p = &ctx->pools[APEX_TIER_DEVICE];
+    if (pl->last_done) f->event_wait(pl->dev, pl->own_stream, pl->last_done);
+    for (int32_t l = 0; l < p->n_layers; l++)
+        f->memcpy_async(pl->dev, block_pool_at(p, l, dst), block_pool_at(p, l, src),
+                        p->block_bytes, pl->own_stream);
+    f->event_record(pl->dev, pl->ev_copies, pl->own_stream);
+}

@@ -1,0 +1,84 @@
+/*
+ * pipeline.h - the hybrid decode pipeline on a device (see apex.h, "the
+ * device pipeline"). One call of kv_write or attention takes a staging slot
+ * (pinned + device buffers) from a ring, splits its batch into the device
+ * cohort and the host cohort, and enqueues:
+ *
+ *   engine stream : [gather host-cohort rows]─ev_a  [device-cohort kernels]
+ *                   ...wait ev_up─[scatter host-cohort outputs]─done
+ *   copy stream   : wait ev_a─[D2H rows → pinned]─ev_down
+ *                   wait flag ≥ job─[H2D outputs]─ev_up
+ *   CPU worker    : event_sync ev_down─[append K/V | CPU attention]─flag = job
+ *
+ * so device attention, both copies and CPU attention overlap, and no host
+ * thread of the engine waits. A slot is reused only after its done event
+ * and its CPU job finished.
+ */
+#ifndef APEX_PIPELINE_H
+#define APEX_PIPELINE_H
+
+#include "apex/apex.h"
+#include "csrc/cpu_jobs.h"
+#include "csrc/device.h"
+
+typedef struct apex_context apex_context;
+
+typedef struct stage_slot {
+    apex_context *ctx;
+    device_event *ev_a, *ev_down, *ev_up, *done;
+    int used;               /* done has been recorded at least once   */
+    uint32_t job;           /* CPU job of the last use (0 = none)     */
+    /* What the CPU job of this use does. */
+    int32_t layer, n_c;
+    apex_dtype dtype_in, dtype_out;
+    float scale, softcap;
+    int32_t window;
+    /* Pinned host buffers. */
+    void *h_mem;
+    int32_t *h_lens, *h_table, *h_idx_g, *h_idx_c;
+    int64_t *h_slots, *c_slots;
+    int32_t *c_lens, *c_table;
+    void *h_q, *h_out, *h_k, *h_v;
+    /* Device buffers. */
+    void *d_mem;
+    int32_t *d_lens, *d_table, *d_idx_g, *d_idx_c;
+    int64_t *d_slots;
+    void *d_q_g, *d_out_g, *d_q_c, *d_out_c, *d_k, *d_v;
+} stage_slot;
+
+typedef struct pipeline {
+    apex_device *dev;
+    device_stream *copy_stream;
+    device_stream *own_stream;  /* sync calls, copy-on-write copies */
+    cpu_jobs jobs;
+    stage_slot *slots;
+    int32_t n_slots, next_slot;
+    void *decode_ws;
+    size_t decode_ws_bytes;
+    device_event *ev_copies;    /* recorded after own-stream block copies */
+    device_event *last_done;    /* the engine stream's latest done        */
+    size_t row_q_bytes, row_kv_bytes;
+    /* Device copies of a synchronous call's host arguments. */
+    void *d_sync;
+    void *d_q_sync, *d_out_sync, *d_k_sync, *d_v_sync;
+} pipeline;
+
+apex_status pipeline_init(apex_context *ctx);
+void pipeline_destroy(apex_context *ctx);
+
+/* Validated batches only; s is the engine's stream. */
+apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                              const int32_t *pos, const void *k, const void *v, apex_dtype dt,
+                              device_stream *s);
+apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
+                               const int32_t *seqs, const void *q, void *out,
+                               const apex_attn_opts *o, device_stream *s);
+
+/* Copy-on-write of a device block (all layers), ordered after the engine
+ * stream's work so far and before its next call. */
+void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src);
+
+/* Waits for everything: the CPU worker and every stream. */
+void pipeline_sync(apex_context *ctx);
+
+#endif
