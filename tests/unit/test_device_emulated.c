@@ -292,7 +292,7 @@ typedef struct decode_case {
 
 static void run_decode_case(fix *x, const decode_case *dc, uint64_t seed) {
     const device_iface *f = x->f;
-    enum { NS = 3, STRIDE = 6, NBLK = 20 };
+    enum { NS = 3, STRIDE = 9, NBLK = 20 }; /* 70 tokens in blocks of 8 */
     const int32_t lens[NS] = {1, 37, 70};
     const int32_t H = dc->n_q_heads, KH = dc->n_kv_heads, D = dc->head_dim,
                   BT = dc->block_tokens;
