@@ -76,8 +76,10 @@ int choose_splits(const apex_cuda_decode *a, int *chunk) {
     if (s > max_att) s = max_att;
     if (s < 1) s = 1;
     int c = (int)((max_att + s - 1) / s);
-    *chunk = c;
-    return (max_att + c - 1) / c;
+    s = (max_att + c - 1) / c;
+    // One split covers any length, even one above max_seq_len.
+    *chunk = s == 1 ? 0x7fffffff : c;
+    return (int)s;
 }
 
 __global__ void decode_merge_kernel(const float *__restrict__ part_o,

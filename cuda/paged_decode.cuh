@@ -67,7 +67,7 @@ paged_decode_kernel(const decode_params p) {
     const int len = p.seq_lens[seq];
     const int start = p.window > 0 ? max(0, len - p.window) : 0;
     const int t0 = start + split * p.chunk;
-    const int t1 = min(len, t0 + p.chunk);
+    const int t1 = len - t0 <= p.chunk ? len : t0 + p.chunk; // chunk may be INT_MAX
     if (t0 >= t1) return; // this split is past the sequence's end
 
     const int lane = threadIdx.x & 31;

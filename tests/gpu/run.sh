@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh OUTDIR - the GPU tier on a device machine, in one command.
+#
+# Builds APEX with CUDA (sm_90 only unless APEX_CUDA_ARCHS says otherwise),
+# runs every CUDA kernel against the CPU reference (test_cuda_kernels) and the
+# bandwidth benchmark (bench_cuda), and writes OUTDIR/gpu_report.json (their
+# JSON, nvidia-smi facts, build status) plus OUTDIR/gpu_run.log.
+#
+# The device machine has no network. Build dependencies missing there
+# (libhwloc-dev, libcmocka-dev, pkg-config) can travel as .deb files in
+# $APEX_DEB_DIR (default: .debs in the repository root); they are unpacked
+# into the build folder, never into /.
+set -u
+OUT=${1:?usage: tests/gpu/run.sh OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT" || exit 2
+BUILD=${APEX_GPU_BUILD:-build-gpu}
+ARCHS=${APEX_CUDA_ARCHS:-90}
+LOG=$OUT/gpu_run.log
+: >"$LOG"
+T_START=$(date +%s)
+say() { echo "[run.sh] $*" | tee -a "$LOG" >&2; }
+
+# ---- dependencies
+missing=()
+for p in cmake gcc libhwloc-dev libcmocka-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+command -v pkg-config >/dev/null 2>&1 || missing+=("pkg-config(pkgconf)")
+command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || missing+=("nvcc")
+say "missing packages: ${missing[*]:-none}"
+
+CMAKE_EXTRA=()
+DEBS=${APEX_DEB_DIR:-$ROOT/.debs}
+if compgen -G "$DEBS/*.deb" >/dev/null; then
+    SR=$ROOT/$BUILD/sysroot
+    rm -rf "$SR" && mkdir -p "$SR"
+    for f in "$DEBS"/*.deb; do dpkg -x "$f" "$SR" && say "unpacked $(basename "$f")"; done
+    # .pc files name /usr: point them at the unpacked tree
+    find "$SR" -name '*.pc' -exec sed -i "s#/usr#$SR/usr#g" {} +
+    LIB=$SR/usr/lib/x86_64-linux-gnu
+    export PKG_CONFIG_PATH=$LIB/pkgconfig:$SR/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+    export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LIBRARY_PATH=$LIB${LIBRARY_PATH:+:$LIBRARY_PATH}
+    export CPATH=$SR/usr/include${CPATH:+:$CPATH}
+    if ! command -v pkg-config >/dev/null 2>&1 && [ -x "$SR/usr/bin/pkgconf" ]; then
+        export PATH=$SR/usr/bin:$PATH
+        CMAKE_EXTRA+=("-DPKG_CONFIG_EXECUTABLE=$SR/usr/bin/pkgconf")
+    fi
+fi
+export PATH=$PATH:/usr/local/cuda/bin
+
+# ---- build
+BUILD_OK=false
+T0=$(date +%s)
+if cmake -S . -B "$BUILD" -DAPEX_CUDA=ON -DAPEX_CUDA_ARCHS="$ARCHS" -DCMAKE_BUILD_TYPE=Release \
+        "${CMAKE_EXTRA[@]}" >>"$LOG" 2>&1 &&
+    cmake --build "$BUILD" -j16 --target test_cuda_kernels bench_cuda >>"$LOG" 2>&1; then
+    BUILD_OK=true
+fi
+BUILD_S=$(($(date +%s) - T0))
+say "build ok=$BUILD_OK in ${BUILD_S}s (archs $ARCHS)"
+
+# ---- run: each program prints one JSON object on stdout
+run_json() { # name timeout args...
+    local name=$1 limit=$2
+    shift 2
+    local bin=$BUILD/bin/$name
+    if [ "$BUILD_OK" != true ] || [ ! -x "$bin" ]; then
+        echo null >"$OUT/$name.json"
+        echo 127
+        return
+    fi
+    say "running $name $*"
+    timeout "$limit" "$bin" "$@" >"$OUT/$name.json" 2> >(tee -a "$LOG" >&2)
+    local rc=$?
+    [ -s "$OUT/$name.json" ] || echo null >"$OUT/$name.json"
+    say "$name exit $rc"
+    echo "$rc"
+}
+RC_TEST=$(run_json test_cuda_kernels 180)
+RC_BENCH=$(run_json bench_cuda 120)
+
+# ---- report
+smi() { nvidia-smi --query-gpu="$1" --format=csv,noheader,nounits 2>/dev/null | head -1 | sed 's/^ *//; s/ *$//; s/"//g'; }
+GPU_NAME=$(smi name)
+DRIVER=$(smi driver_version)
+MEM_MB=$(smi memory.total)
+SM_CLK=$(smi clocks.max.sm)
+MEM_CLK=$(smi clocks.max.memory)
+PCIE=$(smi pcie.link.gen.current),$(smi pcie.link.width.current)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo true || echo false)
+NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+{
+    printf '{"report":"apex tests/gpu","commit":"%s","dirty":%s,"date":"%s",' \
+        "$COMMIT" "$DIRTY" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    printf '"nvidia_smi":{"name":"%s","driver":"%s","memory_mib":"%s","max_sm_clock_mhz":"%s","max_mem_clock_mhz":"%s","pcie_gen_width":"%s"},' \
+        "$GPU_NAME" "$DRIVER" "$MEM_MB" "$SM_CLK" "$MEM_CLK" "$PCIE"
+    printf '"build":{"ok":%s,"seconds":%s,"archs":"%s","nvcc":"%s","missing_packages":"%s"},' \
+        "$BUILD_OK" "$BUILD_S" "$ARCHS" "$NVCC" "${missing[*]:-}"
+    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s},' "$RC_TEST" "$RC_BENCH"
+    printf '"test_cuda_kernels":%s,' "$(cat "$OUT/test_cuda_kernels.json")"
+    printf '"bench_cuda":%s,' "$(cat "$OUT/bench_cuda.json")"
+    printf '"seconds":%s}\n' "$(($(date +%s) - T_START))"
+} >"$OUT/gpu_report.json"
+rm -f "$OUT/test_cuda_kernels.json" "$OUT/bench_cuda.json"
+say "wrote $OUT/gpu_report.json"
+cat "$OUT/gpu_report.json"
+[ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ]
