@@ -19,6 +19,9 @@
 #include "cpu_attn/dtype_convert.h"
 
 #define INL static inline __attribute__((always_inline))
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 
 INL __m512 ld16(const uint8_t *p, int dt) {
     if (dt == APEX_DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -225,51 +228,91 @@ static void pv_group(const pv_piece *pc, int npc, size_t rowb, const float *s, f
 
 /* ---------------------------------------------------------------- span */
 
-static void prefetch_rows(const cpu_attn_span *sp, int32_t t0, int32_t t1, size_t rowb) {
-    for (int32_t t = t0; t < t1;) {
-        const int32_t bt = sp->bt, blk_end = (t / bt + 1) * bt, e = blk_end < t1 ? blk_end : t1;
-        const uint8_t *blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
-        const size_t off = (size_t)(t % bt) * rowb, len = (size_t)(e - t) * rowb;
-        for (size_t x = 0; x < len; x += 64) {
-            _mm_prefetch((const char *)blk + sp->k_off + off + x, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + sp->v_off + off + x, _MM_HINT_T0);
-        }
-        t = e;
+/* Prefetch of the next group, spread over the current one so that only a
+ * few misses are requested at a time: runs[] are the K and V runs (all of
+ * the span's heads) of each block of the next group. */
+typedef struct {
+    const char *p[2 * CPU_ATTN_GROUP_TOKENS / 8];
+    size_t len[2 * CPU_ATTN_GROUP_TOKENS / 8];
+    int n, cur;
+    size_t off;
+} pf_cursor;
+
+static void pf_plan(pf_cursor *pf, const cpu_attn_span *sp, int32_t t0, int32_t t1) {
+    pf->n = pf->cur = 0;
+    pf->off = 0;
+    const size_t run = (size_t)sp->NH * sp->panel;
+    for (int32_t t = t0; t < t1; t = (t / sp->bt + 1) * sp->bt) {
+        const char *blk = (const char *)sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
+        pf->p[pf->n] = blk + sp->k_off, pf->len[pf->n++] = run;
+        pf->p[pf->n] = blk + sp->v_off, pf->len[pf->n++] = run;
+    }
+}
+
+INL void pf_step(pf_cursor *pf, int lines) {
+    while (lines > 0 && pf->cur < pf->n) {
+        _mm_prefetch(pf->p[pf->cur] + pf->off, PF_HINT);
+        lines--;
+        if ((pf->off += 64) >= pf->len[pf->cur]) pf->cur++, pf->off = 0;
     }
 }
 
 static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
-    const int G = sp->G, D = sp->D, bt = sp->bt, dt = (int)sp->kv_dtype;
+    const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt, dt = (int)sp->kv_dtype;
     const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
-    const int32_t gt = bt > CPU_ATTN_GROUP_TOKENS ? bt : CPU_ATTN_GROUP_TOKENS;
+    /* Group: whole blocks, about 64 KiB of K+V, at most 64 tokens (or one
+     * block if blocks are bigger). */
+    const size_t tok_bytes = 2 * (size_t)NH * rowb;
+    int32_t nblk = (int32_t)(65536 / ((size_t)bt * tok_bytes));
+    if (nblk > CPU_ATTN_GROUP_TOKENS / bt) nblk = CPU_ATTN_GROUP_TOKENS / bt;
+    if (nblk < 1) nblk = 1;
+    const int32_t gt = nblk * bt;
     float *sc = scratch + CPU_ATTN_SPAD; /* row h at sc + h*SROW, pad either side */
-    pv_piece pc[CPU_ATTN_GROUP_TOKENS / 8 + 2];
-    for (int h = 0; h < G; h++) m[h] = -INFINITY, l[h] = 0.0f;
-    memset(acc, 0, (size_t)G * (size_t)D * sizeof(float));
+    for (int h = 0; h < NQ; h++) m[h] = -INFINITY, l[h] = 0.0f;
+    memset(acc, 0, (size_t)NQ * (size_t)D * sizeof(float));
     const float cap = sp->softcap;
     const __m512 capv = _mm512_set1_ps(cap), inv_capv = _mm512_set1_ps(cap > 0.0f ? 1.0f / cap : 0.0f);
+    struct {
+        const uint8_t *blk;
+        size_t off;
+        int n, so;
+    } pc[CPU_ATTN_GROUP_TOKENS / 8 + 1];
+    pf_cursor pf;
 
     {
         const int32_t ge0 = (sp->t0 / gt + 1) * gt;
-        prefetch_rows(sp, sp->t0, ge0 < sp->t1 ? ge0 : sp->t1, rowb);
+        pf_plan(&pf, sp, sp->t0, ge0 < sp->t1 ? ge0 : sp->t1);
+        pf_step(&pf, 1 << 30);
     }
     for (int32_t gs = sp->t0; gs < sp->t1;) {
         const int32_t gend = (gs / gt + 1) * gt, ge = gend < sp->t1 ? gend : sp->t1;
         const int n = ge - gs;
-        if (ge < sp->t1) prefetch_rows(sp, ge, gend + gt < sp->t1 ? gend + gt : sp->t1, rowb);
-
         int npc = 0;
         for (int32_t t = gs; t < ge;) {
             const int32_t be = (t / bt + 1) * bt, e = be < ge ? be : ge;
-            const uint8_t *blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
-            const size_t off = (size_t)(t % bt) * rowb;
-            qk_block(sp->q, D, blk + sp->k_off + off, rowb, e - t, sc + (t - gs), dt, G);
-            pc[npc++] = (pv_piece){blk + sp->v_off + off, e - t, t - gs};
+            pc[npc].blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
+            pc[npc].off = (size_t)(t % bt) * rowb;
+            pc[npc].n = e - t;
+            pc[npc++].so = t - gs;
             t = e;
         }
+        /* Next group's lines, issued a share per head and piece below. */
+        if (ge < sp->t1) pf_plan(&pf, sp, ge, gend + gt < sp->t1 ? gend + gt : sp->t1);
+        else pf.n = 0;
+        int pf_share = 0;
+        for (int x = 0; x < pf.n; x++) pf_share += (int)(pf.len[x] / 64);
+        pf_share = (pf_share + 2 * npc * NH - 1) / (2 * npc * NH);
+
+        for (int x = 0; x < npc; x++)
+            for (int hh = 0; hh < NH; hh++) {
+                qk_block(sp->q + (size_t)hh * G * D, D,
+                         pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, rowb, pc[x].n,
+                         sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, dt, G);
+                pf_step(&pf, pf_share);
+            }
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
-        for (int h = 0; h < G; h++) {
+        for (int h = 0; h < NQ; h++) {
             float *row = sc + (size_t)h * CPU_ATTN_SROW;
             __m512 vmax = _mm512_set1_ps(-INFINITY);
             int j = 0;
@@ -304,7 +347,15 @@ static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc,
             l[h] += _mm512_reduce_add_ps(vsum);
         }
 
-        pv_group(pc, npc, rowb, sc, acc, D, dt, G);
+        for (int x = 0; x < npc; x++)
+            for (int hh = 0; hh < NH; hh++) {
+                const pv_piece one = {pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
+                                      pc[x].n, pc[x].so};
+                pv_group(&one, 1, rowb, sc + (size_t)hh * G * CPU_ATTN_SROW,
+                         acc + (size_t)hh * G * D, D, dt, G);
+                pf_step(&pf, pf_share);
+            }
+        pf_step(&pf, 1 << 30);
         gs = ge;
     }
 }

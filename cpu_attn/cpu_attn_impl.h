@@ -2,10 +2,14 @@
  * cpu_attn_impl.h - internals shared by the dispatcher (cpu_attn_decode.c)
  * and the per-ISA inner kernels (cpu_attn_{scalar,avx2,avx512}.c).
  *
- * The dispatcher cuts the batch into spans: one sequence, one KV head, a
- * token range that starts and ends anywhere (window start, a chunk border on
- * a block border, the sequence end). An ISA kernel runs online softmax over
- * one span for all q heads of that KV head at once, so K and V are read once.
+ * The dispatcher cuts the batch into spans: one sequence, a range of KV
+ * heads (all of them unless more parallelism is needed), a token range that
+ * starts and ends anywhere (window start, a chunk border on a block border,
+ * the sequence end). An ISA kernel runs online softmax over one span for all
+ * q heads of each KV head at once, so K and V are read once, and walks each
+ * block's K heads, then its V heads, in address order: a block's K (and V)
+ * is one contiguous run, which memory streams far better than scattered
+ * per-head panels.
  */
 #ifndef APEX_CPU_ATTN_IMPL_H
 #define APEX_CPU_ATTN_IMPL_H
@@ -22,29 +26,34 @@
 /* Tokens scored before each softmax update: at least one block. Bigger
  * amortises the per-update horizontal work; smaller keeps K/V in L1. */
 #define CPU_ATTN_GROUP_TOKENS 64
-#define CPU_ATTN_SROW (CPU_ATTN_GROUP_TOKENS + CPU_ATTN_MAX_BT + 2 * CPU_ATTN_SPAD)
+/* A group is max(block_tokens, GROUP_TOKENS) <= MAX_BT tokens. */
+#define CPU_ATTN_SROW (CPU_ATTN_MAX_BT + 2 * CPU_ATTN_SPAD)
 
 typedef struct cpu_attn_span {
-    const float *q;          /* [G][D] fp32, already multiplied by scale     */
+    const float *q;          /* [NH*G][D] fp32, already multiplied by scale  */
     const uint8_t *kv;       /* layer slab                                   */
     const int32_t *blocks;   /* the sequence's block ids                     */
     size_t block_bytes;
-    size_t k_off, v_off;     /* bytes from a block's start to this head's
-                              * K panel and V panel                          */
-    int32_t G, D, bt;        /* q heads per KV head, head_dim, block_tokens  */
+    size_t k_off, v_off;     /* bytes from a block's start to the first
+                              * head's K panel and V panel                   */
+    size_t panel;            /* bytes of one head's panel: bt * D * esize    */
+    int32_t NH, G, D, bt;    /* KV heads in this span, q heads per KV head,
+                              * head_dim, block_tokens                       */
     int32_t t0, t1;          /* token positions [t0, t1), t0 < t1            */
     apex_dtype kv_dtype;
     float softcap;           /* 0 = off                                      */
 } cpu_attn_span;
 
-/* Floats of per-thread scratch a kernel's span() needs (64-byte aligned). */
-static inline size_t cpu_attn_scratch_floats(int32_t G, int32_t D) {
-    return (size_t)G * CPU_ATTN_SROW + (size_t)G * 16 + (size_t)D + 64;
+/* Floats of per-thread scratch a kernel's span() needs for nq = NH*G q
+ * heads (64-byte aligned). */
+static inline size_t cpu_attn_scratch_floats(int32_t nq, int32_t D) {
+    return (size_t)nq * CPU_ATTN_SROW + (size_t)D + 64;
 }
 
 typedef struct cpu_attn_kernel {
-    /* Online softmax over the span: m[G] running max, l[G] sum of
-     * exp(s - m), acc[G][D] sum of exp(s - m) * v (not normalised). */
+    /* Online softmax over the span, per q head i < NH*G: m[i] running max,
+     * l[i] sum of exp(s - m), acc[i][D] sum of exp(s - m) * v (not
+     * normalised). */
     void (*span)(const cpu_attn_span *s, float *m, float *l, float *acc,
                  float *scratch);
     /* out[i] = src[i] * mul, i < n, stored as dt. */

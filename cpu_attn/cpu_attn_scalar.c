@@ -20,10 +20,10 @@ static void load_row(float *dst, const uint8_t *src, apex_dtype dt, int32_t n) {
 }
 
 static void span_scalar(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch) {
-    const int32_t G = s->G, D = s->D, bt = s->bt;
+    const int32_t G = s->NH * s->G, D = s->D, bt = s->bt, g = s->G;
     const size_t esz = apex_dtype_size(s->kv_dtype), row_bytes = (size_t)D * esz;
     const int32_t gt = bt > CPU_ATTN_GROUP_TOKENS ? bt : CPU_ATTN_GROUP_TOKENS;
-    float *sc = scratch;                          /* [G][SROW] scores        */
+    float *sc = scratch;                          /* [NH*G][SROW] scores     */
     float *row = scratch + (size_t)G * CPU_ATTN_SROW; /* one K or V row in fp32 */
     for (int32_t h = 0; h < G; h++) m[h] = -INFINITY, l[h] = 0.0f;
     memset(acc, 0, (size_t)G * (size_t)D * sizeof(float));
@@ -33,8 +33,10 @@ static void span_scalar(const cpu_attn_span *s, float *m, float *l, float *acc, 
         const int32_t n = ge - gs;
         for (int32_t t = gs; t < ge; t++) {
             const uint8_t *blk = s->kv + (size_t)s->blocks[t / bt] * s->block_bytes;
-            load_row(row, blk + s->k_off + (size_t)(t % bt) * row_bytes, s->kv_dtype, D);
             for (int32_t h = 0; h < G; h++) {
+                if (h % g == 0)
+                    load_row(row, blk + s->k_off + (size_t)(h / g) * s->panel + (size_t)(t % bt) * row_bytes,
+                             s->kv_dtype, D);
                 const float *q = s->q + (size_t)h * D;
                 float dot = 0.0f;
                 for (int32_t d = 0; d < D; d++) dot += q[d] * row[d];
@@ -59,8 +61,10 @@ static void span_scalar(const cpu_attn_span *s, float *m, float *l, float *acc, 
         }
         for (int32_t t = gs; t < ge; t++) {
             const uint8_t *blk = s->kv + (size_t)s->blocks[t / bt] * s->block_bytes;
-            load_row(row, blk + s->v_off + (size_t)(t % bt) * row_bytes, s->kv_dtype, D);
             for (int32_t h = 0; h < G; h++) {
+                if (h % g == 0)
+                    load_row(row, blk + s->v_off + (size_t)(h / g) * s->panel + (size_t)(t % bt) * row_bytes,
+                             s->kv_dtype, D);
                 const float p = sc[(size_t)h * CPU_ATTN_SROW + (size_t)(t - gs)];
                 float *a = acc + (size_t)h * D;
                 for (int32_t d = 0; d < D; d++) a[d] += p * row[d];
