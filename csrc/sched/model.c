@@ -9,13 +9,15 @@
  *   overlap    step = o + L * (lin_l(G+C+P) + max(gatt_l + pre_l, cpu_l))
  *              one batch, so the CPU branch can hide only under the GPU
  *              branch's attention; linear layers read the weights once.
- *   pipeline   GPU per layer: lin_l(G+P) + gatt_l + pre_l + lin_l(C)
- *              CPU per layer: cpu_l
- *              step = o + L * max(gpu_l, cpu_l) + min(gpu_l, cpu_l)
+ *   pipeline   step = o + L * (lin_l(C) + max(lin_l(G+P) + gatt_l + pre_l, cpu_l))
  *              two sub-batches (NEO's asymmetric pipelining): the cohort's
- *              attention hides under a whole layer of the other sub-batch,
- *              paid for by reading every weight twice (lin_l(C) is a second
- *              launch of the same GEMMs) and by one stage of fill/drain.
+ *              attention of layer l hides under the other sub-batch's whole
+ *              layer, but the cohort's own chain (its linear layers, then its
+ *              attention, then its next linear layers) is serial, and its
+ *              linear layers are a second launch of the same GEMMs: every
+ *              weight is read twice. Pays off only when the linear layers are
+ *              compute-bound (big batches, prefill chunks in sub-batch 0);
+ *              memory-bound, lin_l(C) ~ lin_l(G+C) and overlap always wins.
  * Migrations and host-bound prefill KV use the copy engines concurrently:
  * step = max(step, link busy time).
  */
@@ -98,10 +100,9 @@ double model_total(const model_ctx *m, const model_comp *c, sched_strategy s,
         break;
     }
     case SCHED_PIPELINE: {
-        double gpu_l = (c->lin_b0 + c->lin_b1) / L + att_l;
-        double hi = gpu_l > c->cpu_l ? gpu_l : c->cpu_l;
-        double lo = gpu_l > c->cpu_l ? c->cpu_l : gpu_l;
-        t = o + L * hi + lo;
+        double b0_l = c->lin_b0 / L + att_l;
+        double br = b0_l > c->cpu_l ? b0_l : c->cpu_l;
+        t = o + c->lin_b1 + L * br;
         g = c->lin_b0 + c->lin_b1 + c->gatt + c->pref;
         break;
     }

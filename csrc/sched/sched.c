@@ -32,6 +32,7 @@ void sched_config_default(sched_config *c) {
     c->host_tier = 1;
     c->max_wait_steps = 4;
     c->gpu_reserve_frac = 0.02;
+    c->ctx_horizon = 512;
 }
 
 sched_status sched_scratch_init(sched_scratch *s, int32_t capacity) {
@@ -305,7 +306,8 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
                 }
             }
             w.cpu_seqs = k_run + 1;
-            w.cpu_tokens = cum[k_run] + q->ctx_len + q->prompt_left + 1;
+            w.cpu_tokens = cum[k_run] + q->ctx_len + q->prompt_left + 1 +
+                           (double)cfg->ctx_horizon * (k_run + 1);
             for (int s = SCHED_OVERLAP; s < SCHED_N_STRATEGIES; s++) {
                 if (!(mask & (1u << s))) continue;
                 model_comp cc;
@@ -322,7 +324,8 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
             act[i] = SCHED_ACT_PREFILL_HOST;
             e.base.prefill_host_tokens += (double)c;
             k_run++;
-            cum[k_run] = w.cpu_tokens; /* scratch: cum has capacity n+1 >= k_run+1 */
+            /* scratch: cum has capacity n+1 >= k_run+1 */
+            cum[k_run] = w.cpu_tokens - (double)cfg->ctx_horizon * k_run;
         } else {
             gfree -= need_gpu;
             act[i] = SCHED_ACT_PREFILL_GPU;

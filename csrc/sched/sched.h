@@ -254,6 +254,9 @@ typedef struct sched_config {
     int32_t max_wait_steps;  /* a host sequence idles at most this many steps
                                 in a row before it must run (fairness)      */
     double gpu_reserve_frac; /* GPU blocks kept free for growth at admission */
+    int32_t ctx_horizon;     /* host admission: every cohort member's context
+                                is projected this many tokens ahead, so the
+                                cohort still fits when it has grown         */
 } sched_config;
 void sched_config_default(sched_config *c);
 

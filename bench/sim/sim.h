@@ -1,0 +1,110 @@
+/* sim.h - apex-sim: a discrete-event simulation of a serving engine on a
+ * hardware profile. The engine advances step by step; each step a policy
+ * decides (with the same sched_plan arrays APEX's scheduler fills), exec.c
+ * times the step on the "true" hardware (a per-layer event timeline of the
+ * GPU stream, the CPU workers and the two copy engines), and requests
+ * arrive from a seeded workload. */
+#ifndef APEX_SIM_H
+#define APEX_SIM_H
+
+#include <stdint.h>
+
+#include "csrc/sched/sched.h"
+
+/* ---------------------------------------------------------------- rng */
+typedef struct sim_rng { uint64_t s; } sim_rng;
+void rng_seed(sim_rng *r, uint64_t seed);
+double rng_uniform(sim_rng *r);           /* [0, 1) */
+double rng_exp(sim_rng *r, double rate);  /* exponential */
+double rng_normal(sim_rng *r);
+
+/* ----------------------------------------------------------- workload */
+typedef struct workload {
+    const char *name;
+    int closed;          /* 1: closed loop with `clients`, 0: Poisson `rate` */
+    int clients;
+    double rate;         /* requests/s (Poisson)                          */
+    int n_requests;
+    uint64_t seed;
+} workload;
+
+typedef struct request {
+    double arrival;
+    int32_t prompt, output;          /* lengths                        */
+    /* engine state */
+    int32_t phase, tier, ctx, prompt_left, generated, waited, alloc_blocks;
+    int32_t preemptions;
+    double first_tok, finish;
+    int done;
+} request;
+
+/* Draws request lengths for the named workload; 0, or -1 if unknown. */
+int workload_lengths(const char *name, sim_rng *r, int32_t *prompt, int32_t *output);
+
+/* ------------------------------------------------------------ hardware */
+typedef struct sim_hw {
+    char name[64];
+    const apex_hw_preset *hw;
+    apex_model_geom geom;
+    double weight_bytes;
+    apex_profile truth;    /* what the hardware does                       */
+    apex_profile belief;   /* what the policies were told (truth * drift)  */
+    int32_t block_tokens;
+    int64_t gpu_blocks, host_blocks;
+    int32_t threads;
+    double noise;          /* relative per-step noise of each component    */
+} sim_hw;
+
+int sim_hw_init(sim_hw *h, const char *preset, double drift_catt);
+
+/* ------------------------------------------------------------ policies */
+typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX } policy_kind;
+
+typedef struct policy {
+    policy_kind kind;
+    sched_config cfg;
+    apex_correction corr;
+    sched_scratch scratch;
+    int use_correction;
+} policy;
+
+/* exec mode of a step */
+typedef enum { EX_GPU_ONLY, EX_OVERLAP, EX_PIPELINE, EX_FASTDECODE } exec_mode;
+
+typedef struct step_out {
+    double t;            /* step time                                  */
+    double gpu_busy;     /* GPU busy time in the step                  */
+    /* measured component times (for the online correction) */
+    double lin, gatt, catt, pref, pcie_layer;
+} step_out;
+
+/* Times a step of `w` in mode m on h's true hardware. */
+void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, sim_rng *noise,
+               step_out *o);
+
+/* Fills plan (action, chunk, strategy) for the state; returns exec mode. */
+exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st,
+                      sched_plan *plan);
+void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target_s,
+                 int max_batch, int prefill_budget, int capacity);
+void policy_observe(policy *pol, const sim_hw *h, exec_mode m, const sched_work *w,
+                    const step_out *o);
+void policy_free(policy *pol);
+const char *policy_name(policy_kind k);
+
+/* ------------------------------------------------------------- engine */
+typedef struct sim_result {
+    int n_done;
+    double duration_s, throughput_tok_s, req_s;
+    double ttft_p50_ms, ttft_p99_ms, tpot_p50_ms, tpot_p99_ms;
+    double gpu_busy_frac;
+    double mean_batch, mean_cpu_cohort;
+    int64_t steps, preemptions, to_host, to_gpu;
+    int64_t strat_steps[SCHED_N_STRATEGIES];
+    double corr_catt, corr_lin;
+} sim_result;
+
+int sim_run(const sim_hw *h, policy_kind k, const workload *wl, double tpot_target_s,
+            int max_batch, int prefill_budget, sim_result *res);
+
+#endif

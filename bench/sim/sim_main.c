@@ -1,0 +1,144 @@
+/* apex-sim: simulate a serving engine on a hardware preset.
+ *   apex-sim --preset t4-llama2-7b --workload reasoning --policy apex --json
+ * Prints throughput, TTFT and TPOT percentiles, GPU busy fraction. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sim.h"
+
+extern int32_t g_neo_out;
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: apex-sim --preset HW-MODEL --workload W --policy P [options]\n"
+            "  --preset     t4-llama2-7b, a10-llama2-7b, a10-llama3-8b, a100-40gb-llama3-8b,\n"
+            "               h100-pcie-llama3-8b, ... (HW: t4 a10 a100-40gb h100-pcie h100-sxm)\n"
+            "  --workload   chat | reasoning | summarize | neo-synthetic\n"
+            "  --policy     vllm | fastdecode | neo | apex | all\n"
+            "  --requests N      requests to complete (default 400)\n"
+            "  --clients N       closed loop with N clients (default 64)\n"
+            "  --rate R          Poisson arrivals at R req/s instead of closed loop\n"
+            "  --seed S          workload seed (default 1)\n"
+            "  --tpot-target MS  APEX's per-token latency target; 0 = none;\n"
+            "                    default: 1.1 x the predicted GPU-only step at a full GPU pool\n"
+            "  --max-batch N     running sequences at most (default 256)\n"
+            "  --prefill-budget N  prompt tokens per step (default 2048)\n"
+            "  --neo-out L       neo-synthetic output scale (default 300)\n"
+            "  --drift X         true CPU attention X times the profile's (default 1)\n"
+            "  --json            one JSON object (per policy) on stdout\n");
+}
+
+/* Default latency target: the step time GPU-only serving would have with
+ * its pool full of this workload's sequences (mean context), plus 10%. */
+static double default_target(const sim_hw *h, const char *wname) {
+    sim_rng r;
+    rng_seed(&r, 7);
+    double ctx = 0;
+    for (int i = 0; i < 256; i++) {
+        int32_t p, o;
+        workload_lengths(wname, &r, &p, &o);
+        ctx += p + o / 2.0;
+    }
+    ctx /= 256;
+    double tokens = (double)h->gpu_blocks * h->block_tokens;
+    double seqs = tokens / ctx;
+    if (seqs < 1) seqs = 1;
+    if (seqs > 256) { seqs = 256; tokens = seqs * ctx; }
+    sched_work w = {0};
+    w.gpu_seqs = seqs;
+    w.gpu_tokens = tokens;
+    sched_pred pr;
+    apex_model_predict(&h->belief, NULL, h->threads, SCHED_GPU_ONLY, &w, &pr);
+    return 1.1 * pr.total_s;
+}
+
+static void print_json(const sim_hw *h, const char *wname, policy_kind k, const workload *wl,
+                       double target, const sim_result *r) {
+    printf("{\"preset\": \"%s\", \"workload\": \"%s\", \"policy\": \"%s\", "
+           "\"arrivals\": \"%s\", \"requests\": %d, \"completed\": %d, "
+           "\"throughput_tok_s\": %.3f, \"req_s\": %.4f, "
+           "\"ttft_p50_ms\": %.2f, \"ttft_p99_ms\": %.2f, \"tpot_p50_ms\": %.3f, "
+           "\"tpot_p99_ms\": %.3f, \"gpu_busy_frac\": %.4f, \"duration_s\": %.2f, "
+           "\"steps\": %lld, \"mean_batch\": %.2f, \"mean_cpu_cohort\": %.2f, "
+           "\"preemptions\": %lld, \"migrations_to_host\": %lld, \"migrations_to_gpu\": %lld, "
+           "\"steps_gpu_only\": %lld, \"steps_overlap\": %lld, \"steps_pipeline\": %lld, "
+           "\"tpot_target_ms\": %.3f, \"gpu_kv_tokens\": %lld, \"host_kv_tokens\": %lld, "
+           "\"correction_catt\": %.4f, \"correction_lin\": %.4f}\n",
+           h->name, wname, policy_name(k), wl->closed ? "closed" : "poisson", wl->n_requests,
+           r->n_done, r->throughput_tok_s, r->req_s, r->ttft_p50_ms, r->ttft_p99_ms,
+           r->tpot_p50_ms, r->tpot_p99_ms, r->gpu_busy_frac, r->duration_s,
+           (long long)r->steps, r->mean_batch, r->mean_cpu_cohort, (long long)r->preemptions,
+           (long long)r->to_host, (long long)r->to_gpu, (long long)r->strat_steps[0],
+           (long long)r->strat_steps[1], (long long)r->strat_steps[2],
+           k == POL_APEX ? target * 1e3 : 0.0, (long long)(h->gpu_blocks * h->block_tokens),
+           (long long)(h->host_blocks * h->block_tokens), r->corr_catt, r->corr_lin);
+}
+
+int main(int argc, char **argv) {
+    const char *preset = NULL, *wname = NULL, *pname = NULL;
+    workload wl = {NULL, 1, 64, 0, 400, 1};
+    double target_ms = -1, drift = 1;
+    int json = 0, max_batch = 256, budget = 2048;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--json")) { json = 1; continue; }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        if (!v) { fprintf(stderr, "apex-sim: %s needs a value\n", a); usage(stderr); return 2; }
+        i++;
+        if (!strcmp(a, "--preset")) preset = v;
+        else if (!strcmp(a, "--workload")) wname = v;
+        else if (!strcmp(a, "--policy")) pname = v;
+        else if (!strcmp(a, "--requests")) wl.n_requests = atoi(v);
+        else if (!strcmp(a, "--clients")) { wl.clients = atoi(v); wl.closed = 1; }
+        else if (!strcmp(a, "--rate")) { wl.rate = atof(v); wl.closed = 0; }
+        else if (!strcmp(a, "--seed")) wl.seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--tpot-target")) target_ms = atof(v);
+        else if (!strcmp(a, "--max-batch")) max_batch = atoi(v);
+        else if (!strcmp(a, "--prefill-budget")) budget = atoi(v);
+        else if (!strcmp(a, "--neo-out")) g_neo_out = atoi(v);
+        else if (!strcmp(a, "--drift")) drift = atof(v);
+        else { fprintf(stderr, "apex-sim: unknown option %s\n", a); usage(stderr); return 2; }
+    }
+    if (!preset || !wname || !pname) { usage(stderr); return 2; }
+    if (wl.n_requests <= 0 || wl.clients <= 0 || (!wl.closed && wl.rate <= 0) ||
+        max_batch <= 0 || budget <= 0 || g_neo_out <= 0 || drift <= 0) {
+        fprintf(stderr, "apex-sim: bad numeric option\n");
+        return 2;
+    }
+    sim_rng tr;
+    rng_seed(&tr, 1);
+    int32_t p0, o0;
+    if (workload_lengths(wname, &tr, &p0, &o0)) {
+        fprintf(stderr, "apex-sim: unknown workload '%s'\n", wname);
+        return 2;
+    }
+    wl.name = wname;
+    sim_hw h;
+    if (sim_hw_init(&h, preset, drift)) return 2;
+    double target = target_ms < 0 ? default_target(&h, wname) : target_ms * 1e-3;
+    policy_kind ks[4];
+    int nk = 0;
+    if (!strcmp(pname, "all")) { for (int i = 0; i < 4; i++) ks[nk++] = (policy_kind)i; }
+    else {
+        for (int i = 0; i < 4; i++)
+            if (!strcmp(pname, policy_name((policy_kind)i))) ks[nk++] = (policy_kind)i;
+        if (!nk) { fprintf(stderr, "apex-sim: unknown policy '%s'\n", pname); return 2; }
+    }
+    int rc = 0;
+    for (int i = 0; i < nk; i++) {
+        sim_result r;
+        int s = sim_run(&h, ks[i], &wl, target, max_batch, budget, &r);
+        if (s < 0) { fprintf(stderr, "apex-sim: out of memory\n"); return 1; }
+        if (s > 0) rc = 1;
+        if (json) print_json(&h, wname, ks[i], &wl, target, &r);
+        else
+            printf("%-14s %-14s %-10s tput %9.1f tok/s  ttft p50 %9.1f p99 %9.1f ms  "
+                   "tpot p50 %7.1f p99 %7.1f ms  gpu %.2f  batch %.1f (cpu %.1f)\n",
+                   h.name, wname, policy_name(ks[i]), r.throughput_tok_s, r.ttft_p50_ms,
+                   r.ttft_p99_ms, r.tpot_p50_ms, r.tpot_p99_ms, r.gpu_busy_frac, r.mean_batch,
+                   r.mean_cpu_cohort);
+    }
+    return rc;
+}
