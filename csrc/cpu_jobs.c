@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* pthread_setname_np */
 #include "csrc/cpu_jobs.h"
 
 #include <stdlib.h>

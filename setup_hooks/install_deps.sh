@@ -3,7 +3,8 @@
 # Idempotent and non-interactive; needs root (or sudo) only if something is missing.
 set -euo pipefail
 
-pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev)
+# clang + libomp-dev + libclang-rt: the ThreadSanitizer build (LLVM OpenMP with Archer).
+pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev clang libomp-dev libclang-rt-14-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
