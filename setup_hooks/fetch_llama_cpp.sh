@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Fetches llama.cpp (vendored in the pinned llama-cpp-python source distribution
+# on PyPI) and builds it with CMake, cached outside the clone:
+#   ${APEX_CACHE_DIR:-$HOME/.cache/apex}/llama.cpp-<version>/{src,build}
+# Rebuilds only when the build is missing or its configuration changed.
+#   APEX_LLAMA_CUDA=1        CUDA build (build-cuda/ instead of build/)
+#   APEX_LLAMA_TARGETS="..." extra targets (e.g. "llama-server llama-cli")
+#   JOBS                     parallel build jobs (default 2)
+# Prints the build directory on the last line of stdout.
+set -euo pipefail
+
+LLAMA_PY_VERSION=0.3.36
+# sha256 of llama_cpp_python-0.3.36.tar.gz as published on PyPI.
+LLAMA_PY_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+
+CACHE=${APEX_CACHE_DIR:-$HOME/.cache/apex}
+ROOT=$CACHE/llama.cpp-$LLAMA_PY_VERSION
+SRC=$ROOT/src
+JOBS=${JOBS:-2}
+log() { echo "apex setup: $*" >&2; }
+die() { echo "apex setup: error: $*" >&2; exit 1; }
+
+mkdir -p "$ROOT"
+
+# ---- source: the sdist from PyPI, checked against the pinned checksum.
+if [ ! -f "$SRC/.apex-complete" ]; then
+  sdist=$ROOT/llama_cpp_python-$LLAMA_PY_VERSION.tar.gz
+  if [ ! -f "$sdist" ] || ! echo "$LLAMA_PY_SHA256  $sdist" | sha256sum -c --status; then
+    log "downloading llama-cpp-python==$LLAMA_PY_VERSION (source distribution) from PyPI"
+    tmp=$(mktemp -d "$ROOT/dl.XXXXXX")
+    python3 -m pip download --quiet --no-deps --no-binary :all: \
+      "llama-cpp-python==$LLAMA_PY_VERSION" -d "$tmp" >&2 \
+      || die "pip download llama-cpp-python==$LLAMA_PY_VERSION failed (is PyPI reachable?)"
+    mv "$tmp/llama_cpp_python-$LLAMA_PY_VERSION.tar.gz" "$sdist"
+    rm -rf "$tmp"
+  fi
+  echo "$LLAMA_PY_SHA256  $sdist" | sha256sum -c --status \
+    || die "checksum mismatch for $sdist (expected $LLAMA_PY_SHA256); delete it and retry"
+  log "extracting vendored llama.cpp"
+  rm -rf "$SRC" "$ROOT/extract"
+  mkdir -p "$ROOT/extract"
+  tar -xzf "$sdist" -C "$ROOT/extract" "llama_cpp_python-$LLAMA_PY_VERSION/vendor/llama.cpp"
+  mv "$ROOT/extract/llama_cpp_python-$LLAMA_PY_VERSION/vendor/llama.cpp" "$SRC"
+  rm -rf "$ROOT/extract"
+  [ -f "$SRC/ggml/src/ggml-backend-impl.h" ] || die "the sdist has no vendored llama.cpp"
+  touch "$SRC/.apex-complete"
+fi
+
+# ---- build: shared ggml/llama libraries (the APEX backend links ggml-base, and
+# must share the process's registry), backends linked in (GGML_BACKEND_DL off:
+# GGML_BACKEND_PATH loading works without it).
+if [ "${APEX_LLAMA_CUDA:-0}" = 1 ]; then
+  BUILD=$ROOT/build-cuda
+  extra=(-DGGML_CUDA=ON)
+else
+  BUILD=$ROOT/build
+  extra=(-DGGML_CUDA=OFF)
+fi
+targets=(llama llama-batched llama-bench llama-simple ${APEX_LLAMA_TARGETS:-})
+cfg=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON
+     -DGGML_BACKEND_DL=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF
+     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+     "${extra[@]}")
+stamp="${cfg[*]} | ${targets[*]}"
+if [ -f "$BUILD/.apex-complete" ] && [ "$(cat "$BUILD/.apex-complete")" = "$stamp" ]; then
+  echo "$BUILD"
+  exit 0
+fi
+log "building llama.cpp $LLAMA_PY_VERSION in $BUILD (${targets[*]}; -j$JOBS; a few minutes)"
+rm -f "$BUILD/.apex-complete"
+cmake -S "$SRC" -B "$BUILD" "${cfg[@]}" >"$ROOT/cmake-configure.log" 2>&1 \
+  || { tail -20 "$ROOT/cmake-configure.log" >&2; die "configuring llama.cpp failed (log: $ROOT/cmake-configure.log)"; }
+cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}" >"$ROOT/cmake-build.log" 2>&1 \
+  || { tail -30 "$ROOT/cmake-build.log" >&2; die "building llama.cpp failed (log: $ROOT/cmake-build.log)"; }
+echo "$stamp" >"$BUILD/.apex-complete"
+log "llama.cpp built: $BUILD/bin"
+echo "$BUILD"
