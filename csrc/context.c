@@ -21,6 +21,36 @@ static void copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
     block_pool_copy(&ctx->pools[APEX_TIER_HOST], dst, src);
 }
 
+static void copy_blocks(void *user, apex_tier from, const int32_t *src, const int32_t *dst,
+                        int32_t n) {
+    pipeline_copy_between_tiers(user, from, src, dst, n);
+}
+
+apex_status context_migrate(apex_context *ctx, int32_t seq, apex_tier tier) {
+    if (!ctx->dev)
+        return apex_fail(APEX_ERR_UNSUPPORTED, "no device in this context (host mode): "
+                                               "nothing to migrate to");
+    const seq_entry *e = seq_table_get(&ctx->seqs, seq);
+    if (!e) return APEX_ERR_UNKNOWN_SEQ;
+    apex_tier was = e->tier;
+    apex_status st = seq_table_move(&ctx->seqs, seq, tier, copy_blocks, ctx);
+    if (st == APEX_OK && was != tier) ctx->stats.migrations[tier]++;
+    return st;
+}
+
+apex_status context_reserve(apex_context *ctx, int32_t seq, int32_t n, int32_t *first_pos) {
+    apex_status st = seq_table_reserve(&ctx->seqs, seq, n, first_pos);
+    if (st != APEX_ERR_OUT_OF_BLOCKS || !ctx->dev) return st;
+    const seq_entry *e = &ctx->seqs.seqs[seq];
+    if (e->tier != APEX_TIER_DEVICE) return st;
+    /* Spill only if the host can take the sequence and its growth. */
+    int32_t bt = ctx->cfg.block_tokens;
+    int32_t need = (e->len + n + bt - 1) / bt;
+    if (need > ctx->pools[APEX_TIER_HOST].n_free) return st;
+    if (context_migrate(ctx, seq, APEX_TIER_HOST) != APEX_OK) return st;
+    return seq_table_reserve(&ctx->seqs, seq, n, first_pos);
+}
+
 /* Opens the configured device, or none (host mode). */
 static apex_status open_device(apex_context *ctx) {
     apex_device_kind kind = ctx->cfg.device;

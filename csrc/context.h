@@ -48,6 +48,13 @@ apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n,
 apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n,
                      const int32_t *seqs, const int32_t *pos, void *k, void *v,
                      apex_dtype dst);
+/* Moves seq to tier (see apex_seq_migrate). */
+apex_status context_migrate(apex_context *ctx, int32_t seq, apex_tier tier);
+
+/* apex_seq_reserve, spilling a device-tier sequence to the host tier when
+ * the device pool is out of blocks. */
+apex_status context_reserve(apex_context *ctx, int32_t seq, int32_t n, int32_t *first_pos);
+
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                               const int32_t *seqs, const void *q, void *out,
                               const apex_attn_opts *opts);

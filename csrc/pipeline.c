@@ -345,3 +345,24 @@ void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
                         p->block_bytes, pl->own_stream);
     f->event_record(pl->dev, pl->ev_copies, pl->own_stream);
 }
+
+static void job_barrier(void *arg) { (void)arg; }
+
+void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
+                                 const int32_t *dst, int32_t n) {
+    pipeline *pl = &ctx->pipe;
+    apex_device *dev = pl->dev;
+    const device_iface *f = dev->iface;
+    const block_pool *ps = &ctx->pools[from], *pd = &ctx->pools[1 - from];
+    /* Host blocks may still be written by queued CPU jobs, device blocks by
+     * the engine stream's queued work: the copy waits for both. */
+    f->wait_flag(dev, pl->own_stream, pl->jobs.flag, pl->jobs.submitted);
+    if (pl->last_done) f->event_wait(dev, pl->own_stream, pl->last_done);
+    for (int32_t l = 0; l < ps->n_layers; l++)
+        for (int32_t i = 0; i < n; i++)
+            f->memcpy_async(dev, block_pool_at(pd, l, dst[i]), block_pool_at(ps, l, src[i]),
+                            ps->block_bytes, pl->own_stream);
+    f->event_record(dev, pl->ev_copies, pl->own_stream);
+    /* Later CPU jobs may reuse the freed host blocks: they start after it. */
+    cpu_jobs_submit(&pl->jobs, (cpu_job){job_barrier, NULL, pl->ev_copies});
+}

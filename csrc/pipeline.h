@@ -78,6 +78,12 @@ apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
  * stream's work so far and before its next call. */
 void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src);
 
+/* Copies n blocks (all layers) between tiers for a migration: after every
+ * CPU job and engine-stream call so far, before every later one (the
+ * engine stream waits on ev_copies; the worker on a barrier job). */
+void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
+                                 const int32_t *dst, int32_t n);
+
 /* Waits for everything: the CPU worker and every stream. */
 void pipeline_sync(apex_context *ctx);
 

@@ -141,3 +141,35 @@ apex_status seq_table_free(seq_table *t, int32_t seq) {
     t->n_active--;
     return APEX_OK;
 }
+
+apex_status seq_table_move(seq_table *t, int32_t seq, apex_tier tier,
+                           void (*copy_blocks)(void *user, apex_tier from, const int32_t *src,
+                                               const int32_t *dst, int32_t n),
+                           void *user) {
+    const seq_entry *ce = seq_table_get(t, seq);
+    if (!ce) return get_status(t, seq);
+    if (tier != APEX_TIER_DEVICE && tier != APEX_TIER_HOST)
+        return apex_fail(APEX_ERR_INVALID_ARG, "tier %d is not a tier to move to", (int)tier);
+    seq_entry *e = &t->seqs[seq];
+    if (e->tier == tier) return APEX_OK;
+    block_pool *from = t->pools[e->tier], *to = t->pools[tier];
+    if (to->n_blocks == 0)
+        return apex_fail(APEX_ERR_UNSUPPORTED, "the %s tier has no blocks in this context",
+                         tier_name(tier));
+    if (e->n_blocks > to->n_free)
+        return apex_fail(APEX_ERR_OUT_OF_BLOCKS,
+                         "%s tier out of blocks: moving sequence %d needs %d, %d free",
+                         tier_name(tier), seq, e->n_blocks, to->n_free);
+    int32_t *row = seq_table_row(t, seq);
+    int32_t *fresh = malloc((size_t)(e->n_blocks ? e->n_blocks : 1) * sizeof *fresh);
+    if (!fresh) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory moving sequence %d", seq);
+    for (int32_t i = 0; i < e->n_blocks; i++) fresh[i] = block_pool_alloc(to);
+    if (e->n_blocks) copy_blocks(user, e->tier, row, fresh, e->n_blocks);
+    for (int32_t i = 0; i < e->n_blocks; i++) {
+        block_pool_unref(from, row[i]);
+        row[i] = fresh[i];
+    }
+    free(fresh);
+    e->tier = tier;
+    return APEX_OK;
+}

@@ -48,6 +48,13 @@ apex_status seq_table_reserve(seq_table *t, int32_t seq, int32_t n,
 apex_status seq_table_fork(seq_table *t, int32_t src, int32_t dst);
 apex_status seq_table_free(seq_table *t, int32_t seq);
 
+/* Moves seq to tier: takes n_blocks fresh blocks there (all or nothing),
+ * lets copy_blocks copy the contents, then drops the old blocks. */
+apex_status seq_table_move(seq_table *t, int32_t seq, apex_tier tier,
+                           void (*copy_blocks)(void *user, apex_tier from, const int32_t *src,
+                                               const int32_t *dst, int32_t n),
+                           void *user);
+
 /* The active sequence in slot seq, or NULL with an error message set. */
 const seq_entry *seq_table_get(const seq_table *t, int32_t seq);
 

@@ -70,7 +70,7 @@ APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier
 APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
                                       int32_t *first_pos) {
     CHECK_CTX(ctx);
-    return counted(ctx, seq_table_reserve(&ctx->seqs, seq, n, first_pos));
+    return counted(ctx, context_reserve(ctx, seq, n, first_pos));
 }
 
 APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src, int32_t dst) {
@@ -96,6 +96,11 @@ APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
     *out = (apex_seq_info){.len = e->len, .n_blocks = e->n_blocks, .n_shared = shared,
                            .tier = e->tier};
     return APEX_OK;
+}
+
+APEX_API apex_status apex_seq_migrate(apex_context *ctx, int32_t seq, apex_tier tier) {
+    CHECK_CTX(ctx);
+    return counted(ctx, context_migrate(ctx, seq, tier));
 }
 
 /* ------------------------------------------------------------ KV write */

@@ -184,6 +184,55 @@ static void test_mixed_batch_multi_step(void **state) {
     teardown(&f);
 }
 
+/* Sequences move between tiers (by hand, and by reserve spilling a device
+ * sequence that outgrows the device pool); attention stays exact. */
+static void test_migration_and_spill(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 6); /* 6 device blocks of 16 tokens */
+    uint64_t rng = 21;
+    int32_t seqs[3] = {0, 1, 2};
+    assert_ok(apex_seq_add(f.ctx, 0, APEX_TIER_DEVICE));
+    assert_ok(apex_seq_add(f.ctx, 1, APEX_TIER_HOST));
+    assert_ok(apex_seq_add(f.ctx, 2, APEX_TIER_DEVICE));
+    append(&f, 3, seqs, 30, &rng); /* 2 + 2 device blocks */
+    attend_and_check(&f, 3, seqs, &rng);
+
+    assert_ok(apex_seq_migrate(f.ctx, 0, APEX_TIER_HOST));
+    assert_ok(apex_seq_migrate(f.ctx, 1, APEX_TIER_DEVICE));
+    assert_int_equal(tier_of(&f, 0), APEX_TIER_HOST);
+    assert_int_equal(tier_of(&f, 1), APEX_TIER_DEVICE);
+    attend_and_check(&f, 3, seqs, &rng); /* right after the enqueued copies */
+    append(&f, 3, seqs, 3, &rng);
+    attend_and_check(&f, 3, seqs, &rng);
+
+    /* Sequence 2 outgrows the device pool (2 + 2 used, 2 free): at 65
+     * tokens it needs a 5th block, so reserve spills it to the host. */
+    int32_t two = 2;
+    append(&f, 1, &two, 40, &rng);
+    assert_int_equal(tier_of(&f, 2), APEX_TIER_HOST);
+    attend_and_check(&f, 3, seqs, &rng);
+    /* And back, once there is room again. */
+    assert_ok(apex_seq_free(f.ctx, 1));
+    assert_ok(apex_seq_migrate(f.ctx, 2, APEX_TIER_DEVICE));
+    int32_t live[2] = {0, 2};
+    append(&f, 2, live, 2, &rng);
+    attend_and_check(&f, 2, live, &rng);
+
+    apex_stats st;
+    assert_ok(apex_stats_get(f.ctx, &st));
+    assert_int_equal(st.migrations[APEX_TIER_HOST], 2);
+    assert_int_equal(st.migrations[APEX_TIER_DEVICE], 2);
+    /* Too big for the target tier: refused, nothing moved. */
+    assert_ok(apex_seq_add(f.ctx, 3, APEX_TIER_HOST));
+    int32_t three = 3;
+    append(&f, 1, &three, 100, &rng);
+    assert_status(apex_seq_migrate(f.ctx, 3, APEX_TIER_DEVICE), APEX_ERR_OUT_OF_BLOCKS);
+    assert_int_equal(tier_of(&f, 3), APEX_TIER_HOST);
+    assert_status(apex_seq_migrate(f.ctx, 9, APEX_TIER_DEVICE), APEX_ERR_UNKNOWN_SEQ);
+    teardown(&f);
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -263,6 +312,7 @@ static void test_async_bad_input(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mixed_batch_multi_step),
+        cmocka_unit_test(test_migration_and_spill),
         cmocka_unit_test(test_engine_thread_never_waits),
         cmocka_unit_test(test_async_bad_input),
     };

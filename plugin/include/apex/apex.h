@@ -204,6 +204,16 @@ APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq);
 APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
                                        apex_seq_info *out);
 
+/* Moves seq's KV to the other tier (the scheduler's choice: spill to the
+ * host when the device fills, back when it frees up). The copies are
+ * enqueued, ordered after all work already enqueued and before all work
+ * enqueued later; the call does not wait for them. All or nothing:
+ * APEX_ERR_OUT_OF_BLOCKS if the target tier lacks room. Blocks the
+ * sequence shared with others become private copies on the new tier.
+ * apex_seq_reserve spills a device-tier sequence to the host by itself when
+ * the device pool is out of blocks and the host pool has room. */
+APEX_API apex_status apex_seq_migrate(apex_context *ctx, int32_t seq, apex_tier tier);
+
 /* -------------------------------------------------------------- KV write */
 
 /* Stores K and V rows for n (sequence, position) pairs of one layer.
@@ -294,6 +304,7 @@ typedef struct apex_stats {
     uint64_t kv_tokens_attended;  /* sum of attended lengths             */
     uint64_t kv_rows_written;     /* (seq, pos) rows stored, all layers  */
     uint64_t cow_copies;          /* blocks copied on write              */
+    uint64_t migrations[2];       /* sequences moved to [DEVICE], [HOST] */
     uint64_t errors;              /* calls that returned an error        */
     int64_t blocks_used[2];       /* [APEX_TIER_DEVICE], [APEX_TIER_HOST] */
     int64_t blocks_free[2];
