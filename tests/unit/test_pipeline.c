@@ -4,6 +4,7 @@
  * ABI, with forks, frees and new sequences between steps, equals naive
  * attention over the K/V the test wrote; and the engine's thread returns
  * from the async calls before the CPU cohort's work has run.
+ * APEX_TEST_DEVICE=cuda runs the same tests on a real GPU (tests/gpu/run.sh).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +44,8 @@ static void setup(fixture *f, int32_t device_blocks) {
     c.max_batch = SLOTS;
     c.max_seq_len = MAXLEN;
     c.n_threads = 2;
-    c.device = APEX_DEVICE_EMULATED;
+    const char *dev = getenv("APEX_TEST_DEVICE");
+    c.device = dev && !strcmp(dev, "cuda") ? APEX_DEVICE_CUDA : APEX_DEVICE_EMULATED;
     assert_ok(apex_context_create(&c, &f->ctx));
     assert_false(apex_context_host_mode(f->ctx));
     assert_ok(apex_stream_create(f->ctx, &f->s));
