@@ -62,6 +62,11 @@ int apex_cuda_stream_wait_value32(void *stream, void *addr, uint32_t value,
                                   unsigned flags);
 int apex_cuda_stream_write_value32(void *stream, void *addr, uint32_t value);
 
+/* The stream waits until (int32_t)(*flag - value) >= 0, where flag is in
+ * pinned, mapped host memory written by a host thread: a driver wait when
+ * available, else a polling kernel. Never blocks the calling thread. */
+int apex_cuda_stream_wait_flag(void *stream, const uint32_t *flag, uint32_t value);
+
 /* ------------------------------------------------- paged decode attention */
 
 /* One query token per sequence (position len-1) attends positions
@@ -87,8 +92,9 @@ typedef struct apex_cuda_decode {
     float scale;               /* resolved, not 0                          */
     float softcap;             /* 0 = off                                  */
     int32_t window;            /* 0 = all                                  */
-    int32_t max_seq_len;       /* host-known bound on seq_lens: sizes the
-                                  split-K partition (no device read)       */
+    int32_t max_seq_len;       /* host-known bound on seq_lens (must hold
+                                  when split-K is used): sizes the split
+                                  partition without reading the device     */
     void *workspace;           /* device scratch for split-K partials      */
     size_t workspace_bytes;    /* 0: no split-K                            */
     int32_t num_splits;        /* 0 = automatic; > 0 forces (tests)        */
@@ -109,8 +115,8 @@ int apex_cuda_paged_decode(const apex_cuda_decode *a, void *stream);
 typedef struct apex_cuda_kv_append {
     int32_t n_rows;
     int32_t n_kv_heads;
-    int32_t head_dim;          /* multiple of 8                            */
-    int32_t block_tokens;
+    int32_t head_dim;
+    int32_t block_tokens;      /* power of two                             */
     const void *k;             /* device, rows k_stride elements apart     */
     const void *v;
     int64_t k_stride;          /* 0 = n_kv_heads * head_dim                */
@@ -167,8 +173,9 @@ int apex_cuda_prefill_attention(const apex_cuda_prefill *a, void *stream);
 
 /* Up to four row tensors moved together by one index list. For gather,
  * dst row i = src row idx[i]; for scatter, dst row idx[i] = src row i.
- * Strides are in bytes; row_bytes, the strides and the pointers should be
- * multiples of 16 for full-width copies (any value is correct). */
+ * A negative idx[i] skips row i. Strides are in bytes, >= row_bytes;
+ * row_bytes, strides and pointers that are multiples of 16 get full-width
+ * copies (any value is correct). */
 typedef struct apex_cuda_rows {
     const void *src;
     void *dst;

@@ -20,6 +20,7 @@
 
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/dtype_convert.h"
+#include "csrc/device.h"
 #include "cuda/apex_cuda.h"
 
 /* ------------------------------------------------------------ harness */
@@ -706,6 +707,58 @@ static void test_memops(void) {
     CK(cudaFreeHost((void *)flag));
 }
 
+/* The device table on the GPU: a copy queued behind a host flag waits for
+ * it without blocking this thread, then completes. */
+static const char *g_device_iface = "untested";
+
+static void test_device_iface(void) {
+    apex_device *dev = NULL;
+    apex_status st = device_cuda_create(0, &dev);
+    g_checks++;
+    if (st) {
+        fail("device_cuda_create: %s", apex_last_error());
+        g_device_iface = "failed";
+        return;
+    }
+    const device_iface *f = dev->iface;
+    uint32_t *flag = NULL, *src = NULL;
+    void *dst = NULL;
+    device_stream *s = NULL;
+    device_event *e = NULL;
+    const size_t n = 1 << 20;
+    int ok = !f->host_alloc(dev, 64, (void **)&flag) && !f->host_alloc(dev, n, (void **)&src) &&
+             !f->mem_alloc(dev, n, &dst) && !f->stream_create(dev, &s) && !f->event_create(dev, &e);
+    if (ok) {
+        flag[0] = 0;
+        for (size_t i = 0; i < n / 4; i++) src[i] = (uint32_t)i * 2654435761u;
+        ok = !f->wait_flag(dev, s, flag, 1) && !f->memcpy_async(dev, dst, src, n, s) &&
+             !f->event_record(dev, e, s);
+    }
+    if (ok) {
+        double t0 = now_s();
+        while (now_s() - t0 < 0.05) {
+        }
+        const int early = f->event_done(dev, e);
+        *(volatile uint32_t *)flag = 1;
+        ok = !early && !f->event_sync(dev, e) && f->event_done(dev, e);
+        if (ok) {
+            uint32_t *back = xmalloc(n);
+            CK(cudaMemcpy(back, dst, n, cudaMemcpyDeviceToHost));
+            ok = !memcmp(back, src, n);
+            free(back);
+        }
+        if (early) fail("device iface: the stream did not wait for the host flag");
+    }
+    if (!ok) fail("device iface: %s", apex_last_error());
+    g_device_iface = ok ? "ok" : "failed";
+    if (e) f->event_destroy(dev, e);
+    if (s) f->stream_destroy(dev, s);
+    f->mem_free(dev, dst);
+    f->host_free(dev, src);
+    f->host_free(dev, flag);
+    f->destroy(dev);
+}
+
 /* ------------------------------------------------------------ main */
 
 int main(int argc, char **argv) {
@@ -723,6 +776,7 @@ int main(int argc, char **argv) {
     test_kv_append();
     test_cohort();
     test_memops();
+    test_device_iface();
     test_decode(quick);
     test_prefill(quick);
     CK(cudaDeviceSynchronize());
@@ -731,13 +785,13 @@ int main(int argc, char **argv) {
            "\"passed\":%s,\"checks\":%d,\"failed\":%d,\"seconds\":%.1f,"
            "\"decode\":{\"cases\":%d,\"split_cases\":%d,\"max_splits\":%d},"
            "\"prefill\":{\"cases\":%d},\"kv_append\":{\"cases\":%d},\"cohort\":{\"cases\":%d},"
-           "\"stream_memops\":\"%s\","
+           "\"stream_memops\":\"%s\",\"device_iface\":\"%s\","
            "\"max_abs_err\":{\"f32\":%.3g,\"f16\":%.3g,\"bf16\":%.3g},"
            "\"tolerance\":{\"f32\":%.3g,\"f16\":%.3g,\"bf16\":%.3g},\"failures\":[%s]}\n",
            prop.name, prop.major, prop.minor, quick ? "true" : "false",
            g_failed ? "false" : "true", g_checks, g_failed, now_s() - t0, g_decode_cases,
            g_decode_split_cases, g_decode_max_splits, g_prefill_cases, g_append_cases,
-           g_cohort_cases, g_memops, g_max_err[APEX_DTYPE_F32], g_max_err[APEX_DTYPE_F16],
+           g_cohort_cases, g_memops, g_device_iface, g_max_err[APEX_DTYPE_F32], g_max_err[APEX_DTYPE_F16],
            g_max_err[APEX_DTYPE_BF16], out_tol(APEX_DTYPE_F32), out_tol(APEX_DTYPE_F16),
            out_tol(APEX_DTYPE_BF16), g_fail_log);
     return g_failed ? 1 : 0;
