@@ -5,5 +5,6 @@
 
 int bench_attn_main(int argc, char **argv);
 int bench_sched_main(int argc, char **argv);
+int bench_pipeline_main(int argc, char **argv);
 
 #endif

@@ -14,6 +14,7 @@ typedef struct {
 
 static const bench_cmd commands[] = {
     {"attn", bench_attn_main, "CPU decode attention vs a same-run STREAM read"},
+    {"pipeline", bench_pipeline_main, "hybrid pipeline: CPU cohort hidden under the device's"},
 #ifdef APEX_BENCH_SCHED
     {"sched", bench_sched_main, "scheduler decision cost"},
 #endif
