@@ -32,7 +32,7 @@ typedef struct {
     int32_t threads, q_heads, kv_heads, head_dim, block_tokens, iters;
     apex_dtype kv_dtype;
     double max_gb, min_seconds;
-    int json;
+    int json, thp;
 } opts;
 
 static const char *dtype_name(apex_dtype t) {
@@ -64,12 +64,14 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: apex-bench attn [--json] [--batch N,..] [--ctx N,..] [--threads N]\n"
             "         [--kv-dtype f16|bf16|f32] [--head-dim N] [--q-heads N] [--kv-heads N]\n"
-            "         [--block N] [--iters N] [--min-seconds S] [--max-gb G]\n"
+            "         [--block N] [--iters N] [--min-seconds S] [--max-gb G] [--thp]\n"
             "defaults: Llama-3.1-8B attention (32 q heads, 8 KV heads, head_dim 128,\n"
             "f16 KV, block 16), batch 1,4,16,64, ctx 512,2048,8192,32768, one thread\n"
             "per CPU, cases with more than --max-gb (10) GB of KV skipped.\n"
             "--iters caps the timed iterations (default: as many as fit in\n"
-            "--min-seconds, 0.5, at least 5). APEX_ISA=avx512|avx2|scalar picks the kernel.\n");
+            "--min-seconds, 0.5, at least 5). --thp asks for transparent huge pages\n"
+            "for the KV (the host pool uses plain pages). APEX_ISA=avx512|avx2|scalar\n"
+            "picks the kernel.\n");
 }
 
 static int parse(int argc, char **argv, opts *o) {
@@ -81,6 +83,7 @@ static int parse(int argc, char **argv, opts *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "--json")) { o->json = 1; continue; }
+        if (!strcmp(a, "--thp")) { o->thp = 1; continue; }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!v) bad = 1;
         else if (!strcmp(a, "--batch")) bad = parse_list(v, o->batch, &o->n_batch);
@@ -158,8 +161,7 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
     const int32_t nb_seq = (ctx + bt - 1) / bt;
     const size_t n_blocks = (size_t)batch * (size_t)nb_seq;
     const size_t slab = n_blocks * block_bytes;
-    unsigned long long fp = getenv("BENCH_FP") ? strtoull(getenv("BENCH_FP"), 0, 10) : MIN_FOOTPRINT;
-    int layers = (int)((fp + slab - 1) / slab);
+    int layers = (int)((MIN_FOOTPRINT + slab - 1) / slab);
     if (layers < 1) layers = 1;
 
     cpu_attn_geom g = {o->q_heads, H, D, bt, o->kv_dtype};
@@ -191,7 +193,8 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         q[i] = (float)((double)(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
     }
-    if (getenv("BENCH_HUGE")) madvise(kv, ((size_t)layers * slab + 4095) & ~(size_t)4095, MADV_HUGEPAGE);
+    /* Like the host pool (csrc/host_mem.c): plain pages unless --thp. */
+    if (o->thp) madvise(kv, ((size_t)layers * slab + 4095) & ~(size_t)4095, MADV_HUGEPAGE);
     fill_kv(kv, (size_t)layers * slab, o->kv_dtype, o->threads);
 
     cpu_attn_batch b = {
@@ -252,8 +255,8 @@ int bench_attn_main(int argc, char **argv) {
     const char *isa = cpu_attn_isa_name(cpu_attn_isa_selected());
     if (o.json)
         printf("{\"bench\":\"attn\",\"isa\":\"%s\",\"timing\":\"best of iters (median also "
-               "given); stream: best of 5 reads of %llu bytes\",\"cases\":[",
-               isa, (unsigned long long)STREAM_BYTES);
+               "given); stream: best of 5 reads of %llu bytes\",\"thp\":%s,\"cases\":[",
+               isa, (unsigned long long)STREAM_BYTES, o.thp ? "true" : "false");
     else
         printf("apex-bench attn: isa %s, %d threads, %d q / %d kv heads, head_dim %d, %s KV, "
                "block %d\ntimes: best of the timed iterations (median in brackets)\n\n"

@@ -12,9 +12,9 @@
 #include "cpu_attn/dtype_convert.h"
 
 #define INL static inline __attribute__((always_inline))
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
+/* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
+ * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
+#define PF_HINT _MM_HINT_T1
 
 INL __m256 ld8(const uint8_t *p, int dt) {
     if (dt == APEX_DTYPE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));

@@ -9,8 +9,9 @@
  *      polynomial exp over the row of scores.
  *  PV  per 16-wide slice of head_dim, all heads' accumulators in registers,
  *      V converted once per (token, slice), p broadcast from memory.
- * The next group's K and V are prefetched at the start of each group since
- * blocks are scattered and the hardware prefetcher cannot guess them. */
+ * The next group's K and V are prefetched, a share after each head's QK or
+ * PV, since blocks are scattered and the hardware prefetcher cannot guess
+ * the next one; without it the kernel ran at about half the speed. */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -19,9 +20,9 @@
 #include "cpu_attn/dtype_convert.h"
 
 #define INL static inline __attribute__((always_inline))
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T0
-#endif
+/* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
+ * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
+#define PF_HINT _MM_HINT_T1
 
 INL __m512 ld16(const uint8_t *p, int dt) {
     if (dt == APEX_DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
