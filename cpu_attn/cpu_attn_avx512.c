@@ -261,10 +261,10 @@ INL void pf_step(pf_cursor *pf, int lines) {
 static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
     const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt, dt = (int)sp->kv_dtype;
     const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
-    /* Group: whole blocks, about 64 KiB of K+V, at most 64 tokens (or one
-     * block if blocks are bigger). */
+    /* Group: whole blocks, at most 256 KiB of K+V (stays in L2 between QK
+     * and PV) and 64 tokens, or one block if blocks are bigger. */
     const size_t tok_bytes = 2 * (size_t)NH * rowb;
-    int32_t nblk = (int32_t)(65536 / ((size_t)bt * tok_bytes));
+    int32_t nblk = (int32_t)(262144 / ((size_t)bt * tok_bytes));
     if (nblk > CPU_ATTN_GROUP_TOKENS / bt) nblk = CPU_ATTN_GROUP_TOKENS / bt;
     if (nblk < 1) nblk = 1;
     const int32_t gt = nblk * bt;
