@@ -5,10 +5,11 @@
  * multiplicative noise. Independent of the scheduler's closed-form model:
  * it orders the work as the engine would and lets the dependencies decide.
  *
- * Two-sub-batch modes (pipeline, fastdecode) run each sub-batch as a chain
- * per layer: [its linear layers (post of l-1 + pre of l)] -> [attention of
- * l: on the GPU inline, or d2h -> CPU -> h2d] -> ..., with the GPU stream
- * alternating between the sub-batches' linear work in issue order. */
+ * The two-sub-batch mode (APEX's pipeline and split forms, fastdecode, neo)
+ * runs each sub-batch as a chain per layer: [its linear layers (post of l-1
+ * + pre of l)] -> [attention of l: its GPU part inline on the stream and its
+ * CPU part d2h -> CPU -> h2d, in parallel] -> ..., with the in-order GPU
+ * stream alternating between the sub-batches' work in issue order. */
 #include <math.h>
 #include <string.h>
 
@@ -31,15 +32,18 @@ typedef struct chain {
     double ready;             /* when its previous stage finished       */
 } chain;
 
-void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, sim_rng *rn, step_out *o) {
+void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batch *sb1,
+               sim_rng *rn, step_out *o) {
     const apex_profile *p = &h->truth;
     const apex_model_geom *g = &p->geom;
     double L = g->n_layers, nz = h->noise;
     int32_t th = h->threads;
     double P = w->prefill_tokens;
     double pre_x = P > 0 ? mx(0, apex_t_pref(p, P) - apex_t_lin(p, P)) : 0;
-    double gatt = noisy(rn, apex_t_gatt(p, w->gpu_tokens), nz);
+    double gatt0 = apex_t_gatt(p, w->gpu_tokens);
+    double gatt = noisy(rn, gatt0, nz);
     double pref = noisy(rn, pre_x, nz);
+    double fg = gatt0 > 0 ? gatt / gatt0 : 1, fpr = pre_x > 0 ? pref / pre_x : 1;
     double fl = noisy(rn, 1, nz), fc = noisy(rn, 1, nz), fp = noisy(rn, 1, nz);
     double kvB = apex_kv_bytes_per_token(g);
     double d2hB = apex_cohort_d2h_bytes(g), h2dB = apex_cohort_h2d_bytes(g);
@@ -66,27 +70,26 @@ void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, sim_rng *rn, s
         c[0].d2h_B = C * d2hB;
         c[0].h2d_B = C * h2dB;
         break;
-    case EX_PIPELINE:
+    case EX_TWO: { /* sub-batch 1 as given, sub-batch 0 the rest */
         nch = 2;
-        c[0].lin_l = fl * apex_t_lin(p, w->gpu_seqs + P) / L;
-        c[0].gatt_l = (gatt + pref) / L;
-        c[1].lin_l = fl * apex_t_lin(p, C) / L;
-        c[1].cpu_l = C > 0 ? fc * apex_t_catt(p, Ct, C, th) / L : 0;
-        c[1].d2h_B = C * d2hB;
-        c[1].h2d_B = C * h2dB;
-        break;
-    case EX_FASTDECODE: { /* two halves, both attended on the CPU */
-        nch = 2;
-        double Ca = ceil(C / 2), Cb = C - Ca, ta = C > 0 ? Ct * Ca / C : 0;
-        c[0].lin_l = fl * apex_t_lin(p, Ca + P) / L;
-        c[0].gatt_l = pref / L;
-        c[0].cpu_l = Ca > 0 ? fc * apex_t_catt(p, ta, Ca, th) / L : 0;
-        c[0].d2h_B = Ca * d2hB;
-        c[0].h2d_B = Ca * h2dB;
-        c[1].lin_l = Cb > 0 ? fl * apex_t_lin(p, Cb) / L : 0;
-        c[1].cpu_l = Cb > 0 ? fc * apex_t_catt(p, Ct - ta, Cb, th) / L : 0;
-        c[1].d2h_B = Cb * d2hB;
-        c[1].h2d_B = Cb * h2dB;
+        sub_batch sb[2];
+        sb[1] = *sb1;
+        sb[0] = (sub_batch){w->gpu_seqs - sb1->gpu_seqs, w->gpu_tokens - sb1->gpu_tokens,
+                            C - sb1->cpu_seqs, Ct - sb1->cpu_tokens,
+                            P - sb1->prefill_tokens};
+        for (int k = 0; k < 2; k++) {
+            const sub_batch *b = &sb[k];
+            double Pk = b->prefill_tokens;
+            double px = Pk > 0 ? mx(0, apex_t_pref(p, Pk) - apex_t_lin(p, Pk)) : 0;
+            double rows = b->gpu_seqs + b->cpu_seqs + Pk;
+            c[k].lin_l = rows > 0 ? fl * apex_t_lin(p, rows) / L : 0;
+            c[k].gatt_l = (fg * (b->gpu_seqs > 0 ? apex_t_gatt(p, b->gpu_tokens) : 0) +
+                           fpr * px) / L;
+            c[k].cpu_l = b->cpu_seqs > 0 ? fc * apex_t_catt(p, b->cpu_tokens, b->cpu_seqs, th) / L
+                                         : 0;
+            c[k].d2h_B = b->cpu_seqs * d2hB;
+            c[k].h2d_B = b->cpu_seqs * h2dB;
+        }
         break;
     }
     }

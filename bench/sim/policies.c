@@ -146,6 +146,15 @@ static exec_mode plan_vllm(policy *pol, const sched_state *st, sched_plan *pl) {
     return EX_GPU_ONLY;
 }
 
+/* Sub-batch 1 of the split forms: half the cohort's sequences (rounded
+ * down) holding half its tokens (the engine balances the halves by length). */
+static sub_batch half_cohort(const sched_work *w) {
+    sub_batch b = {0, 0, 0, 0, 0};
+    b.cpu_seqs = floor(w->cpu_seqs / 2);
+    b.cpu_tokens = b.cpu_seqs > 0 ? w->cpu_tokens / 2 : 0;
+    return b;
+}
+
 static exec_mode plan_fastdecode(policy *pol, const sched_state *st, sched_plan *pl) {
     int n_run = 0;
     for (int i = 0; i < st->n_seqs; i++) {
@@ -156,8 +165,10 @@ static exec_mode plan_fastdecode(policy *pol, const sched_state *st, sched_plan 
     }
     int64_t gfree = 0, hfree = st->host_blocks_free;
     admit_fcfs(st, &pol->cfg, pl, SCHED_TIER_CPU, &gfree, &hfree, 0, n_run);
-    pl->strategy = SCHED_PIPELINE;
-    return EX_FASTDECODE;
+    pl->strategy = SCHED_SPLIT; /* two halves, both attended on the CPU */
+    fill_work(st, pl);
+    pol->sb1 = half_cohort(&pl->work);
+    return EX_TWO;
 }
 
 static exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl) {
@@ -208,7 +219,9 @@ static exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, s
         for (int i = 0; i < st->n_seqs; i++)
             if (pl->action[i] == SCHED_ACT_DECODE_CPU) pl->action[i] = SCHED_ACT_IDLE;
     pl->strategy = pipe ? SCHED_PIPELINE : SCHED_GPU_ONLY;
-    return pipe ? EX_PIPELINE : EX_GPU_ONLY;
+    fill_work(st, pl);
+    pol->sb1 = (sub_batch){0, 0, pl->work.cpu_seqs, pl->work.cpu_tokens, 0};
+    return pipe ? EX_TWO : EX_GPU_ONLY;
 }
 
 exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl) {
@@ -223,8 +236,13 @@ exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st, sched
         if (apex_sched_plan(st, &h->belief, pol->use_correction ? &pol->corr : NULL,
                             &pol->cfg, &pol->scratch, pl) != SCHED_OK)
             return EX_GPU_ONLY;
+        fill_work(st, pl);
         m = pl->strategy == SCHED_OVERLAP ? EX_OVERLAP
-            : pl->strategy == SCHED_PIPELINE ? EX_PIPELINE : EX_GPU_ONLY;
+            : pl->strategy == SCHED_GPU_ONLY ? EX_GPU_ONLY : EX_TWO;
+        if (pl->strategy == SCHED_PIPELINE)
+            pol->sb1 = (sub_batch){0, 0, pl->work.cpu_seqs, pl->work.cpu_tokens, 0};
+        else if (pl->strategy == SCHED_SPLIT)
+            pol->sb1 = half_cohort(&pl->work);
         break;
     }
     fill_work(st, pl);
@@ -237,14 +255,22 @@ void policy_observe(policy *pol, const sim_hw *h, exec_mode m, const sched_work 
                     const step_out *o) {
     if (!pol->use_correction) return;
     const apex_profile *p = &h->belief;
-    if (w->cpu_seqs > 0 && o->catt > 0)
-        apex_correction_update(&pol->corr, APEX_C_CATT,
-                               apex_t_catt(p, w->cpu_tokens, w->cpu_seqs, h->threads), o->catt);
+    const sub_batch *b = &pol->sb1;
+    if (w->cpu_seqs > 0 && o->catt > 0) {
+        double pc = apex_t_catt(p, w->cpu_tokens, w->cpu_seqs, h->threads);
+        if (m == EX_TWO && b->cpu_seqs > 0 && b->cpu_seqs < w->cpu_seqs) /* two halves */
+            pc = apex_t_catt(p, w->cpu_tokens - b->cpu_tokens, w->cpu_seqs - b->cpu_seqs,
+                             h->threads) +
+                 apex_t_catt(p, b->cpu_tokens, b->cpu_seqs, h->threads);
+        apex_correction_update(&pol->corr, APEX_C_CATT, pc, o->catt);
+    }
     if (w->gpu_tokens > 0)
         apex_correction_update(&pol->corr, APEX_C_GATT, apex_t_gatt(p, w->gpu_tokens), o->gatt);
-    double lin_pred = m == EX_PIPELINE
-                          ? apex_t_lin(p, w->gpu_seqs + w->prefill_tokens) + apex_t_lin(p, w->cpu_seqs)
-                          : apex_t_lin(p, w->gpu_seqs + w->prefill_tokens +
-                                              (m == EX_OVERLAP ? w->cpu_seqs : 0));
+    double lin_pred =
+        m == EX_TWO
+            ? apex_t_lin(p, w->gpu_seqs + w->cpu_seqs + w->prefill_tokens - b->gpu_seqs -
+                                b->cpu_seqs - b->prefill_tokens) +
+                  apex_t_lin(p, b->gpu_seqs + b->cpu_seqs + b->prefill_tokens)
+            : apex_t_lin(p, w->gpu_seqs + w->prefill_tokens + (m == EX_OVERLAP ? w->cpu_seqs : 0));
     apex_correction_update(&pol->corr, APEX_C_LIN, lin_pred, o->lin);
 }

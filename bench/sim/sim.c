@@ -130,7 +130,7 @@ int sim_run(const sim_hw *h, policy_kind kind, const workload *wl, double tpot_t
         pl.capacity = N;
         exec_mode m = policy_plan(&pol, h, &st, &pl);
         step_out o;
-        exec_step(h, m, &pl.work, &nr, &o);
+        exec_step(h, m, &pl.work, &pol.sb1, &nr, &o);
         if (!(o.t > 0)) o.t = h->truth.step_overhead_s;
         policy_observe(&pol, h, m, &pl.work, &o);
         t += o.t;

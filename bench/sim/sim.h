@@ -58,6 +58,13 @@ typedef struct sim_hw {
 int sim_hw_init(sim_hw *h, const char *preset, double drift_catt);
 
 /* ------------------------------------------------------------ policies */
+/* The work of one sub-batch. */
+typedef struct sub_batch {
+    double gpu_seqs, gpu_tokens;   /* decodes attended on the GPU */
+    double cpu_seqs, cpu_tokens;   /* decodes attended on the CPU */
+    double prefill_tokens;
+} sub_batch;
+
 typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX } policy_kind;
 
 typedef struct policy {
@@ -66,10 +73,14 @@ typedef struct policy {
     apex_correction corr;
     sched_scratch scratch;
     int use_correction;
+    sub_batch sb1;         /* sub-batch 1 of the last plan (EX_TWO)       */
 } policy;
 
-/* exec mode of a step */
-typedef enum { EX_GPU_ONLY, EX_OVERLAP, EX_PIPELINE, EX_FASTDECODE } exec_mode;
+/* exec mode of a step: GPU only; one batch with asynchronous overlap; two
+ * pipelined sub-batches (sub-batch 1 described by a sub_batch, sub-batch 0
+ * is the rest of the step's work). */
+typedef enum { EX_GPU_ONLY, EX_OVERLAP, EX_TWO } exec_mode;
+
 
 typedef struct step_out {
     double t;            /* step time                                  */
@@ -78,9 +89,10 @@ typedef struct step_out {
     double lin, gatt, catt, pref, pcie_layer;
 } step_out;
 
-/* Times a step of `w` in mode m on h's true hardware. */
-void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, sim_rng *noise,
-               step_out *o);
+/* Times a step of `w` in mode m on h's true hardware; sb1 (EX_TWO only) is
+ * the part of w in sub-batch 1. */
+void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batch *sb1,
+               sim_rng *noise, step_out *o);
 
 /* Fills plan (action, chunk, strategy) for the state; returns exec mode. */
 exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st,
@@ -101,6 +113,7 @@ typedef struct sim_result {
     double mean_batch, mean_cpu_cohort;
     int64_t steps, preemptions, to_host, to_gpu;
     int64_t strat_steps[SCHED_N_STRATEGIES];
+    double tpot_mean_ms;
     double corr_catt, corr_lin;
 } sim_result;
 

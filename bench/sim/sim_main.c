@@ -63,6 +63,7 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
            "\"steps\": %lld, \"mean_batch\": %.2f, \"mean_cpu_cohort\": %.2f, "
            "\"preemptions\": %lld, \"migrations_to_host\": %lld, \"migrations_to_gpu\": %lld, "
            "\"steps_gpu_only\": %lld, \"steps_overlap\": %lld, \"steps_pipeline\": %lld, "
+           "\"steps_split\": %lld, "
            "\"tpot_target_ms\": %.3f, \"gpu_kv_tokens\": %lld, \"host_kv_tokens\": %lld, "
            "\"correction_catt\": %.4f, \"correction_lin\": %.4f}\n",
            h->name, wname, policy_name(k), wl->closed ? "closed" : "poisson", wl->n_requests,
@@ -70,7 +71,7 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
            r->tpot_p50_ms, r->tpot_p99_ms, r->gpu_busy_frac, r->duration_s,
            (long long)r->steps, r->mean_batch, r->mean_cpu_cohort, (long long)r->preemptions,
            (long long)r->to_host, (long long)r->to_gpu, (long long)r->strat_steps[0],
-           (long long)r->strat_steps[1], (long long)r->strat_steps[2],
+           (long long)r->strat_steps[1], (long long)r->strat_steps[2], (long long)r->strat_steps[3],
            k == POL_APEX ? target * 1e3 : 0.0, (long long)(h->gpu_blocks * h->block_tokens),
            (long long)(h->host_blocks * h->block_tokens), r->corr_catt, r->corr_lin);
 }

@@ -1,23 +1,34 @@
-/* model.c - step-time predictions for the three strategies.
+/* model.c - step-time predictions for the four strategies.
  *
  * Per layer l of L (step-level profile values divided by L):
  *   lin_l(r)  linear layers over r rows     gatt_l   GPU decode attention
  *   pre_l     prefill's attention part      catt_l   CPU attention of the cohort
- *   cpu_l     = d2h(cohort q,k,v) + catt_l + h2d(cohort out) + sync
+ *   cpu_l(C)  = d2h(cohort q,k,v) + catt_l + h2d(cohort out) + sync
  *
  *   GPU-only   step = o + L * (lin_l(G+P) + gatt_l + pre_l)
  *   overlap    step = o + L * (lin_l(G+C+P) + max(gatt_l + pre_l, cpu_l))
  *              one batch, so the CPU branch can hide only under the GPU
  *              branch's attention; linear layers read the weights once.
- *   pipeline   step = o + L * (lin_l(C) + max(lin_l(G+P) + gatt_l + pre_l, cpu_l))
- *              two sub-batches (NEO's asymmetric pipelining): the cohort's
- *              attention of layer l hides under the other sub-batch's whole
- *              layer, but the cohort's own chain (its linear layers, then its
- *              attention, then its next linear layers) is serial, and its
- *              linear layers are a second launch of the same GEMMs: every
- *              weight is read twice. Pays off only when the linear layers are
- *              compute-bound (big batches, prefill chunks in sub-batch 0);
- *              memory-bound, lin_l(C) ~ lin_l(G+C) and overlap always wins.
+ *   two sub-batches (k = 0, 1), each a chain per layer [its linear layers]
+ *   -> [its attention: GPU part and CPU part in parallel] -> next layer,
+ *   the GPU stream alternating between the two chains' GPU work:
+ *              step = o + L * max(GPU_l, CPU_l, chain0_l, chain1_l)
+ *                GPU_l   = lin_l(b0) + att0_l + lin_l(b1) + att1_l  (GPU busy)
+ *                CPU_l   = cpu0_l + cpu1_l                         (CPU busy)
+ *                chaink_l = lin_l(bk) + max(attk_l, cpuk_l)  (a chain is serial)
+ *     pipeline   (NEO's asymmetric form) b0 = G + P on the GPU, b1 = the whole
+ *              cohort C on the CPU: the cohort's attention hides under
+ *              sub-batch 0's whole layer, but its linear layers are a second
+ *              launch of the same GEMMs (every weight read twice) and its own
+ *              chain stays serial: = o + L * (lin_l(C) + max(b0_l, cpu_l(C))).
+ *     split      b0 = G + P + C/2 (GPU attention and half the cohort's CPU
+ *              attention in parallel), b1 = the other C/2: while the CPU
+ *              attends one half, the GPU runs the other half's linear layers.
+ *              The form for a CPU-bound step (the CPU stays busy; the
+ *              cohort's linear layers hide under CPU attention), at the price
+ *              of the second weight read. Halves are priced with C/2
+ *              sequences and half the tokens each (lin over max(C/2, 1) rows),
+ *              so the prediction stays monotone in C.
  * Migrations and host-bound prefill KV use the copy engines concurrently:
  * step = max(step, link busy time).
  */
@@ -30,6 +41,7 @@ const char *sched_strategy_name(sched_strategy s) {
     case SCHED_GPU_ONLY: return "gpu_only";
     case SCHED_OVERLAP: return "overlap";
     case SCHED_PIPELINE: return "pipeline";
+    case SCHED_SPLIT: return "split";
     default: return "unknown";
     }
 }
@@ -79,12 +91,32 @@ void model_components(const model_ctx *m, const sched_work *w, model_comp *c) {
         cpu_l = c->catt / L + m->f[APEX_C_PCIE] * pcie + p->layer_sync_s;
     }
     c->cpu_l = cpu_l;
+    double h = w->cpu_seqs * 0.5;
+    c->lin_h0 = m->f[APEX_C_LIN] * apex_t_lin(p, w->gpu_seqs + h + P);
+    c->lin_h1 = h > 0 ? m->f[APEX_C_LIN] * apex_t_lin(p, h > 1 ? h : 1) : 0;
+    double cpu_h = 0;
+    if (h > 0) {
+        double pcie = p->d2h.lat_s + p->h2d.lat_s + h * (m->d2h_per_seq + m->h2d_per_seq);
+        cpu_h = m->f[APEX_C_CATT] * apex_t_catt(p, w->cpu_tokens * 0.5, h, m->threads) / L +
+                m->f[APEX_C_PCIE] * pcie + p->layer_sync_s;
+    }
+    c->cpu_h_l = cpu_h;
     double kvB = m->kv_tok_B;
     double d2h = 0, h2d = 0;
     if (w->migrate_d2h_tokens + w->prefill_host_tokens > 0)
         d2h = apex_t_link(&p->d2h, (w->migrate_d2h_tokens + w->prefill_host_tokens) * kvB);
     if (w->migrate_h2d_tokens > 0) h2d = apex_t_link(&p->h2d, w->migrate_h2d_tokens * kvB);
     c->link = m->f[APEX_C_PCIE] * (d2h > h2d ? d2h : h2d);
+}
+
+static inline double dmax(double a, double b) { return a > b ? a : b; }
+
+/* Per-layer period of two pipelined sub-batches (see the header comment). */
+static double two_chain_l(double lin0, double att0, double cpu0, double lin1, double att1,
+                          double cpu1) {
+    double t = dmax(lin0 + att0 + lin1 + att1, cpu0 + cpu1);
+    t = dmax(t, lin0 + dmax(att0, cpu0));
+    return dmax(t, lin1 + dmax(att1, cpu1));
 }
 
 double model_total(const model_ctx *m, const model_comp *c, sched_strategy s,
@@ -99,13 +131,14 @@ double model_total(const model_ctx *m, const model_comp *c, sched_strategy s,
         g = c->lin_all + c->gatt + c->pref;
         break;
     }
-    case SCHED_PIPELINE: {
-        double b0_l = c->lin_b0 / L + att_l;
-        double br = b0_l > c->cpu_l ? b0_l : c->cpu_l;
-        t = o + c->lin_b1 + L * br;
+    case SCHED_PIPELINE:
+        t = o + L * two_chain_l(c->lin_b0 / L, att_l, 0, c->lin_b1 / L, 0, c->cpu_l);
         g = c->lin_b0 + c->lin_b1 + c->gatt + c->pref;
         break;
-    }
+    case SCHED_SPLIT:
+        t = o + L * two_chain_l(c->lin_h0 / L, att_l, c->cpu_h_l, c->lin_h1 / L, 0, c->cpu_h_l);
+        g = c->lin_h0 + c->lin_h1 + c->gatt + c->pref;
+        break;
     default: /* GPU-only: the cohort, if any, is not run */
         t = o + c->lin_b0 + c->gatt + c->pref;
         g = c->lin_b0 + c->gatt + c->pref;
@@ -126,9 +159,12 @@ void apex_model_predict(const apex_profile *p, const apex_correction *corr,
     model_prepare(&m, p, corr, threads);
     model_components(&m, &ww, &c);
     out->total_s = model_total(&m, &c, s, &out->gpu_s);
-    out->cpu_s = c.cpu_l * m.L;
+    out->cpu_s = (s == SCHED_SPLIT ? 2 * c.cpu_h_l : c.cpu_l) * m.L;
     out->link_s = c.link;
-    out->lin_s = s == SCHED_OVERLAP ? c.lin_all : c.lin_b0 + (s == SCHED_PIPELINE ? c.lin_b1 : 0);
+    out->lin_s = s == SCHED_OVERLAP    ? c.lin_all
+                 : s == SCHED_PIPELINE ? c.lin_b0 + c.lin_b1
+                 : s == SCHED_SPLIT    ? c.lin_h0 + c.lin_h1
+                                       : c.lin_b0;
     out->gatt_s = c.gatt;
     out->catt_s = c.catt;
     out->pref_s = c.pref;

@@ -20,6 +20,11 @@ typedef struct model_comp {
     double lin_b1;  /* linear over the CPU cohort alone (second launch) */
     double gatt, pref, catt;
     double cpu_l;   /* CPU branch per layer incl. copies and sync     */
+    /* split cohort: sub-batch 0 = GPU cohort + prefill + half the cohort,
+     * sub-batch 1 = the other half (C/2 sequences, half the tokens each) */
+    double lin_h0;  /* linear over G + P + C/2 rows                   */
+    double lin_h1;  /* linear over max(C/2, 1) rows                   */
+    double cpu_h_l; /* CPU branch per layer of one half               */
     double link;    /* copy-engine time of migrations / host prefill KV */
 } model_comp;
 

@@ -33,6 +33,7 @@ void sched_config_default(sched_config *c) {
     c->max_wait_steps = 4;
     c->gpu_reserve_frac = 0.02;
     c->ctx_horizon = 512;
+    c->gpu_horizon = 0;
 }
 
 sched_status sched_scratch_init(sched_scratch *s, int32_t capacity) {
@@ -111,8 +112,90 @@ static double best_k(const eval_ctx *e, sched_strategy s, int kmin, int kmax, in
     }
     double r;
     *tbest = eval_k(e, s, lo, &r);
+    /* With a latency target, a host decoder left out of the cohort idles:
+     * run round-robin, its per-token latency is about t(k) * ceil(kmax/k).
+     * If running every candidate is no slower for the worst-off request,
+     * run them all, target or not (idling only adds latency then). */
+    if (e->target > 0 && lo < kmax && lo > 0) {
+        double ra, ta = eval_k(e, s, kmax, &ra);
+        if (ta <= *tbest * ceil((double)kmax / lo)) {
+            *tbest = ta;
+            r = ra;
+            lo = kmax;
+        }
+    }
     *kbest = lo;
     return r;
+}
+
+/* Decode rate (and step time) of the best hybrid strategy with a cohort of
+ * `seqs` sequences holding `tok` tokens on top of e->base's GPU cohort
+ * (decode only: no prefill, no migrations). GPU-only counts when seqs == 0. */
+static double cohort_rate(const eval_ctx *e, uint32_t mask, double seqs, double tok,
+                          double *t_out) {
+    sched_work w;
+    memset(&w, 0, sizeof w);
+    w.gpu_seqs = e->base.gpu_seqs;
+    w.gpu_tokens = e->base.gpu_tokens;
+    w.cpu_seqs = seqs;
+    w.cpu_tokens = tok;
+    double best = -1, tb = 0;
+    for (int s = 0; s < SCHED_N_STRATEGIES; s++) {
+        if (!(mask & (1u << s)) || (s == SCHED_GPU_ONLY) != (seqs <= 0)) continue;
+        model_comp cc;
+        model_components(&e->m, &w, &cc);
+        double t = model_total(&e->m, &cc, (sched_strategy)s, NULL);
+        double r = t > 0 ? (w.gpu_seqs + w.cpu_seqs) / t : 0;
+        if (r > best) { best = r; tb = t; }
+    }
+    if (t_out) *t_out = tb;
+    return best;
+}
+
+/* How many of the waiting requests from index `from` on (FCFS) should go to
+ * the host tier this step: the prefix of j of them (j = 1, 2, 4, ...) with
+ * the best decode rate of the projected cohort -- host decoders now plus
+ * host prefills in flight plus the j, every member's context projected
+ * ctx_horizon tokens ahead -- if that rate beats the projected cohort
+ * without them and the step stays within the latency target; else 0.
+ * A prefix, not one request: a two-sub-batch form pays off only once the
+ * cohort is big enough, so one more request alone may not. O(n) + O(log n)
+ * model evaluations. */
+static int host_admissions(const eval_ctx *e, const sched_config *cfg, uint32_t mask,
+                           const sched_state *st, int from, int k_run, double run_tok,
+                           double pend_n, double pend_tok, int64_t hfree, int slots) {
+    double H = cfg->ctx_horizon > 0 ? cfg->ctx_horizon : 0;
+    double n0 = k_run + pend_n, tok0 = run_tok + pend_tok + H * n0;
+    double r_now = cohort_rate(e, mask, n0, tok0, NULL);
+    int best_j = 0, j = 0, next = 1;
+    double best_r = r_now * (1 + 1e-9), tok = tok0;
+    int evaluated = 0;
+    for (int i = from; i <= st->n_seqs; i++) {
+        int stop = i == st->n_seqs || j >= slots;
+        const sched_seq *q = stop ? NULL : &st->seqs[i];
+        if (q && q->phase != SCHED_WAITING) continue;
+        if (q) {
+            int64_t nb = blocks_for(q->ctx_len + q->prompt_left + 1, st->block_tokens);
+            if (nb > hfree) stop = 1;
+            else {
+                hfree -= nb;
+                j++;
+                tok += (double)q->ctx_len + q->prompt_left + 1 + H;
+            }
+        }
+        /* evaluate at j = 1, 2, 4, ... and at the last j */
+        if (j == 0 || evaluated == j || (!stop && j != next)) {
+            if (stop) break;
+            continue;
+        }
+        if (j == next) next *= 2;
+        evaluated = j;
+        double t, r = cohort_rate(e, mask, n0 + j, tok, &t);
+        if (e->target > 0 && t > e->target) break; /* t grows with j */
+        if (r > best_r) { best_r = r; best_j = j; }
+        if (stop) break;
+    }
+    return best_j;
 }
 
 sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
@@ -183,11 +266,16 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
     }
     gfree -= need;
     /* 3. promotions host -> GPU while there is spare room (oldest first) */
+    int64_t n_gpu_dec = 0;
+    for (int i = 0; i < n; i++) n_gpu_dec += act[i] == SCHED_ACT_DECODE_GPU;
     for (int i = 0; i < n && n_host_dec > 0; i++) {
         const sched_seq *q = &st->seqs[i];
         if (q->phase != SCHED_DECODING || q->tier != SCHED_TIER_CPU) continue;
         int64_t nb = blocks_for(q->ctx_len + 1, bt);
-        if (gfree - nb < reserve) break;
+        /* the same growth headroom as a GPU admission (see step 5) */
+        if (gfree - nb - blocks_for((int64_t)cfg->gpu_horizon * (n_gpu_dec + 1), bt) < reserve)
+            break;
+        n_gpu_dec++;
         act[i] = SCHED_ACT_TO_GPU;
         gfree -= nb;
         hfree += blocks_for(q->ctx_len, bt);
@@ -228,6 +316,14 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
     /* The prefill already in flight (partial prompts) is part of every
      * candidate's step; admissions are decided after the cohort. */
     int64_t budget = cfg->prefill_budget;
+    double pend_n = 0, pend_tok = 0; /* host sequences still prefilling */
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        if (q->phase == SCHED_PREFILLING && q->tier == SCHED_TIER_CPU) {
+            pend_n += 1;
+            pend_tok += (double)q->ctx_len + q->prompt_left + 1;
+        }
+    }
     for (int i = 0; i < n && budget > 0; i++) {
         const sched_seq *q = &st->seqs[i];
         if (q->phase != SCHED_PREFILLING || q->prompt_left <= 0) continue;
@@ -258,7 +354,9 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
             t = eval_k(&e, SCHED_GPU_ONLY, 0, &r);
         } else {
             if (nc == 0) continue;
-            r = best_k(&e, (sched_strategy)s, forced, nc, &kk, &t);
+            /* k >= 1: a two-sub-batch form pays a fixed second launch that
+             * only a larger cohort amortises, so k = 0 is no reference */
+            r = best_k(&e, (sched_strategy)s, forced > 0 ? forced : 1, nc, &kk, &t);
             if (kk == 0) continue; /* identical to GPU-only */
         }
         if (r > best_rate * (1 + 1e-9)) { best_rate = r; best_s = (sched_strategy)s; best_kk = kk; best_t = t; }
@@ -274,6 +372,8 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
     int k_run = best_kk;
     int all_host_run = best_kk == nc;
     int32_t min_chunk = bt * 8;
+    int host_quota = -1; /* host admissions that pay this step (-1: not yet computed) */
+    int64_t n_gpu_res = (int64_t)base.gpu_seqs + plan->n_to_gpu; /* GPU residents */
     for (int i = 0; i < n && budget > 0; i++) {
         const sched_seq *q = &st->seqs[i];
         if (q->phase != SCHED_WAITING) continue;
@@ -281,54 +381,30 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
         int64_t c = q->prompt_left < budget ? q->prompt_left : budget;
         if (c <= 0) break;
         int64_t need_gpu = blocks_for(q->ctx_len + q->prompt_left + 1, bt);
-        int to_gpu = gfree - need_gpu >= reserve;
+        /* growth headroom: every GPU sequence (this one included) is
+         * projected gpu_horizon tokens ahead, so admissions do not fill the
+         * pool only to evict (and later promote back) as contexts grow */
+        int64_t grow = blocks_for((int64_t)cfg->gpu_horizon * (n_gpu_res + 1), bt);
+        int to_gpu = gfree - need_gpu - grow >= reserve;
         if (!to_gpu) {
             /* host admission: the sequence joins the cohort next steps; it
-             * must pay (rate does not drop) and keep the step in target */
+             * must pay (the decode rate of the projected cohort rises) and
+             * keep the step in target */
             if (!cfg->host_tier || !all_host_run) break;
             int64_t nb = blocks_for(q->ctx_len + q->prompt_left + 1, bt);
             if (nb > hfree) break;
-            /* decode-only rates: the cohort now vs. the cohort plus this one */
-            sched_work w = e.base;
-            w.prefill_tokens = 0;
-            w.prefill_host_tokens = 0;
-            w.cpu_seqs = k_run;
-            w.cpu_tokens = cum[k_run];
-            double r_now = -1, r_new, t_new = 0, best_new = -1;
-            for (int s = 0; s < SCHED_N_STRATEGIES; s++) {
-                if (!(mask & (1u << s))) continue;
-                model_comp cc;
-                if (s != SCHED_GPU_ONLY || k_run == 0) {
-                    model_components(&e.m, &w, &cc);
-                    double t = model_total(&e.m, &cc, (sched_strategy)s, NULL);
-                    double r = (w.gpu_seqs + w.cpu_seqs) / t;
-                    if (r > r_now) r_now = r;
-                }
-            }
-            w.cpu_seqs = k_run + 1;
-            w.cpu_tokens = cum[k_run] + q->ctx_len + q->prompt_left + 1 +
-                           (double)cfg->ctx_horizon * (k_run + 1);
-            for (int s = SCHED_OVERLAP; s < SCHED_N_STRATEGIES; s++) {
-                if (!(mask & (1u << s))) continue;
-                model_comp cc;
-                model_components(&e.m, &w, &cc);
-                double t = model_total(&e.m, &cc, (sched_strategy)s, NULL);
-                double r = (w.gpu_seqs + w.cpu_seqs) / t;
-                if (r > best_new) { best_new = r; t_new = t; }
-            }
-            if (best_new < 0) break;
-            r_new = best_new;
-            if (r_new < r_now * (1 + 1e-9)) break;
-            if (e.target > 0 && t_new > e.target) break;
+            if (host_quota < 0)
+                host_quota = host_admissions(&e, cfg, mask, st, i, k_run, cum[k_run], pend_n,
+                                             pend_tok, hfree, cfg->max_batch - n_run);
+            if (host_quota == 0) break;
+            host_quota--;
             hfree -= nb;
             act[i] = SCHED_ACT_PREFILL_HOST;
             e.base.prefill_host_tokens += (double)c;
-            k_run++;
-            /* scratch: cum has capacity n+1 >= k_run+1 */
-            cum[k_run] = w.cpu_tokens - (double)cfg->ctx_horizon * k_run;
         } else {
             gfree -= need_gpu;
             act[i] = SCHED_ACT_PREFILL_GPU;
+            n_gpu_res++;
         }
         chunk[i] = (int32_t)c;
         budget -= c;

@@ -10,7 +10,10 @@
  *                  attention hides under the GPU cohort's attention only),
  *                  asymmetric pipelining (two sub-batches, the CPU cohort's
  *                  attention hides under the GPU's whole layer, at the price
- *                  of a second read of every weight).
+ *                  of a second read of every weight), split cohort (two
+ *                  sub-batches each carrying half the CPU cohort: the CPU
+ *                  attends one half while the GPU runs the other half's
+ *                  linear layers; the form for a CPU-bound step).
  *   scheduler      apex_sched_plan(): a pure, deterministic function of
  *                  (sequence states, profile, correction, config) -> plan.
  *                  O(n) per decision, no allocation: the caller provides the
@@ -186,7 +189,10 @@ typedef enum sched_strategy {
     SCHED_GPU_ONLY = 0,
     SCHED_OVERLAP = 1,   /* asynchronous overlap, one batch             */
     SCHED_PIPELINE = 2,  /* asymmetric pipelining, two sub-batches      */
-    SCHED_N_STRATEGIES = 3
+    SCHED_SPLIT = 3,     /* split cohort: two sub-batches, each with half
+                            the CPU cohort; sub-batch 0 also carries the
+                            GPU cohort and prefill (overlap inside it)   */
+    SCHED_N_STRATEGIES = 4
 } sched_strategy;
 const char *sched_strategy_name(sched_strategy s);
 
@@ -257,6 +263,11 @@ typedef struct sched_config {
     int32_t ctx_horizon;     /* host admission: every cohort member's context
                                 is projected this many tokens ahead, so the
                                 cohort still fits when it has grown         */
+    int32_t gpu_horizon;     /* GPU admission and promotion: every GPU
+                                sequence is projected this many tokens ahead
+                                and the pool must hold that growth too (0:
+                                none), so the pool is not filled only to
+                                evict as contexts grow                      */
 } sched_config;
 void sched_config_default(sched_config *c);
 
