@@ -19,6 +19,9 @@
 
 #include "sim.h"
 
+/* apex-sim --gpu-horizon: APEX's GPU growth headroom; -1 = the default. */
+int32_t g_gpu_horizon = -1;
+
 const char *policy_name(policy_kind k) {
     static const char *n[] = {"vllm", "fastdecode", "neo", "apex"};
     return n[k];
@@ -34,6 +37,7 @@ void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target
     pol->cfg.cpu_threads = h->threads;
     pol->cfg.tpot_target_s = k == POL_APEX ? tpot_target_s : 0;
     pol->cfg.gpu_reserve_frac = 0.01;
+    if (k == POL_APEX && g_gpu_horizon >= 0) pol->cfg.gpu_horizon = g_gpu_horizon;
     apex_correction_init(&pol->corr);
     pol->use_correction = k == POL_APEX;
     sched_scratch_init(&pol->scratch, capacity);

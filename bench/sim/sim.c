@@ -137,6 +137,7 @@ int sim_run(const sim_hw *h, policy_kind kind, const workload *wl, double tpot_t
         busy += o.gpu_busy;
         res->steps++;
         res->strat_steps[pl.strategy]++;
+        if (pl.pred.total_s > 0) res->pred_ratio[pl.strategy] += pl.pred.total_s / o.t;
         sum_batch += pl.work.gpu_seqs + pl.work.cpu_seqs;
         sum_cpu += pl.work.cpu_seqs;
         int progressed = pl.work.gpu_seqs + pl.work.cpu_seqs + pl.work.prefill_tokens > 0;
@@ -290,6 +291,8 @@ int sim_run(const sim_hw *h, policy_kind kind, const workload *wl, double tpot_t
     res->gpu_busy_frac = t > 0 ? busy / t : 0;
     res->mean_batch = res->steps ? sum_batch / res->steps : 0;
     res->mean_cpu_cohort = res->steps ? sum_cpu / res->steps : 0;
+    for (int k = 0; k < SCHED_N_STRATEGIES; k++)
+        if (res->strat_steps[k] > 0) res->pred_ratio[k] /= (double)res->strat_steps[k];
     res->corr_catt = pol.corr.f[APEX_C_CATT];
     res->corr_lin = pol.corr.f[APEX_C_LIN];
     free(ttft); free(tpot);

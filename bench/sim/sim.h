@@ -113,7 +113,7 @@ typedef struct sim_result {
     double mean_batch, mean_cpu_cohort;
     int64_t steps, preemptions, to_host, to_gpu;
     int64_t strat_steps[SCHED_N_STRATEGIES];
-    double tpot_mean_ms;
+    double pred_ratio[SCHED_N_STRATEGIES]; /* apex: mean predicted / true step time */
     double corr_catt, corr_lin;
 } sim_result;
 
