@@ -18,6 +18,7 @@
 
 #include "bench/bench.h"
 #include "bench/stream.h"
+#include "csrc/host_mem.h"
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/dtype_convert.h"
 
@@ -32,7 +33,7 @@ typedef struct {
     int32_t threads, q_heads, kv_heads, head_dim, block_tokens, iters;
     apex_dtype kv_dtype;
     double max_gb, min_seconds;
-    int json, thp;
+    int json, small_pages;
 } opts;
 
 static const char *dtype_name(apex_dtype t) {
@@ -64,13 +65,14 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: apex-bench attn [--json] [--batch N,..] [--ctx N,..] [--threads N]\n"
             "         [--kv-dtype f16|bf16|f32] [--head-dim N] [--q-heads N] [--kv-heads N]\n"
-            "         [--block N] [--iters N] [--min-seconds S] [--max-gb G] [--thp]\n"
+            "         [--block N] [--iters N] [--min-seconds S] [--max-gb G] [--small-pages]\n"
             "defaults: Llama-3.1-8B attention (32 q heads, 8 KV heads, head_dim 128,\n"
             "f16 KV, block 16), batch 1,4,16,64, ctx 512,2048,8192,32768, one thread\n"
             "per CPU, cases with more than --max-gb (10) GB of KV skipped.\n"
             "--iters caps the timed iterations (default: as many as fit in\n"
-            "--min-seconds, 0.5, at least 5). --thp asks for transparent huge pages\n"
-            "for the KV (the host pool uses plain pages). APEX_ISA=avx512|avx2|scalar\n"
+            "--min-seconds, 0.5, at least 5). KV memory comes from the host pool's\n"
+            "allocator (transparent huge pages); --small-pages uses 4 KiB pages.\n"
+            "APEX_ISA=avx512|avx2|scalar\n"
             "picks the kernel.\n");
 }
 
@@ -83,7 +85,7 @@ static int parse(int argc, char **argv, opts *o) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "--json")) { o->json = 1; continue; }
-        if (!strcmp(a, "--thp")) { o->thp = 1; continue; }
+        if (!strcmp(a, "--small-pages")) { o->small_pages = 1; continue; }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
         if (!v) bad = 1;
         else if (!strcmp(a, "--batch")) bad = parse_list(v, o->batch, &o->n_batch);
@@ -169,7 +171,10 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
     int32_t *lens = malloc((size_t)batch * sizeof *lens);
     const size_t nq = (size_t)batch * (size_t)o->q_heads * (size_t)D;
     float *q = malloc(nq * sizeof *q), *out = malloc(nq * sizeof *out);
-    uint8_t *kv = aligned_alloc(4096, ((size_t)layers * slab + 4095) & ~(size_t)4095);
+    /* The host pool's own allocator (huge pages, NUMA binding) unless
+     * --small-pages asks for plain 4 KiB pages, for comparison. */
+    size_t kv_alloc = ((size_t)layers * slab + 4095) & ~(size_t)4095;
+    uint8_t *kv = o->small_pages ? aligned_alloc(4096, kv_alloc) : host_mem_alloc(NULL, kv_alloc);
     cpu_attn_ws *ws = cpu_attn_ws_create(&g, batch, ctx, o->threads);
     double *times = NULL;
     int rc = -1;
@@ -193,8 +198,6 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         q[i] = (float)((double)(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
     }
-    /* Like the host pool (csrc/host_mem.c): plain pages unless --thp. */
-    if (o->thp) madvise(kv, ((size_t)layers * slab + 4095) & ~(size_t)4095, MADV_HUGEPAGE);
     fill_kv(kv, (size_t)layers * slab, o->kv_dtype, o->threads);
 
     cpu_attn_batch b = {
@@ -241,7 +244,8 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
 done:
     free(times);
     cpu_attn_ws_destroy(ws);
-    free(kv);
+    if (o->small_pages) free(kv);
+    else host_mem_free(kv, kv_alloc);
     free(table);
     free(lens);
     free(q);
@@ -255,8 +259,8 @@ int bench_attn_main(int argc, char **argv) {
     const char *isa = cpu_attn_isa_name(cpu_attn_isa_selected());
     if (o.json)
         printf("{\"bench\":\"attn\",\"isa\":\"%s\",\"timing\":\"best of iters (median also "
-               "given); stream: best of 5 reads of %llu bytes\",\"thp\":%s,\"cases\":[",
-               isa, (unsigned long long)STREAM_BYTES, o.thp ? "true" : "false");
+               "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,\"cases\":[",
+               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false");
     else
         printf("apex-bench attn: isa %s, %d threads, %d q / %d kv heads, head_dim %d, %s KV, "
                "block %d\ntimes: best of the timed iterations (median in brackets)\n\n"

@@ -11,7 +11,8 @@ typedef struct stream_buf {
     size_t bytes;
 } stream_buf;
 
-/* Allocates bytes (rounded to 4 KiB) and writes them with an n_threads
+/* Allocates bytes (rounded to 4 KiB) with the host pool's allocator
+ * (csrc/host_mem.c: huge pages, like the KV it is compared with) and writes them with an n_threads
  * team, so pages are really backed and placed where those threads run.
  * Returns 0, or -1 if the allocation failed. */
 int stream_init(stream_buf *s, size_t bytes, int n_threads);

