@@ -50,6 +50,7 @@ int cpu_attn_strided_check(const cpu_attn_strided_desc *d) {
     if (d->kv_dtype != APEX_DTYPE_F16 && d->kv_dtype != APEX_DTYPE_F32) return -1;
     if (!(d->scale != 0.0f) || !isfinite(d->scale) || !(d->softcap >= 0.0f) || !isfinite(d->softcap))
         return -1;
+    if (d->ggml_compat && !cpu_attn_strided_compat_ok(d->head_dim, d->kv_dtype)) return -1;
     return 0;
 }
 
@@ -222,6 +223,10 @@ static void item_scalar(const cpu_attn_strided_desc *d, const unit *u, int32_t r
 
 #if HAVE_X86
 #define T512 __attribute__((target("avx512f,avx2,fma,f16c")))
+/* S = S*ms + vs as ggml-cpu's compiled code evaluates it. */
+#ifndef COMPAT_SUM
+#define COMPAT_SUM(S, ms, vs) fmaf((S), (ms), (vs))
+#endif
 
 /* e^x, relative error ~2e-7: Cephes expf polynomial on x - n ln2, scaled by
  * 2^n with scalef (which underflows cleanly to 0). */
@@ -310,7 +315,91 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
         }
     }
 }
+
+/* ggml-cpu's row-by-row FLASH_ATTN_EXT (ggml_compute_forward_flash_attn_ext_
+ * f16_one_chunk) for f16 KV on AVX-512, operation for operation: q rounded to
+ * f16; the K.q dot in four 16-lane FMA accumulators reduced as
+ * GGML_F32x16_REDUCE does; online softmax with libm expf; the output
+ * accumulated in f16 (each update rounded to f16, as ggml_vec_mad_f16 and
+ * ggml_vec_scale_f16 store it). Each query keeps its own sequential state;
+ * the K/V rows are converted once per block for all queries of the unit. */
+T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
+                                float *scr, float *m, float *l, float *acc) {
+    const int32_t D = d->head_dim, NV = D / 16, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
+    const int32_t nq = G * tt;
+    float *qb = scr, *kb = qb + (size_t)nq * D, *vb = kb + (size_t)BR * D, *mv = vb + (size_t)BR * D;
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t t = 0; t < tt; t++)
+            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
+    for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+    memset(acc, 0, (size_t)nq * D * sizeof(float));
+    float scale = d->scale;
+    if (d->softcap != 0.0f) scale /= d->softcap;
+    for (int32_t r = r0; r < r1; r += BR) {
+        const int32_t nr = r1 - r < BR ? r1 - r : BR;
+        if (!load_mask_block(d, u, r, nr, mv)) continue;
+        for (int32_t rr = 0; rr < nr; rr++) {
+            load_row16(d, kv_row(d->k, d->k_nb_stream, d->k_nb_head, d->k_nb_row, u->s, u->kvh, r + rr),
+                       kb + (size_t)rr * D);
+            load_row16(d, kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, r + rr),
+                       vb + (size_t)rr * D);
+        }
+        for (int32_t qi = 0; qi < nq; qi++) {
+            const float *q = qb + (size_t)qi * D, *mrow = mv + (size_t)(qi % tt) * BR;
+            float *a = acc + (size_t)qi * D;
+            float M = m[qi], S = l[qi];
+            for (int32_t rr = 0; rr < nr; rr++) {
+                const float mval = mrow[rr];
+                if (mval == -INFINITY) continue;
+                const float *k = kb + (size_t)rr * D, *v = vb + (size_t)rr * D;
+                __m512 s4[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                                _mm512_setzero_ps()};
+                for (int32_t i = 0; i < D; i += 64)
+                    for (int j = 0; j < 4; j++)
+                        s4[j] = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 16 * j), _mm512_loadu_ps(q + i + 16 * j),
+                                                s4[j]);
+                s4[0] = _mm512_add_ps(s4[0], s4[2]);
+                s4[1] = _mm512_add_ps(s4[1], s4[3]);
+                s4[0] = _mm512_add_ps(s4[0], s4[1]);
+                float sc = (float)(double)_mm512_reduce_add_ps(s4[0]);
+                sc = sc * scale;
+                if (d->softcap != 0.0f) sc = d->softcap * tanhf(sc);
+                sc = sc + mval;
+                const float Mold = M;
+                float ms = 1.0f, vs = 1.0f;
+                if (sc > M) {
+                    M = sc;
+                    ms = expf(Mold - M);
+                    const __m512 vms = _mm512_set1_ps(ms);
+                    for (int32_t i = 0; i < NV; i++)
+                        _mm512_storeu_ps(a + 16 * i, _mm512_cvtph_ps(_mm512_cvtps_ph(
+                                                         _mm512_mul_ps(_mm512_loadu_ps(a + 16 * i), vms), 0)));
+                } else {
+                    vs = expf(sc - M);
+                }
+                const __m512 vvs = _mm512_set1_ps(vs);
+                for (int32_t i = 0; i < NV; i++)
+                    _mm512_storeu_ps(a + 16 * i,
+                                     _mm512_cvtph_ps(_mm512_cvtps_ph(
+                                         _mm512_fmadd_ps(_mm512_loadu_ps(v + 16 * i), vvs, _mm512_loadu_ps(a + 16 * i)),
+                                         0)));
+                S = COMPAT_SUM(S, ms, vs);
+            }
+            m[qi] = M, l[qi] = S;
+        }
+    }
+}
 #endif
+
+int cpu_attn_strided_compat_ok(int32_t head_dim, apex_dtype kv_dtype) {
+#if HAVE_X86
+    return kv_dtype == APEX_DTYPE_F16 && head_dim > 0 && head_dim % 64 == 0 && head_dim <= MAX_D &&
+           __builtin_cpu_supports("avx512f");
+#else
+    (void)head_dim, (void)kv_dtype;
+    return 0;
+#endif
+}
 
 typedef void (*item_fn)(const cpu_attn_strided_desc *, const unit *, int32_t, int32_t, float *,
                         float *, float *, float *);
@@ -333,6 +422,7 @@ const char *cpu_attn_strided_isa(void) { return use_avx512() ? "avx512" : "scala
 
 static item_fn pick(const cpu_attn_strided_desc *d) {
 #if HAVE_X86
+    if (d->ggml_compat) return item_compat512;
     if (use_avx512() && d->head_dim % 16 == 0) return item_avx512;
 #endif
     (void)d;
@@ -398,7 +488,7 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
         unit *u = &units[ui];
         const int32_t len = u->hi - u->lo;
         int32_t ns = 1;
-        if (nunits < target && len > MIN_CHUNK) {
+        if (nunits < target && len > MIN_CHUNK && !d->ggml_compat) {
             ns = (target + nunits - 1) / nunits;
             if (ns > len / MIN_CHUNK) ns = len / MIN_CHUNK;
             if (ns < 1) ns = 1;

@@ -51,9 +51,15 @@ typedef struct cpu_attn_strided_desc {
     size_t out_nb_head, out_nb_tok, out_nb_stream;
     float scale;         /* never 0                                       */
     float softcap;       /* 0 = off                                       */
+    /* 1: reproduce ggml-cpu's FLASH_ATTN_EXT arithmetic bit for bit (its
+     * row-by-row path with an f16 output accumulator, on an AVX-512 build):
+     * same results as the engine, so greedy tokens match. Needs f16 KV,
+     * head_dim a multiple of 64 and AVX-512; never splits a range. */
+    int32_t ggml_compat;
 } cpu_attn_strided_desc;
 
 /* 0 if the descriptor is well formed and supported, else -1. */
+int cpu_attn_strided_compat_ok(int32_t head_dim, apex_dtype kv_dtype);
 int cpu_attn_strided_check(const cpu_attn_strided_desc *d);
 
 /* Plain scalar loops, the definition the fast path is held to. */

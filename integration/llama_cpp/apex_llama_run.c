@@ -1,0 +1,262 @@
+/* apex-llama-run: batched greedy generation through llama.cpp's C API, the
+ * engine side of integration/harness. All prompts are parallel sequences of
+ * one batch (one llama.cpp stream each): one prefill batch, then one decode
+ * batch per step with one token of every sequence. Whether APEX is in the
+ * process is decided outside (GGML_BACKEND_PATH / LD_PRELOAD); this program
+ * loads backends the way llama.cpp's tools do and reports APEX's counters
+ * when the APEX backend is registered.
+ *
+ *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
+ *                  [--logits-out FILE]
+ *                  [--fa on|off] [-v]
+ * Prints one JSON object on stdout. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ggml-backend.h"
+#include "llama.h"
+#include "shim/ggml_apex.h"
+
+static const char *k_prompts[] = {
+    "Write a short poem about the sea.",
+    "Explain what a KV cache is in a language model.",
+    "List three facts about the planet Mars.",
+    "What is the capital of France, and why is it famous?",
+    "Give me a recipe for a simple tomato soup.",
+    "Describe how a CPU differs from a GPU.",
+    "Tell a short story about a robot learning to paint.",
+    "Why is the sky blue? Answer briefly.",
+};
+#define N_BUILTIN (int)(sizeof k_prompts / sizeof k_prompts[0])
+
+static int g_verbose;
+
+static void log_cb(enum ggml_log_level level, const char *text, void *ud) {
+    (void)ud;
+    if (g_verbose || level >= GGML_LOG_LEVEL_WARN) fputs(text, stderr);
+}
+
+static bool quiet_progress(float p, void *ud) {
+    (void)p, (void)ud;
+    return true;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void die(const char *msg) {
+    fprintf(stderr, "apex-llama-run: %s\n", msg);
+    exit(1);
+}
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        const unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *logits_out = NULL;
+    int fa_on = 1;
+    int n_prompts = 8, n_gen = 128, n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN), logit_steps = 4;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-m") && val) model_path = val, i++;
+        else if (!strcmp(a, "-np") && val) n_prompts = atoi(val), i++;
+        else if (!strcmp(a, "-n") && val) n_gen = atoi(val), i++;
+        else if (!strcmp(a, "-t") && val) n_threads = atoi(val), i++;
+        else if (!strcmp(a, "--logit-steps") && val) logit_steps = atoi(val), i++;
+        else if (!strcmp(a, "--logits-out") && val) logits_out = val, i++;
+        else if (!strcmp(a, "--fa") && val) fa_on = strcmp(val, "off") != 0, i++;
+        else if (!strcmp(a, "-v")) g_verbose = 1;
+        else {
+            fprintf(stderr, "usage: %s -m MODEL [-np N] [-n N] [-t N] [--logit-steps N] [--logits-out FILE] [-v]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    if (!model_path) die("no model (-m)");
+    if (n_prompts < 1 || n_prompts > 256 || n_gen < 1 || n_threads < 1 || logit_steps < 0)
+        die("bad -np/-n/-t/--logit-steps");
+    if (logit_steps > n_gen) logit_steps = n_gen;
+
+    llama_log_set(log_cb, NULL);
+    ggml_backend_load_all(); /* as llama.cpp's tools do: honours GGML_BACKEND_PATH */
+    llama_backend_init();
+
+    struct llama_model_params mp = llama_model_default_params();
+    mp.progress_callback = quiet_progress;
+    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    if (!model) die("failed to load the model (see the message above)");
+    const struct llama_vocab *vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    /* Prompts in SmolLM2's chat format (ChatML), tokenized with specials. */
+    llama_token **ptoks = calloc((size_t)n_prompts, sizeof *ptoks);
+    int *plen = calloc((size_t)n_prompts, sizeof *plen), max_plen = 0, total_ptoks = 0;
+    for (int p = 0; p < n_prompts; p++) {
+        char text[1024];
+        snprintf(text, sizeof text, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n",
+                 k_prompts[p % N_BUILTIN]);
+        ptoks[p] = malloc(1024 * sizeof(llama_token));
+        plen[p] = llama_tokenize(vocab, text, (int32_t)strlen(text), ptoks[p], 1024, true, true);
+        if (plen[p] <= 0) die("tokenization failed");
+        if (plen[p] > max_plen) max_plen = plen[p];
+        total_ptoks += plen[p];
+    }
+
+    struct llama_context_params cp = llama_context_default_params();
+    const int ctx_seq = ((max_plen + n_gen + 255) / 256) * 256;
+    cp.n_ctx = (uint32_t)(ctx_seq * n_prompts);
+    cp.n_seq_max = (uint32_t)n_prompts;
+    cp.n_batch = (uint32_t)(total_ptoks > n_prompts ? total_ptoks : n_prompts);
+    cp.n_ubatch = cp.n_batch;
+    cp.n_threads = cp.n_threads_batch = n_threads;
+    cp.flash_attn_type = fa_on ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.kv_unified = false; /* one stream per sequence */
+    cp.no_perf = true;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) die("failed to create the llama context");
+
+    FILE *lf = NULL;
+    if (logits_out && logit_steps > 0) {
+        lf = fopen(logits_out, "wb");
+        if (!lf) die(strerror(errno));
+    }
+
+    const int batch_cap = total_ptoks > n_prompts ? total_ptoks : n_prompts;
+    struct llama_batch batch = llama_batch_init(batch_cap, 0, 1);
+    int *logit_idx = malloc((size_t)n_prompts * sizeof(int));
+    int *tokens = malloc((size_t)n_prompts * n_gen * sizeof(int));
+    int *pos = malloc((size_t)n_prompts * sizeof(int));
+
+    /* Prefill: every prompt in one batch, logits of each last token. */
+    batch.n_tokens = 0;
+    for (int p = 0; p < n_prompts; p++)
+        for (int i = 0; i < plen[p]; i++) {
+            const int b = batch.n_tokens++;
+            batch.token[b] = ptoks[p][i];
+            batch.pos[b] = i;
+            batch.n_seq_id[b] = 1;
+            batch.seq_id[b][0] = p;
+            batch.logits[b] = i == plen[p] - 1;
+            if (i == plen[p] - 1) logit_idx[p] = b;
+        }
+    const double t0 = now_s();
+    if (llama_decode(ctx, batch) != 0) die("llama_decode failed on the prompts");
+    const double t_prefill = now_s() - t0;
+    for (int p = 0; p < n_prompts; p++) pos[p] = plen[p];
+
+    const double t1 = now_s();
+    for (int step = 0; step < n_gen; step++) {
+        for (int p = 0; p < n_prompts; p++) {
+            const float *lg = llama_get_logits_ith(ctx, logit_idx[p]);
+            if (!lg) die("no logits");
+            if (lf && step < logit_steps && fwrite(lg, sizeof(float), (size_t)n_vocab, lf) != (size_t)n_vocab)
+                die("writing logits failed");
+            tokens[p * n_gen + step] = argmax(lg, n_vocab);
+        }
+        if (step == n_gen - 1) break;
+        batch.n_tokens = 0;
+        for (int p = 0; p < n_prompts; p++) {
+            const int b = batch.n_tokens++;
+            batch.token[b] = tokens[p * n_gen + step];
+            batch.pos[b] = pos[p]++;
+            batch.n_seq_id[b] = 1;
+            batch.seq_id[b][0] = p;
+            batch.logits[b] = 1;
+            logit_idx[p] = b;
+        }
+        if (llama_decode(ctx, batch) != 0) die("llama_decode failed while generating");
+    }
+    const double t_gen = now_s() - t1;
+    if (lf) fclose(lf);
+
+    /* APEX's own counters, if the APEX backend is in this process. */
+    apex_ggml_stats st;
+    int have_apex = 0;
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("APEX");
+    if (reg) {
+        apex_ggml_stats_get_t get = (apex_ggml_stats_get_t)ggml_backend_reg_get_proc_address(reg, APEX_GGML_STATS_GET);
+        if (get) get(&st), have_apex = 1;
+    }
+
+    FILE *o = stdout;
+    fprintf(o, "{\"engine\": \"llama.cpp\", \"model\": ");
+    json_str(o, model_path);
+    fprintf(o, ", \"prompts\": %d, \"tokens_per_prompt\": %d, \"n_threads\": %d, \"n_vocab\": %d, "
+               "\"logit_steps\": %d, \"prefill_tokens\": %d, \"t_prefill\": %.6f, \"t_gen\": %.6f, "
+               "\"tok_s\": %.3f, \"tokens\": [",
+            n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
+            (double)n_prompts * (n_gen - 1) / t_gen);
+    for (int p = 0; p < n_prompts; p++) {
+        fprintf(o, "%s[", p ? ", " : "");
+        for (int i = 0; i < n_gen; i++) fprintf(o, "%s%d", i ? "," : "", tokens[p * n_gen + i]);
+        fprintf(o, "]");
+    }
+    fprintf(o, "], \"texts\": [");
+    for (int p = 0; p < n_prompts; p++) {
+        char *text = calloc((size_t)n_gen * 64 + 1, 1);
+        size_t len = 0;
+        for (int i = 0; i < n_gen; i++) {
+            const llama_token t = tokens[p * n_gen + i];
+            if (llama_vocab_is_eog(vocab, t)) break;
+            const int n = llama_token_to_piece(vocab, t, text + len, 63, 0, false);
+            if (n > 0) len += (size_t)n;
+        }
+        text[len] = 0;
+        fprintf(o, "%s", p ? ", " : "");
+        json_str(o, text);
+        free(text);
+    }
+    fprintf(o, "], \"prompt_texts\": [");
+    for (int p = 0; p < n_prompts; p++) {
+        fprintf(o, "%s", p ? ", " : "");
+        json_str(o, k_prompts[p % N_BUILTIN]);
+    }
+    fprintf(o, "], \"apex\": ");
+    if (have_apex) {
+        fprintf(o, "{\"attention_calls\": %llu, \"decode_attn\": %llu, \"prefill_tokens\": %llu, "
+                   "\"kv_rows_written\": %llu, \"declined\": %llu, \"attention_seconds\": %.6f, \"stream_attn\": [",
+                (unsigned long long)st.attention_calls, (unsigned long long)st.decode_attn,
+                (unsigned long long)st.prefill_tokens, (unsigned long long)st.kv_rows_written,
+                (unsigned long long)st.declined, st.attention_seconds);
+        for (int i = 0; i <= st.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
+            fprintf(o, "%s%llu", i ? ", " : "", (unsigned long long)st.stream_attn[i]);
+        fprintf(o, "]}");
+    } else {
+        fprintf(o, "null");
+    }
+    fprintf(o, "}\n");
+
+    llama_batch_free(batch);
+    llama_free(ctx);
+    llama_model_free(model);
+    for (int p = 0; p < n_prompts; p++) free(ptoks[p]);
+    free(ptoks), free(plen), free(logit_idx), free(tokens), free(pos);
+    llama_backend_free();
+    return 0;
+}

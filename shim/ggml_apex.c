@@ -1,0 +1,485 @@
+/* ggml_apex.c - the APEX ggml backend: see ggml_apex.h.
+ *
+ * ggml's backend interface (ggml-backend-impl.h) is plain C structs of
+ * function pointers, so this adapter is C. The device's buffer type is the
+ * CPU buffer type: ggml's scheduler then hands APEX the FLASH_ATTN_EXT and
+ * KV-cache SET_ROWS nodes (pass 1 for writes into the host KV buffer, pass 3
+ * "upgrade to a higher-priority backend with the same buffer type" for
+ * attention) with no copies, and llama.cpp keeps every weight and other op
+ * on its own backends (make_cpu_buft_list skips an ACCEL device whose buffer
+ * type is the CPU one). */
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ggml-backend-impl.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include "cpu_attn/cpu_attn_strided.h"
+#include "cpu_attn/dtype_convert.h"
+#include "shim/ggml_apex.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+EXPORT ggml_backend_reg_t ggml_backend_init(void);
+EXPORT ggml_backend_reg_t ggml_apex_reg(void);
+EXPORT int ggml_apex_mark_preloaded(void);
+EXPORT void apex_ggml_stats_get(apex_ggml_stats *out);
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static apex_ggml_stats g_stats = {.max_stream = -1};
+static int g_registered_by_preload;
+/* Exact mode (default): APEX reproduces ggml-cpu's attention arithmetic and
+ * leaves to ggml-cpu the shapes where ggml-cpu itself switches to a
+ * differently-rounded path. APEX_GGML_EXACT=0: fp32-exact math, every shape. */
+static int g_exact = -1;
+
+static int exact_mode(void) {
+    if (g_exact < 0) {
+        const char *e = getenv("APEX_GGML_EXACT");
+        g_exact = !(e && strcmp(e, "0") == 0);
+    }
+    return g_exact;
+}
+static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+/* ---------------------------------------------------------------- ops */
+
+static int head_dim_ok(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+
+static const char *type_name(enum ggml_type t) { return ggml_type_name(t); }
+
+/* One line, once, when APEX declines a model's attention. */
+static void log_decline(const char *why) {
+    pthread_mutex_lock(&g_lock);
+    const int first = !g_logged_decline;
+    g_logged_decline = 1;
+    g_stats.declined++;
+    pthread_mutex_unlock(&g_lock);
+    if (first)
+        fprintf(stderr, "APEX: declining this model's attention (%s); llama.cpp runs it natively\n", why);
+}
+
+static const struct ggml_tensor *root_of(const struct ggml_tensor *t) {
+    return t->view_src ? t->view_src : t;
+}
+
+static int is_kv_cache(const struct ggml_tensor *t) {
+    return strncmp(root_of(t)->name, "cache_k_l", 9) == 0 || strncmp(root_of(t)->name, "cache_v_l", 9) == 0;
+}
+
+/* KV-cache writes: dst rows of ne0 elements (f16/f32) from f32 rows. The V
+ * writes of a transposed V cache (flash attention off) store single elements;
+ * those stay with llama.cpp, since APEX only owns attention's operands. */
+static int supports_set_rows(const struct ggml_tensor *op) {
+    const struct ggml_tensor *src = op->src[0], *idx = op->src[1];
+    if (!op->view_src || !is_kv_cache(op)) return 0;
+    if (op->ne[0] < 16 || src->ne[0] != op->ne[0]) {
+        pthread_mutex_lock(&g_lock);
+        const int first = !g_logged_fa_off;
+        g_logged_fa_off = 1;
+        pthread_mutex_unlock(&g_lock);
+        if (first)
+            fprintf(stderr, "APEX: flash attention is off in this context (transposed V cache): APEX "
+                            "takes over attention only with flash attention on (-fa on)\n");
+        return 0;
+    }
+    if (src->type != GGML_TYPE_F32 || (op->type != GGML_TYPE_F16 && op->type != GGML_TYPE_F32)) return 0;
+    if (idx->type != GGML_TYPE_I64 && idx->type != GGML_TYPE_I32) return 0;
+    if (src->ne[2] != 1 || src->ne[3] != 1 || op->ne[2] != 1 || op->ne[3] != 1) return 0;
+    if (src->nb[0] != sizeof(float) || op->nb[0] != ggml_type_size(op->type)) return 0;
+    /* A model whose attention APEX declined keeps its KV writes native too. */
+    pthread_mutex_lock(&g_lock);
+    const int declined = g_logged_decline;
+    pthread_mutex_unlock(&g_lock);
+    if (declined) return 0;
+    return 1;
+}
+
+static int supports_fa(const struct ggml_tensor *op) {
+    const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
+    char why[200];
+    float max_bias;
+    memcpy(&max_bias, (const float *)op->op_params + 1, sizeof max_bias);
+    why[0] = 0;
+    if (k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_F32)
+        snprintf(why, sizeof why, "KV cache type %s; APEX supports f16 and f32", type_name(k->type));
+    else if (v->type != k->type)
+        snprintf(why, sizeof why, "K cache %s and V cache %s differ", type_name(k->type), type_name(v->type));
+    else if (!head_dim_ok(k->ne[0]) || v->ne[0] != k->ne[0])
+        snprintf(why, sizeof why, "head_dim %lld (V %lld); APEX supports 64, 80, 96, 128, 256",
+                 (long long)k->ne[0], (long long)v->ne[0]);
+    else if (op->src[4])
+        snprintf(why, sizeof why, "attention sinks");
+    else if (max_bias != 0.0f)
+        snprintf(why, sizeof why, "ALiBi (max_bias %g)", (double)max_bias);
+    if (why[0]) {
+        log_decline(why);
+        return 0;
+    }
+    /* Shapes outside llama.cpp's usual ones: not a model decision, no log. */
+    if (q->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F32) return 0;
+    if (q->ne[0] != k->ne[0] || q->ne[2] % k->ne[2] != 0 || v->ne[2] != k->ne[2]) return 0;
+    if (k->ne[1] != v->ne[1] || q->ne[3] != k->ne[3] || v->ne[3] != k->ne[3]) return 0;
+    if (q->nb[0] != sizeof(float) || k->nb[0] != ggml_type_size(k->type) || v->nb[0] != ggml_type_size(v->type))
+        return 0;
+    if (op->nb[0] != sizeof(float)) return 0;
+    if (mask) {
+        if (mask->type != GGML_TYPE_F16 || mask->ne[0] < k->ne[1] || mask->ne[1] < q->ne[1] || mask->ne[2] != 1)
+            return 0;
+        if (mask->ne[3] != 1 && mask->ne[3] != q->ne[3]) return 0;
+        if (mask->nb[0] != sizeof(uint16_t)) return 0;
+    }
+    if (q->ne[3] > 1 && !is_kv_cache(k)) return 0;
+    if (exact_mode()) {
+        if (!cpu_attn_strided_compat_ok((int32_t)k->ne[0], k->type == GGML_TYPE_F16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32)) {
+            snprintf(why, sizeof why, "exact mode needs f16 KV, head_dim a multiple of 64 and AVX-512 "
+                                      "(APEX_GGML_EXACT=0 lifts this)");
+            log_decline(why);
+            return 0;
+        }
+        /* ggml-cpu's tiled (>= 64 query tokens) and split-KV (one sequence,
+         * one token, >= 512 rows) paths round differently: theirs to run. */
+        if (q->ne[1] >= 64) return 0;
+        if (q->ne[1] == 1 && q->ne[3] == 1 && k->ne[1] >= 512) return 0;
+    }
+    pthread_mutex_lock(&g_lock);
+    const int first = !g_logged_takeover;
+    g_logged_takeover = 1;
+    pthread_mutex_unlock(&g_lock);
+    if (first)
+        fprintf(stderr,
+                "APEX: taking over llama.cpp's attention: FLASH_ATTN_EXT (%lld query heads, %lld KV heads, "
+                "head_dim %lld, %s KV) and the KV-cache writes run on APEX's CPU kernel (%s; host tier: this "
+                "llama.cpp build has no GPU tier for APEX); everything else stays with llama.cpp; %s\n",
+                (long long)q->ne[2], (long long)k->ne[2], (long long)k->ne[0], type_name(k->type),
+                cpu_attn_strided_isa(),
+                exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
+                               "and single-sequence decode over >= 512 rows stay on ggml-cpu)"
+                             : "fp32 mode (APEX_GGML_EXACT=0)");
+    return 1;
+}
+
+static enum ggml_status run_set_rows(struct ggml_tensor *op) {
+    const struct ggml_tensor *src = op->src[0], *idx = op->src[1];
+    const double t0 = now_s();
+    const int64_t n = src->ne[1], w = op->ne[0];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = idx->type == GGML_TYPE_I64 ? ((const int64_t *)idx->data)[i]
+                                                     : ((const int32_t *)idx->data)[i];
+        if (r < 0 || r >= op->ne[1]) {
+            fprintf(stderr, "APEX: KV write row %lld out of range [0, %lld)\n", (long long)r, (long long)op->ne[1]);
+            return GGML_STATUS_FAILED;
+        }
+        const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
+        char *d = (char *)op->data + r * op->nb[1];
+        if (op->type == GGML_TYPE_F16) {
+            uint16_t *h = (uint16_t *)d;
+            for (int64_t j = 0; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
+        } else {
+            memcpy(d, s, (size_t)w * sizeof(float));
+        }
+    }
+    const double dt = now_s() - t0;
+    pthread_mutex_lock(&g_lock);
+    g_stats.kv_write_calls++;
+    g_stats.kv_rows_written += (uint64_t)n;
+    g_stats.kv_write_seconds += dt;
+    pthread_mutex_unlock(&g_lock);
+    return GGML_STATUS_SUCCESS;
+}
+
+static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
+    const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
+    cpu_attn_strided_desc d;
+    memset(&d, 0, sizeof d);
+    d.head_dim = (int32_t)k->ne[0];
+    d.n_q_heads = (int32_t)q->ne[2];
+    d.n_kv_heads = (int32_t)k->ne[2];
+    d.n_tokens = (int32_t)q->ne[1];
+    d.n_streams = (int32_t)q->ne[3];
+    d.n_kv = (int32_t)k->ne[1];
+    d.q = (const float *)q->data;
+    d.q_nb_tok = q->nb[1], d.q_nb_head = q->nb[2], d.q_nb_stream = q->nb[3];
+    d.kv_dtype = k->type == GGML_TYPE_F16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
+    d.k = k->data, d.k_nb_row = k->nb[1], d.k_nb_head = k->nb[2], d.k_nb_stream = k->nb[3];
+    d.v = v->data, d.v_nb_row = v->nb[1], d.v_nb_head = v->nb[2], d.v_nb_stream = v->nb[3];
+    if (mask) {
+        d.mask = (const uint16_t *)mask->data;
+        d.mask_nb_tok = mask->nb[1];
+        d.mask_nb_stream = mask->ne[3] == 1 ? 0 : mask->nb[3];
+    }
+    d.out = (float *)op->data;
+    d.out_nb_head = op->nb[1], d.out_nb_tok = op->nb[2], d.out_nb_stream = op->nb[3];
+    memcpy(&d.scale, (const float *)op->op_params + 0, sizeof(float));
+    memcpy(&d.softcap, (const float *)op->op_params + 2, sizeof(float));
+    d.ggml_compat = exact_mode();
+    const double t0 = now_s();
+    if (cpu_attn_strided(&d, n_threads) != 0) {
+        fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
+        return GGML_STATUS_FAILED;
+    }
+    const double dt = now_s() - t0;
+    /* The first stream of this op: K is a view of the cache starting there. */
+    int64_t s0 = 0;
+    if (k->view_src && k->view_src->nb[2] > 0 && k->view_src->ne[2] > 1 && is_kv_cache(k))
+        s0 = (int64_t)(k->view_offs / k->view_src->nb[2]);
+    pthread_mutex_lock(&g_lock);
+    g_stats.attention_calls++;
+    g_stats.attention_seconds += dt;
+    g_stats.n_threads = n_threads;
+    if (d.n_tokens == 1)
+        g_stats.decode_attn += (uint64_t)d.n_streams;
+    else
+        g_stats.prefill_tokens += (uint64_t)d.n_tokens * (uint64_t)d.n_streams;
+    for (int64_t s = s0; s < s0 + d.n_streams; s++) {
+        if (s < APEX_GGML_MAX_STREAMS) g_stats.stream_attn[s]++;
+        if (s > g_stats.max_stream) g_stats.max_stream = (int32_t)s;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return GGML_STATUS_SUCCESS;
+}
+
+/* ------------------------------------------------------------ backend */
+
+typedef struct backend_ctx {
+    int n_threads;
+} backend_ctx;
+
+static ggml_guid g_guid = {0x41, 0x50, 0x45, 0x58, 0x2d, 0x67, 0x67, 0x6d,
+                           0x6c, 0x2d, 0x61, 0x74, 0x74, 0x6e, 0x00, 0x01};
+
+static const char *be_get_name(ggml_backend_t b) { (void)b; return "APEX"; }
+
+static void be_free(ggml_backend_t b) {
+    free(b->context);
+    free(b);
+}
+
+static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g) {
+    const backend_ctx *c = (const backend_ctx *)b->context;
+    const int n = ggml_graph_n_nodes(g);
+    for (int i = 0; i < n; i++) {
+        struct ggml_tensor *node = ggml_graph_node(g, i);
+        enum ggml_status st = GGML_STATUS_SUCCESS;
+        switch (node->op) {
+        case GGML_OP_NONE:
+        case GGML_OP_RESHAPE:
+        case GGML_OP_VIEW:
+        case GGML_OP_PERMUTE:
+        case GGML_OP_TRANSPOSE:
+            break;
+        case GGML_OP_SET_ROWS:
+            st = run_set_rows(node);
+            break;
+        case GGML_OP_FLASH_ATTN_EXT:
+            st = run_fa(node, c->n_threads);
+            break;
+        default:
+            fprintf(stderr, "APEX: was given an op it does not run (%s)\n", ggml_op_name(node->op));
+            st = GGML_STATUS_FAILED;
+        }
+        if (st != GGML_STATUS_SUCCESS) return st;
+    }
+    return GGML_STATUS_SUCCESS;
+}
+
+static const struct ggml_backend_i g_backend_iface = {
+    .get_name = be_get_name,
+    .free = be_free,
+    .graph_compute = be_graph_compute,
+};
+
+static void set_n_threads(ggml_backend_t b, int n_threads) {
+    if (b && b->iface.get_name == be_get_name && n_threads > 0) ((backend_ctx *)b->context)->n_threads = n_threads;
+}
+
+/* ------------------------------------------------------------- device */
+
+static const char *dev_get_name(ggml_backend_dev_t d) { (void)d; return "APEX"; }
+static const char *dev_get_desc(ggml_backend_dev_t d) {
+    (void)d;
+    return "APEX hybrid attention (host tier: CPU kernel)";
+}
+static void dev_get_memory(ggml_backend_dev_t d, size_t *free_b, size_t *total) {
+    (void)d;
+    *free_b = 0, *total = 0;
+}
+static enum ggml_backend_dev_type dev_get_type(ggml_backend_dev_t d) {
+    (void)d;
+    return GGML_BACKEND_DEVICE_TYPE_ACCEL;
+}
+static void dev_get_props(ggml_backend_dev_t d, struct ggml_backend_dev_props *p) {
+    memset(p, 0, sizeof *p);
+    p->name = dev_get_name(d);
+    p->description = dev_get_desc(d);
+    p->type = GGML_BACKEND_DEVICE_TYPE_ACCEL;
+}
+
+static ggml_backend_t dev_init_backend(ggml_backend_dev_t dev, const char *params) {
+    (void)params;
+    ggml_backend_t b = calloc(1, sizeof *b);
+    backend_ctx *c = calloc(1, sizeof *c);
+    if (!b || !c) {
+        free(b), free(c);
+        return NULL;
+    }
+    c->n_threads = omp_get_max_threads();
+    b->guid = &g_guid;
+    b->iface = g_backend_iface;
+    b->device = dev;
+    b->context = c;
+    return b;
+}
+
+static ggml_backend_buffer_type_t dev_get_buft(ggml_backend_dev_t d) {
+    (void)d;
+    return ggml_backend_cpu_buffer_type();
+}
+
+static bool dev_supports_op(ggml_backend_dev_t d, const struct ggml_tensor *op) {
+    (void)d;
+    /* APEX_GGML_OPS: which ops APEX takes ("fa,kv" by default; "none"). */
+    static int ops = -1;
+    if (ops < 0) {
+        const char *e = getenv("APEX_GGML_OPS");
+        ops = e ? (strstr(e, "fa") ? 1 : 0) | (strstr(e, "kv") ? 2 : 0) : 3;
+        if (env_on("APEX_GGML_DISABLE")) ops = 0;
+    }
+    switch (op->op) {
+    case GGML_OP_SET_ROWS: return (ops & 2) && supports_set_rows(op);
+    case GGML_OP_FLASH_ATTN_EXT: return (ops & 1) && supports_fa(op);
+    default: return false;
+    }
+}
+
+static bool dev_supports_buft(ggml_backend_dev_t d, ggml_backend_buffer_type_t buft) {
+    (void)d;
+    return ggml_backend_buft_is_host(buft);
+}
+
+static const struct ggml_backend_device_i g_dev_iface = {
+    .get_name = dev_get_name,
+    .get_description = dev_get_desc,
+    .get_memory = dev_get_memory,
+    .get_type = dev_get_type,
+    .get_props = dev_get_props,
+    .init_backend = dev_init_backend,
+    .get_buffer_type = dev_get_buft,
+    .supports_op = dev_supports_op,
+    .supports_buft = dev_supports_buft,
+};
+
+/* --------------------------------------------------------------- reg */
+
+static struct ggml_backend_reg g_reg;
+static struct ggml_backend_device g_dev;
+
+static const char *reg_get_name(ggml_backend_reg_t r) { (void)r; return "APEX"; }
+static size_t reg_dev_count(ggml_backend_reg_t r) { (void)r; return 1; }
+static ggml_backend_dev_t reg_dev_get(ggml_backend_reg_t r, size_t i) {
+    (void)r;
+    return i == 0 ? &g_dev : NULL;
+}
+static void *reg_proc(ggml_backend_reg_t r, const char *name) {
+    (void)r;
+    if (strcmp(name, "ggml_backend_set_n_threads") == 0) return (void *)set_n_threads;
+    if (strcmp(name, APEX_GGML_STATS_GET) == 0) return (void *)apex_ggml_stats_get;
+    return NULL;
+}
+
+static const struct ggml_backend_reg_i g_reg_iface = {
+    .get_name = reg_get_name,
+    .get_device_count = reg_dev_count,
+    .get_device = reg_dev_get,
+    .get_proc_address = reg_proc,
+};
+
+static void init_reg(void) {
+    g_dev.iface = g_dev_iface;
+    g_dev.reg = &g_reg;
+    g_dev.context = NULL;
+    g_reg.api_version = GGML_BACKEND_API_VERSION;
+    g_reg.iface = g_reg_iface;
+    g_reg.context = NULL;
+}
+
+ggml_backend_reg_t ggml_apex_reg(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, init_reg);
+    return &g_reg;
+}
+
+/* GGML_BACKEND_PATH entry. When the preload library already registered APEX
+ * in this process, a second registration would add a second device. */
+ggml_backend_reg_t ggml_backend_init(void) {
+    if (g_registered_by_preload) {
+        fprintf(stderr, "APEX: already registered through LD_PRELOAD; ignoring GGML_BACKEND_PATH\n");
+        return NULL;
+    }
+    return ggml_apex_reg();
+}
+
+/* Called by the preload library before it registers the backend (it links
+ * ggml's registry, which this library does not); returns 1 the first time. */
+int ggml_apex_mark_preloaded(void) {
+    if (g_registered_by_preload) return 0;
+    g_registered_by_preload = 1;
+    return 1;
+}
+
+void apex_ggml_stats_get(apex_ggml_stats *out) {
+    pthread_mutex_lock(&g_lock);
+    *out = g_stats;
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* At exit: where each sequence's attention ran, and the counters as JSON. */
+__attribute__((destructor)) static void report(void) {
+    apex_ggml_stats s;
+    apex_ggml_stats_get(&s);
+    const char *path = getenv("APEX_STATS_FILE");
+    if (path && *path) {
+        FILE *f = fopen(path, "w");
+        if (f) {
+            fprintf(f,
+                    "{\"attention_calls\": %llu, \"decode_attn\": %llu, \"prefill_tokens\": %llu, "
+                    "\"kv_write_calls\": %llu, \"kv_rows_written\": %llu, \"declined\": %llu, "
+                    "\"attention_seconds\": %.6f, \"kv_write_seconds\": %.6f, \"n_threads\": %d, "
+                    "\"isa\": \"%s\", \"tier\": \"host\", \"stream_attn\": [",
+                    (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
+                    (unsigned long long)s.prefill_tokens, (unsigned long long)s.kv_write_calls,
+                    (unsigned long long)s.kv_rows_written, (unsigned long long)s.declined,
+                    s.attention_seconds, s.kv_write_seconds, s.n_threads, cpu_attn_strided_isa());
+            for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
+                fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)s.stream_attn[i]);
+            fprintf(f, "]}\n");
+            fclose(f);
+        }
+    }
+    if (s.attention_calls == 0 || env_on("APEX_GGML_QUIET")) return;
+    fprintf(stderr, "APEX: %llu attention ops (%llu sequence-layer decode attentions, %llu prefill tokens) "
+                    "in %.3f s, %llu KV rows written; every sequence on the host tier (CPU kernel %s, %d threads):",
+            (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
+            (unsigned long long)s.prefill_tokens, s.attention_seconds, (unsigned long long)s.kv_rows_written,
+            cpu_attn_strided_isa(), s.n_threads);
+    for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
+        fprintf(stderr, " seq%d=CPU(%llu)", i, (unsigned long long)s.stream_attn[i]);
+    fprintf(stderr, "\n");
+}

@@ -1,0 +1,54 @@
+/*
+ * ggml_apex.h - the APEX ggml backend (libggml-apex.so).
+ *
+ * An ACCEL-type ggml device that llama.cpp adds to every context. It takes
+ * over, in llama.cpp's graphs:
+ *   SET_ROWS into a KV-cache tensor ("cache_k_l*", "cache_v_l*"): the KV writes;
+ *   FLASH_ATTN_EXT: attention, on APEX's CPU kernel (cpu_attn_strided), which
+ *                   reads llama.cpp's token-major KV in place.
+ * Everything else stays where llama.cpp puts it. A geometry APEX does not
+ * support (head_dim outside {64, 80, 96, 128, 256}, KV not f16/f32, ALiBi,
+ * attention sinks) is declined with one line on stderr, and llama.cpp runs it
+ * natively.
+ *
+ * Loading: GGML_BACKEND_PATH=.../libggml-apex.so (ggml_backend_init), or
+ * LD_PRELOAD=.../libapex-preload.so (a constructor registers the backend).
+ * Environment: APEX_GGML_DISABLE=1 declines everything; APEX_STATS_FILE=path
+ * writes the counters as JSON at exit; APEX_GGML_QUIET=1 drops the exit line.
+ */
+#ifndef APEX_GGML_APEX_H
+#define APEX_GGML_APEX_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define APEX_GGML_MAX_STREAMS 256
+
+/* Process-wide counters of the APEX backend (all contexts). */
+typedef struct apex_ggml_stats {
+    uint64_t attention_calls;   /* FLASH_ATTN_EXT ops run by APEX            */
+    uint64_t decode_attn;       /* (stream, layer) attentions of one token   */
+    uint64_t prefill_tokens;    /* query tokens of multi-token attentions    */
+    uint64_t kv_write_calls;    /* SET_ROWS ops into the KV cache            */
+    uint64_t kv_rows_written;   /* rows stored                               */
+    uint64_t declined;          /* ops APEX was offered and declined         */
+    double attention_seconds;
+    double kv_write_seconds;
+    int32_t n_threads;          /* threads of the last attention             */
+    int32_t max_stream;         /* highest stream slot attended, -1 if none  */
+    /* Per stream slot (llama.cpp sequence slot): attentions run, and on
+     * which tier (always the host tier/CPU in a CPU build). */
+    uint64_t stream_attn[APEX_GGML_MAX_STREAMS];
+} apex_ggml_stats;
+
+/* Also reachable as ggml_backend_reg_get_proc_address(reg, name). */
+typedef void (*apex_ggml_stats_get_t)(apex_ggml_stats *out);
+#define APEX_GGML_STATS_GET "apex_ggml_stats_get"
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APEX_GGML_APEX_H */
