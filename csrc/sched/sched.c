@@ -4,16 +4,20 @@
  *  1. classify; count the GPU blocks this step's growth needs;
  *  2. if the GPU pool cannot hold the growth, move the lowest-priority GPU
  *     decoders to the host (or preempt them when the host is full or off);
- *  3. promote host decoders to the GPU while the GPU pool has spare blocks;
- *  4. choose the strategy and the CPU cohort: for each allowed strategy the
- *     largest cohort meeting the latency target (binary search, the model is
- *     monotone) and, within it, the cohort maximising decode tokens/s
- *     (quasi-concave in the cohort size: a second binary search);
+ *  3. promote host decoders to the GPU while the GPU pool has spare blocks
+ *     (keeping gpu_horizon tokens of growth per GPU sequence free);
+ *  4. choose the strategy (GPU-only, overlap, pipeline, split) and the CPU
+ *     cohort: for each allowed strategy the largest cohort meeting the
+ *     latency target (binary search, the model is monotone) and, within it,
+ *     the cohort maximising decode tokens/s (quasi-concave for k >= 1: a
+ *     second binary search); all candidates run when idling some would only
+ *     make the worst-off request's per-token latency longer;
  *  5. prefill: continue partial prompts, then admit waiting requests FCFS
  *     (an admission takes the blocks of its whole prompt, plus one)
- *     to the GPU tier when it has room, else to the host tier when the model
- *     says one more host sequence still pays (and meets the target), with
- *     the chunk shrunk to respect the latency target.
+ *     to the GPU tier when it has room (and growth headroom), else to the
+ *     host tier when a prefix of the waiting queue raises the projected
+ *     cohort's decode rate within the target, with the chunk shrunk to
+ *     respect the latency target.
  * O(n + log n * strategies) model evaluations, no allocation.
  */
 #include "csrc/sched/model_internal.h"
