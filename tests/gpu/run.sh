@@ -2,9 +2,11 @@
 # tests/gpu/run.sh OUTDIR - the GPU tier on a device machine, in one command.
 #
 # Builds APEX with CUDA (sm_90 only unless APEX_CUDA_ARCHS says otherwise),
-# runs every CUDA kernel against the CPU reference (test_cuda_kernels) and the
-# bandwidth benchmark (bench_cuda), and writes OUTDIR/gpu_report.json (their
-# JSON, nvidia-smi facts, build status) plus OUTDIR/gpu_run.log.
+# runs every CUDA kernel against the CPU reference (test_cuda_kernels), the
+# bandwidth benchmark (bench_cuda) and the hybrid pipeline's unit test on the
+# GPU (test_pipeline, APEX_TEST_DEVICE=cuda), and writes
+# OUTDIR/gpu_report.json (their results, nvidia-smi facts, build status) plus
+# OUTDIR/gpu_run.log (build output and every program's stderr).
 #
 # The device machine has no network. Build dependencies missing there
 # (libhwloc-dev, libcmocka-dev, pkg-config) can travel as .deb files in
@@ -61,6 +63,11 @@ if cmake -S . -B "$BUILD" -DAPEX_CUDA=ON -DAPEX_CUDA_ARCHS="$ARCHS" -DCMAKE_BUIL
 fi
 BUILD_S=$(($(date +%s) - T0))
 say "build ok=$BUILD_OK in ${BUILD_S}s (archs $ARCHS)"
+# The hybrid pipeline's unit test, pointed at the GPU (optional target).
+PIPE_BUILT=false
+if [ "$BUILD_OK" = true ] && cmake --build "$BUILD" -j16 --target test_pipeline >>"$LOG" 2>&1; then
+    PIPE_BUILT=true
+fi
 
 # ---- run: each program prints one JSON object on stdout
 run_json() { # name timeout args...
@@ -81,6 +88,16 @@ run_json() { # name timeout args...
 }
 RC_TEST=$(run_json test_cuda_kernels 180)
 RC_BENCH=$(run_json bench_cuda 120)
+RC_PIPE=127
+PIPE_S=0
+if [ "$PIPE_BUILT" = true ]; then
+    say "running test_pipeline with APEX_TEST_DEVICE=cuda"
+    T0=$(date +%s)
+    APEX_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout 120 "$BUILD/bin/test_pipeline" >>"$LOG" 2>&1
+    RC_PIPE=$?
+    PIPE_S=$(($(date +%s) - T0))
+    say "test_pipeline (cuda) exit $RC_PIPE in ${PIPE_S}s"
+fi
 
 # ---- report
 smi() { nvidia-smi --query-gpu="$1" --format=csv,noheader,nounits 2>/dev/null | head -1 | sed 's/^ *//; s/ *$//; s/"//g'; }
@@ -100,7 +117,10 @@ NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
         "$GPU_NAME" "$DRIVER" "$MEM_MB" "$SM_CLK" "$MEM_CLK" "$PCIE"
     printf '"build":{"ok":%s,"seconds":%s,"archs":"%s","nvcc":"%s","missing_packages":"%s"},' \
         "$BUILD_OK" "$BUILD_S" "$ARCHS" "$NVCC" "${missing[*]:-}"
-    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s},' "$RC_TEST" "$RC_BENCH"
+    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s,"test_pipeline_cuda":%s},' \
+        "$RC_TEST" "$RC_BENCH" "$RC_PIPE"
+    printf '"test_pipeline_cuda":{"built":%s,"passed":%s,"seconds":%s},' "$PIPE_BUILT" \
+        "$([ "$RC_PIPE" = 0 ] && echo true || echo false)" "$PIPE_S"
     printf '"test_cuda_kernels":%s,' "$(cat "$OUT/test_cuda_kernels.json")"
     printf '"bench_cuda":%s,' "$(cat "$OUT/bench_cuda.json")"
     printf '"seconds":%s}\n' "$(($(date +%s) - T_START))"
@@ -108,4 +128,4 @@ NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
 rm -f "$OUT/test_cuda_kernels.json" "$OUT/bench_cuda.json"
 say "wrote $OUT/gpu_report.json"
 cat "$OUT/gpu_report.json"
-[ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ]
+[ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_PIPE" = 0 ]
