@@ -208,7 +208,7 @@ int bench_vs_ggml_main(int argc, char **argv) {
                     return 1;
                 }
                 const double speedup = r.ggml / r.apex;
-                if (r.err > 1e-3 || r.err_paged > 1e-3) ok = 0;
+                if (r.err > 4e-3 || r.err_paged > 4e-3) ok = 0; /* ggml accumulates V in f16: ~1e-3 */
                 if (json) {
                     printf("%s\n  {\"model\": \"%s\", \"batch\": %d, \"ctx\": %d, \"q_heads\": %d, \"kv_heads\": %d, "
                            "\"head_dim\": %d, \"apex_seconds\": %.6e, \"apex_paged_seconds\": %.6e, "
