@@ -60,11 +60,23 @@ int choose_splits(const apex_cuda_decode *a, int *chunk) {
     if (a->num_splits > 0) {
         s = a->num_splits;
     } else {
+        // Flash-decoding's wave heuristic: the fewest splits whose last
+        // wave of blocks is nearly as full as the best split count gets.
         const long long base = (long long)a->n_seqs * a->n_kv_heads * head_chunks;
-        const long long target = (long long)apexcu_sm_count() * kBlocksPerSm;
-        s = base >= target ? 1 : (target + base - 1) / base;
-        const long long by_len = (max_att + kMinChunk - 1) / kMinChunk;
-        if (s > by_len) s = by_len;
+        const long long slots = (long long)apexcu_sm_count() * kBlocksPerSm;
+        long long top = (max_att + kMinChunk - 1) / kMinChunk;
+        if (top > kMaxSplits) top = kMaxSplits;
+        s = 1;
+        if (base * 5 < slots * 4 && top > 1) {
+            double eff[kMaxSplits + 1], best = 0.0;
+            for (long long k = 1; k <= top; k++) {
+                const double waves = (double)(base * k) / (double)slots;
+                eff[k] = waves / ceil(waves);
+                if (eff[k] > best) best = eff[k];
+            }
+            for (s = 1; s < top && eff[s] < 0.85 * best; s++) {
+            }
+        }
     }
     long long cap = 1;
     if (a->workspace && a->n_seqs > 0) {
