@@ -474,7 +474,7 @@ __attribute__((destructor)) static void report(void) {
         }
     }
     if (s.attention_calls == 0 || env_on("APEX_GGML_QUIET")) return;
-    fprintf(stderr, "APEX: %llu attention ops (%llu sequence-layer decode attentions, %llu prefill tokens) "
+    fprintf(stderr, "APEX: %llu attention ops (%llu single-token sequence-layer attentions, %llu multi-token query rows) "
                     "in %.3f s, %llu KV rows written; every sequence on the host tier (CPU kernel %s, %d threads):",
             (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
             (unsigned long long)s.prefill_tokens, s.attention_seconds, (unsigned long long)s.kv_rows_written,

@@ -3,7 +3,8 @@
 #  1. the harness (GGML_BACKEND_PATH): greedy tokens identical with and without
 #     APEX for 8 parallel prompts x 128 tokens, and APEX's counters show it ran;
 #  2. the same through LD_PRELOAD (shorter);
-#  3. an unmodified llama.cpp tool (llama-batched) runs with APEX loaded;
+#  3. an unmodified llama.cpp tool (llama-batched; -kvu, which it needs to
+#     share one prompt across sequences) runs with APEX loaded;
 #  4. bad input: a missing and a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +27,10 @@ out=$(./integration/harness --json --preload --tokens 32) || { echo "$out"; fail
 check "$out" "harness (LD_PRELOAD, 8 x 32)"
 
 eval "$(bash integration/llama_cpp/build.sh 2>/dev/null | sed 's/^/export /')"
-log=$(GGML_BACKEND_PATH=$APEX_GGML_LIB "$LLAMA_BIN/llama-batched" -m "$MODEL" -p "Hello, my name is" \
-      -np 4 -n 32 -fa on -t 2 2>&1) || { echo "$log" | tail -20; fail "llama-batched with APEX"; }
+# llama-batched does not call ggml_backend_load_all() (GGML_BACKEND_PATH is
+# not read there): the preload route is the one for it.
+log=$(LD_PRELOAD=$APEX_PRELOAD_LIB "$LLAMA_BIN/llama-batched" -m "$MODEL" -p "Hello, my name is" \
+      -np 4 -n 32 -fa on -kvu -t 2 2>&1) || { echo "$log" | tail -20; fail "llama-batched with APEX"; }
 echo "$log" | grep -q "APEX: taking over" || fail "llama-batched: APEX did not take over attention"
 echo "$log" | grep -Eq "APEX: [1-9][0-9]* attention ops" || fail "llama-batched: no APEX attention ran"
 echo "llama-batched (unmodified) with APEX: ok"
