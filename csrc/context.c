@@ -155,6 +155,7 @@ fail:
 void context_destroy(apex_context *ctx) {
     if (!ctx) return;
     pipeline_destroy(ctx);
+    step_sched_destroy(&ctx->sched);
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);
     free(ctx->batch_table);

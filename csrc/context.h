@@ -13,6 +13,7 @@
 #include "csrc/device.h"
 #include "csrc/pipeline.h"
 #include "csrc/seq_table.h"
+#include "csrc/step_sched.h"
 
 struct apex_context {
     apex_config cfg;            /* resolved; cfg.cpu_set points at cpu_set */
@@ -29,6 +30,7 @@ struct apex_context {
     int32_t *batch_lens;        /* [max_batch]                             */
     int32_t *batch_table;       /* [max_batch][max_blocks_per_seq]         */
     apex_stats stats;           /* counters; pool figures filled on read   */
+    step_sched sched;           /* the step scheduler, once enabled        */
 };
 
 apex_status context_create(const apex_config *cfg, apex_context **out);

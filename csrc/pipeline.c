@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
@@ -180,7 +181,12 @@ static void job_attention(void *arg) {
         .window = sl->window,
     };
     cpu_workers_pin(&ctx->workers);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    uint64_t ns = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+    __atomic_fetch_add(&ctx->pipe.catt_ns, ns, __ATOMIC_RELAXED);
 }
 
 /* ---- enqueue paths (engine thread) */
@@ -354,6 +360,10 @@ void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
     const block_pool *ps = &ctx->pools[from], *pd = &ctx->pools[1 - from];
+    /* A slot of its own: the barrier job below waits on the slot's event,
+     * which nothing re-records before that job ran (a shared event could be
+     * re-recorded by the next migration, behind a wait for this very job). */
+    stage_slot *sl = acquire(pl);
     /* Host blocks may still be written by queued CPU jobs, device blocks by
      * the engine stream's queued work: the copy waits for both. */
     f->wait_flag(dev, pl->own_stream, pl->jobs.flag, pl->jobs.submitted);
@@ -362,7 +372,9 @@ void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_
         for (int32_t i = 0; i < n; i++)
             f->memcpy_async(dev, block_pool_at(pd, l, dst[i]), block_pool_at(ps, l, src[i]),
                             ps->block_bytes, pl->own_stream);
-    f->event_record(dev, pl->ev_copies, pl->own_stream);
+    f->event_record(dev, pl->ev_copies, pl->own_stream); /* later calls wait on it */
+    f->event_record(dev, sl->ev_down, pl->own_stream);
     /* Later CPU jobs may reuse the freed host blocks: they start after it. */
-    cpu_jobs_submit(&pl->jobs, (cpu_job){job_barrier, NULL, pl->ev_copies});
+    sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_barrier, NULL, sl->ev_down});
+    finish(pl, sl, pl->own_stream);
 }

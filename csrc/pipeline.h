@@ -56,8 +56,9 @@ typedef struct pipeline {
     void *decode_ws;
     size_t decode_ws_bytes;
     device_event *ev_copies;    /* recorded after own-stream block copies */
-    device_event *last_done;    /* the engine stream's latest done        */
+    device_event *last_done;    /* latest done event; implies all earlier */
     size_t row_q_bytes, row_kv_bytes;
+    uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
     /* Device copies of a synchronous call's host arguments. */
     void *d_sync;
     void *d_q_sync, *d_out_sync, *d_k_sync, *d_v_sync;

@@ -64,7 +64,9 @@ APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_
 
 APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
     CHECK_CTX(ctx);
-    return counted(ctx, seq_table_add(&ctx->seqs, seq, tier));
+    apex_status st = seq_table_add(&ctx->seqs, seq, tier);
+    if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[seq] = 0; /* a new request */
+    return counted(ctx, st);
 }
 
 APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
@@ -75,7 +77,9 @@ APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
 
 APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src, int32_t dst) {
     CHECK_CTX(ctx);
-    return counted(ctx, seq_table_fork(&ctx->seqs, src, dst));
+    apex_status st = seq_table_fork(&ctx->seqs, src, dst);
+    if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[dst] = 0;
+    return counted(ctx, st);
 }
 
 APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq) {
@@ -332,6 +336,25 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
     return APEX_OK;
+}
+
+/* ----------------------------------------------------------- scheduler */
+
+APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o) {
+    CHECK_CTX(ctx);
+    if (!o) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_enable: options are NULL"));
+    return counted(ctx, step_sched_enable(ctx, o));
+}
+
+APEX_API apex_status apex_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
+                                     apex_step_decision *out, apex_step_plan *plan) {
+    CHECK_CTX(ctx);
+    return counted(ctx, step_sched_step(ctx, n, items, out, plan));
+}
+
+APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds) {
+    CHECK_CTX(ctx);
+    return counted(ctx, step_sched_observe(ctx, step_seconds));
 }
 
 /* ---------------------------------------------------------- statistics */

@@ -295,6 +295,67 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seqs, const void *q, void *out,
                                           const apex_attn_opts *opts, apex_stream s);
 
+/* -------------------------------------------------------------- scheduler */
+
+/* The step scheduler (csrc/sched/, docs/sched.md): each step it predicts CPU
+ * and GPU subtask times from a profile and picks the strategy, which running
+ * sequences attend on which tier (moving KV between tiers itself), which
+ * waiting requests to admit and where, how much prompt to prefill, and whom
+ * to preempt. It is the same function apex-sim runs. */
+
+typedef struct apex_sched_options {
+    /* GPU part of the profile: a preset ("t4", "a10", "a100-40gb",
+     * "h100-pcie", "h100-sxm"; roofline estimates) or "host" for the
+     * emulated device. NULL: APEX_GPU_PRESET, else "host". The CPU part is
+     * measured on this machine once and cached (~/.cache/apex); APEX_PROFILE
+     * names a profile file to use instead. */
+    const char *gpu_preset;
+    int64_t weight_bytes;    /* the engine's weights on the GPU          */
+    int32_t hidden, ffn, vocab; /* linear-layer shapes                   */
+    double tpot_target_ms;   /* per-token latency target; 0 = none        */
+    int32_t prefill_budget;  /* prompt tokens per step; 0 = 2048          */
+} apex_sched_options;
+
+/* Obtains the profile (may take ~2 s the first time on a machine). */
+APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o);
+
+/* One entry per request the engine holds, oldest first. */
+typedef struct apex_step_item {
+    int32_t seq;         /* slot of a running sequence, or -1: waiting     */
+    int32_t prompt_left; /* prompt tokens not yet prefilled (waiting: all) */
+} apex_step_item;
+
+typedef enum apex_step_action {
+    APEX_STEP_IDLE = 0,    /* nothing this step (or its KV is moving)      */
+    APEX_STEP_DECODE = 1,  /* decode one token; attention on `tier`        */
+    APEX_STEP_PREFILL = 2, /* prefill `chunk` prompt tokens; KV on `tier`
+                              (a waiting request: apex_seq_add it there)   */
+    APEX_STEP_PREEMPT = 3  /* free it and requeue (recompute later)        */
+} apex_step_action;
+
+typedef struct apex_step_decision {
+    int32_t action;     /* apex_step_action */
+    int32_t chunk;      /* PREFILL: tokens  */
+    apex_tier tier;
+} apex_step_decision;
+
+typedef struct apex_step_plan {
+    const char *strategy;   /* "gpu_only", "overlap", "pipeline", "split" */
+    int32_t n_gpu, n_cpu, n_prefill, n_admit, n_to_host, n_to_device, n_preempt;
+    double predicted_step_ms;
+} apex_step_plan;
+
+/* Plans one step for n items and carries out the migrations it decided
+ * (enqueued like apex_seq_migrate). out: n decisions. Deterministic: the
+ * same state gives the same plan. */
+APEX_API apex_status apex_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
+                                     apex_step_decision *out, apex_step_plan *plan);
+
+/* The engine's measured time of the step just planned: corrects the
+ * model online (bounded steps, so one outlier does not swing it). APEX
+ * also corrects CPU attention from its own measurements. */
+APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds);
+
 /* ------------------------------------------------------------ statistics */
 
 typedef struct apex_stats {

@@ -1,0 +1,36 @@
+/*
+ * step_sched.h - the scheduler inside the engine: builds the scheduler's
+ * view of the context (sequences, tiers, free blocks), runs apex_sched_plan
+ * (the same pure function apex-sim runs), carries out the migrations it
+ * decides, and feeds measured times back into the online correction.
+ */
+#ifndef APEX_STEP_SCHED_H
+#define APEX_STEP_SCHED_H
+
+#include "apex/apex.h"
+#include "csrc/sched/sched.h"
+
+typedef struct step_sched {
+    int enabled;
+    apex_profile profile;
+    apex_correction corr;
+    sched_config cfg;
+    sched_scratch scratch;
+    sched_seq *seqs;        /* [max_seqs + waiting capacity] */
+    int32_t *action, *chunk;
+    int32_t capacity;
+    int32_t *waited;        /* [max_seqs]: idle steps in a row per slot */
+    int have_last;          /* a plan was made and not yet observed     */
+    sched_pred last;        /* its prediction                           */
+    double catt_mark_s;     /* CPU attention seconds at that plan        */
+} step_sched;
+
+typedef struct apex_context apex_context;
+
+apex_status step_sched_enable(apex_context *ctx, const apex_sched_options *o);
+void step_sched_destroy(step_sched *s);
+apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
+                            apex_step_decision *out, apex_step_plan *plan);
+apex_status step_sched_observe(apex_context *ctx, double step_seconds);
+
+#endif
