@@ -18,6 +18,9 @@ static const bench_cmd commands[] = {
 #ifdef APEX_BENCH_SCHED
     {"sched", bench_sched_main, "scheduler decision cost"},
 #endif
+#ifdef APEX_BENCH_VS_GGML
+    {"vs-ggml", bench_vs_ggml_main, "APEX CPU kernels vs ggml-cpu FLASH_ATTN_EXT, same data"},
+#endif
 };
 
 static void usage(FILE *f) {
