@@ -20,9 +20,9 @@ typedef struct cuda_device {
     int ordinal;
 } cuda_device;
 
-struct device_stream {
-    cudaStream_t s;
-};
+/* A device_stream * is the cudaStream_t itself (never dereferenced), so an
+ * engine passes its own stream to the apex_*_async calls as it is. */
+static cudaStream_t cs(device_stream *s) { return (cudaStream_t)(void *)s; }
 
 struct device_event {
     cudaEvent_t e;
@@ -122,30 +122,25 @@ static void cu_host_free(apex_device *dev, void *p) {
 static apex_status cu_stream_create(apex_device *dev, device_stream **out) {
     if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "cuda stream_create: out is NULL");
     *out = NULL;
-    device_stream *s = malloc(sizeof *s);
-    if (!s) return apex_fail(APEX_ERR_NO_MEMORY, "cuda stream_create: out of host memory");
+    cudaStream_t st = NULL;
     int prev = enter(dev);
-    apex_status st = rt(cudaStreamCreateWithFlags(&s->s, cudaStreamNonBlocking), "stream_create");
+    apex_status r = rt(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream_create");
     leave(dev, prev);
-    if (st) {
-        free(s);
-        return st;
-    }
-    *out = s;
+    if (r) return r;
+    *out = (device_stream *)(void *)st;
     return APEX_OK;
 }
 
 static void cu_stream_destroy(apex_device *dev, device_stream *s) {
     if (!s) return;
     int prev = enter(dev);
-    cudaStreamDestroy(s->s);
+    cudaStreamDestroy(cs(s));
     leave(dev, prev);
-    free(s);
 }
 
 static apex_status cu_stream_sync(apex_device *dev, device_stream *s) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda stream_sync: stream is NULL");
-    return rt(cudaStreamSynchronize(s->s), "stream_sync");
+    return rt(cudaStreamSynchronize(cs(s)), "stream_sync");
 }
 
 static apex_status cu_event_create(apex_device *dev, device_event **out) {
@@ -174,12 +169,12 @@ static void cu_event_destroy(apex_device *dev, device_event *e) {
 
 static apex_status cu_event_record(apex_device *dev, device_event *e, device_stream *s) {
     if (!e || !s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda event_record: NULL event or stream");
-    return rt(cudaEventRecord(e->e, s->s), "event_record");
+    return rt(cudaEventRecord(e->e, cs(s)), "event_record");
 }
 
 static apex_status cu_event_wait(apex_device *dev, device_stream *s, device_event *e) {
     if (!e || !s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda event_wait: NULL event or stream");
-    return rt(cudaStreamWaitEvent(s->s, e->e, 0), "event_wait");
+    return rt(cudaStreamWaitEvent(cs(s), e->e, 0), "event_wait");
 }
 
 static apex_status cu_event_sync(apex_device *dev, device_event *e) {
@@ -204,14 +199,14 @@ static apex_status cu_memcpy_async(apex_device *dev, void *dst, const void *src,
     if (!dst || !src)
         return apex_fail(APEX_ERR_INVALID_ARG, "cuda memcpy_async of %zu bytes with a NULL %s",
                          bytes, dst ? "source" : "destination");
-    return rt(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s->s), "memcpy_async");
+    return rt(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cs(s)), "memcpy_async");
 }
 
 static apex_status cu_wait_flag(apex_device *dev, device_stream *s, const uint32_t *flag,
                                 uint32_t value) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda wait_flag: stream is NULL");
     int prev = enter(dev);
-    int rc = apex_cuda_stream_wait_flag(s->s, flag, value);
+    int rc = apex_cuda_stream_wait_flag(cs(s), flag, value);
     leave(dev, prev);
     return status_of(rc, "wait_flag");
 }
@@ -226,7 +221,7 @@ static size_t cu_decode_workspace_bytes(apex_device *dev, int32_t max_seqs, int3
 static apex_status cu_paged_decode(apex_device *dev, const apex_cuda_decode *a, device_stream *s) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda paged_decode: stream is NULL");
     int prev = enter(dev);
-    int rc = apex_cuda_paged_decode(a, s->s);
+    int rc = apex_cuda_paged_decode(a, cs(s));
     leave(dev, prev);
     return status_of(rc, "paged_decode");
 }
@@ -234,7 +229,7 @@ static apex_status cu_paged_decode(apex_device *dev, const apex_cuda_decode *a, 
 static apex_status cu_kv_append(apex_device *dev, const apex_cuda_kv_append *a, device_stream *s) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda kv_append: stream is NULL");
     int prev = enter(dev);
-    int rc = apex_cuda_kv_append_rows(a, s->s);
+    int rc = apex_cuda_kv_append_rows(a, cs(s));
     leave(dev, prev);
     return status_of(rc, "kv_append");
 }
@@ -243,7 +238,7 @@ static apex_status cu_gather_rows(apex_device *dev, const apex_cuda_rows *t, int
                                   const int32_t *idx, int32_t n_rows, device_stream *s) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda gather_rows: stream is NULL");
     int prev = enter(dev);
-    int rc = apex_cuda_gather_rows(t, n_tensors, idx, n_rows, s->s);
+    int rc = apex_cuda_gather_rows(t, n_tensors, idx, n_rows, cs(s));
     leave(dev, prev);
     return status_of(rc, "gather_rows");
 }
@@ -252,7 +247,7 @@ static apex_status cu_scatter_rows(apex_device *dev, const apex_cuda_rows *t, in
                                    const int32_t *idx, int32_t n_rows, device_stream *s) {
     if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda scatter_rows: stream is NULL");
     int prev = enter(dev);
-    int rc = apex_cuda_scatter_rows(t, n_tensors, idx, n_rows, s->s);
+    int rc = apex_cuda_scatter_rows(t, n_tensors, idx, n_rows, cs(s));
     leave(dev, prev);
     return status_of(rc, "scatter_rows");
 }
