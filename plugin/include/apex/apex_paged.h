@@ -1,0 +1,76 @@
+/*
+ * apex_paged.h - APEX for engines that manage their own block tables.
+ *
+ * Engines such as vLLM allocate KV blocks, build block tables and a slot
+ * mapping themselves. This part of the ABI lets such an engine use APEX's
+ * KV pools and kernels without APEX's sequence model:
+ *
+ *   apex_paged_claim(ctx, &n)       the engine takes every block of both
+ *                                   tiers; its block ids are [0, n)
+ *   apex_paged_kv_write(...)        per layer: new K/V rows by slot
+ *   apex_paged_attention(...)       per layer: attention over the engine's
+ *                                   block tables and lengths
+ *
+ * Block ids: id < device_blocks is block `id` of the device tier; id >=
+ * device_blocks is block `id - device_blocks` of the host tier (pinned host
+ * memory). An engine whose pool is device_blocks + host_blocks large thus
+ * holds more KV than the GPU. slot = id * block_tokens + offset, as in vLLM.
+ * The KV layout is apex.h's: per layer and tier a slab [n_blocks][block],
+ * a block is K [n_kv_heads][block_tokens][head_dim] then V likewise.
+ *
+ * This version runs on the host tier (host mode, or host-tier blocks of a
+ * context with a device): a call that touches a device-tier block returns
+ * APEX_ERR_UNSUPPORTED and changes nothing.
+ */
+#ifndef APEX_PAGED_H
+#define APEX_PAGED_H
+
+#include "apex/apex.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Hands every block of both tiers to the engine; *n_blocks (may be NULL)
+ * gets device_blocks + host_blocks. Needs a context with no sequences;
+ * afterwards apex_seq_add/reserve find no free block. Calling it again
+ * returns the same count. */
+APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks);
+
+/* Where layer's blocks of one tier live: *base (host memory for the host
+ * tier, device memory for the device tier) and *n_blocks. */
+APEX_API apex_status apex_paged_layer_kv(apex_context *ctx, int32_t layer, apex_tier tier,
+                                         void **base, int64_t *n_blocks);
+
+/* Stores n K/V rows of layer at slots[i] (< 0: skipped, an engine's padding).
+ * Row i of k is at k + i * k_row_stride elements of src_dtype and holds
+ * [n_kv_heads][head_dim] contiguously (likewise v), so slices of a fused QKV
+ * tensor need no copy. Validates everything (slots, NaN/Inf) first. */
+APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64_t n,
+                                         const int64_t *slots, const void *k,
+                                         int64_t k_row_stride, const void *v,
+                                         int64_t v_row_stride, apex_dtype src_dtype);
+
+/* Causal attention of layer for n_seqs sequences of mixed query lengths
+ * (decode rows and prefill chunks in one batch).
+ *   query_start_loc: [n_seqs + 1], non-decreasing from 0; sequence i's
+ *       queries are rows [query_start_loc[i], query_start_loc[i+1]) of q
+ *   seq_lens: [n_seqs]; the queries are its last q_len positions, whose K/V
+ *       must already be written; row j (0-based) attends positions
+ *       [start, seq_len - q_len + j + 1), start from opts->window as in
+ *       apex_attention
+ *   block_table: row i at block_table + i * block_table_stride, holding
+ *       ceil(seq_len / block_tokens) block ids
+ *   q, out: [query_start_loc[n_seqs]][n_q_heads][head_dim], contiguous
+ * Each query row is one decode-attention problem, run by APEX's CPU kernel
+ * in batches of at most max_batch rows; a sequence with q_len 0 is skipped. */
+APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int32_t n_seqs,
+                                          const int32_t *query_start_loc,
+                                          const int32_t *seq_lens, const int32_t *block_table,
+                                          int32_t block_table_stride, const void *q, void *out,
+                                          const apex_attn_opts *opts);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APEX_PAGED_H */

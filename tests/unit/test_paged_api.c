@@ -1,0 +1,328 @@
+/*
+ * test_paged_api.c - apex_paged.h: the engine owns block tables and the
+ * slot mapping (vLLM's model); APEX stores rows and attends. Checked against
+ * a naive causal attention over the test's own copy of every K/V row.
+ */
+#include <string.h>
+
+#include "apex/apex_paged.h"
+#include "cpu_attn/dtype_convert.h"
+#include "test_util.h"
+
+enum { L = 2, HQ = 4, HK = 2, D = 64, BT = 16, NB = 24, MAXB = 8, MAXLEN = 128, NSEQ = 4 };
+enum { ROW = HK * D, QKV = (HQ + 2 * HK) * D }; /* fused q|k|v row, as an engine has it */
+
+static apex_config paged_config(apex_device_kind dev, int64_t device_blocks) {
+    apex_config c;
+    assert_ok(apex_config_init(&c));
+    c.n_layers = L;
+    c.n_q_heads = HQ;
+    c.n_kv_heads = HK;
+    c.head_dim = D;
+    c.kv_dtype = APEX_DTYPE_F32;
+    c.act_dtype = APEX_DTYPE_F32;
+    c.block_tokens = BT;
+    c.device = dev;
+    c.device_blocks = device_blocks;
+    c.host_blocks = NB;
+    c.max_seqs = MAXB;
+    c.max_batch = MAXB; /* smaller than a prefill chunk: rows run in several batches */
+    c.max_seq_len = MAXLEN;
+    c.n_threads = 2;
+    return c;
+}
+
+/* The engine's state: per sequence a block table of scattered ids, its
+ * length, and every K/V row it wrote (kv[layer][seq][pos][k|v][ROW]). */
+typedef struct {
+    apex_context *ctx;
+    int32_t table[NSEQ][MAXLEN / BT];
+    int32_t len[NSEQ];
+    float kv[L][NSEQ][MAXLEN][2][ROW];
+    uint64_t rng;
+} engine;
+
+static engine *engine_new(void) {
+    engine *e = calloc(1, sizeof *e);
+    assert_non_null(e);
+    e->rng = 42;
+    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    assert_ok(apex_context_create(&c, &e->ctx));
+    int64_t n = 0;
+    assert_ok(apex_paged_claim(e->ctx, &n));
+    assert_int_equal(n, NB);
+    /* Five blocks per sequence (80 tokens), ids handed out in a scrambled
+     * order as vLLM's free queue does; unused table entries stay 0. */
+    int32_t next = 0;
+    for (int s = 0; s < NSEQ; s++)
+        for (int b = 0; b < 5; b++) e->table[s][b] = (next++ * 7) % NB;
+    return e;
+}
+
+static void engine_free(engine *e) {
+    assert_ok(apex_context_destroy(e->ctx));
+    free(e);
+}
+
+/* Appends n tokens to seq in every layer through apex_paged_kv_write, the
+ * K/V rows taken from a fused q|k|v buffer (row stride QKV) with one padding
+ * row (slot -1) in front. */
+static void engine_append(engine *e, int seq, int n) {
+    float *qkv = calloc((size_t)(n + 1) * QKV, sizeof(float));
+    int64_t *slots = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    slots[0] = -1;
+    for (int l = 0; l < L; l++) {
+        for (int i = 0; i < n; i++) {
+            int pos = e->len[seq] + i;
+            slots[i + 1] = (int64_t)e->table[seq][pos / BT] * BT + pos % BT;
+            for (int w = 0; w < 2; w++)
+                for (int x = 0; x < ROW; x++) {
+                    float val = test_rand_f(&e->rng);
+                    e->kv[l][seq][pos][w][x] = val;
+                    qkv[(size_t)(i + 1) * QKV + (size_t)HQ * D + (size_t)w * ROW + x] = val;
+                }
+        }
+        for (int x = 0; x < QKV; x++) qkv[x] = NAN; /* the padding row is never read */
+        assert_ok(apex_paged_kv_write(e->ctx, l, n + 1, slots, qkv + HQ * D, QKV,
+                                      qkv + HQ * D + ROW, QKV, APEX_DTYPE_F32));
+    }
+    e->len[seq] += n;
+    free(qkv);
+    free(slots);
+}
+
+/* out[row][HQ][D] for the batch, from the engine's own rows. */
+static void naive_batch(const engine *e, int layer, int n, const int *seqs, const int32_t *qsl,
+                        const float *q, int window, double *out) {
+    float *k = malloc(sizeof(float) * MAXLEN * D), *v = malloc(sizeof(float) * MAXLEN * D);
+    for (int i = 0; i < n; i++) {
+        int s = seqs[i], ql = qsl[i + 1] - qsl[i];
+        for (int j = 0; j < ql; j++) {
+            int row = qsl[i] + j, len = e->len[s] - ql + j + 1;
+            int start = window > 0 && len > window ? len - window : 0;
+            for (int h = 0; h < HQ; h++) {
+                int kh = h / (HQ / HK);
+                for (int t = 0; t < len; t++)
+                    for (int x = 0; x < D; x++) {
+                        k[t * D + x] = e->kv[layer][s][t][0][kh * D + x];
+                        v[t * D + x] = e->kv[layer][s][t][1][kh * D + x];
+                    }
+                test_naive_attention(q + ((size_t)row * HQ + h) * D, D, k, v, D, start, len,
+                                     1.0f / sqrtf((float)D), 0, out + ((size_t)row * HQ + h) * D);
+            }
+        }
+    }
+    free(k);
+    free(v);
+}
+
+/* A mixed batch: a decode row, a whole prompt, a chunk of a longer prompt
+ * and an idle sequence, against the naive reference, with and without a
+ * window. */
+static void test_mixed_batch_matches_reference(void **state) {
+    engine *e = engine_new();
+    engine_append(e, 0, 37);
+    engine_append(e, 1, 20);
+    engine_append(e, 2, 50);
+    engine_append(e, 3, 3);
+    int seqs[NSEQ] = {0, 1, 2, 3};
+    int32_t qsl[NSEQ + 1] = {0, 1, 21, 26, 26}; /* q_len 1, 20, 5, 0 */
+    int32_t lens[NSEQ];
+    for (int s = 0; s < NSEQ; s++) lens[s] = e->len[s];
+    int rows = qsl[NSEQ];
+    float *q = malloc(sizeof(float) * (size_t)rows * HQ * D);
+    float *out = malloc(sizeof(float) * (size_t)rows * HQ * D);
+    double *ref = malloc(sizeof(double) * (size_t)rows * HQ * D);
+    for (int i = 0; i < rows * HQ * D; i++) q[i] = test_rand_f(&e->rng);
+    assert_ok(apex_stats_reset(e->ctx));
+    for (int window = 0; window <= 9; window += 9)
+        for (int l = 0; l < L; l++) {
+            apex_attn_opts o = apex_attn_opts_default(e->ctx);
+            o.window = window;
+            assert_ok(apex_paged_attention(e->ctx, l, NSEQ, qsl, lens, &e->table[0][0],
+                                           MAXLEN / BT, q, out, &o));
+            naive_batch(e, l, NSEQ, seqs, qsl, q, window, ref);
+            for (int i = 0; i < rows * HQ * D; i++)
+                if (fabs(out[i] - ref[i]) > 2e-5)
+                    fail_msg("layer %d window %d: row %d elem %d: %g vs %g", l, window,
+                             i / (HQ * D), i % (HQ * D), out[i], ref[i]);
+        }
+    apex_stats st;
+    assert_ok(apex_stats_get(e->ctx, &st));
+    assert_int_equal(st.attention_calls, 4);
+    assert_int_equal(st.seqs_attended_host, 4 * rows);
+    assert_int_equal(st.errors, 0);
+    free(q);
+    free(out);
+    free(ref);
+    engine_free(e);
+}
+
+/* fp16 activations and a bf16 KV cache: the conversions on both paths. */
+static void test_half_dtypes(void **state) {
+    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    c.kv_dtype = APEX_DTYPE_BF16;
+    c.act_dtype = APEX_DTYPE_F16;
+    apex_context *ctx;
+    assert_ok(apex_context_create(&c, &ctx));
+    assert_ok(apex_paged_claim(ctx, NULL));
+    enum { N = 19 };
+    uint64_t rng = 7;
+    uint16_t kh[N][ROW], vh[N][ROW], qh[HQ * D], oh[HQ * D];
+    float kf[N][ROW], vf[N][ROW], qf[HQ * D];
+    int64_t slots[N];
+    int32_t table[2] = {5, 17};
+    for (int t = 0; t < N; t++) {
+        slots[t] = (int64_t)table[t / BT] * BT + t % BT;
+        for (int x = 0; x < ROW; x++) {
+            kh[t][x] = apex_f32_to_f16(test_rand_f(&rng));
+            vh[t][x] = apex_f32_to_f16(test_rand_f(&rng));
+            /* the reference sees what a bf16 cache holds */
+            kf[t][x] = apex_bf16_to_f32(apex_f32_to_bf16(apex_f16_to_f32(kh[t][x])));
+            vf[t][x] = apex_bf16_to_f32(apex_f32_to_bf16(apex_f16_to_f32(vh[t][x])));
+        }
+    }
+    for (int i = 0; i < HQ * D; i++) qf[i] = apex_f16_to_f32(qh[i] = apex_f32_to_f16(test_rand_f(&rng)));
+    assert_ok(apex_paged_kv_write(ctx, 1, N, slots, kh, ROW, vh, ROW, APEX_DTYPE_F16));
+    int32_t qsl[2] = {0, 1}, len = N;
+    assert_ok(apex_paged_attention(ctx, 1, 1, qsl, &len, table, 2, qh, oh, NULL));
+    float k1[N * D], v1[N * D];
+    for (int h = 0; h < HQ; h++) {
+        for (int t = 0; t < N; t++)
+            for (int x = 0; x < D; x++) {
+                k1[t * D + x] = kf[t][(h / (HQ / HK)) * D + x];
+                v1[t * D + x] = vf[t][(h / (HQ / HK)) * D + x];
+            }
+        double ref[D];
+        test_naive_attention(qf + h * D, D, k1, v1, D, 0, N, 1.0f / sqrtf((float)D), 0, ref);
+        for (int x = 0; x < D; x++) assert_true(fabs(apex_f16_to_f32(oh[h * D + x]) - ref[x]) < 2e-3);
+    }
+    /* The slab holds what was written where the slot mapping said. */
+    void *base;
+    int64_t nb;
+    assert_ok(apex_paged_layer_kv(ctx, 1, APEX_TIER_HOST, &base, &nb));
+    assert_int_equal(nb, NB);
+    size_t block_bytes = 2 * (size_t)HK * BT * D * 2;
+    const uint16_t *blk = (const uint16_t *)((const uint8_t *)base + 17 * block_bytes);
+    /* token 18 = block 17 offset 2; V of kv head 1 */
+    assert_int_equal(blk[(size_t)HK * BT * D + (size_t)1 * BT * D + 2 * D + 3],
+                     apex_f32_to_bf16(apex_f16_to_f32(vh[18][D + 3])));
+    assert_ok(apex_context_destroy(ctx));
+}
+
+/* Every bad call fails with a message and changes neither the pool nor the output. */
+static void test_errors_change_nothing(void **state) {
+    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    apex_context *ctx;
+    assert_ok(apex_context_create(&c, &ctx));
+    float k[ROW] = {0}, q[HQ * D] = {0}, out[HQ * D];
+    int64_t slot = 3;
+    int32_t qsl[2] = {0, 1}, len = 1, table[1] = {0};
+    /* Not claimed yet. */
+    assert_status(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32),
+                  APEX_ERR_INVALID_ARG);
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, table, 1, q, out, NULL),
+                  APEX_ERR_INVALID_ARG);
+    /* A context with sequences cannot be claimed; without, the claim is idempotent. */
+    assert_ok(apex_seq_add(ctx, 0, APEX_TIER_HOST));
+    assert_status(apex_paged_claim(ctx, NULL), APEX_ERR_INVALID_ARG);
+    assert_ok(apex_seq_free(ctx, 0));
+    int64_t n1 = 0, n2 = 0;
+    assert_ok(apex_paged_claim(ctx, &n1));
+    assert_ok(apex_paged_claim(ctx, &n2));
+    assert_int_equal(n1, NB);
+    assert_int_equal(n2, NB);
+    /* The sequence API finds no block left. */
+    assert_ok(apex_seq_add(ctx, 1, APEX_TIER_HOST));
+    assert_status(apex_seq_reserve(ctx, 1, 1, NULL), APEX_ERR_OUT_OF_BLOCKS);
+    assert_ok(apex_seq_free(ctx, 1));
+
+    for (int x = 0; x < ROW; x++) k[x] = 1.0f;
+    assert_ok(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32));
+    for (int i = 0; i < HQ * D; i++) out[i] = -7.0f;
+    apex_stats before, after;
+    assert_ok(apex_stats_get(ctx, &before));
+    void *base;
+    assert_ok(apex_paged_layer_kv(ctx, 0, APEX_TIER_HOST, &base, NULL));
+    size_t slab_bytes = (size_t)NB * 2 * HK * BT * D * sizeof(float);
+    void *snap = malloc(slab_bytes);
+    memcpy(snap, base, slab_bytes);
+
+    int64_t bad_slot = (int64_t)NB * BT;
+    float nan_row[ROW];
+    for (int x = 0; x < ROW; x++) nan_row[x] = x == 5 ? NAN : 0.0f;
+    int64_t two[2] = {4, bad_slot};
+    assert_status(apex_paged_kv_write(ctx, 0, 2, two, k, 0, k, 0, APEX_DTYPE_F32), APEX_ERR_INVALID_ARG);
+    assert_status(apex_paged_kv_write(ctx, 0, 2, two, k, ROW, k, ROW, APEX_DTYPE_F32), APEX_ERR_OUT_OF_RANGE);
+    assert_status(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, nan_row, ROW, APEX_DTYPE_F32), APEX_ERR_INVALID_ARG);
+    assert_status(apex_paged_kv_write(ctx, L, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32), APEX_ERR_OUT_OF_RANGE);
+    assert_status(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, (apex_dtype)9), APEX_ERR_INVALID_ARG);
+
+    int32_t len4 = 4, table_bad[1] = {NB}, qsl_bad[2] = {0, -1}, qsl2[2] = {0, 2};
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, table_bad, 1, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl_bad, &len, table, 1, q, out, NULL), APEX_ERR_INVALID_ARG);
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl2, &len, table, 1, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len4, table, 0, q, out, NULL), APEX_ERR_INVALID_ARG);
+    int32_t too_long = MAXLEN + 1;
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &too_long, table, 1, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
+    assert_status(apex_paged_attention(ctx, -1, 1, qsl, &len, table, 1, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
+    q[7] = INFINITY;
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, table, 1, q, out, NULL), APEX_ERR_INVALID_ARG);
+    q[7] = 0;
+    apex_attn_opts o = apex_attn_opts_default(ctx);
+    o.scale = -1;
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, table, 1, q, out, &o), APEX_ERR_INVALID_ARG);
+
+    assert_ok(apex_stats_get(ctx, &after));
+    assert_int_equal(after.errors, before.errors + 13);
+    assert_int_equal(after.kv_rows_written, before.kv_rows_written);
+    assert_int_equal(after.attention_calls, before.attention_calls);
+    assert_memory_equal(snap, base, slab_bytes);
+    for (int i = 0; i < HQ * D; i++) assert_true(out[i] == -7.0f);
+    /* An empty batch is fine and touches nothing. */
+    int32_t qsl0[1] = {0};
+    assert_ok(apex_paged_attention(ctx, 0, 0, qsl0, NULL, NULL, 0, NULL, NULL, NULL));
+    free(snap);
+    assert_ok(apex_context_destroy(ctx));
+}
+
+/* With a device, engine ids below device_blocks are device-tier blocks:
+ * refused (this ABI version attends host-tier blocks); ids past them are
+ * the host pool's and work. */
+static void test_device_blocks_split_ids(void **state) {
+    apex_config c = paged_config(APEX_DEVICE_EMULATED, 8);
+    apex_context *ctx;
+    assert_ok(apex_context_create(&c, &ctx));
+    int64_t n = 0;
+    assert_ok(apex_paged_claim(ctx, &n));
+    assert_int_equal(n, 8 + NB);
+    void *dbase, *hbase;
+    int64_t dn, hn;
+    assert_ok(apex_paged_layer_kv(ctx, 1, APEX_TIER_DEVICE, &dbase, &dn));
+    assert_ok(apex_paged_layer_kv(ctx, 1, APEX_TIER_HOST, &hbase, &hn));
+    assert_int_equal(dn, 8);
+    assert_int_equal(hn, NB);
+    float k[ROW], q[HQ * D], out[HQ * D];
+    for (int x = 0; x < ROW; x++) k[x] = (float)x / ROW;
+    for (int i = 0; i < HQ * D; i++) q[i] = 0.5f;
+    int64_t dslot = 3 * BT, hslot = 8 * BT; /* block 3: device; block 8: host block 0 */
+    assert_status(apex_paged_kv_write(ctx, 0, 1, &dslot, k, ROW, k, ROW, APEX_DTYPE_F32), APEX_ERR_UNSUPPORTED);
+    assert_ok(apex_paged_kv_write(ctx, 0, 1, &hslot, k, ROW, k, ROW, APEX_DTYPE_F32));
+    int32_t qsl[2] = {0, 1}, len = 1, dtab[1] = {3}, htab[1] = {8};
+    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, dtab, 1, q, out, NULL), APEX_ERR_UNSUPPORTED);
+    assert_ok(apex_paged_attention(ctx, 0, 1, qsl, &len, htab, 1, q, out, NULL));
+    /* One token: the output is its V row (kv head h/2 for q head h). */
+    for (int h = 0; h < HQ; h++)
+        for (int x = 0; x < D; x++) assert_float_equal(out[h * D + x], k[(h / 2) * D + x], 1e-6);
+    assert_ok(apex_context_destroy(ctx));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_mixed_batch_matches_reference),
+        cmocka_unit_test(test_half_dtypes),
+        cmocka_unit_test(test_errors_change_nothing),
+        cmocka_unit_test(test_device_blocks_split_ids),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,3 @@
+# Unit tests of the vLLM integration's C pieces (apex_paged.h).
+# Included from tests/CMakeLists.txt (after apex_unit_test is defined).
+apex_unit_test(test_paged_api ${CMAKE_CURRENT_LIST_DIR}/test_paged_api.c)
