@@ -4,11 +4,17 @@
  * geometry; fp16 KV in llama.cpp's token-major layout, one stream per
  * sequence, a prefix mask as llama.cpp builds it).
  *   apex_seconds        cpu_attn_strided on llama.cpp's layout in place: the
- *                       kernel the APEX ggml backend runs inside llama.cpp
+ *                       kernel the APEX ggml backend runs inside llama.cpp,
+ *                       fp32 mode (APEX_GGML_EXACT=0)
+ *   apex_exact_seconds  the same in exact mode (the backend's default: ggml's
+ *                       f16 arithmetic bit for bit); null where unsupported
  *   apex_paged_seconds  cpu_attn_decode on the same values in APEX's block
  *                       layout (the pools of apex.h)
  *   ggml_seconds        ggml_graph_compute of one FLASH_ATTN_EXT node
- * Each case also reports the largest |APEX - ggml| of the outputs.
+ * Each case also reports the largest |APEX - ggml| of the outputs. Exact mode
+ * must match ggml bit for bit where ggml runs its row-by-row path (batch > 1;
+ * one sequence over >= 512 rows takes ggml's split-KV path, which rounds
+ * differently, as the backend knows and leaves those to ggml).
  *   apex-bench vs-ggml [--json] [--quick] [--threads N] [--reps N] */
 #include <math.h>
 #include <omp.h>
@@ -52,15 +58,19 @@ static float rnd(void) {
     return (float)((rng_state >> 40) * (1.0 / 8388608.0)) - 1.0f;
 }
 
+/* The rows per stream the bench allocates (llama.cpp pads the cache to 256). */
+static int ctx_padded(int ctx) { return (ctx + 255) / 256 * 256; }
+
 typedef struct result {
-    double apex, paged, ggml, err, err_paged;
+    double apex, exact, paged, ggml, err, err_exact, err_paged;
+    int has_exact;
 } result;
 
 /* One case: batch sequences of ctx tokens each (the mask hides the padding
  * llama.cpp adds: the cache holds ctx_pad rows per stream). */
 static int run_case(const geom *g, int batch, int ctx, int n_threads, int reps, result *r) {
     const int D = g->d, hq = g->hq, hkv = g->hkv;
-    const int ctx_pad = (ctx + 255) / 256 * 256;
+    const int ctx_pad = ctx_padded(ctx);
     const size_t row = (size_t)hkv * D; /* elements of one cache row */
     const size_t kv_elems = row * (size_t)ctx_pad * batch;
     const size_t mem = 2 * kv_elems * 2 + (size_t)batch * hq * D * 8 + (size_t)ctx_pad * batch * 2 +
@@ -89,7 +99,7 @@ static int run_case(const geom *g, int batch, int ctx, int n_threads, int reps, 
     ggml_build_forward_expand(gf, out);
 
     const size_t n_out = (size_t)batch * hq * D;
-    float *o_apex = malloc(n_out * 4), *o_paged = malloc(n_out * 4);
+    float *o_apex = malloc(n_out * 4), *o_paged = malloc(n_out * 4), *o_exact = malloc(n_out * 4);
     cpu_attn_strided_desc d = {
         .head_dim = D, .n_q_heads = hq, .n_kv_heads = hkv, .n_tokens = 1, .n_streams = batch,
         .n_kv = ctx_pad, .q = qd, .q_nb_tok = q->nb[1], .q_nb_head = q->nb[2], .q_nb_stream = q->nb[3],
@@ -98,13 +108,16 @@ static int run_case(const geom *g, int batch, int ctx, int n_threads, int reps, 
         .v_nb_stream = v->nb[3], .mask = md, .mask_nb_tok = mask->nb[1], .mask_nb_stream = mask->nb[3],
         .out = o_apex, .out_nb_head = (size_t)D * 4, .out_nb_tok = (size_t)hq * D * 4,
         .out_nb_stream = (size_t)hq * D * 4, .scale = scale, .softcap = 0.0f};
+    cpu_attn_strided_desc dx = d;
+    dx.out = o_exact, dx.ggml_compat = 1;
+    r->has_exact = cpu_attn_strided_compat_ok(D, APEX_DTYPE_F16);
 
     /* APEX's block layout: blocks of 16 tokens, K then V per block. */
     const int bt = 16, nblk = (ctx + bt - 1) / bt;
     const size_t block_bytes = 2 * (size_t)hkv * bt * D * 2;
     uint16_t *pool = aligned_alloc(64, block_bytes * nblk * batch);
     int32_t *table = malloc(sizeof(int32_t) * nblk * batch), *lens = malloc(sizeof(int32_t) * batch);
-    if (!o_apex || !o_paged || !pool || !table || !lens) return -1;
+    if (!o_apex || !o_paged || !o_exact || !pool || !table || !lens) return -1;
     for (int s = 0; s < batch; s++) {
         lens[s] = ctx;
         for (int b = 0; b < nblk; b++) {
@@ -131,9 +144,11 @@ static int run_case(const geom *g, int batch, int ctx, int n_threads, int reps, 
 
     /* Warm-up, then the median of reps for each, interleaved. */
     double *ta = malloc(sizeof(double) * reps), *tp = malloc(sizeof(double) * reps),
-           *tg = malloc(sizeof(double) * reps);
+           *tg = malloc(sizeof(double) * reps), *tx = malloc(sizeof(double) * reps);
+    if (!ta || !tp || !tg || !tx) return -1;
     if (ggml_graph_compute_with_ctx(gc, gf, n_threads) != GGML_STATUS_SUCCESS) return -1;
     if (cpu_attn_strided(&d, n_threads) != 0 || cpu_attn_decode(&pg, &pb, ws, n_threads) != 0) return -1;
+    if (r->has_exact && cpu_attn_strided(&dx, n_threads) != 0) return -1;
     for (int i = 0; i < reps; i++) {
         double t0 = now_s();
         ggml_graph_compute_with_ctx(gc, gf, n_threads);
@@ -141,23 +156,34 @@ static int run_case(const geom *g, int batch, int ctx, int n_threads, int reps, 
         t0 = now_s();
         cpu_attn_strided(&d, n_threads);
         ta[i] = now_s() - t0;
+        tx[i] = 0;
+        if (r->has_exact) {
+            t0 = now_s();
+            cpu_attn_strided(&dx, n_threads);
+            tx[i] = now_s() - t0;
+        }
         t0 = now_s();
         cpu_attn_decode(&pg, &pb, ws, n_threads);
         tp[i] = now_s() - t0;
     }
     r->ggml = median(tg, reps);
     r->apex = median(ta, reps);
+    r->exact = median(tx, reps);
     r->paged = median(tp, reps);
     /* ggml's output is [D, hq, 1, batch]: the same order as APEX's. */
     const float *og = out->data;
-    r->err = r->err_paged = 0;
+    r->err = r->err_paged = r->err_exact = 0;
     for (size_t i = 0; i < n_out; i++) {
         const double e = fabs((double)o_apex[i] - og[i]), ep = fabs((double)o_paged[i] - og[i]);
         if (!(e <= r->err)) r->err = e;
         if (!(ep <= r->err_paged)) r->err_paged = ep;
+        if (r->has_exact) {
+            const double ex = fabs((double)o_exact[i] - og[i]);
+            if (!(ex <= r->err_exact)) r->err_exact = ex;
+        }
     }
     cpu_attn_ws_destroy(ws);
-    free(ta), free(tp), free(tg), free(o_apex), free(o_paged), free(pool), free(table), free(lens);
+    free(ta), free(tp), free(tg), free(tx), free(o_apex), free(o_paged), free(o_exact), free(pool), free(table), free(lens);
     ggml_free(gc);
     return 0;
 }
@@ -193,8 +219,9 @@ int bench_vs_ggml_main(int argc, char **argv) {
         printf("{\"benchmark\": \"vs-ggml\", \"threads\": %d, \"isa\": \"%s\", \"kv_dtype\": \"f16\", \"cases\": [",
                n_threads, cpu_attn_strided_isa());
     else
-        printf("%-14s %5s %6s %3s %3s %4s %10s %10s %10s %8s %9s\n", "model", "batch", "ctx", "hq", "hkv",
-               "d", "apex_s", "paged_s", "ggml_s", "speedup", "max_err");
+        printf("%-14s %5s %6s %3s %3s %4s %10s %10s %10s %10s %8s %8s %9s %9s\n", "model", "batch", "ctx", "hq",
+               "hkv", "d", "fp32_s", "exact_s", "paged_s", "ggml_s", "fp32_x", "exact_x", "fp32_err",
+               "exact_err");
     for (size_t gi = 0; gi < sizeof geoms / sizeof geoms[0]; gi++)
         for (int bi = 0; bi < nb; bi++)
             for (int ci = 0; ci < nc; ci++) {
@@ -209,16 +236,29 @@ int bench_vs_ggml_main(int argc, char **argv) {
                 }
                 const double speedup = r.ggml / r.apex;
                 if (r.err > 4e-3 || r.err_paged > 4e-3) ok = 0; /* ggml accumulates V in f16: ~1e-3 */
+                /* Exact mode: bitwise where ggml runs row by row (see the top). */
+                const int row_path = batch > 1 || ctx_padded(ctx) < 512;
+                if (r.has_exact && (row_path ? r.err_exact != 0.0 : r.err_exact > 4e-3)) ok = 0;
+                char xs[32] = "null", xx[32] = "null", xe[32] = "null";
+                if (r.has_exact) {
+                    snprintf(xs, sizeof xs, json ? "%.6e" : "%.3e", r.exact);
+                    snprintf(xx, sizeof xx, "%.3f", r.ggml / r.exact);
+                    snprintf(xe, sizeof xe, "%.3e", r.err_exact);
+                }
                 if (json) {
                     printf("%s\n  {\"model\": \"%s\", \"batch\": %d, \"ctx\": %d, \"q_heads\": %d, \"kv_heads\": %d, "
-                           "\"head_dim\": %d, \"apex_seconds\": %.6e, \"apex_paged_seconds\": %.6e, "
-                           "\"ggml_seconds\": %.6e, \"speedup\": %.3f, \"paged_speedup\": %.3f, "
-                           "\"max_abs_diff\": %.3e, \"paged_max_abs_diff\": %.3e}",
-                           first ? "" : ",", g->name, batch, ctx, g->hq, g->hkv, g->d, r.apex, r.paged,
-                           r.ggml, speedup, r.ggml / r.paged, r.err, r.err_paged);
+                           "\"head_dim\": %d, \"apex_seconds\": %.6e, \"apex_exact_seconds\": %s, "
+                           "\"apex_paged_seconds\": %.6e, \"ggml_seconds\": %.6e, \"speedup\": %.3f, "
+                           "\"exact_speedup\": %s, \"paged_speedup\": %.3f, \"max_abs_diff\": %.3e, "
+                           "\"exact_max_abs_diff\": %s, \"exact_bitwise_expected\": %s, "
+                           "\"paged_max_abs_diff\": %.3e}",
+                           first ? "" : ",", g->name, batch, ctx, g->hq, g->hkv, g->d, r.apex, xs, r.paged,
+                           r.ggml, speedup, xx, r.ggml / r.paged, r.err, xe, row_path ? "true" : "false",
+                           r.err_paged);
                 } else {
-                    printf("%-14s %5d %6d %3d %3d %4d %10.3e %10.3e %10.3e %7.2fx %9.2e\n", g->name, batch, ctx,
-                           g->hq, g->hkv, g->d, r.apex, r.paged, r.ggml, speedup, r.err);
+                    printf("%-14s %5d %6d %3d %3d %4d %10.3e %10s %10.3e %10.3e %7.2fx %7.2fx %9.2e %9s\n", g->name,
+                           batch, ctx, g->hq, g->hkv, g->d, r.apex, xs, r.paged, r.ggml, speedup,
+                           r.has_exact ? r.ggml / r.exact : 0.0, r.err, xe);
                 }
                 fflush(stdout);
                 first = 0;
