@@ -105,6 +105,8 @@ static int run(const opts *o) {
         apex_context_destroy(ctx);
         return -1;
     }
+    apex_config got; /* threads as resolved by the context */
+    CHECK(apex_context_config(ctx, &got));
     apex_stream s;
     CHECK(apex_stream_create(ctx, &s));
     int32_t n = o->g + o->c;
@@ -140,7 +142,7 @@ static int run(const opts *o) {
                "\"q_heads\":32,\"kv_heads\":8,\"head_dim\":128,\"kv_dtype\":\"f16\","
                "\"cpu_threads\":%d,\"gpu_only_s\":%.6f,\"cpu_only_s\":%.6f,\"hybrid_s\":%.6f,"
                "\"hidden_s\":%.6f,\"hidden_frac\":%.3f}\n",
-               dev, o->g, o->c, o->ctx, o->layers, c.n_threads ? c.n_threads : 0, tg, tc, th,
+               dev, o->g, o->c, o->ctx, o->layers, got.n_threads, tg, tc, th,
                hidden, frac);
     else
         printf("device %s: %d device + %d host sequences x %d tokens, %d layers\n"
