@@ -79,6 +79,30 @@ static apex_status open_device(apex_context *ctx) {
     return APEX_OK;
 }
 
+/* The device side of a context: the pipeline's staging (first: it is
+ * needed at all), then the device pool, which takes what is left. */
+static apex_status open_device_tier(apex_context *ctx) {
+    apex_status st = pipeline_init(ctx);
+    if (st) return st;
+    int32_t want = (int32_t)ctx->cfg.device_blocks, got = want;
+    st = block_pool_init_device(&ctx->pools[APEX_TIER_DEVICE], ctx->dev, &got,
+                                ctx->cfg.n_layers, ctx->block_bytes);
+    if (st) return st;
+    if (got < want)
+        fprintf(stderr, "apex: the %s device holds %d of the %d device blocks asked for\n",
+                ctx->dev->iface->name, got, want);
+    ctx->cfg.device_blocks = got;
+    return APEX_OK;
+}
+
+static void close_device_tier(apex_context *ctx) {
+    pipeline_destroy(ctx);
+    block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
+    ctx->pools[APEX_TIER_DEVICE].tier = APEX_TIER_DEVICE;
+    ctx->dev->iface->destroy(ctx->dev);
+    ctx->dev = NULL;
+}
+
 apex_status context_create(const apex_config *cfg, apex_context **out) {
     apex_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for a context");
@@ -126,19 +150,15 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
     }
 
     if ((st = open_device(ctx))) goto fail;
+    if (ctx->dev && (st = open_device_tier(ctx)) != APEX_OK) {
+        /* Pinned staging or device memory could not be had: carry on in
+         * host mode rather than fail the engine. */
+        fprintf(stderr, "apex: %s device unusable (%s): host mode\n", ctx->dev->iface->name,
+                apex_last_error());
+        close_device_tier(ctx);
+    }
     ctx->host_mode = ctx->dev == NULL;
-    if (ctx->dev) {
-        /* Staging first: the pipeline needs it; the pool takes what is left. */
-        if ((st = pipeline_init(ctx))) goto fail;
-        int32_t want = (int32_t)cfg->device_blocks, got = want;
-        st = block_pool_init_device(&ctx->pools[APEX_TIER_DEVICE], ctx->dev, &got,
-                                    cfg->n_layers, ctx->block_bytes);
-        if (st) goto fail;
-        if (got < want)
-            fprintf(stderr, "apex: the %s device holds %d of the %d device blocks asked for\n",
-                    ctx->dev->iface->name, got, want);
-        ctx->cfg.device_blocks = got;
-    } else {
+    if (!ctx->dev) {
         if (cfg->device_blocks > 0)
             fprintf(stderr, "apex: host mode (no device): device_blocks %lld -> 0\n",
                     (long long)cfg->device_blocks);

@@ -132,8 +132,8 @@ void pipeline_sync(apex_context *ctx) {
     if (!pl->dev) return;
     cpu_jobs_drain(&pl->jobs);
     if (pl->last_done) pl->dev->iface->event_sync(pl->dev, pl->last_done);
-    pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
-    pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
+    if (pl->copy_stream) pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
+    if (pl->own_stream) pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
 }
 
 /* The next slot of the ring, once its previous use is over. This is the

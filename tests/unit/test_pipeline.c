@@ -235,6 +235,45 @@ static void test_migration_and_spill(void **state) {
     teardown(&f);
 }
 
+/* A device too small for even the staging buffers: the context still comes
+ * up, in host mode, and says so; a device that holds only part of the pool
+ * gets a smaller pool. */
+static void test_device_too_small_falls_back(void **state) {
+    (void)state;
+    apex_config c;
+    assert_ok(apex_config_init(&c));
+    c.n_layers = L; c.n_q_heads = HQ; c.n_kv_heads = HK; c.head_dim = D; c.block_tokens = BT;
+    c.host_blocks = 16; c.max_seqs = SLOTS; c.max_batch = SLOTS; c.max_seq_len = MAXLEN;
+    c.device = APEX_DEVICE_EMULATED;
+    c.device_blocks = 1 << 20; /* 64 GiB of KV: far more than the device */
+    setenv("APEX_EMU_DEVICE_MB", "64", 1);
+    apex_context *ctx;
+    assert_ok(apex_context_create(&c, &ctx));
+    unsetenv("APEX_EMU_DEVICE_MB");
+    apex_config got;
+    assert_ok(apex_context_config(ctx, &got));
+    assert_false(apex_context_host_mode(ctx));
+    assert_true(got.device_blocks > 0 && got.device_blocks < c.device_blocks);
+    apex_context_destroy(ctx);
+
+    /* 1 MiB of device, 64 staging slots of ~100 KiB: not even those fit. */
+    setenv("APEX_EMU_DEVICE_MB", "1", 1);
+    setenv("APEX_STAGING_SLOTS", "64", 1);
+    c.device_blocks = 8;
+    assert_ok(apex_context_create(&c, &ctx));
+    unsetenv("APEX_EMU_DEVICE_MB");
+    unsetenv("APEX_STAGING_SLOTS");
+    assert_true(apex_context_host_mode(ctx));
+    assert_ok(apex_context_config(ctx, &got));
+    assert_int_equal(got.device_blocks, 0);
+    /* Host mode works as usual. */
+    assert_ok(apex_seq_add(ctx, 0, APEX_TIER_AUTO));
+    apex_seq_info info;
+    assert_ok(apex_seq_get_info(ctx, 0, &info));
+    assert_int_equal(info.tier, APEX_TIER_HOST);
+    apex_context_destroy(ctx);
+}
+
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -317,6 +356,7 @@ int main(void) {
         cmocka_unit_test(test_migration_and_spill),
         cmocka_unit_test(test_engine_thread_never_waits),
         cmocka_unit_test(test_async_bad_input),
+        cmocka_unit_test(test_device_too_small_falls_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
