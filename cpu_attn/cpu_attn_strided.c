@@ -24,6 +24,9 @@
 #include "cpu_attn/dtype_convert.h"
 
 #define BR 16              /* KV rows per block (one AVX-512 vector of scores) */
+#define GROUP 64           /* fp32 mode: rows scored per softmax update        */
+#define SPAD 16            /* padding either side of a row of scores           */
+#define SROW (GROUP + 2 * SPAD)
 #define TILE_T 8           /* query tokens per unit                             */
 #define MIN_CHUNK 256      /* fewer rows per chunk cost more to merge than gained */
 #define ITEMS_PER_THREAD 4 /* items aimed for per thread, for dynamic balance   */
@@ -139,11 +142,11 @@ int cpu_attn_strided_reference(const cpu_attn_strided_desc *d) {
 
 /* Scratch floats one thread needs for an item. */
 static size_t scratch_floats(int32_t D, int32_t nq) {
-    return (size_t)nq * D          /* q       */
-           + 2 * (size_t)BR * D    /* K, V    */
-           + (size_t)TILE_T * BR   /* mask    */
-           + 2 * (size_t)BR        /* scores  */
-           + 16;
+    return (size_t)nq * D              /* q                          */
+           + (size_t)nq * SROW         /* scores (fp32 mode)         */
+           + (size_t)TILE_T * GROUP    /* mask                       */
+           + 2 * (size_t)BR * D        /* K, V block (scalar, exact) */
+           + 2 * (size_t)BR + 16;
 }
 
 /* Loads the mask of block [r, r+nr) for the tile into mv[t][BR]; returns
@@ -258,134 +261,466 @@ T512 static inline void load_row16(const cpu_attn_strided_desc *d, const char *s
     }
 }
 
-/* item_scalar's contract, head_dim a multiple of 16. */
-T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
-                             float *scr, float *m, float *l, float *acc) {
-    const int32_t D = d->head_dim, NV = D / 16, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
-    const int32_t nq = G * tt;
-    float *qb = scr, *kb = qb + (size_t)nq * D, *vb = kb + (size_t)BR * D, *mv = vb + (size_t)BR * D;
-    float *sc = mv + (size_t)TILE_T * BR, *pf = sc + BR;
-    for (int32_t g = 0; g < G; g++)
-        for (int32_t t = 0; t < tt; t++)
-            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
-    for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
-    memset(acc, 0, (size_t)nq * D * sizeof(float));
-    const float scale = d->softcap != 0.0f ? d->scale / d->softcap : d->scale;
-    for (int32_t r = r0; r < r1; r += BR) {
-        const int32_t nr = r1 - r < BR ? r1 - r : BR;
-        if (!load_mask_block(d, u, r, nr, mv)) continue;
-        for (int32_t rr = 0; rr < nr; rr++) {
-            load_row16(d, kv_row(d->k, d->k_nb_stream, d->k_nb_head, d->k_nb_row, u->s, u->kvh, r + rr),
-                       kb + (size_t)rr * D);
-            load_row16(d, kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, r + rr),
-                       vb + (size_t)rr * D);
-        }
-        for (int32_t qi = 0; qi < nq; qi++) {
-            const float *q = qb + (size_t)qi * D;
-            const __m512 mrow = _mm512_loadu_ps(mv + (size_t)(qi % tt) * BR);
-            const __mmask16 vis = _mm512_cmp_ps_mask(mrow, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            if (!vis) continue;
-            for (int32_t rr = 0; rr < nr; rr++) {
-                const float *k = kb + (size_t)rr * D;
-                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-                for (int32_t v = 1; v < NV; v++)
-                    s = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), _mm512_loadu_ps(k + 16 * v), s);
-                sc[rr] = _mm512_reduce_add_ps(s) * scale;
-            }
-            for (int32_t rr = nr; rr < BR; rr++) sc[rr] = 0.0f;
-            if (d->softcap != 0.0f)
-                for (int32_t rr = 0; rr < nr; rr++) sc[rr] = d->softcap * tanhf(sc[rr]);
-            const __m512 s = _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_loadu_ps(sc), mrow);
-            const float bmax = _mm512_mask_reduce_max_ps(vis, s);
-            if (bmax == -INFINITY) continue;
-            const float mnew = bmax > m[qi] ? bmax : m[qi];
-            const float alpha = m[qi] == -INFINITY ? 0.0f : expf(m[qi] - mnew);
-            const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
-            _mm512_storeu_ps(pf, p);
-            l[qi] = l[qi] * alpha + _mm512_reduce_add_ps(p);
-            m[qi] = mnew;
-            float *a = acc + (size_t)qi * D;
-            const __m512 va = _mm512_set1_ps(alpha);
-            for (int32_t v = 0; v < NV; v++) {
-                __m512 x = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * v), va);
-                for (int32_t rr = 0; rr < nr; rr++)
-                    x = _mm512_fmadd_ps(_mm512_set1_ps(pf[rr]), _mm512_loadu_ps(vb + (size_t)rr * D + 16 * v), x);
-                _mm512_storeu_ps(a + 16 * v, x);
-            }
+#define INL static inline __attribute__((always_inline))
+
+T512 INL __m512 ld16(const char *p, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+
+/* Lane j of the result = the sum of the lanes of x[j] (x[n..15] read as 0):
+ * a transpose folded into the reduction, 15 adds for 16 sums. Each level
+ * adds lanes i and i+8, then i+4, i+2, i+1 of every input, the pairing of
+ * _mm512_reduce_add_ps, so each sum is bitwise that of a per-vector reduce
+ * (exact mode relies on it). The network leaves input k's sum in lane
+ * PERM[k] (PERM is an involution), so inputs are fed in PERM order. */
+T512 INL __m512 hsum16(const __m512 *x, int n) {
+    static const int PERM[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+    __m512 y[16], a[8], b[4], c[2];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) y[k] = PERM[k] < n ? x[PERM[k]] : _mm512_setzero_ps();
+    /* lanes i + i+8: 256-bit halves of y[i] and y[i+8] side by side */
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[i], y[i + 8], 0x44), _mm512_shuffle_f32x4(y[i], y[i + 8], 0xEE));
+    /* lanes i + i+4: alternate 128-bit quarters */
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+    /* lanes i + i+2, then i + i+1, within each quarter */
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44), _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|). */
+T512 INL __m512 tanh16(__m512 y) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), yi = _mm512_castps_si512(y);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 ay = _mm512_castsi512_ps(_mm512_andnot_si512(sign, yi));
+    const __m512 e = exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.0f)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, yi)));
+}
+
+/* Software prefetch over the rows [row, end) of one KV head: the rows are a
+ * stride apart (other heads' rows between), which the hardware prefetcher
+ * does not follow across pages, so the next group is fetched in shares
+ * while the current one computes. T1 (to L2) leaves the L1 fill buffers to
+ * the demand loads. */
+typedef struct pf_cursor {
+    const char *base;
+    size_t stride;
+    int32_t row, end, line, lines;
+} pf_cursor;
+
+static void pf_init(pf_cursor *c, const char *base, size_t stride, size_t row_bytes, int32_t r0, int32_t r1) {
+    c->base = base, c->stride = stride, c->row = r0, c->end = r1, c->line = 0;
+    /* One more line when rows do not start on a line. */
+    c->lines = (int32_t)((row_bytes + 63) / 64) + ((((uintptr_t)base | stride) & 63) != 0);
+    c->base = (const char *)((uintptr_t)base & ~(uintptr_t)63);
+}
+
+T512 INL void pf_step(pf_cursor *c, int32_t n) {
+    for (; n > 0 && c->row < c->end; n--) {
+        _mm_prefetch(c->base + (size_t)c->row * c->stride + (size_t)c->line * 64, _MM_HINT_T1);
+        if (++c->line == c->lines) c->line = 0, c->row++;
+    }
+}
+
+/* --- fp32 mode: tiles of rows x query heads, one transpose-reduce each */
+
+/* s[h * SROW + j] = q[h] . k[j] for TT consecutive rows and HT queries
+ * (TT * HT <= 16 accumulators, q from L1, each K slice converted once). */
+T512 INL void qk_tile(const float *q, int D, const char *k, size_t kr, float *s, int f16, int TT, int HT) {
+    const size_t es = f16 ? 2 : 4;
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+        __m512 qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++) qv[h] = _mm512_loadu_ps(q + (size_t)h * D + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m512 kv = ld16(k + (size_t)j * kr + (size_t)c * es, f16);
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
         }
     }
+    const __m512 r = hsum16(a, TT * HT);
+    /* Lanes [h*TT, h*TT+TT) are query h's: a masked store each, placed so
+     * that lane h*TT lands on s[h*SROW] (the rows' padding absorbs it). */
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + (ptrdiff_t)h * SROW - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+T512 INL void qk_rows(const float *q, int D, const char *k, size_t kr, int n, float *s, int f16, int HT,
+                      pf_cursor *pf, int32_t share) {
+    int j = 0;
+    const int TT = 16 / HT;
+    for (; j + TT <= n; j += TT) {
+        qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, TT, HT);
+        pf_step(pf, share);
+    }
+    if (HT == 1)
+        for (; j + 4 <= n; j += 4) qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, 4, 1);
+    for (; j < n; j++) qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, 1, HT);
+}
+
+#define QK_CASE(F, HT) \
+    case (F) * 8 + (HT): qk_rows(q, D, k, kr, n, s, F, HT, pf, share); break;
+#define QK_CASES(F) \
+    QK_CASE(F, 1) QK_CASE(F, 2) QK_CASE(F, 3) QK_CASE(F, 4) QK_CASE(F, 5) QK_CASE(F, 6) QK_CASE(F, 7) QK_CASE(F, 8)
+
+T512 static void qk_group(const float *q, int D, const char *k, size_t kr, int n, float *s, int f16, int HT,
+                          pf_cursor *pf, int32_t share) {
+    switch (f16 * 8 + HT) {
+        QK_CASES(0)
+        QK_CASES(1)
+    default: break;
+    }
+}
+
+/* acc[h][c, c+16) += sum_t p[h][t] v[t][c, c+16) for HP queries; NS
+ * independent row sets keep enough FMA chains in flight when HP is small. */
+T512 INL void pv_slice(const char *v, size_t vr, int n, const float *p, float *acc, int D, int c, int f16,
+                       int HP) {
+    const int NS = HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8;
+    const size_t es = f16 ? 2 : 4;
+    const char *vc = v + (size_t)c * es;
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < NS * HP; i++) a[i] = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + NS <= n; t += NS) {
+#pragma GCC unroll 8
+        for (int u = 0; u < NS; u++) {
+            const __m512 vv = ld16(vc + (size_t)(t + u) * vr, f16);
+#pragma GCC unroll 16
+            for (int h = 0; h < HP; h++)
+                a[u * HP + h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t + u]), vv, a[u * HP + h]);
+        }
+    }
+    for (; t < n; t++) {
+        const __m512 vv = ld16(vc + (size_t)t * vr, f16);
+#pragma GCC unroll 16
+        for (int h = 0; h < HP; h++) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t]), vv, a[h]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < HP; h++) {
+        __m512 sum = a[h];
+#pragma GCC unroll 8
+        for (int u = 1; u < NS; u++) sum = _mm512_add_ps(sum, a[u * HP + h]);
+        float *o = acc + (size_t)h * D + c;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum));
+    }
+}
+
+T512 INL void pv_rows(const char *v, size_t vr, int n, const float *p, float *acc, int D, int f16, int HP,
+                      pf_cursor *pf, int32_t share) {
+    for (int c = 0; c < D; c += 16) {
+        pv_slice(v, vr, n, p, acc, D, c, f16, HP);
+        pf_step(pf, share);
+    }
+}
+
+#define PV_CASE(F, HP) \
+    case (F) * 16 + (HP) - 1: pv_rows(v, vr, n, p, acc, D, F, HP, pf, share); break;
+#define PV_CASES(F)                                                                                      \
+    PV_CASE(F, 1) PV_CASE(F, 2) PV_CASE(F, 3) PV_CASE(F, 4) PV_CASE(F, 5) PV_CASE(F, 6) PV_CASE(F, 7)     \
+    PV_CASE(F, 8) PV_CASE(F, 9) PV_CASE(F, 10) PV_CASE(F, 11) PV_CASE(F, 12) PV_CASE(F, 13) PV_CASE(F, 14) \
+    PV_CASE(F, 15) PV_CASE(F, 16)
+
+T512 static void pv_group(const char *v, size_t vr, int n, const float *p, float *acc, int D, int f16, int HP,
+                          pf_cursor *pf, int32_t share) {
+    switch (f16 * 16 + HP - 1) {
+        PV_CASES(0)
+        PV_CASES(1)
+    default: break;
+    }
+}
+
+/* Mask rows of the tile for rows [r, r+n) into mv[t][GROUP] (-inf past n);
+ * returns whether any entry is visible. */
+T512 static int load_mask_group(const cpu_attn_strided_desc *d, const unit *u, int32_t r, int32_t n, float *mv) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __mmask16 any = 0;
+    for (int32_t t = 0; t < u->tt; t++) {
+        float *row = mv + (size_t)t * GROUP;
+        for (int32_t j = 0; j < GROUP; j += 16) _mm512_storeu_ps(row + j, ninf);
+        if (!d->mask) {
+            for (int32_t j = 0; j < n; j++) row[j] = 0.0f;
+            any = 1;
+            continue;
+        }
+        const uint16_t *m = (const uint16_t *)((const char *)d->mask + (size_t)u->s * d->mask_nb_stream +
+                                               (size_t)(u->t0 + t) * d->mask_nb_tok) + r;
+        int32_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + j)));
+            _mm512_storeu_ps(row + j, x);
+            any |= _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+        }
+        for (; j < n; j++) {
+            row[j] = m[j] == F16_NEG_INF ? -INFINITY : apex_f16_to_f32(m[j]);
+            any |= m[j] != F16_NEG_INF;
+        }
+    }
+    return any != 0;
+}
+
+/* item_scalar's contract, head_dim a multiple of 16. Per group of GROUP
+ * rows: every query's scores by qk tiles (K read once per 8 queries), then
+ * per query the softmax update with a vector exp, then P.V with up to 16
+ * queries' accumulators in registers (V read once per 16 queries). q holds
+ * the scale (or scale / softcap), so the scores need no multiply. */
+T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
+                             float *scr, float *m, float *l, float *acc) {
+    const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads, tt = u->tt, nq = G * tt;
+    const int f16 = d->kv_dtype == APEX_DTYPE_F16;
+    const size_t es = f16 ? 2 : 4;
+    float *qb = scr, *sc = qb + (size_t)nq * D + SPAD, *mv = qb + (size_t)nq * D + (size_t)nq * SROW;
+    const float cap = d->softcap, qs = cap != 0.0f ? d->scale / cap : d->scale;
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t t = 0; t < tt; t++) {
+            float *dst = qb + (size_t)(g * tt + t) * D;
+            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), dst);
+            for (int32_t i = 0; i < D; i++) dst[i] *= qs;
+        }
+    for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+    memset(acc, 0, (size_t)nq * D * sizeof(float));
+    const char *kb = kv_row(d->k, d->k_nb_stream, d->k_nb_head, d->k_nb_row, u->s, u->kvh, 0);
+    const char *vb = kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, 0);
+    const size_t kr = d->k_nb_row, vr = d->v_nb_row;
+    const __m512 capv = _mm512_set1_ps(cap), ninf = _mm512_set1_ps(-INFINITY);
+    pf_cursor pk, pv;
+    {
+        const int32_t e = r1 - r0 < GROUP ? r1 : r0 + GROUP;
+        pf_init(&pk, kb, kr, (size_t)D * es, r0, e);
+        pf_init(&pv, vb, vr, (size_t)D * es, r0, e);
+        pf_step(&pk, 1 << 30);
+        pf_step(&pv, 1 << 30);
+    }
+    for (int32_t gs = r0; gs < r1; gs += GROUP) {
+        const int32_t n = r1 - gs < GROUP ? r1 - gs : GROUP;
+        /* The next group's rows, in shares over this group's tiles. */
+        const int32_t ns = gs + n, ne = r1 - ns < GROUP ? r1 : ns + GROUP;
+        pf_init(&pk, kb, kr, (size_t)D * es, ns, ne);
+        pf_init(&pv, vb, vr, (size_t)D * es, ns, ne);
+        const int32_t nqk = (nq + 7) / 8, npv = (nq + 15) / 16, tt0 = 16 / (nq < 8 ? nq : 8);
+        const int32_t ktiles = nqk * (n / tt0 > 1 ? n / tt0 : 1), vslices = npv * (D / 16);
+        const int32_t kshare = (pk.lines * (ne - ns) + ktiles - 1) / ktiles;
+        const int32_t vshare = (pv.lines * (ne - ns) + vslices - 1) / vslices;
+        if (!load_mask_group(d, u, gs, n, mv)) continue;
+
+        for (int32_t h0 = 0; h0 < nq; h0 += 8)
+            qk_group(qb + (size_t)h0 * D, D, kb + (size_t)gs * kr, kr, n, sc + (size_t)h0 * SROW, f16,
+                     nq - h0 < 8 ? nq - h0 : 8, &pk, kshare);
+        pf_step(&pk, 1 << 30);
+
+        for (int32_t qi = 0; qi < nq; qi++) {
+            float *row = sc + (size_t)qi * SROW;
+            const float *mrow = mv + (size_t)(qi % tt) * GROUP;
+            __m512 vmax = ninf;
+            for (int32_t j = 0; j < n; j += 16) {
+                __m512 x = _mm512_loadu_ps(row + j);
+                if (cap != 0.0f) x = _mm512_mul_ps(capv, tanh16(x));
+                /* Lanes past n: the mask row's -inf. */
+                x = _mm512_add_ps(x, _mm512_loadu_ps(mrow + j));
+                _mm512_storeu_ps(row + j, x);
+                vmax = _mm512_max_ps(vmax, x);
+            }
+            const float mx = _mm512_reduce_max_ps(vmax);
+            if (mx == -INFINITY) {
+                for (int32_t j = 0; j < n; j += 16) _mm512_storeu_ps(row + j, _mm512_setzero_ps());
+                continue;
+            }
+            if (mx > m[qi]) {
+                /* The running max grew: rescale what was summed so far. */
+                const float alpha = m[qi] == -INFINITY ? 0.0f : expf(m[qi] - mx);
+                l[qi] *= alpha;
+                const __m512 av = _mm512_set1_ps(alpha);
+                float *a = acc + (size_t)qi * D;
+                for (int32_t i = 0; i < D; i += 16) _mm512_storeu_ps(a + i, _mm512_mul_ps(av, _mm512_loadu_ps(a + i)));
+                m[qi] = mx;
+            }
+            const __m512 mvec = _mm512_set1_ps(m[qi]);
+            __m512 vsum = _mm512_setzero_ps();
+            for (int32_t j = 0; j < n; j += 16) {
+                const __m512 x = _mm512_loadu_ps(row + j);
+                const __mmask16 vis = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+                const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_sub_ps(x, mvec)));
+                _mm512_storeu_ps(row + j, p);
+                vsum = _mm512_add_ps(vsum, p);
+            }
+            l[qi] += _mm512_reduce_add_ps(vsum);
+        }
+
+        for (int32_t h0 = 0; h0 < nq; h0 += 16)
+            pv_group(vb + (size_t)gs * vr, vr, n, sc + (size_t)h0 * SROW, acc + (size_t)h0 * D, D, f16,
+                     nq - h0 < 16 ? nq - h0 : 16, &pv, vshare);
+        pf_step(&pv, 1 << 30);
+    }
+}
+
+/* --- exact mode */
+
+/* Rows [0, nr) of a block for one query, ggml's sequence of operations on
+ * an f16 accumulator held in NV registers (each update rounded to f16 and
+ * back, as ggml_vec_mad_f16 / ggml_vec_scale_f16 store it). sc: the rows'
+ * scores; mrow: their mask values (-inf: skipped, as ggml skips them). */
+T512 INL void compat_rows(const float *sc, const float *mrow, const float *vb, int nr, int D, float *acc,
+                          float *Mp, float *Sp, int NV) {
+    __m512 a[32];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i++) a[i] = _mm512_loadu_ps(acc + 16 * i);
+    float M = *Mp, S = *Sp;
+    for (int j = 0; j < nr; j++) {
+        if (mrow[j] == -INFINITY) continue;
+        const float s = sc[j], Mold = M;
+        float ms = 1.0f, vs = 1.0f;
+        if (s > M) {
+            M = s;
+            ms = expf(Mold - M);
+            const __m512 vms = _mm512_set1_ps(ms);
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; i++)
+                a[i] = _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(a[i], vms), _MM_FROUND_TO_NEAREST_INT));
+        } else {
+            vs = expf(s - M);
+        }
+        const __m512 vvs = _mm512_set1_ps(vs);
+        const float *v = vb + (size_t)j * D;
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; i++)
+            a[i] = _mm512_cvtph_ps(
+                _mm512_cvtps_ph(_mm512_fmadd_ps(_mm512_loadu_ps(v + 16 * i), vvs, a[i]), _MM_FROUND_TO_NEAREST_INT));
+        S = COMPAT_SUM(S, ms, vs);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i++) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    *Mp = M, *Sp = S;
+}
+
+/* The generic compat_rows for head dims other than 64, 128, 256. */
+T512 static void compat_rows_any(const float *sc, const float *mrow, const float *vb, int nr, int D, float *acc,
+                                 float *Mp, float *Sp) {
+    float M = *Mp, S = *Sp;
+    for (int j = 0; j < nr; j++) {
+        if (mrow[j] == -INFINITY) continue;
+        const float s = sc[j], Mold = M;
+        float ms = 1.0f, vs = 1.0f;
+        if (s > M) {
+            M = s;
+            ms = expf(Mold - M);
+            const __m512 vms = _mm512_set1_ps(ms);
+            for (int i = 0; i < D; i += 16)
+                _mm512_storeu_ps(acc + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(acc + i), vms),
+                                                                          _MM_FROUND_TO_NEAREST_INT)));
+        } else {
+            vs = expf(s - M);
+        }
+        const __m512 vvs = _mm512_set1_ps(vs);
+        const float *v = vb + (size_t)j * D;
+        for (int i = 0; i < D; i += 16)
+            _mm512_storeu_ps(acc + i, _mm512_cvtph_ps(_mm512_cvtps_ph(
+                                          _mm512_fmadd_ps(_mm512_loadu_ps(v + i), vvs, _mm512_loadu_ps(acc + i)),
+                                          _MM_FROUND_TO_NEAREST_INT)));
+        S = COMPAT_SUM(S, ms, vs);
+    }
+    *Mp = M, *Sp = S;
+}
+
+T512 static void compat_rows_64(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
+                                float *S) {
+    compat_rows(sc, mrow, vb, nr, 64, acc, M, S, 4);
+}
+T512 static void compat_rows_128(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
+                                 float *S) {
+    compat_rows(sc, mrow, vb, nr, 128, acc, M, S, 8);
+}
+T512 static void compat_rows_256(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
+                                 float *S) {
+    compat_rows(sc, mrow, vb, nr, 256, acc, M, S, 16);
 }
 
 /* ggml-cpu's row-by-row FLASH_ATTN_EXT (ggml_compute_forward_flash_attn_ext_
  * f16_one_chunk) for f16 KV on AVX-512, operation for operation: q rounded to
- * f16; the K.q dot in four 16-lane FMA accumulators reduced as
- * GGML_F32x16_REDUCE does; online softmax with libm expf; the output
- * accumulated in f16 (each update rounded to f16, as ggml_vec_mad_f16 and
- * ggml_vec_scale_f16 store it). Each query keeps its own sequential state;
- * the K/V rows are converted once per block for all queries of the unit. */
+ * f16; each K.q dot in four 16-lane FMA accumulators reduced as
+ * GGML_F32x16_REDUCE does (the last step, _mm512_reduce_add_ps, done for 16
+ * rows at once by hsum16's identical tree); online softmax with libm expf,
+ * row by row; the output accumulated in f16. Each query keeps its own
+ * sequential state (that order is ggml's rounding, so it cannot be tiled);
+ * what is shared is the K/V rows, converted once per block of 16 for all
+ * the queries of the unit, and prefetched two blocks ahead. */
 T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
                                 float *scr, float *m, float *l, float *acc) {
-    const int32_t D = d->head_dim, NV = D / 16, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
+    const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
     const int32_t nq = G * tt;
     float *qb = scr, *kb = qb + (size_t)nq * D, *vb = kb + (size_t)BR * D, *mv = vb + (size_t)BR * D;
+    float *sc = mv + (size_t)TILE_T * BR;
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++)
             load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
     for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
     memset(acc, 0, (size_t)nq * D * sizeof(float));
-    float scale = d->scale;
-    if (d->softcap != 0.0f) scale /= d->softcap;
+    const float cap = d->softcap, scale = cap != 0.0f ? d->scale / cap : d->scale;
+    const char *kbase = kv_row(d->k, d->k_nb_stream, d->k_nb_head, d->k_nb_row, u->s, u->kvh, 0);
+    const char *vbase = kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, 0);
+    const size_t kr = d->k_nb_row, vr = d->v_nb_row;
+    pf_cursor pk, pv;
+    const int32_t ahead = 2 * BR;
+    pf_init(&pk, kbase, kr, (size_t)D * 2, r0, r1 - r0 < ahead ? r1 : r0 + ahead);
+    pf_init(&pv, vbase, vr, (size_t)D * 2, r0, r1 - r0 < ahead ? r1 : r0 + ahead);
+    pf_step(&pk, 1 << 30);
+    pf_step(&pv, 1 << 30);
     for (int32_t r = r0; r < r1; r += BR) {
         const int32_t nr = r1 - r < BR ? r1 - r : BR;
+        if (r + ahead < r1) {
+            const int32_t e = r1 - (r + ahead) < BR ? r1 : r + ahead + BR;
+            pf_init(&pk, kbase, kr, (size_t)D * 2, r + ahead, e);
+            pf_init(&pv, vbase, vr, (size_t)D * 2, r + ahead, e);
+            pf_step(&pk, 1 << 30);
+            pf_step(&pv, 1 << 30);
+        }
         if (!load_mask_block(d, u, r, nr, mv)) continue;
         for (int32_t rr = 0; rr < nr; rr++) {
-            load_row16(d, kv_row(d->k, d->k_nb_stream, d->k_nb_head, d->k_nb_row, u->s, u->kvh, r + rr),
-                       kb + (size_t)rr * D);
-            load_row16(d, kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, r + rr),
-                       vb + (size_t)rr * D);
+            load_row16(d, kbase + (size_t)(r + rr) * kr, kb + (size_t)rr * D);
+            load_row16(d, vbase + (size_t)(r + rr) * vr, vb + (size_t)rr * D);
         }
         for (int32_t qi = 0; qi < nq; qi++) {
             const float *q = qb + (size_t)qi * D, *mrow = mv + (size_t)(qi % tt) * BR;
-            float *a = acc + (size_t)qi * D;
-            float M = m[qi], S = l[qi];
+            const __m512 mvec = _mm512_loadu_ps(mrow);
+            if (!_mm512_cmp_ps_mask(mvec, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ)) continue;
+            /* ggml_vec_dot_f16's accumulators, summed (0+2)+(1+3) per row. */
+            __m512 y[BR];
             for (int32_t rr = 0; rr < nr; rr++) {
-                const float mval = mrow[rr];
-                if (mval == -INFINITY) continue;
-                const float *k = kb + (size_t)rr * D, *v = vb + (size_t)rr * D;
-                __m512 s4[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                                _mm512_setzero_ps()};
-                for (int32_t i = 0; i < D; i += 64)
-                    for (int j = 0; j < 4; j++)
-                        s4[j] = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 16 * j), _mm512_loadu_ps(q + i + 16 * j),
-                                                s4[j]);
-                s4[0] = _mm512_add_ps(s4[0], s4[2]);
-                s4[1] = _mm512_add_ps(s4[1], s4[3]);
-                s4[0] = _mm512_add_ps(s4[0], s4[1]);
-                float sc = (float)(double)_mm512_reduce_add_ps(s4[0]);
-                sc = sc * scale;
-                if (d->softcap != 0.0f) sc = d->softcap * tanhf(sc);
-                sc = sc + mval;
-                const float Mold = M;
-                float ms = 1.0f, vs = 1.0f;
-                if (sc > M) {
-                    M = sc;
-                    ms = expf(Mold - M);
-                    const __m512 vms = _mm512_set1_ps(ms);
-                    for (int32_t i = 0; i < NV; i++)
-                        _mm512_storeu_ps(a + 16 * i, _mm512_cvtph_ps(_mm512_cvtps_ph(
-                                                         _mm512_mul_ps(_mm512_loadu_ps(a + 16 * i), vms), 0)));
-                } else {
-                    vs = expf(sc - M);
+                const float *k = kb + (size_t)rr * D;
+                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                for (int32_t i = 0; i < D; i += 64) {
+                    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i), _mm512_loadu_ps(q + i), s0);
+                    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 16), _mm512_loadu_ps(q + i + 16), s1);
+                    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 32), _mm512_loadu_ps(q + i + 32), s2);
+                    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 48), _mm512_loadu_ps(q + i + 48), s3);
                 }
-                const __m512 vvs = _mm512_set1_ps(vs);
-                for (int32_t i = 0; i < NV; i++)
-                    _mm512_storeu_ps(a + 16 * i,
-                                     _mm512_cvtph_ps(_mm512_cvtps_ph(
-                                         _mm512_fmadd_ps(_mm512_loadu_ps(v + 16 * i), vvs, _mm512_loadu_ps(a + 16 * i)),
-                                         0)));
-                S = COMPAT_SUM(S, ms, vs);
+                y[rr] = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
             }
-            m[qi] = M, l[qi] = S;
+            __m512 s = _mm512_mul_ps(hsum16(y, nr), _mm512_set1_ps(scale));
+            if (cap != 0.0f) {
+                _mm512_storeu_ps(sc, s);
+                for (int32_t rr = 0; rr < nr; rr++) sc[rr] = cap * tanhf(sc[rr]);
+                s = _mm512_loadu_ps(sc);
+            }
+            _mm512_storeu_ps(sc, _mm512_add_ps(s, mvec));
+            float *a = acc + (size_t)qi * D;
+            switch (D) {
+            case 64: compat_rows_64(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
+            case 128: compat_rows_128(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
+            case 256: compat_rows_256(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
+            default: compat_rows_any(sc, mrow, vb, nr, D, a, &m[qi], &l[qi]); break;
+            }
         }
     }
 }
