@@ -1,7 +1,8 @@
 /* test_cpu_attn_strided: the strided (ggml-layout) kernel against its scalar
  * reference and, for f32 KV, against double-precision naive attention; on
  * decode and prefill masks, GQA/MHA, f16/f32, head dims on and off the SIMD
- * path, softcap, split chunks, and rejected descriptors. */
+ * path, softcap, split chunks, and rejected descriptors. Exact mode is held
+ * bit for bit to a scalar emulation of ggml-cpu's row-by-row f16 path. */
 #include "test_util.h"
 
 #include <string.h>
@@ -165,6 +166,106 @@ static void test_long_split(void **state) {
     fx_free(&f);
 }
 
+/* ggml_compute_forward_flash_attn_ext_f16_one_chunk on an AVX-512 build,
+ * in scalar C: q rounded to f16; ggml_vec_dot_f16's four 16-lane FMA
+ * accumulators, folded (0+2)+(1+3), then _mm512_reduce_add_ps's tree (lanes
+ * i+8, i+4, i+2, i+1); libm expf; the accumulator rounded to f16 after
+ * every scale and every FMA; S = S*ms + vs contracted to an FMA. */
+static void ggml_emulate(const cpu_attn_strided_desc *d) {
+    const int D = d->head_dim, G = d->n_q_heads / d->n_kv_heads;
+    float q[512], acc[512], lanes[4][16], x[16];
+    const float scale = d->softcap != 0.0f ? d->scale / d->softcap : d->scale;
+    for (int s = 0; s < d->n_streams; s++)
+        for (int t = 0; t < d->n_tokens; t++)
+            for (int h = 0; h < d->n_q_heads; h++) {
+                const float *qs = (const float *)((const char *)d->q + s * d->q_nb_stream + t * d->q_nb_tok +
+                                                  h * d->q_nb_head);
+                for (int i = 0; i < D; i++) q[i] = apex_f16_to_f32(apex_f32_to_f16(qs[i])), acc[i] = 0.0f;
+                const uint16_t *mr = (const uint16_t *)((const char *)d->mask + s * d->mask_nb_stream +
+                                                        t * d->mask_nb_tok);
+                float M = -INFINITY, S = 0.0f;
+                for (int j = 0; j < d->n_kv; j++) {
+                    const float mv = apex_f16_to_f32(mr[j]);
+                    if (mv == -INFINITY) continue;
+                    const uint16_t *k = (const uint16_t *)((const char *)d->k + s * d->k_nb_stream +
+                                                           (h / G) * d->k_nb_head + j * d->k_nb_row);
+                    const uint16_t *v = (const uint16_t *)((const char *)d->v + s * d->v_nb_stream +
+                                                           (h / G) * d->v_nb_head + j * d->v_nb_row);
+                    memset(lanes, 0, sizeof lanes);
+                    for (int i = 0; i < D; i += 64)
+                        for (int a = 0; a < 4; a++)
+                            for (int e = 0; e < 16; e++)
+                                lanes[a][e] = fmaf(apex_f16_to_f32(k[i + 16 * a + e]), q[i + 16 * a + e], lanes[a][e]);
+                    for (int e = 0; e < 16; e++)
+                        x[e] = (lanes[0][e] + lanes[2][e]) + (lanes[1][e] + lanes[3][e]);
+                    for (int w = 8; w >= 1; w /= 2)
+                        for (int e = 0; e < w; e++) x[e] = x[e] + x[e + w];
+                    float sc = x[0] * scale;
+                    if (d->softcap != 0.0f) sc = d->softcap * tanhf(sc);
+                    sc += mv;
+                    const float Mold = M;
+                    float ms = 1.0f, vs = 1.0f;
+                    if (sc > M) {
+                        M = sc;
+                        ms = expf(Mold - M);
+                        for (int i = 0; i < D; i++) acc[i] = apex_f16_to_f32(apex_f32_to_f16(acc[i] * ms));
+                    } else {
+                        vs = expf(sc - M);
+                    }
+                    for (int i = 0; i < D; i++)
+                        acc[i] = apex_f16_to_f32(apex_f32_to_f16(fmaf(apex_f16_to_f32(v[i]), vs, acc[i])));
+                    S = fmaf(S, ms, vs);
+                }
+                float *o = (float *)((char *)d->out + s * d->out_nb_stream + t * d->out_nb_tok + h * d->out_nb_head);
+                const float inv = S == 0.0f ? 0.0f : 1.0f / S;
+                for (int i = 0; i < D; i++) o[i] = acc[i] * inv;
+            }
+}
+
+/* Exact mode equals the emulation bit for bit: GQA decode over prefixes
+ * (one empty), a causal prefill over tiles with finite mask values and
+ * holes, softcap, and head dims with and without a register accumulator. */
+static void test_exact_bitwise(void **state) {
+    (void)state;
+    if (!cpu_attn_strided_compat_ok(64, APEX_DTYPE_F16)) skip();
+    const struct {
+        int D, hq, hkv, T, S, n_kv;
+        float softcap;
+    } cs[] = {{128, 32, 8, 1, 4, 700, 0.0f}, {64, 9, 3, 13, 2, 90, 0.0f}, {64, 4, 1, 3, 2, 200, 30.0f},
+              {192, 4, 2, 2, 2, 70, 0.0f}, {256, 8, 8, 1, 3, 130, 0.0f}};
+    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++) {
+        fixture f;
+        fx_init(&f, cs[c].D, cs[c].hq, cs[c].hkv, cs[c].T, cs[c].S, cs[c].n_kv, APEX_DTYPE_F16, 1, 10 + c);
+        f.d.softcap = cs[c].softcap;
+        f.d.ggml_compat = 1;
+        uint64_t seed = 77 + c;
+        for (int s = 0; s < cs[c].S; s++) {
+            const int len = s == 1 && cs[c].T == 1 ? 0 : cs[c].n_kv - 7 * s - cs[c].T;
+            for (int t = 0; t < cs[c].T; t++)
+                for (int j = 0; j < cs[c].n_kv; j++) {
+                    uint16_t mv = j <= len + t ? 0 : 0xfc00;
+                    if (mv == 0 && c == 1) {
+                        const int r = test_rand_int(&seed, 6);
+                        mv = r == 0 ? 0xfc00 : apex_f32_to_f16(-0.5f * (float)r);
+                    }
+                    mask_row(&f, s, t)[j] = mv;
+                }
+        }
+        const size_t n = (size_t)cs[c].S * cs[c].T * cs[c].hq * cs[c].D;
+        cpu_attn_strided_desc e = f.d;
+        e.out = f.out_ref;
+        ggml_emulate(&e);
+        for (int th = 1; th <= 3; th += 2) {
+            memset(f.out, 0x7f, n * 4);
+            assert_int_equal(cpu_attn_strided(&f.d, th), 0);
+            for (size_t i = 0; i < n; i++)
+                if (memcmp(&f.out[i], &f.out_ref[i], 4) != 0)
+                    fail_msg("case %zu: out[%zu] = %.9g, ggml's %.9g", c, i, f.out[i], f.out_ref[i]);
+        }
+        fx_free(&f);
+    }
+}
+
 static void test_rejects(void **state) {
     (void)state;
     fixture f;
@@ -194,6 +295,7 @@ int main(void) {
         cmocka_unit_test(test_prefill_causal),
         cmocka_unit_test(test_mha_f32_softcap_holes),
         cmocka_unit_test(test_long_split),
+        cmocka_unit_test(test_exact_bitwise),
         cmocka_unit_test(test_rejects),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
