@@ -72,6 +72,9 @@ typedef struct device_iface {
                                      int32_t head_dim);
     apex_status (*paged_decode)(apex_device *dev, const apex_cuda_decode *a, device_stream *s);
     apex_status (*kv_append)(apex_device *dev, const apex_cuda_kv_append *a, device_stream *s);
+    /* Causal prefill over packed fresh sequences, optionally storing their
+     * K/V into a pool by slot (apex_cuda_prefill). */
+    apex_status (*prefill)(apex_device *dev, const apex_cuda_prefill *a, device_stream *s);
     apex_status (*gather_rows)(apex_device *dev, const apex_cuda_rows *t, int n_tensors,
                                const int32_t *idx, int32_t n_rows, device_stream *s);
     apex_status (*scatter_rows)(apex_device *dev, const apex_cuda_rows *t, int n_tensors,

@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "cpu_attn/cpu_attn.h"
+#include "cpu_attn/cpu_prefill.h"
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/device.h"
 #include "csrc/error.h"
@@ -51,7 +52,8 @@ typedef enum cmd_kind {
     CMD_WAIT_FLAG,
     CMD_DECODE,
     CMD_KV_APPEND,
-    CMD_ROWS
+    CMD_ROWS,
+    CMD_PREFILL
 } cmd_kind;
 
 typedef struct cmd {
@@ -74,6 +76,7 @@ typedef struct cmd {
         } flag;
         apex_cuda_decode decode;
         apex_cuda_kv_append append;
+        apex_cuda_prefill prefill;
         struct {
             apex_cuda_rows t[APEX_CUDA_MAX_ROW_TENSORS];
             int n_tensors;
@@ -345,6 +348,25 @@ static void run_decode(const apex_cuda_decode *a) {
     cpu_attn_reference(&g, &b);
 }
 
+static void run_prefill(const apex_cuda_prefill *a) {
+    const cpu_prefill_batch b = {
+        .n_seqs = a->n_seqs, .cu_seqlens = a->cu_seqlens, .n_q_heads = a->n_q_heads,
+        .n_kv_heads = a->n_kv_heads, .head_dim = a->head_dim, .q = a->q, .k = a->k, .v = a->v,
+        .q_stride = a->q_stride, .k_stride = a->k_stride, .v_stride = a->v_stride,
+        .act_dtype = a->act_dtype, .out = a->out, .out_dtype = a->out_dtype, .scale = a->scale,
+        .softcap = a->softcap, .window = a->window,
+    };
+    cpu_prefill_reference(&b);
+    if (!a->kv) return;
+    const apex_cuda_kv_append store = {
+        .n_rows = a->n_tokens, .n_kv_heads = a->n_kv_heads, .head_dim = a->head_dim,
+        .block_tokens = a->block_tokens, .k = a->k, .v = a->v, .k_stride = a->k_stride,
+        .v_stride = a->v_stride, .src_dtype = a->act_dtype, .slots = a->slots, .kv = a->kv,
+        .block_bytes = a->block_bytes, .kv_dtype = a->kv_dtype,
+    };
+    run_kv_append(&store);
+}
+
 /* Runs a work command's body; called without the mutex. */
 static void run_cmd(emu_device *d, const cmd *c) {
     if (c->kind != CMD_COPY && d->kernel_delay_us) usleep(d->kernel_delay_us);
@@ -353,12 +375,14 @@ static void run_cmd(emu_device *d, const cmd *c) {
     case CMD_DECODE: run_decode(&c->u.decode); break;
     case CMD_KV_APPEND: run_kv_append(&c->u.append); break;
     case CMD_ROWS: run_rows(c); break;
+    case CMD_PREFILL: run_prefill(&c->u.prefill); break;
     default: break;
     }
 }
 
 static int is_work(cmd_kind k) {
-    return k == CMD_COPY || k == CMD_DECODE || k == CMD_KV_APPEND || k == CMD_ROWS;
+    return k == CMD_COPY || k == CMD_DECODE || k == CMD_KV_APPEND || k == CMD_ROWS ||
+           k == CMD_PREFILL;
 }
 
 /* Retires the ready control commands (records, satisfied waits) at the head
@@ -727,6 +751,41 @@ static apex_status emu_kv_append(apex_device *dev, const apex_cuda_kv_append *a,
     return APEX_OK;
 }
 
+static apex_status check_prefill(const apex_cuda_prefill *a) {
+    if (!a) return apex_fail(APEX_ERR_INVALID_ARG, "emulated prefill: arguments are NULL");
+    if (a->n_seqs < 0 || a->n_tokens < 0 || a->n_kv_heads < 1 || a->n_q_heads < 1 ||
+        a->n_q_heads % a->n_kv_heads || a->q_stride < 0 || a->k_stride < 0 || a->v_stride < 0 ||
+        a->window < 0 || !(a->scale > 0) || !(a->softcap >= 0))
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "emulated prefill: bad geometry or options (seqs %d, tokens %d, heads "
+                         "%d/%d, window %d, scale %g, softcap %g)",
+                         a->n_seqs, a->n_tokens, a->n_q_heads, a->n_kv_heads, a->window,
+                         (double)a->scale, (double)a->softcap);
+    switch (a->head_dim) {
+    case 64: case 80: case 96: case 128: case 256: break;
+    default:
+        return apex_fail(APEX_ERR_UNSUPPORTED, "emulated prefill: head_dim %d", a->head_dim);
+    }
+    if (!dtype_ok(a->act_dtype) || !dtype_ok(a->out_dtype) || (a->kv && !dtype_ok(a->kv_dtype)))
+        return apex_fail(APEX_ERR_INVALID_ARG, "emulated prefill: bad dtype");
+    if (a->n_tokens == 0) return APEX_OK;
+    if (!a->cu_seqlens || !a->q || !a->k || !a->v || !a->out || (a->kv && !a->slots) ||
+        (a->kv && !pow2(a->block_tokens)))
+        return apex_fail(APEX_ERR_INVALID_ARG, "emulated prefill: a NULL array or bad block size");
+    return APEX_OK;
+}
+
+static apex_status emu_prefill(apex_device *dev, const apex_cuda_prefill *a, device_stream *s) {
+    apex_status st = check_stream(s, "prefill");
+    if (st || (st = check_prefill(a))) return st;
+    if (a->n_tokens == 0) return APEX_OK;
+    cmd *c = cmd_new(CMD_PREFILL);
+    if (!c) return no_cmd_memory("prefill");
+    c->u.prefill = *a;
+    enqueue(emu(dev), s, c);
+    return APEX_OK;
+}
+
 static apex_status enqueue_rows(apex_device *dev, const apex_cuda_rows *t, int n_tensors,
                                 const int32_t *idx, int32_t n_rows, device_stream *s,
                                 int gather) {
@@ -826,6 +885,7 @@ static const device_iface emu_iface = {
     .kv_append = emu_kv_append,
     .gather_rows = emu_gather_rows,
     .scatter_rows = emu_scatter_rows,
+    .prefill = emu_prefill,
 };
 
 /* APEX_EMU_KERNEL_DELAY_US: unset or empty = 0; anything else must be a

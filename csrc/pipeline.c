@@ -26,7 +26,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
     uint8_t *p = base ? base : (uint8_t *)0;
     if (host) {
         sl->h_lens = carve(&p, B * 4);
-        sl->h_table = carve(&p, B * mb * 4);
+        sl->h_table = carve(&p, (B * mb + 1) * 4); /* +1: prefill's cu_seqlens */
         sl->h_idx_g = carve(&p, B * 4);
         sl->h_idx_c = carve(&p, B * 4);
         sl->h_slots = carve(&p, B * 8);
@@ -39,7 +39,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
         sl->h_v = carve(&p, B * row_kv);
     } else {
         sl->d_lens = carve(&p, B * 4);
-        sl->d_table = carve(&p, B * mb * 4);
+        sl->d_table = carve(&p, (B * mb + 1) * 4);
         sl->d_idx_g = carve(&p, B * 4);
         sl->d_idx_c = carve(&p, B * 4);
         sl->d_slots = carve(&p, B * 8);
@@ -71,8 +71,11 @@ apex_status pipeline_init(apex_context *ctx) {
         (st = f->stream_create(dev, &pl->own_stream)) ||
         (st = f->event_create(dev, &pl->ev_copies)))
         return st;
+    pl->chunk_seqs = malloc((size_t)c->max_batch * sizeof *pl->chunk_seqs);
+    pl->chunk_pos = malloc((size_t)c->max_batch * sizeof *pl->chunk_pos);
     pl->slots = calloc((size_t)n, sizeof *pl->slots);
-    if (!pl->slots) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for staging slots");
+    if (!pl->slots || !pl->chunk_seqs || !pl->chunk_pos)
+        return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for staging slots");
     pl->n_slots = n;
     size_t B = (size_t)c->max_batch, mb = (size_t)ctx->seqs.max_blocks_per_seq;
     size_t hb = layout(NULL, NULL, 1, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
@@ -119,6 +122,8 @@ void pipeline_destroy(apex_context *ctx) {
         if (sl->d_mem) f->mem_free(dev, sl->d_mem);
     }
     free(pl->slots);
+    free(pl->chunk_seqs);
+    free(pl->chunk_pos);
     if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
     if (pl->d_sync) f->mem_free(dev, pl->d_sync);
     if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
@@ -338,6 +343,47 @@ apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
     finish(pl, sl, s);
     ctx->stats.seqs_attended_device += (uint64_t)n_g;
     ctx->stats.seqs_attended_host += (uint64_t)n_c;
+    return APEX_OK;
+}
+
+apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                             const int32_t *n_tokens, const void *q, const void *k,
+                             const void *v, void *out, const apex_attn_opts *o,
+                             device_stream *s) {
+    pipeline *pl = &ctx->pipe;
+    apex_device *dev = pl->dev;
+    const device_iface *f = dev->iface;
+    size_t kv_row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(o->q_dtype);
+    /* K/V to each sequence's tier, max_batch rows a call. */
+    int32_t rows = 0, done = 0;
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t p = 0; p < n_tokens[i]; p++) {
+            pl->chunk_seqs[rows] = seqs[i];
+            pl->chunk_pos[rows++] = p;
+            if (rows == ctx->cfg.max_batch || (i == n - 1 && p == n_tokens[i] - 1)) {
+                TRY(pipeline_kv_write(ctx, layer, rows, pl->chunk_seqs, pl->chunk_pos,
+                                      (const uint8_t *)k + (size_t)done * kv_row,
+                                      (const uint8_t *)v + (size_t)done * kv_row, o->q_dtype, s));
+                done += rows;
+                rows = 0;
+            }
+        }
+    /* Causal attention over the activations, on the device. */
+    stage_slot *sl = acquire(pl);
+    sl->h_table[0] = 0;
+    for (int32_t i = 0; i < n; i++) sl->h_table[i + 1] = sl->h_table[i] + n_tokens[i];
+    int32_t longest = 0;
+    for (int32_t i = 0; i < n; i++) longest = n_tokens[i] > longest ? n_tokens[i] : longest;
+    TRY(f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)(n + 1) * 4, s));
+    apex_cuda_prefill a = {
+        .n_seqs = n, .n_tokens = done, .n_q_heads = ctx->cfg.n_q_heads,
+        .n_kv_heads = ctx->cfg.n_kv_heads, .head_dim = ctx->cfg.head_dim,
+        .cu_seqlens = sl->d_table, .max_seq_len = longest, .q = q, .k = k, .v = v,
+        .act_dtype = o->q_dtype, .out = out, .out_dtype = o->out_dtype, .scale = o->scale,
+        .softcap = o->softcap, .window = o->window, .kv = NULL,
+    };
+    TRY(f->prefill(dev, &a, s));
+    finish(pl, sl, s);
     return APEX_OK;
 }
 

@@ -59,6 +59,7 @@ typedef struct pipeline {
     device_event *last_done;    /* latest done event; implies all earlier */
     size_t row_q_bytes, row_kv_bytes;
     uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
+    int32_t *chunk_seqs, *chunk_pos; /* [max_batch]: prefill's KV chunks */
     /* Device copies of a synchronous call's host arguments. */
     void *d_sync;
     void *d_q_sync, *d_out_sync, *d_k_sync, *d_v_sync;
@@ -74,6 +75,13 @@ apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const
 apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
                                const int32_t *seqs, const void *q, void *out,
                                const apex_attn_opts *o, device_stream *s);
+
+/* Prefill (see apex_prefill_async): K/V stored through pipeline_kv_write in
+ * chunks of max_batch rows, then the device's causal prefill kernel. */
+apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                             const int32_t *n_tokens, const void *q, const void *k,
+                             const void *v, void *out, const apex_attn_opts *o,
+                             device_stream *s);
 
 /* Copy-on-write of a device block (all layers), ordered after the engine
  * stream's work so far and before its next call. */

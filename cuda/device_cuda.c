@@ -252,6 +252,14 @@ static apex_status cu_scatter_rows(apex_device *dev, const apex_cuda_rows *t, in
     return status_of(rc, "scatter_rows");
 }
 
+static apex_status cu_prefill(apex_device *dev, const apex_cuda_prefill *a, device_stream *s) {
+    if (!s) return apex_fail(APEX_ERR_INVALID_ARG, "cuda prefill: stream is NULL");
+    int prev = enter(dev);
+    int rc = apex_cuda_prefill_attention(a, cs(s));
+    leave(dev, prev);
+    return status_of(rc, "prefill");
+}
+
 static const device_iface cuda_iface = {
     .name = "cuda",
     .destroy = cu_destroy,
@@ -276,6 +284,7 @@ static const device_iface cuda_iface = {
     .kv_append = cu_kv_append,
     .gather_rows = cu_gather_rows,
     .scatter_rows = cu_scatter_rows,
+    .prefill = cu_prefill,
 };
 
 apex_status device_cuda_create(int ordinal, apex_device **out) {

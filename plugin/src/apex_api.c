@@ -338,6 +338,42 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     return APEX_OK;
 }
 
+APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_t n,
+                                        const int32_t *seqs, const int32_t *n_tokens,
+                                        const void *q, const void *k, const void *v, void *out,
+                                        const apex_attn_opts *opts, apex_stream s) {
+    CHECK_DEV(ctx);
+    const char *fn = __func__;
+    if (!s || !n_tokens || !k || !v)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "%s: stream, n_tokens, k and v must not be NULL", fn));
+    apex_attn_opts o;
+    apex_status st = check_attention(ctx, fn, layer, n, seqs, q, out, opts, &o);
+    if (st) return counted(ctx, st);
+    for (int32_t i = 0; i < n; i++) {
+        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
+        if (n_tokens[i] < 1 || n_tokens[i] != e->len)
+            return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                          "%s: sequence %d: %d tokens, but a prefill covers "
+                                          "its whole reserved length %d from position 0",
+                                          fn, seqs[i], n_tokens[i], e->len));
+        const int32_t *row = seq_table_row(&ctx->seqs, seqs[i]);
+        for (int32_t b = 0; b < e->n_blocks; b++)
+            if (seq_table_pool(&ctx->seqs, e)->refcount[row[b]] > 1)
+                return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                              "%s: sequence %d shares blocks (forked): prefill "
+                                              "writes only fresh sequences", fn, seqs[i]));
+        for (int32_t j = 0; j < i; j++)
+            if (seqs[j] == seqs[i])
+                return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                              "%s: sequence %d listed twice", fn, seqs[i]));
+    }
+    st = pipeline_prefill(ctx, layer, n, seqs, n_tokens, q, k, v, out, &o, STREAM(s));
+    if (st) return counted(ctx, st);
+    for (int32_t i = 0; i < n; i++) ctx->stats.kv_rows_written += (uint64_t)n_tokens[i];
+    return APEX_OK;
+}
+
 /* ----------------------------------------------------------- scheduler */
 
 APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o) {

@@ -186,6 +186,80 @@ static void test_mixed_batch_multi_step(void **state) {
     teardown(&f);
 }
 
+/* A prefill of fresh sequences on both tiers: causal attention on the
+ * device equals naive attention token by token, and the K/V it stored (in
+ * each sequence's tier) serves the decode steps that follow. */
+static void test_prefill_then_decode(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 16);
+    uint64_t rng = 31;
+    enum { N = 3 };
+    int32_t seqs[N] = {0, 1, 2}, n_tok[N] = {37, 50, 5}, T = 37 + 50 + 5;
+    assert_ok(apex_seq_add(f.ctx, 0, APEX_TIER_DEVICE));
+    assert_ok(apex_seq_add(f.ctx, 1, APEX_TIER_HOST));
+    assert_ok(apex_seq_add(f.ctx, 2, APEX_TIER_HOST));
+    for (int i = 0; i < N; i++) {
+        assert_ok(apex_seq_reserve(f.ctx, seqs[i], n_tok[i], NULL));
+        f.len[seqs[i]] = n_tok[i];
+    }
+    float *q = malloc(sizeof(float) * T * HQ * D), *out = malloc(sizeof(float) * T * HQ * D);
+    float *k = malloc(sizeof(float) * T * HK * D), *v = malloc(sizeof(float) * T * HK * D);
+    void *dq, *dk, *dv, *dout;
+    assert_ok(apex_device_alloc(f.ctx, sizeof(float) * T * HQ * D, &dq));
+    assert_ok(apex_device_alloc(f.ctx, sizeof(float) * T * HQ * D, &dout));
+    assert_ok(apex_device_alloc(f.ctx, sizeof(float) * T * HK * D, &dk));
+    assert_ok(apex_device_alloc(f.ctx, sizeof(float) * T * HK * D, &dv));
+    for (int l = 0; l < L; l++) {
+        int row = 0;
+        for (int i = 0; i < N; i++)
+            for (int p = 0; p < n_tok[i]; p++, row++)
+                for (int e = 0; e < HK * D; e++) {
+                    k[row * HK * D + e] = kv_at(&f, seqs[i], l, p, 0)[e] = test_rand_f(&rng);
+                    v[row * HK * D + e] = kv_at(&f, seqs[i], l, p, 1)[e] = test_rand_f(&rng);
+                }
+        for (int e = 0; e < T * HQ * D; e++) q[e] = 2.0f * test_rand_f(&rng);
+        assert_ok(apex_memcpy_async(f.ctx, dq, q, sizeof(float) * T * HQ * D, f.s));
+        assert_ok(apex_memcpy_async(f.ctx, dk, k, sizeof(float) * T * HK * D, f.s));
+        assert_ok(apex_memcpy_async(f.ctx, dv, v, sizeof(float) * T * HK * D, f.s));
+        assert_ok(apex_prefill_async(f.ctx, l, N, seqs, n_tok, dq, dk, dv, dout, NULL, f.s));
+        assert_ok(apex_memcpy_async(f.ctx, out, dout, sizeof(float) * T * HQ * D, f.s));
+        assert_ok(apex_stream_sync(f.ctx, f.s));
+        row = 0;
+        for (int i = 0; i < N; i++)
+            for (int p = 0; p < n_tok[i]; p++, row++)
+                for (int h = 0; h < HQ; h++) {
+                    double want[D];
+                    int hk = h / (HQ / HK);
+                    test_naive_attention(q + (row * HQ + h) * D, D,
+                                         kv_at(&f, seqs[i], l, 0, 0) + hk * D,
+                                         kv_at(&f, seqs[i], l, 0, 1) + hk * D, 2 * HK * D, 0,
+                                         p + 1, 1.0f / 8.0f, 0, want);
+                    for (int e = 0; e < D; e++)
+                        if (fabs(out[(row * HQ + h) * D + e] - want[e]) > 2e-5)
+                            fail_msg("prefill layer %d seq %d pos %d head %d: got %g want %g", l,
+                                     seqs[i], p, h, out[(row * HQ + h) * D + e], want[e]);
+                }
+    }
+    /* Bad prefills: a length that is not the reserved one; a non-fresh sequence. */
+    int32_t wrong[N] = {36, 50, 5};
+    assert_status(apex_prefill_async(f.ctx, 0, N, seqs, wrong, dq, dk, dv, dout, NULL, f.s),
+                  APEX_ERR_INVALID_ARG);
+    for (int step = 0; step < 3; step++) {
+        append(&f, N, seqs, 1, &rng);
+        attend_and_check(&f, N, seqs, &rng);
+    }
+    apex_device_free(f.ctx, dq);
+    apex_device_free(f.ctx, dk);
+    apex_device_free(f.ctx, dv);
+    apex_device_free(f.ctx, dout);
+    free(q);
+    free(k);
+    free(v);
+    free(out);
+    teardown(&f);
+}
+
 /* Sequences move between tiers (by hand, and by reserve spilling a device
  * sequence that outgrows the device pool); attention stays exact. */
 static void test_migration_and_spill(void **state) {
@@ -353,6 +427,7 @@ static void test_async_bad_input(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mixed_batch_multi_step),
+        cmocka_unit_test(test_prefill_then_decode),
         cmocka_unit_test(test_migration_and_spill),
         cmocka_unit_test(test_engine_thread_never_waits),
         cmocka_unit_test(test_async_bad_input),

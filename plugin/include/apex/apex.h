@@ -295,6 +295,20 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seqs, const void *q, void *out,
                                           const apex_attn_opts *opts, apex_stream s);
 
+/* Prefill of layer for n fresh sequences, packed token-major: sequence i
+ * contributes n_tokens[i] rows at positions 0..n_tokens[i]-1, which must be
+ * exactly its reserved length (apex_seq_reserve of an empty sequence).
+ *   q:    [T][n_q_heads][head_dim]    T = sum of n_tokens, opts->q_dtype
+ *   k, v: [T][n_kv_heads][head_dim]   same dtype as q
+ *   out:  [T][n_q_heads][head_dim]    opts->out_dtype
+ * Causal attention (window and softcap as in decode) always runs on the
+ * device; each sequence's K/V goes to its tier (a host-tier sequence's rows
+ * are copied down and stored by the CPU worker, layer by layer). */
+APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_t n,
+                                        const int32_t *seqs, const int32_t *n_tokens,
+                                        const void *q, const void *k, const void *v, void *out,
+                                        const apex_attn_opts *opts, apex_stream s);
+
 /* -------------------------------------------------------------- scheduler */
 
 /* The step scheduler (csrc/sched/, docs/sched.md): each step it predicts CPU
