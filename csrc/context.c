@@ -92,10 +92,28 @@ static apex_status open_device_tier(apex_context *ctx) {
         fprintf(stderr, "apex: the %s device holds %d of the %d device blocks asked for\n",
                 ctx->dev->iface->name, got, want);
     ctx->cfg.device_blocks = got;
+    /* Pin the host pool so tier moves are true async DMA; a failure (too
+     * much to lock) only costs copy speed. APEX_PIN_HOST_POOL=0 skips it. */
+    const char *pin = getenv("APEX_PIN_HOST_POOL");
+    block_pool *hp = &ctx->pools[APEX_TIER_HOST];
+    if (ctx->dev->iface->host_register && hp->mem && !(pin && !strcmp(pin, "0"))) {
+        if (ctx->dev->iface->host_register(ctx->dev, hp->mem, hp->mem_bytes) == APEX_OK)
+            ctx->host_pool_pinned = 1;
+        else
+            fprintf(stderr, "apex: host KV pool not pinned (%s): tier moves copy slower\n",
+                    apex_last_error());
+    }
     return APEX_OK;
 }
 
+static void unpin_host_pool(apex_context *ctx) {
+    if (!ctx->host_pool_pinned) return;
+    ctx->dev->iface->host_unregister(ctx->dev, ctx->pools[APEX_TIER_HOST].mem);
+    ctx->host_pool_pinned = 0;
+}
+
 static void close_device_tier(apex_context *ctx) {
+    unpin_host_pool(ctx);
     pipeline_destroy(ctx);
     block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
     ctx->pools[APEX_TIER_DEVICE].tier = APEX_TIER_DEVICE;
@@ -120,7 +138,15 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
     ctx->cfg.host_blocks = apex_config_host_blocks(cfg);
     ctx->pools[APEX_TIER_DEVICE].tier = APEX_TIER_DEVICE;
 
-    apex_status st = cpu_workers_init(&ctx->workers, ctx->cpu_set, cfg->n_threads);
+    /* The device first: its PCI locality picks the worker cores (unless
+     * cpu_set says otherwise) and so the host pool's NUMA node. */
+    apex_status st = open_device(ctx);
+    if (st) goto fail;
+    char busid[32] = "";
+    if (ctx->dev && ctx->dev->iface->pci_bus_id &&
+        ctx->dev->iface->pci_bus_id(ctx->dev, busid, (int)sizeof busid) != APEX_OK)
+        busid[0] = '\0';
+    st = cpu_workers_init(&ctx->workers, ctx->cpu_set, cfg->n_threads, busid[0] ? busid : NULL);
     if (st) goto fail;
     ctx->cfg.n_threads = ctx->workers.n_threads;
     st = block_pool_init_host(&ctx->pools[APEX_TIER_HOST], &ctx->workers,
@@ -149,7 +175,6 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
         goto fail;
     }
 
-    if ((st = open_device(ctx))) goto fail;
     if (ctx->dev && (st = open_device_tier(ctx)) != APEX_OK) {
         /* Pinned staging or device memory could not be had: carry on in
          * host mode rather than fail the engine. */
@@ -175,6 +200,7 @@ fail:
 void context_destroy(apex_context *ctx) {
     if (!ctx) return;
     pipeline_destroy(ctx);
+    if (ctx->dev) unpin_host_pool(ctx);
     step_sched_destroy(&ctx->sched);
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);

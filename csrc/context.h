@@ -20,6 +20,7 @@ struct apex_context {
     char cpu_set[256];
     int host_mode;              /* no device: every sequence on the host  */
     apex_device *dev;           /* NULL in host mode                       */
+    int host_pool_pinned;       /* registered with the device for DMA      */
     pipeline pipe;              /* the async hybrid path (with a device)   */
     size_t block_bytes;         /* one block, one layer                    */
     cpu_workers workers;

@@ -11,13 +11,28 @@ static atomic_uint next_id = 1;
 /* The instance this thread's OpenMP team was last pinned for. */
 static _Thread_local unsigned pinned_for;
 
+/* The cores local to PCI device busid (within the current set), or none. */
+static void restrict_near(cpu_workers *w, const char *busid) {
+    hwloc_obj_t pci = hwloc_get_pcidev_by_busidstring(w->topo, busid);
+    hwloc_obj_t host = pci ? hwloc_get_non_io_ancestor_obj(w->topo, pci) : NULL;
+    if (!host || !host->cpuset) return;
+    hwloc_bitmap_t near = hwloc_bitmap_dup(host->cpuset);
+    if (!near) return;
+    hwloc_bitmap_and(near, near, w->cpuset);
+    /* A GPU whose local cores this process may not use: keep them all. */
+    if (!hwloc_bitmap_iszero(near)) hwloc_bitmap_copy(w->cpuset, near);
+    hwloc_bitmap_free(near);
+}
+
 apex_status cpu_workers_init(cpu_workers *w, const char *cpu_set,
-                             int32_t n_threads) {
+                             int32_t n_threads, const char *near_pci) {
     memset(w, 0, sizeof *w);
     if (n_threads < 0 || n_threads > 1024)
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "n_threads %d out of range [0, 1024]", n_threads);
-    if (hwloc_topology_init(&w->topo) != 0 || hwloc_topology_load(w->topo) != 0) {
+    if (hwloc_topology_init(&w->topo) == 0 && near_pci)
+        hwloc_topology_set_io_types_filter(w->topo, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+    if (!w->topo || hwloc_topology_load(w->topo) != 0) {
         if (w->topo) hwloc_topology_destroy(w->topo);
         w->topo = NULL;
         return apex_fail(APEX_ERR_INTERNAL, "hwloc could not load the topology");
@@ -46,6 +61,8 @@ apex_status cpu_workers_init(cpu_workers *w, const char *cpu_set,
             return apex_fail(APEX_ERR_INVALID_ARG,
                              "cpu_set '%s' names no core this process may use", cpu_set);
         }
+    } else if (near_pci && near_pci[0]) {
+        restrict_near(w, near_pci);
     }
     int n_cores = hwloc_get_nbobjs_inside_cpuset_by_type(w->topo, w->cpuset,
                                                          HWLOC_OBJ_CORE);

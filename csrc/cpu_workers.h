@@ -17,10 +17,11 @@ typedef struct cpu_workers {
     unsigned id;            /* distinguishes instances for re-pinning  */
 } cpu_workers;
 
-/* cpu_set: hwloc list syntax or NULL/"" for every core the process may use.
- * n_threads 0 = one per core in the set. */
+/* cpu_set: hwloc list syntax or NULL/"" for every core the process may use
+ * - or, when near_pci names a PCI device (a GPU's bus id), the cores local
+ * to it. n_threads 0 = one per core in the set. */
 apex_status cpu_workers_init(cpu_workers *w, const char *cpu_set,
-                             int32_t n_threads);
+                             int32_t n_threads, const char *near_pci);
 void cpu_workers_destroy(cpu_workers *w);
 
 /* Binds the team threads 1..n-1 of the calling thread's OpenMP team to one

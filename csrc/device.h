@@ -47,6 +47,13 @@ typedef struct device_iface {
     size_t (*mem_free_bytes)(apex_device *dev);
     apex_status (*host_alloc)(apex_device *dev, size_t bytes, void **out);
     void (*host_free)(apex_device *dev, void *p);
+    /* Optional (NULL: not needed): pin existing host memory for async
+     * copies (the host KV pool), and undo it. */
+    apex_status (*host_register)(apex_device *dev, void *p, size_t bytes);
+    void (*host_unregister)(apex_device *dev, void *p);
+    /* Optional: the device's PCI bus id ("0000:3b:00.0"), so APEX can put
+     * its CPU workers and host pool on the cores and memory near it. */
+    apex_status (*pci_bus_id)(apex_device *dev, char *buf, int len);
 
     /* Streams and events. */
     apex_status (*stream_create)(apex_device *dev, device_stream **out);

@@ -117,6 +117,23 @@ static void cu_host_free(apex_device *dev, void *p) {
     leave(dev, prev);
 }
 
+static apex_status cu_host_register(apex_device *dev, void *p, size_t bytes) {
+    int prev = enter(dev);
+    apex_status st = rt(cudaHostRegister(p, bytes, cudaHostRegisterPortable), "host_register");
+    leave(dev, prev);
+    return st;
+}
+
+static void cu_host_unregister(apex_device *dev, void *p) {
+    int prev = enter(dev);
+    cudaHostUnregister(p);
+    leave(dev, prev);
+}
+
+static apex_status cu_pci_bus_id(apex_device *dev, char *buf, int len) {
+    return rt(cudaDeviceGetPCIBusId(buf, len, cdev(dev)->ordinal), "pci_bus_id");
+}
+
 /* ------------------------------------------------------ streams, events */
 
 static apex_status cu_stream_create(apex_device *dev, device_stream **out) {
@@ -284,6 +301,9 @@ static const device_iface cuda_iface = {
     .kv_append = cu_kv_append,
     .gather_rows = cu_gather_rows,
     .scatter_rows = cu_scatter_rows,
+    .host_register = cu_host_register,
+    .host_unregister = cu_host_unregister,
+    .pci_bus_id = cu_pci_bus_id,
     .prefill = cu_prefill,
 };
 
