@@ -31,10 +31,14 @@
 #define MIN_CHUNK 256      /* fewer rows per chunk cost more to merge than gained */
 #define ITEMS_PER_THREAD 4 /* items aimed for per thread, for dynamic balance   */
 #define MAX_D 512
+#define MAX_Q_UNIT 64      /* queries (heads x tokens) of one multi-head unit  */
+#define GROUP_BYTES 262144 /* K+V bytes of a group: stays in L2 until P.V      */
 #define F16_NEG_INF 0xfc00u
 
 typedef struct unit {
-    int32_t s, t0, tt, kvh; /* stream, first token, tokens, KV head */
+    int32_t s, t0, tt, kvh; /* stream, first token, tokens, first KV head */
+    int32_t nh;             /* KV heads (adjacent in each row; > 1 only
+                             * on the fp32 SIMD path)                  */
     int32_t lo, hi;         /* visible row range of the tile         */
     int32_t nsplit, first;  /* chunks, index of the first item       */
 } unit;
@@ -478,7 +482,10 @@ T512 static int load_mask_group(const cpu_attn_strided_desc *d, const unit *u, i
  * the scale (or scale / softcap), so the scores need no multiply. */
 T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
                              float *scr, float *m, float *l, float *acc) {
-    const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads, tt = u->tt, nq = G * tt;
+    /* The unit's nh KV heads act as one with nh*G query heads; query qi
+     * reads KV head kvh + qi / (G0 * tt). */
+    const int32_t D = d->head_dim, G0 = d->n_q_heads / d->n_kv_heads, G = G0 * u->nh, tt = u->tt;
+    const int32_t nq = G * tt, nqh = G0 * tt;
     const int f16 = d->kv_dtype == APEX_DTYPE_F16;
     const size_t es = f16 ? 2 : 4;
     float *qb = scr, *sc = qb + (size_t)nq * D + SPAD, *mv = qb + (size_t)nq * D + (size_t)nq * SROW;
@@ -486,7 +493,7 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++) {
             float *dst = qb + (size_t)(g * tt + t) * D;
-            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), dst);
+            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G0 + g), dst);
             for (int32_t i = 0; i < D; i++) dst[i] *= qs;
         }
     for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
@@ -495,29 +502,40 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
     const char *vb = kv_row(d->v, d->v_nb_stream, d->v_nb_head, d->v_nb_row, u->s, u->kvh, 0);
     const size_t kr = d->k_nb_row, vr = d->v_nb_row;
     const __m512 capv = _mm512_set1_ps(cap), ninf = _mm512_set1_ps(-INFINITY);
+    /* Rows per group: GROUP, fewer when the unit's rows are wide, so that
+     * K and V stay in L2 from QK to P.V. */
+    const size_t ub = (size_t)u->nh * D * es; /* bytes of the unit's heads in a row */
+    int32_t gr = (int32_t)(GROUP_BYTES / (2 * ub)) / 16 * 16;
+    gr = gr < 16 ? 16 : gr > GROUP ? GROUP : gr;
+    /* Software prefetch only where the rows are pieces a stride apart; a
+     * unit of whole rows reads one sequential run, which the hardware
+     * prefetcher streams better (the prefetch instructions only cost). */
+    const int swpf = kr != ub || vr != ub;
     pf_cursor pk, pv;
     {
-        const int32_t e = r1 - r0 < GROUP ? r1 : r0 + GROUP;
-        pf_init(&pk, kb, kr, (size_t)D * es, r0, e);
-        pf_init(&pv, vb, vr, (size_t)D * es, r0, e);
+        const int32_t e = r1 - r0 < gr ? r1 : r0 + gr;
+        pf_init(&pk, kb, kr, ub, r0, swpf ? e : r0);
+        pf_init(&pv, vb, vr, ub, r0, swpf ? e : r0);
         pf_step(&pk, 1 << 30);
         pf_step(&pv, 1 << 30);
     }
-    for (int32_t gs = r0; gs < r1; gs += GROUP) {
-        const int32_t n = r1 - gs < GROUP ? r1 - gs : GROUP;
+    for (int32_t gs = r0; gs < r1; gs += gr) {
+        const int32_t n = r1 - gs < gr ? r1 - gs : gr;
         /* The next group's rows, in shares over this group's tiles. */
-        const int32_t ns = gs + n, ne = r1 - ns < GROUP ? r1 : ns + GROUP;
-        pf_init(&pk, kb, kr, (size_t)D * es, ns, ne);
-        pf_init(&pv, vb, vr, (size_t)D * es, ns, ne);
-        const int32_t nqk = (nq + 7) / 8, npv = (nq + 15) / 16, tt0 = 16 / (nq < 8 ? nq : 8);
+        const int32_t ns = gs + n, ne = !swpf ? ns : r1 - ns < gr ? r1 : ns + gr;
+        pf_init(&pk, kb, kr, ub, ns, ne);
+        pf_init(&pv, vb, vr, ub, ns, ne);
+        const int32_t nqk = u->nh * ((nqh + 7) / 8), npv = u->nh * ((nqh + 15) / 16);
+        const int32_t tt0 = 16 / (nqh < 8 ? nqh : 8);
         const int32_t ktiles = nqk * (n / tt0 > 1 ? n / tt0 : 1), vslices = npv * (D / 16);
         const int32_t kshare = (pk.lines * (ne - ns) + ktiles - 1) / ktiles;
         const int32_t vshare = (pv.lines * (ne - ns) + vslices - 1) / vslices;
         if (!load_mask_group(d, u, gs, n, mv)) continue;
 
-        for (int32_t h0 = 0; h0 < nq; h0 += 8)
-            qk_group(qb + (size_t)h0 * D, D, kb + (size_t)gs * kr, kr, n, sc + (size_t)h0 * SROW, f16,
-                     nq - h0 < 8 ? nq - h0 : 8, &pk, kshare);
+        for (int32_t hh = 0; hh < u->nh; hh++)
+            for (int32_t h0 = 0; h0 < nqh; h0 += 8)
+                qk_group(qb + (size_t)(hh * nqh + h0) * D, D, kb + hh * d->k_nb_head + (size_t)gs * kr, kr, n,
+                         sc + (size_t)(hh * nqh + h0) * SROW, f16, nqh - h0 < 8 ? nqh - h0 : 8, &pk, kshare);
         pf_step(&pk, 1 << 30);
 
         for (int32_t qi = 0; qi < nq; qi++) {
@@ -558,9 +576,10 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
             l[qi] += _mm512_reduce_add_ps(vsum);
         }
 
-        for (int32_t h0 = 0; h0 < nq; h0 += 16)
-            pv_group(vb + (size_t)gs * vr, vr, n, sc + (size_t)h0 * SROW, acc + (size_t)h0 * D, D, f16,
-                     nq - h0 < 16 ? nq - h0 : 16, &pv, vshare);
+        for (int32_t hh = 0; hh < u->nh; hh++)
+            for (int32_t h0 = 0; h0 < nqh; h0 += 16)
+                pv_group(vb + hh * d->v_nb_head + (size_t)gs * vr, vr, n, sc + (size_t)(hh * nqh + h0) * SROW,
+                         acc + (size_t)(hh * nqh + h0) * D, D, f16, nqh - h0 < 16 ? nqh - h0 : 16, &pv, vshare);
         pf_step(&pv, 1 << 30);
     }
 }
@@ -766,11 +785,11 @@ static item_fn pick(const cpu_attn_strided_desc *d) {
 
 /* Writes acc / l (0 where l is 0) for every query of unit u. */
 static void write_out(const cpu_attn_strided_desc *d, const unit *u, const float *l, const float *acc) {
-    const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads;
+    const int32_t D = d->head_dim, G0 = d->n_q_heads / d->n_kv_heads, G = G0 * u->nh;
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < u->tt; t++) {
             const int32_t qi = g * u->tt + t;
-            float *o = out_row(d, u->s, u->t0 + t, u->kvh * G + g);
+            float *o = out_row(d, u->s, u->t0 + t, u->kvh * G0 + g);
             const float inv = l[qi] == 0.0f ? 0.0f : 1.0f / l[qi];
             for (int32_t i = 0; i < D; i++) o[i] = acc[(size_t)qi * D + i] * inv;
         }
@@ -781,8 +800,23 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
     const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads;
     const int32_t nth = n_threads > 0 ? n_threads : omp_get_max_threads();
     const int32_t ntiles = (d->n_tokens + TILE_T - 1) / TILE_T;
-    const int32_t nunits = d->n_streams * ntiles * d->n_kv_heads;
-    const int32_t nq_max = G * TILE_T;
+    const int32_t tt_max = d->n_tokens < TILE_T ? d->n_tokens : TILE_T;
+    const item_fn fn = pick(d);
+    /* KV heads per unit: on the fp32 SIMD path, adjacent heads whose rows
+     * touch (ggml's cache) go together, up to all of them, so a group of
+     * tokens is one contiguous run of memory instead of 128-256 B pieces a
+     * row stride apart, which neither DRAM nor the hardware prefetcher
+     * serve well (MHA ran at half the bandwidth). Bounded by the queries a
+     * unit holds; prefill tiles already reuse each row tt times. */
+    int32_t nh = 1;
+#if HAVE_X86
+    const size_t es = d->kv_dtype == APEX_DTYPE_F16 ? 2 : 4;
+    if (fn == item_avx512 && d->k_nb_head == (size_t)D * es && d->v_nb_head == (size_t)D * es)
+        for (nh = d->n_kv_heads; nh > 1; nh--)
+            if (d->n_kv_heads % nh == 0 && nh * G * tt_max <= MAX_Q_UNIT) break;
+#endif
+    const int32_t nunits = d->n_streams * ntiles * (d->n_kv_heads / nh);
+    const int32_t nq_max = nh * G * (nh > 1 ? tt_max : TILE_T);
 
     unit *units = malloc((size_t)nunits * sizeof *units);
     if (!units) return -1;
@@ -811,9 +845,8 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
                 }
                 if (lo >= hi) lo = hi = 0;
             }
-            for (int32_t h = 0; h < d->n_kv_heads; h++, ui++) {
-                units[ui] = (unit){.s = s, .t0 = t0, .tt = tt, .kvh = h, .lo = lo, .hi = hi};
-            }
+            for (int32_t h = 0; h < d->n_kv_heads; h += nh, ui++)
+                units[ui] = (unit){.s = s, .t0 = t0, .tt = tt, .kvh = h, .nh = nh, .lo = lo, .hi = hi};
         }
 
     /* Split units into chunks only when there are too few for the threads. */
@@ -855,7 +888,6 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
         }
     }
 
-    const item_fn fn = pick(d);
 #pragma omp parallel num_threads(nth)
     {
         float *scr = scratch + (size_t)omp_get_thread_num() * scr_floats;
@@ -874,7 +906,7 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
         for (int32_t ui = 0; ui < nunits; ui++) {
             const unit *u = &units[ui];
             if (u->nsplit <= 1) continue;
-            const int32_t nq = G * u->tt;
+            const int32_t nq = nh * G * u->tt;
             float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
             for (int32_t qi = 0; qi < nq; qi++) {
                 float mx = -INFINITY;
