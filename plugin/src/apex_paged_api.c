@@ -124,7 +124,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                             (long long)v_row_stride, (long long)row_el));
     for (int64_t i = 0; i < n; i++) {
         if (slots[i] < 0) continue;
-        int32_t hb;
+        int32_t hb = 0;
         apex_status st = paged_host_block(ctx, fn, slots[i] / bt, &hb);
         if (st) return paged_counted(ctx, st);
         const uint8_t *kr = row_at(k, src_dtype, k_row_stride, i);
@@ -140,8 +140,8 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
     uint64_t written = 0;
     for (int64_t i = 0; i < n; i++) {
         if (slots[i] < 0) continue;
-        int32_t hb;
-        paged_host_block(ctx, fn, slots[i] / bt, &hb);
+        int32_t hb = 0;
+        paged_host_block(ctx, fn, slots[i] / bt, &hb); /* checked above */
         int64_t slot = (int64_t)hb * bt + slots[i] % bt;
         context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot,
                            row_at(k, src_dtype, k_row_stride, i),
@@ -195,7 +195,7 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
                              "%s: block_table_stride %d < the %d blocks of sequence %d", fn,
                              stride, nb, i);
         for (int32_t b = 0; b < nb; b++) {
-            int32_t hb;
+            int32_t hb = 0;
             apex_status st = paged_host_block(ctx, fn, block_table[(size_t)i * stride + b], &hb);
             if (st) return st;
         }

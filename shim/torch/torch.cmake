@@ -1,11 +1,15 @@
 # libapex_torch.so: APEX's paged entry points as torch ops (namespace apex),
 # registered from C through libtorch's stable C ABI. Built only when a torch
-# (>= 2.7) is importable by APEX_TORCH_PYTHON (default: python3 on PATH) or
-# APEX_TORCH_DIR names its package folder. Included from plugin/vllm.cmake.
+# (>= 2.7) is importable by APEX_TORCH_PYTHON (else the build's
+# Python_EXECUTABLE, as pip/scikit-build-core sets it, else python3 on PATH)
+# or APEX_TORCH_DIR names its package folder. Included from plugin/vllm.cmake.
 set(APEX_TORCH_PYTHON "" CACHE STRING "Python whose torch the torch-op shim is built against")
 set(APEX_TORCH_DIR "" CACHE PATH "torch package folder (site-packages/torch)")
 if(NOT APEX_TORCH_DIR)
   set(_py ${APEX_TORCH_PYTHON})
+  if(NOT _py AND Python_EXECUTABLE)
+    set(_py ${Python_EXECUTABLE})
+  endif()
   if(NOT _py)
     find_program(_py NAMES python3 python)
   endif()

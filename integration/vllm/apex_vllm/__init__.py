@@ -1,0 +1,42 @@
+"""APEX's vLLM plugin: the `vllm.general_plugins` entry point registers APEX's
+attention backend under AttentionBackendEnum.CUSTOM. vLLM uses it only when
+asked (`--attention-backend CUSTOM`, or attention_config={"backend": "CUSTOM"});
+otherwise vLLM is untouched."""
+import os
+
+BACKEND_PATH = "apex_vllm.backend.ApexAttentionBackend"
+
+
+def _cpu_platform_honours_custom():
+    """vLLM's CPU platform returns CPU_ATTN whatever backend was selected; let
+    it return the registered CUSTOM backend when (and only when) CUSTOM was
+    asked for. Its other choices are unchanged."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if getattr(CpuPlatform, "_apex_custom", False):
+        return
+    original = CpuPlatform.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if (selected_backend == AttentionBackendEnum.CUSTOM
+                and not attn_selector_config.use_mla and not attn_selector_config.use_sparse):
+            return AttentionBackendEnum.CUSTOM.get_path()
+        return original(cls, selected_backend, attn_selector_config, num_heads)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    CpuPlatform._apex_custom = True
+
+
+def register():
+    """Entry point (group vllm.general_plugins); idempotent, runs in every
+    vLLM process."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    _cpu_platform_honours_custom()
+    # Host KV capacity: on vLLM's CPU platform the block pool is sized by
+    # VLLM_CPU_KVCACHE_SPACE (GiB); APEX_HOST_KV_GB sets it when it is unset.
+    gb = os.environ.get("APEX_HOST_KV_GB")
+    if gb and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = gb

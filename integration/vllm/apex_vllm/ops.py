@@ -1,0 +1,80 @@
+"""Loads APEX's torch ops (shim/torch, registered from C) and raises on a
+failed status with APEX's own message."""
+import ctypes
+import glob
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.abspath(os.path.join(_HERE, "..", "..", ".."))
+_libapex = None
+
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def library_path() -> str:
+    """APEX_TORCH_LIB, else the wheel's copy, else a build folder of the repo."""
+    env = os.environ.get("APEX_TORCH_LIB")
+    if env:
+        return env
+    for cand in [os.path.join(_HERE, "lib", "libapex_torch.so")] + sorted(
+            glob.glob(os.path.join(_REPO, "build*", "lib", "libapex_torch.so"))):
+        if os.path.exists(cand):
+            return cand
+    raise RuntimeError("APEX: libapex_torch.so not found (pip install the repo, or set "
+                       "APEX_TORCH_LIB)")
+
+
+def load():
+    """Registers torch.ops.apex once per process; returns it."""
+    global _libapex
+    if _libapex is None:
+        path = library_path()
+        torch.ops.load_library(path)
+        if not hasattr(torch.ops.apex, "attention"):
+            raise RuntimeError(f"APEX: {path} loaded but registered no ops")
+        # The same libapex.so the shim links (thread-local last error).
+        _libapex = ctypes.CDLL(os.path.join(os.path.dirname(path), "libapex.so.1"))
+        _libapex.apex_last_error.restype = ctypes.c_char_p
+        _libapex.apex_status_name.restype = ctypes.c_char_p
+    return torch.ops.apex
+
+
+def check(status: int, what: str) -> None:
+    if status != 0:
+        name = _libapex.apex_status_name(status).decode()
+        msg = _libapex.apex_last_error().decode()
+        raise RuntimeError(f"APEX {what}: {name}: {msg}")
+
+
+class Context:
+    """One APEX context whose blocks the engine owns (apex_paged_claim)."""
+
+    def __init__(self, n_layers, n_q_heads, n_kv_heads, head_dim, dtype, block_tokens,
+                 device_blocks, host_blocks, max_batch, max_seq_len):
+        ops = load()
+        h = ops.context_create(n_layers, n_q_heads, n_kv_heads, head_dim, DTYPES[dtype],
+                               block_tokens, device_blocks, host_blocks, max_batch, max_seq_len)
+        if h <= 0:
+            check(-h, "context_create")
+        self.handle = h
+        self.ops = ops
+
+    def kv_write(self, layer, key, value, slot_mapping):
+        check(self.ops.kv_write(self.handle, layer, key, value, slot_mapping), "kv_write")
+
+    def attention(self, layer, query, query_start_loc, seq_lens, block_table, out, scale,
+                  softcap, window):
+        check(self.ops.attention(self.handle, layer, query, query_start_loc, seq_lens,
+                                 block_table, out, scale, softcap, window), "attention")
+
+    def stats(self) -> dict:
+        keys = ("attention_calls", "rows_attended_host", "kv_rows_written", "errors",
+                "host_blocks", "host_mode")
+        return dict(zip(keys, self.ops.stats(self.handle)))
+
+    def close(self):
+        if self.handle:
+            self.ops.context_destroy(self.handle)
+            self.handle = 0
