@@ -590,84 +590,99 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
 
 /* --- exact mode */
 
-/* Rows [0, nr) of a block for one query, ggml's sequence of operations on
- * an f16 accumulator held in NV registers (each update rounded to f16 and
- * back, as ggml_vec_mad_f16 / ggml_vec_scale_f16 store it). sc: the rows'
- * scores; mrow: their mask values (-inf: skipped, as ggml skips them). */
-T512 INL void compat_rows(const float *sc, const float *mrow, const float *vb, int nr, int D, float *acc,
-                          float *Mp, float *Sp, int NV) {
-    __m512 a[32];
-#pragma GCC unroll 16
-    for (int i = 0; i < NV; i++) a[i] = _mm512_loadu_ps(acc + 16 * i);
+/* The softmax side of ggml's row loop for one query over a block: per
+ * visible row j, ms[j] (the rescale when the max grows, else 1) and vs[j]
+ * (the row's weight), with M and S carried as ggml carries them. Done
+ * before touching the accumulator because expf is a call, and every call
+ * would spill the accumulator's registers. Returns the rows to apply, in
+ * order, in idx[]. */
+T512 INL int compat_weights(const float *sc, const float *mrow, int nr, float *Mp, float *Sp, float *ms, float *vs,
+                            uint8_t *idx) {
     float M = *Mp, S = *Sp;
+    int n = 0;
     for (int j = 0; j < nr; j++) {
         if (mrow[j] == -INFINITY) continue;
         const float s = sc[j], Mold = M;
-        float ms = 1.0f, vs = 1.0f;
+        float a = 1.0f, b = 1.0f;
         if (s > M) {
             M = s;
-            ms = expf(Mold - M);
-            const __m512 vms = _mm512_set1_ps(ms);
-#pragma GCC unroll 16
-            for (int i = 0; i < NV; i++)
-                a[i] = _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(a[i], vms), _MM_FROUND_TO_NEAREST_INT));
+            a = expf(Mold - M);
         } else {
-            vs = expf(s - M);
+            b = expf(s - M);
         }
-        const __m512 vvs = _mm512_set1_ps(vs);
-        const float *v = vb + (size_t)j * D;
-#pragma GCC unroll 16
-        for (int i = 0; i < NV; i++)
-            a[i] = _mm512_cvtph_ps(
-                _mm512_cvtps_ph(_mm512_fmadd_ps(_mm512_loadu_ps(v + 16 * i), vvs, a[i]), _MM_FROUND_TO_NEAREST_INT));
-        S = COMPAT_SUM(S, ms, vs);
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < NV; i++) _mm512_storeu_ps(acc + 16 * i, a[i]);
-    *Mp = M, *Sp = S;
-}
-
-/* The generic compat_rows for head dims other than 64, 128, 256. */
-T512 static void compat_rows_any(const float *sc, const float *mrow, const float *vb, int nr, int D, float *acc,
-                                 float *Mp, float *Sp) {
-    float M = *Mp, S = *Sp;
-    for (int j = 0; j < nr; j++) {
-        if (mrow[j] == -INFINITY) continue;
-        const float s = sc[j], Mold = M;
-        float ms = 1.0f, vs = 1.0f;
-        if (s > M) {
-            M = s;
-            ms = expf(Mold - M);
-            const __m512 vms = _mm512_set1_ps(ms);
-            for (int i = 0; i < D; i += 16)
-                _mm512_storeu_ps(acc + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(acc + i), vms),
-                                                                          _MM_FROUND_TO_NEAREST_INT)));
-        } else {
-            vs = expf(s - M);
-        }
-        const __m512 vvs = _mm512_set1_ps(vs);
-        const float *v = vb + (size_t)j * D;
-        for (int i = 0; i < D; i += 16)
-            _mm512_storeu_ps(acc + i, _mm512_cvtph_ps(_mm512_cvtps_ph(
-                                          _mm512_fmadd_ps(_mm512_loadu_ps(v + i), vvs, _mm512_loadu_ps(acc + i)),
-                                          _MM_FROUND_TO_NEAREST_INT)));
-        S = COMPAT_SUM(S, ms, vs);
+        S = COMPAT_SUM(S, a, b);
+        ms[n] = a, vs[n] = b, idx[n++] = (uint8_t)j;
     }
     *Mp = M, *Sp = S;
+    return n;
 }
 
-T512 static void compat_rows_64(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
-                                float *S) {
-    compat_rows(sc, mrow, vb, nr, 64, acc, M, S, 4);
+/* x rounded to f16 and back, as ggml stores its f16 accumulator. */
+T512 INL __m512 r16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+/* ggml's accumulator updates for nqp (1 or 2) queries of one token over a
+ * block, held in NV registers each: acc = r16(acc * ms) where the max grew
+ * (ms < 1; ggml scales only then), then acc = r16(v * vs + acc). Two
+ * queries make two independent chains and share each V slice load. */
+T512 INL void compat_apply(const float *vb, int D, const uint8_t *idx, const float *ms, const float *vs, int n,
+                           float *acc0, float *acc1, int NV, int nqp) {
+    __m512 a[16], b[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i++) {
+        a[i] = _mm512_loadu_ps(acc0 + 16 * i);
+        if (nqp == 2) b[i] = _mm512_loadu_ps(acc1 + 16 * i);
+    }
+    for (int x = 0; x < n; x++) {
+        const float *v = vb + (size_t)idx[x] * D;
+        if (ms[x] != 1.0f) {
+            const __m512 w = _mm512_set1_ps(ms[x]);
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; i++) a[i] = r16(_mm512_mul_ps(a[i], w));
+        }
+        if (nqp == 2 && ms[BR + x] != 1.0f) {
+            const __m512 w = _mm512_set1_ps(ms[BR + x]);
+#pragma GCC unroll 16
+            for (int i = 0; i < NV; i++) b[i] = r16(_mm512_mul_ps(b[i], w));
+        }
+        const __m512 w0 = _mm512_set1_ps(vs[x]), w1 = _mm512_set1_ps(nqp == 2 ? vs[BR + x] : 0.0f);
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; i++) {
+            const __m512 y = _mm512_loadu_ps(v + 16 * i);
+            a[i] = r16(_mm512_fmadd_ps(y, w0, a[i]));
+            if (nqp == 2) b[i] = r16(_mm512_fmadd_ps(y, w1, b[i]));
+        }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i++) {
+        _mm512_storeu_ps(acc0 + 16 * i, a[i]);
+        if (nqp == 2) _mm512_storeu_ps(acc1 + 16 * i, b[i]);
+    }
 }
-T512 static void compat_rows_128(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
-                                 float *S) {
-    compat_rows(sc, mrow, vb, nr, 128, acc, M, S, 8);
+
+/* The same for any head dim, the accumulator in memory. */
+T512 static void compat_apply_any(const float *vb, int D, const uint8_t *idx, const float *ms, const float *vs, int n,
+                                  float *acc) {
+    for (int x = 0; x < n; x++) {
+        const float *v = vb + (size_t)idx[x] * D;
+        const __m512 w = _mm512_set1_ps(ms[x]), w0 = _mm512_set1_ps(vs[x]);
+        for (int i = 0; i < D; i += 16) {
+            __m512 y = _mm512_loadu_ps(acc + i);
+            if (ms[x] != 1.0f) y = r16(_mm512_mul_ps(y, w));
+            _mm512_storeu_ps(acc + i, r16(_mm512_fmadd_ps(_mm512_loadu_ps(v + i), w0, y)));
+        }
+    }
 }
-T512 static void compat_rows_256(const float *sc, const float *mrow, const float *vb, int nr, float *acc, float *M,
-                                 float *S) {
-    compat_rows(sc, mrow, vb, nr, 256, acc, M, S, 16);
-}
+
+#define COMPAT_APPLY(NAME, NV, NQP)                                                                          \
+    T512 static void NAME(const float *vb, const uint8_t *idx, const float *ms, const float *vs, int n,      \
+                          float *acc0, float *acc1) {                                                        \
+        compat_apply(vb, 16 * (NV), idx, ms, vs, n, acc0, acc1, NV, NQP);                                    \
+    }
+COMPAT_APPLY(compat_apply_64x1, 4, 1)
+COMPAT_APPLY(compat_apply_128x1, 8, 1)
+COMPAT_APPLY(compat_apply_256x1, 16, 1)
+COMPAT_APPLY(compat_apply_64x2, 4, 2)
+COMPAT_APPLY(compat_apply_128x2, 8, 2)
 
 /* ggml-cpu's row-by-row FLASH_ATTN_EXT (ggml_compute_forward_flash_attn_ext_
  * f16_one_chunk) for f16 KV on AVX-512, operation for operation: q rounded to
@@ -683,7 +698,7 @@ T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, i
     const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
     const int32_t nq = G * tt;
     float *qb = scr, *kb = qb + (size_t)nq * D, *vb = kb + (size_t)BR * D, *mv = vb + (size_t)BR * D;
-    float *sc = mv + (size_t)TILE_T * BR;
+    float *scq = mv + (size_t)TILE_T * BR; /* [nq][BR] the block's scores */
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++)
             load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
@@ -713,10 +728,17 @@ T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, i
             load_row16(d, kbase + (size_t)(r + rr) * kr, kb + (size_t)rr * D);
             load_row16(d, vbase + (size_t)(r + rr) * vr, vb + (size_t)rr * D);
         }
+        /* Scores of every query first, then the sequential updates, two
+         * queries of a token at a time. */
+        uint32_t tvis = 0; /* tokens with a visible row in the block */
+        for (int32_t t = 0; t < tt; t++)
+            if (_mm512_cmp_ps_mask(_mm512_loadu_ps(mv + (size_t)t * BR), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ))
+                tvis |= 1u << t;
         for (int32_t qi = 0; qi < nq; qi++) {
             const float *q = qb + (size_t)qi * D, *mrow = mv + (size_t)(qi % tt) * BR;
             const __m512 mvec = _mm512_loadu_ps(mrow);
-            if (!_mm512_cmp_ps_mask(mvec, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ)) continue;
+            float *sc = scq + (size_t)qi * BR;
+            if (!(tvis >> (qi % tt) & 1)) continue;
             /* ggml_vec_dot_f16's accumulators, summed (0+2)+(1+3) per row. */
             __m512 y[BR];
             for (int32_t rr = 0; rr < nr; rr++) {
@@ -737,12 +759,27 @@ T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, i
                 s = _mm512_loadu_ps(sc);
             }
             _mm512_storeu_ps(sc, _mm512_add_ps(s, mvec));
-            float *a = acc + (size_t)qi * D;
-            switch (D) {
-            case 64: compat_rows_64(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
-            case 128: compat_rows_128(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
-            case 256: compat_rows_256(sc, mrow, vb, nr, a, &m[qi], &l[qi]); break;
-            default: compat_rows_any(sc, mrow, vb, nr, D, a, &m[qi], &l[qi]); break;
+        }
+        for (int32_t t = 0; t < tt; t++) {
+            if (!(tvis >> t & 1)) continue;
+            const float *mrow = mv + (size_t)t * BR;
+            for (int32_t g = 0; g < G;) {
+                const int32_t q0 = g * tt + t, q1 = q0 + tt;
+                const int pair = g + 1 < G && (D == 64 || D == 128);
+                uint8_t idx[BR];
+                float ms[2 * BR], vs[2 * BR];
+                const int n = compat_weights(scq + (size_t)q0 * BR, mrow, nr, &m[q0], &l[q0], ms, vs, idx);
+                if (pair) compat_weights(scq + (size_t)q1 * BR, mrow, nr, &m[q1], &l[q1], ms + BR, vs + BR, idx);
+                float *a0 = acc + (size_t)q0 * D, *a1 = acc + (size_t)q1 * D;
+                switch (D * 4 + pair) {
+                case 64 * 4: compat_apply_64x1(vb, idx, ms, vs, n, a0, NULL); break;
+                case 64 * 4 + 1: compat_apply_64x2(vb, idx, ms, vs, n, a0, a1); break;
+                case 128 * 4: compat_apply_128x1(vb, idx, ms, vs, n, a0, NULL); break;
+                case 128 * 4 + 1: compat_apply_128x2(vb, idx, ms, vs, n, a0, a1); break;
+                case 256 * 4: compat_apply_256x1(vb, idx, ms, vs, n, a0, NULL); break;
+                default: compat_apply_any(vb, D, idx, ms, vs, n, a0); break;
+                }
+                g += 1 + pair;
             }
         }
     }
