@@ -145,7 +145,9 @@ static apex_status staging_open(staging *st, apex_context *ctx, const tview *t) 
     void *s = NULL;
     cuda_stream_fn get = cuda_stream_getter();
     if (!get || get(t->device_index, &s)) return APEX_ERR_INTERNAL;
-    st->stream = (apex_stream)s;
+    /* torch's default stream is NULL, which APEX refuses as "no stream";
+     * cudaStreamLegacy (0x1) names that same legacy default stream. */
+    st->stream = (apex_stream)(s ? s : (void *)(uintptr_t)0x1);
     return APEX_OK;
 }
 
