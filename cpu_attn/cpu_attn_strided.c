@@ -617,6 +617,44 @@ T512 INL int compat_weights(const float *sc, const float *mrow, int nr, float *M
     return n;
 }
 
+/* ggml_vec_dot_f16 of q with rows [0, nr) of kb (f32, D apart): four
+ * accumulators over 64-element steps, folded (0+2)+(1+3), the 16 rows'
+ * final reductions done at once by hsum16 (the same tree). q stays in
+ * registers when NV (= D/16) is a constant. */
+T512 INL __m512 compat_dots(const float *q, const float *kb, int nr, int D, int NV) {
+    __m512 qv[16], y[BR];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i++) qv[i] = _mm512_loadu_ps(q + 16 * i);
+    for (int rr = 0; rr < nr; rr++) {
+        const float *k = kb + (size_t)rr * D;
+        __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#pragma GCC unroll 16
+        for (int i = 0; i < NV; i++) s[i & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * i), qv[i], s[i & 3]);
+        y[rr] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+    }
+    return hsum16(y, nr);
+}
+
+T512 static __m512 compat_dots_64(const float *q, const float *kb, int nr) { return compat_dots(q, kb, nr, 64, 4); }
+T512 static __m512 compat_dots_128(const float *q, const float *kb, int nr) { return compat_dots(q, kb, nr, 128, 8); }
+
+/* The same for any head dim (a multiple of 64), q from memory. */
+T512 static __m512 compat_dots_any(const float *q, const float *kb, int nr, int D) {
+    __m512 y[BR];
+    for (int32_t rr = 0; rr < nr; rr++) {
+        const float *k = kb + (size_t)rr * D;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int32_t i = 0; i < D; i += 64) {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i), _mm512_loadu_ps(q + i), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 16), _mm512_loadu_ps(q + i + 16), s1);
+            s2 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 32), _mm512_loadu_ps(q + i + 32), s2);
+            s3 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 48), _mm512_loadu_ps(q + i + 48), s3);
+        }
+        y[rr] = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
+    }
+    return hsum16(y, nr);
+}
+
 /* x rounded to f16 and back, as ggml stores its f16 accumulator. */
 T512 INL __m512 r16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
 
@@ -739,20 +777,10 @@ T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, i
             const __m512 mvec = _mm512_loadu_ps(mrow);
             float *sc = scq + (size_t)qi * BR;
             if (!(tvis >> (qi % tt) & 1)) continue;
-            /* ggml_vec_dot_f16's accumulators, summed (0+2)+(1+3) per row. */
-            __m512 y[BR];
-            for (int32_t rr = 0; rr < nr; rr++) {
-                const float *k = kb + (size_t)rr * D;
-                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-                for (int32_t i = 0; i < D; i += 64) {
-                    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i), _mm512_loadu_ps(q + i), s0);
-                    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 16), _mm512_loadu_ps(q + i + 16), s1);
-                    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 32), _mm512_loadu_ps(q + i + 32), s2);
-                    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(k + i + 48), _mm512_loadu_ps(q + i + 48), s3);
-                }
-                y[rr] = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
-            }
-            __m512 s = _mm512_mul_ps(hsum16(y, nr), _mm512_set1_ps(scale));
+            const __m512 dots = D == 64    ? compat_dots_64(q, kb, nr)
+                                : D == 128 ? compat_dots_128(q, kb, nr)
+                                           : compat_dots_any(q, kb, nr, D);
+            __m512 s = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
             if (cap != 0.0f) {
                 _mm512_storeu_ps(sc, s);
                 for (int32_t rr = 0; rr < nr; rr++) sc[rr] = cap * tanhf(sc[rr]);
