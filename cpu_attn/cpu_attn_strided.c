@@ -1,12 +1,20 @@
 /* cpu_attn_strided: attention over a token-major strided KV cache (the
  * layout of ggml's FLASH_ATTN_EXT operands); see cpu_attn_strided.h.
  *
- * Work is split into units (stream, tile of query tokens, KV head); a unit
- * holds every query head of its KV head for every token of its tile, so each
+ * Work is split into units (stream, tile of query tokens, KV heads); a unit
+ * holds every query head of its KV heads for every token of its tile, so each
  * K/V row is read and converted once for all of them (ggml-cpu re-reads it per
  * query head and per token). A unit streams only the rows its mask leaves
  * visible, and is cut into KV chunks when there are too few units for the
- * threads; chunk partials (max, sum, acc) are merged by log-sum-exp. */
+ * threads; chunk partials (max, sum, acc) are merged by log-sum-exp.
+ *
+ * fp32 mode (AVX-512): per group of rows, scores in tiles of rows x query
+ * heads reduced by one transpose (hsum16), online softmax per query with a
+ * vector exp, P.V with up to 16 queries' accumulators in registers, the next
+ * group prefetched. A unit takes adjacent KV heads (up to whole cache rows)
+ * so that it reads memory in long runs.
+ * Exact mode keeps ggml's per-row order and f16 accumulator (that order is
+ * its rounding) and optimises around it; see item_compat512. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
