@@ -736,9 +736,12 @@ COMPAT_APPLY(compat_apply_128x2, 8, 2)
  * GGML_F32x16_REDUCE does (the last step, _mm512_reduce_add_ps, done for 16
  * rows at once by hsum16's identical tree); online softmax with libm expf,
  * row by row; the output accumulated in f16. Each query keeps its own
- * sequential state (that order is ggml's rounding, so it cannot be tiled);
- * what is shared is the K/V rows, converted once per block of 16 for all
- * the queries of the unit, and prefetched two blocks ahead. */
+ * sequential state (that order is ggml's rounding, so it cannot be tiled:
+ * every row costs each query an expf and D/16 FMA + f16 round trips on one
+ * dependency chain). What is shared is the K/V rows, converted once per
+ * block of 16 for all the queries of the unit and prefetched two blocks
+ * ahead; per block the expf weights come first (no calls in the vector
+ * pass) and two queries' accumulators advance together. */
 T512 static void item_compat512(const cpu_attn_strided_desc *d, const unit *u, int32_t r0, int32_t r1,
                                 float *scr, float *m, float *l, float *acc) {
     const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads, tt = u->tt;
