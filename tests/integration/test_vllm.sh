@@ -23,8 +23,8 @@ APEX_CUDA=OFF "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
 echo "APEX installed into it ($((SECONDS - t0)) s)"
 gguf=$(bash setup_hooks/fetch_model.sh)
 model=$CACHE/models/$(basename "$gguf" .gguf)-hf-f32
-"$VENV/bin/python" integration/vllm/make_model.py "$gguf" "$model" >/dev/null 2>&1 \
-  || "$VENV/bin/python" integration/vllm/make_model.py "$gguf" "$model"
+"$VENV/bin/python" integration/vllm/tools/make_model.py "$gguf" "$model" >/dev/null 2>&1 \
+  || "$VENV/bin/python" integration/vllm/tools/make_model.py "$gguf" "$model"
 echo "model: $model ($((SECONDS - t0)) s)"
 APEX_VLLM_MODEL=$model APEX_DEVICE=none "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   -W ignore::DeprecationWarning tests/integration/vllm

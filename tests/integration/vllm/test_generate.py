@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-GENERATE = os.path.join(REPO, "integration", "vllm", "generate.py")
+GENERATE = os.path.join(REPO, "integration", "vllm", "tools", "generate.py")
 MAX_TOKENS = 24
 
 

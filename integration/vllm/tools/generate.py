@@ -5,6 +5,8 @@ JSON object: the token ids of every prompt and, with APEX, its counters.
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so
 that APEX's counters can be read here."""
+# This file lives outside the package's folder so that it imports the
+# installed apex_vllm, not the source tree beside it.
 import argparse
 import json
 import os
