@@ -18,114 +18,27 @@
 
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/simd_avx512.h"
 
 #define INL static inline __attribute__((always_inline))
 /* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
  * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
 #define PF_HINT _MM_HINT_T1
 
-INL __m512 ld16(const uint8_t *p, int dt) {
-    if (dt == APEX_DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    if (dt == APEX_DTYPE_BF16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-    return _mm512_loadu_ps((const float *)p);
-}
-
-/* Lane j of the result = sum of the lanes of x[j]; x[n..15] count as 0.
- * Four shuffle+add levels; the network puts input P[j] in lane j, so it is
- * fed x[P[k]] (P is its own inverse). */
-INL __m512 hsum16(const __m512 *x, int n) {
-    static const int P[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-    __m512 y[16], a[8], b[4], c[2];
-#pragma GCC unroll 16
-    for (int k = 0; k < 16; k++) y[k] = P[k] < n ? x[P[k]] : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[i], y[i + 8], 0x44),
-                             _mm512_shuffle_f32x4(y[i], y[i + 8], 0xEE));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88),
-                             _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44),
-                             _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-}
-
-/* e^x, relative error ~1e-7 (Cephes expf polynomial on x - n ln2, scaled by
- * 2^n with vscalefps). x is clamped to >= -104, where e^x is 0 in fp32. */
-INL __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|). */
-INL __m512 tanh16(__m512 y) {
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    const __m512 ay = _mm512_andnot_ps(sign, y);
-    const __m512 e = exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.0f)));
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    return _mm512_or_ps(t, _mm512_and_ps(sign, y));
-}
-
 /* ---------------------------------------------------------------- QK */
-
-/* Scores of TT consecutive K rows against HT q heads:
- * s[h * SROW + j] = q[h] . k[j]. */
-INL void qk_tile(const float *q, int D, const uint8_t *k, size_t rowb, float *s, int dt,
-                 int TT, int HT) {
-    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
-    __m512 a[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
-    for (int c = 0; c < D; c += 16) {
-        __m512 qv[8];
-#pragma GCC unroll 8
-        for (int h = 0; h < HT; h++) qv[h] = _mm512_loadu_ps(q + (size_t)h * D + c);
-#pragma GCC unroll 16
-        for (int j = 0; j < TT; j++) {
-            const __m512 kv = ld16(k + (size_t)j * rowb + (size_t)c * esz, dt);
-#pragma GCC unroll 8
-            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
-        }
-    }
-    const __m512 r = hsum16(a, TT * HT);
-    /* Lanes [h*TT, h*TT+TT) belong to head h: one masked store per head,
-     * addressed so that lane h*TT lands on s[h*SROW]. */
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + (ptrdiff_t)h * CPU_ATTN_SROW - h * TT,
-                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
-}
 
 /* n consecutive rows of one block panel, HT heads. */
 INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s, int dt,
                  int HT) {
     int j = 0;
     if (HT == 1) {
-        for (; j + 16 <= n; j += 16) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 16, 1);
-        for (; j + 8 <= n; j += 8) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 8, 1);
+        for (; j + 16 <= n; j += 16) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 16, 1);
+        for (; j + 8 <= n; j += 8) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 8, 1);
     } else {
         const int TT = 16 / HT;
-        for (; j + TT <= n; j += TT) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, TT, HT);
+        for (; j + TT <= n; j += TT) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, TT, HT);
     }
-    for (; j < n; j++) qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, dt, 1, HT);
+    for (; j < n; j++) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 1, HT);
 }
 
 #define QK_CASE(DT, HT) \
@@ -175,7 +88,7 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
         for (; t + NS <= n; t += NS) {
 #pragma GCC unroll 8
             for (int u = 0; u < NS; u++) {
-                const __m512 vv = ld16(v + (size_t)(t + u) * rowb, dt);
+                const __m512 vv = avx512_ld16(v + (size_t)(t + u) * rowb, dt);
 #pragma GCC unroll 16
                 for (int h = 0; h < HP; h++)
                     a[u * HP + h] = _mm512_fmadd_ps(
@@ -183,7 +96,7 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
             }
         }
         for (; t < n; t++) {
-            const __m512 vv = ld16(v + (size_t)t * rowb, dt);
+            const __m512 vv = avx512_ld16(v + (size_t)t * rowb, dt);
 #pragma GCC unroll 16
             for (int h = 0; h < HP; h++)
                 a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t]), vv, a[h]);
@@ -321,7 +234,7 @@ static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc,
                 const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
                 __m512 x = _mm512_maskz_loadu_ps(k, row + j);
                 if (cap > 0.0f) {
-                    x = _mm512_mul_ps(capv, tanh16(_mm512_mul_ps(x, inv_capv)));
+                    x = _mm512_mul_ps(capv, avx512_tanh16(_mm512_mul_ps(x, inv_capv)));
                     _mm512_mask_storeu_ps(row + j, k, x);
                 }
                 vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
@@ -341,7 +254,7 @@ static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc,
             __m512 vsum = _mm512_setzero_ps();
             for (j = 0; j < n; j += 16) {
                 const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
-                const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
+                const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
                 _mm512_mask_storeu_ps(row + j, k, p);
                 vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
             }

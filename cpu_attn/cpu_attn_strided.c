@@ -238,29 +238,13 @@ static void item_scalar(const cpu_attn_strided_desc *d, const unit *u, int32_t r
 
 #if HAVE_X86
 #define T512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#include "cpu_attn/simd_avx512.h"
+/* The strided kernel knows f16 and f32 KV: a flag picks the type. */
+#define F16_DT(f16) ((f16) ? APEX_DTYPE_F16 : APEX_DTYPE_F32)
 /* S = S*ms + vs as ggml-cpu's compiled code evaluates it. */
 #ifndef COMPAT_SUM
 #define COMPAT_SUM(S, ms, vs) fmaf((S), (ms), (vs))
 #endif
-
-/* e^x, relative error ~2e-7: Cephes expf polynomial on x - n ln2, scaled by
- * 2^n with scalef (which underflows cleanly to 0). */
-T512 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
 
 T512 static inline void load_row16(const cpu_attn_strided_desc *d, const char *src, float *dst) {
     const int32_t nv = d->head_dim / 16;
@@ -274,46 +258,6 @@ T512 static inline void load_row16(const cpu_attn_strided_desc *d, const char *s
 }
 
 #define INL static inline __attribute__((always_inline))
-
-T512 INL __m512 ld16(const char *p, int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
-}
-
-/* Lane j of the result = the sum of the lanes of x[j] (x[n..15] read as 0):
- * a transpose folded into the reduction, 15 adds for 16 sums. Each level
- * adds lanes i and i+8, then i+4, i+2, i+1 of every input, the pairing of
- * _mm512_reduce_add_ps, so each sum is bitwise that of a per-vector reduce
- * (exact mode relies on it). The network leaves input k's sum in lane
- * PERM[k] (PERM is an involution), so inputs are fed in PERM order. */
-T512 INL __m512 hsum16(const __m512 *x, int n) {
-    static const int PERM[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-    __m512 y[16], a[8], b[4], c[2];
-#pragma GCC unroll 16
-    for (int k = 0; k < 16; k++) y[k] = PERM[k] < n ? x[PERM[k]] : _mm512_setzero_ps();
-    /* lanes i + i+8: 256-bit halves of y[i] and y[i+8] side by side */
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[i], y[i + 8], 0x44), _mm512_shuffle_f32x4(y[i], y[i + 8], 0xEE));
-    /* lanes i + i+4: alternate 128-bit quarters */
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
-    /* lanes i + i+2, then i + i+1, within each quarter */
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44), _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-}
-
-/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|). */
-T512 INL __m512 tanh16(__m512 y) {
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), yi = _mm512_castps_si512(y);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 ay = _mm512_castsi512_ps(_mm512_andnot_si512(sign, yi));
-    const __m512 e = exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.0f)));
-    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, yi)));
-}
 
 /* Software prefetch over the rows [row, end) of one KV head: the rows are a
  * stride apart (other heads' rows between), which the hardware prefetcher
@@ -342,32 +286,6 @@ T512 INL void pf_step(pf_cursor *c, int32_t n) {
 
 /* --- fp32 mode: tiles of rows x query heads, one transpose-reduce each */
 
-/* s[h * SROW + j] = q[h] . k[j] for TT consecutive rows and HT queries
- * (TT * HT <= 16 accumulators, q from L1, each K slice converted once). */
-T512 INL void qk_tile(const float *q, int D, const char *k, size_t kr, float *s, int f16, int TT, int HT) {
-    const size_t es = f16 ? 2 : 4;
-    __m512 a[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
-    for (int c = 0; c < D; c += 16) {
-        __m512 qv[8];
-#pragma GCC unroll 8
-        for (int h = 0; h < HT; h++) qv[h] = _mm512_loadu_ps(q + (size_t)h * D + c);
-#pragma GCC unroll 16
-        for (int j = 0; j < TT; j++) {
-            const __m512 kv = ld16(k + (size_t)j * kr + (size_t)c * es, f16);
-#pragma GCC unroll 8
-            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
-        }
-    }
-    const __m512 r = hsum16(a, TT * HT);
-    /* Lanes [h*TT, h*TT+TT) are query h's: a masked store each, placed so
-     * that lane h*TT lands on s[h*SROW] (the rows' padding absorbs it). */
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + (ptrdiff_t)h * SROW - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
-}
-
 T512 INL void qk_rows(const float *q, int D, const char *k, size_t kr, int n, float *s, int f16, int HT,
                       pf_cursor *pf, int32_t share) {
     int j = 0;
@@ -375,12 +293,12 @@ T512 INL void qk_rows(const float *q, int D, const char *k, size_t kr, int n, fl
      * share L1 sets, and 16 of them overflow the 8 ways between chunks. */
     const int TT = HT == 1 ? 8 : 16 / HT;
     for (; j + TT <= n; j += TT) {
-        qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, TT, HT);
+        avx512_qk_tile(q, D, k + (size_t)j * kr, kr, s + j, SROW, F16_DT(f16), TT, HT);
         pf_step(pf, share);
     }
     if (HT == 1)
-        for (; j + 4 <= n; j += 4) qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, 4, 1);
-    for (; j < n; j++) qk_tile(q, D, k + (size_t)j * kr, kr, s + j, f16, 1, HT);
+        for (; j + 4 <= n; j += 4) avx512_qk_tile(q, D, k + (size_t)j * kr, kr, s + j, SROW, F16_DT(f16), 4, 1);
+    for (; j < n; j++) avx512_qk_tile(q, D, k + (size_t)j * kr, kr, s + j, SROW, F16_DT(f16), 1, HT);
 }
 
 #define QK_CASE(F, HT) \
@@ -411,14 +329,14 @@ T512 INL void pv_slice(const char *v, size_t vr, int n, const float *p, float *a
     for (; t + NS <= n; t += NS) {
 #pragma GCC unroll 8
         for (int u = 0; u < NS; u++) {
-            const __m512 vv = ld16(vc + (size_t)(t + u) * vr, f16);
+            const __m512 vv = avx512_ld16(vc + (size_t)(t + u) * vr, F16_DT(f16));
 #pragma GCC unroll 16
             for (int h = 0; h < HP; h++)
                 a[u * HP + h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t + u]), vv, a[u * HP + h]);
         }
     }
     for (; t < n; t++) {
-        const __m512 vv = ld16(vc + (size_t)t * vr, f16);
+        const __m512 vv = avx512_ld16(vc + (size_t)t * vr, F16_DT(f16));
 #pragma GCC unroll 16
         for (int h = 0; h < HP; h++) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t]), vv, a[h]);
     }
@@ -556,7 +474,7 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
             __m512 vmax = ninf;
             for (int32_t j = 0; j < n; j += 16) {
                 __m512 x = _mm512_loadu_ps(row + j);
-                if (cap != 0.0f) x = _mm512_mul_ps(capv, tanh16(x));
+                if (cap != 0.0f) x = _mm512_mul_ps(capv, avx512_tanh16(x));
                 /* Lanes past n: the mask row's -inf. */
                 x = _mm512_add_ps(x, _mm512_loadu_ps(mrow + j));
                 _mm512_storeu_ps(row + j, x);
@@ -581,7 +499,7 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
             for (int32_t j = 0; j < n; j += 16) {
                 const __m512 x = _mm512_loadu_ps(row + j);
                 const __mmask16 vis = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-                const __m512 p = _mm512_maskz_mov_ps(vis, exp16(_mm512_sub_ps(x, mvec)));
+                const __m512 p = _mm512_maskz_mov_ps(vis, avx512_exp16(_mm512_sub_ps(x, mvec)));
                 _mm512_storeu_ps(row + j, p);
                 vsum = _mm512_add_ps(vsum, p);
             }
@@ -640,7 +558,7 @@ T512 INL __m512 compat_dots(const float *q, const float *kb, int nr, int D, int 
         for (int i = 0; i < NV; i++) s[i & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * i), qv[i], s[i & 3]);
         y[rr] = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
     }
-    return hsum16(y, nr);
+    return avx512_hsum16(y, nr);
 }
 
 T512 static __m512 compat_dots_64(const float *q, const float *kb, int nr) { return compat_dots(q, kb, nr, 64, 4); }
@@ -660,7 +578,7 @@ T512 static __m512 compat_dots_any(const float *q, const float *kb, int nr, int 
         }
         y[rr] = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
     }
-    return hsum16(y, nr);
+    return avx512_hsum16(y, nr);
 }
 
 /* x rounded to f16 and back, as ggml stores its f16 accumulator. */

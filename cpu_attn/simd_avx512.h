@@ -1,0 +1,114 @@
+/*
+ * simd_avx512.h - AVX-512 building blocks shared by the paged kernel
+ * (cpu_attn_avx512.c, compiled with AVX-512 flags) and the strided kernel
+ * (cpu_attn_strided.c, compiled without them: its AVX-512 functions carry
+ * a target attribute). The attribute here names only features both have,
+ * so these always-inline helpers inline into either.
+ */
+#ifndef APEX_SIMD_AVX512_H
+#define APEX_SIMD_AVX512_H
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "apex/apex.h"
+
+#define AVX512_INL \
+    static inline __attribute__((target("avx512f,avx2,fma,f16c"), always_inline))
+
+/* 16 elements of type dt (f32, f16 or bf16) at p, as fp32. */
+AVX512_INL __m512 avx512_ld16(const void *p, apex_dtype dt) {
+    if (dt == APEX_DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (dt == APEX_DTYPE_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps((const float *)p);
+}
+
+/* Lane j of the result = the sum of the lanes of x[j] (x[n..15] read as 0):
+ * a transpose folded into the reduction, 15 adds for 16 sums. Each level
+ * adds lanes i and i+8, then i+4, i+2, i+1 of every input, the pairing of
+ * _mm512_reduce_add_ps, so each sum is bitwise that of a per-vector reduce
+ * (the strided kernel's exact mode relies on it). The network leaves input
+ * k's sum in lane PERM[k] (PERM is an involution), so inputs are fed in
+ * PERM order. */
+AVX512_INL __m512 avx512_hsum16(const __m512 *x, int n) {
+    static const int PERM[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+    __m512 y[16], a[8], b[4], c[2];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) y[k] = PERM[k] < n ? x[PERM[k]] : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[i], y[i + 8], 0x44),
+                             _mm512_shuffle_f32x4(y[i], y[i + 8], 0xEE));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88),
+                             _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44),
+                             _mm512_shuffle_ps(b[i], b[i + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+/* e^x, relative error ~2e-7 (Cephes expf polynomial on x - n ln2, scaled by
+ * 2^n with vscalefps). x is clamped to >= -104, where e^x is 0 in fp32. */
+AVX512_INL __m512 avx512_exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|). */
+AVX512_INL __m512 avx512_tanh16(__m512 y) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), yi = _mm512_castps_si512(y);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 ay = _mm512_castsi512_ps(_mm512_andnot_si512(sign, yi));
+    const __m512 e = avx512_exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.0f)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, yi)));
+}
+
+/* Scores of TT consecutive K rows (rowb bytes apart, type dt) against HT
+ * query heads (q, head_dim D apart): s[h * srow + j] = q[h] . k[j], with
+ * TT * HT <= 16 accumulators and one transpose-reduce. TT and HT are
+ * compile-time constants at every call, so the loops unroll. */
+AVX512_INL void avx512_qk_tile(const float *q, int D, const void *k, size_t rowb, float *s,
+                               ptrdiff_t srow, apex_dtype dt, int TT, int HT) {
+    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+        __m512 qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++) qv[h] = _mm512_loadu_ps(q + (size_t)h * D + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m512 kv = avx512_ld16((const uint8_t *)k + (size_t)j * rowb + (size_t)c * esz, dt);
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
+        }
+    }
+    const __m512 r = avx512_hsum16(a, TT * HT);
+    /* Lanes [h*TT, h*TT+TT) belong to head h: one masked store per head,
+     * addressed so that lane h*TT lands on s[h*srow] (rows are padded). */
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + h * srow - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+#endif /* APEX_SIMD_AVX512_H */
