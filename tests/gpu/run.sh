@@ -3,8 +3,9 @@
 #
 # Builds APEX with CUDA (sm_90 only unless APEX_CUDA_ARCHS says otherwise),
 # runs every CUDA kernel against the CPU reference (test_cuda_kernels), the
-# bandwidth benchmark (bench_cuda) and the hybrid pipeline's unit test on the
-# GPU (test_pipeline, APEX_TEST_DEVICE=cuda), and writes
+# bandwidth benchmark (bench_cuda), the hybrid pipeline's unit test on the
+# GPU (test_pipeline, APEX_TEST_DEVICE=cuda) and benchmark, and the torch-op
+# shim on CUDA tensors (run_torch_shim.sh), and writes
 # OUTDIR/gpu_report.json (their results, nvidia-smi facts, build status) plus
 # OUTDIR/gpu_run.log (build output and every program's stderr).
 #
@@ -110,6 +111,13 @@ if [ "$PIPE_BUILT" = true ]; then
     say "apex-bench pipeline exit $RC_PBENCH"
 fi
 
+# The vLLM integration's torch-op shim on CUDA tensors (its own build).
+say "running tests/gpu/run_torch_shim.sh"
+timeout 240 bash "$ROOT/tests/gpu/run_torch_shim.sh" "$OUT" >>"$LOG" 2>&1
+RC_TORCH=$?
+[ -s "$OUT/torch_shim.json" ] || echo null >"$OUT/torch_shim.json"
+say "torch shim exit $RC_TORCH"
+
 # ---- report
 smi() { nvidia-smi --query-gpu="$1" --format=csv,noheader,nounits 2>/dev/null | head -1 | sed 's/^ *//; s/ *$//; s/"//g'; }
 GPU_NAME=$(smi name)
@@ -128,16 +136,18 @@ NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
         "$GPU_NAME" "$DRIVER" "$MEM_MB" "$SM_CLK" "$MEM_CLK" "$PCIE"
     printf '"build":{"ok":%s,"seconds":%s,"archs":"%s","nvcc":"%s","missing_packages":"%s"},' \
         "$BUILD_OK" "$BUILD_S" "$ARCHS" "$NVCC" "${missing[*]:-}"
-    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s,"test_pipeline_cuda":%s,"bench_pipeline":%s},' \
-        "$RC_TEST" "$RC_BENCH" "$RC_PIPE" "$RC_PBENCH"
+    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s,"test_pipeline_cuda":%s,"bench_pipeline":%s,"torch_shim":%s},' \
+        "$RC_TEST" "$RC_BENCH" "$RC_PIPE" "$RC_PBENCH" "$RC_TORCH"
     printf '"test_pipeline_cuda":{"built":%s,"passed":%s,"seconds":%s},' "$PIPE_BUILT" \
         "$([ "$RC_PIPE" = 0 ] && echo true || echo false)" "$PIPE_S"
     printf '"test_cuda_kernels":%s,' "$(cat "$OUT/test_cuda_kernels.json")"
     printf '"bench_cuda":%s,' "$(cat "$OUT/bench_cuda.json")"
     printf '"bench_pipeline":%s,' "$(cat "$OUT/pipeline.json")"
+    printf '"torch_shim":%s,' "$(cat "$OUT/torch_shim.json")"
     printf '"seconds":%s}\n' "$(($(date +%s) - T_START))"
 } >"$OUT/gpu_report.json"
-rm -f "$OUT/test_cuda_kernels.json" "$OUT/bench_cuda.json" "$OUT/pipeline.json"
+rm -f "$OUT/test_cuda_kernels.json" "$OUT/bench_cuda.json" "$OUT/pipeline.json" "$OUT/torch_shim.json"
 say "wrote $OUT/gpu_report.json"
 cat "$OUT/gpu_report.json"
-[ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_PIPE" = 0 ]
+[ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_PIPE" = 0 ] &&
+    [ "$RC_TORCH" = 0 ]
