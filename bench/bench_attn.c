@@ -6,7 +6,9 @@
  * (as a long-running pool would), in enough layer copies that the case's
  * footprint is far beyond the last-level cache, and times cpu_attn_decode
  * layer after layer. kv_gbps = K+V bytes attended / time; ratio =
- * kv_gbps / stream_gbps. Times are the best of the timed iterations (the
+ * kv_gbps / stream_gbps. in_cache_gbps, measured first, is the kernel on a
+ * small KV re-read from the caches: its compute ceiling, so a case can be
+ * read as memory- or compute-bound. Times are the best of the timed iterations (the
  * median is reported too); the STREAM figure is the best of its reads. */
 #include <math.h>
 #include <omp.h>
@@ -155,15 +157,18 @@ typedef struct {
     int iters, layers;
 } result;
 
-/* One case; returns 0, or -1 (with a message) if memory ran out. */
-static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, result *r) {
+/* One case; returns 0, or -1 (with a message) if memory ran out. in_cache:
+ * one layer, re-read every iteration (it stays in the caches), and no
+ * STREAM read: the kernel's own compute ceiling on this machine. */
+static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, result *r,
+                    int in_cache) {
     const int32_t H = o->kv_heads, D = o->head_dim, bt = o->block_tokens;
     const size_t esz = apex_dtype_size(o->kv_dtype);
     const size_t block_bytes = 2 * (size_t)H * (size_t)bt * (size_t)D * esz;
     const int32_t nb_seq = (ctx + bt - 1) / bt;
     const size_t n_blocks = (size_t)batch * (size_t)nb_seq;
     const size_t slab = n_blocks * block_bytes;
-    int layers = (int)((MIN_FOOTPRINT + slab - 1) / slab);
+    int layers = in_cache ? 1 : (int)((MIN_FOOTPRINT + slab - 1) / slab);
     if (layers < 1) layers = 1;
 
     cpu_attn_geom g = {o->q_heads, H, D, bt, o->kv_dtype};
@@ -212,13 +217,16 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
         cpu_attn_decode(&g, &b, ws, o->threads);
     }
 
+    r->stream_gbps = 0;
     stream_buf sb;
-    if (stream_init(&sb, STREAM_BYTES, o->threads)) {
+    if (!in_cache && stream_init(&sb, STREAM_BYTES, o->threads)) {
         fprintf(stderr, "apex-bench attn: out of memory for the STREAM buffer\n");
         goto done;
     }
-    r->stream_gbps = stream_read_gbps(&sb, o->threads, 5);
-    stream_free(&sb);
+    if (!in_cache) {
+        r->stream_gbps = stream_read_gbps(&sb, o->threads, 5);
+        stream_free(&sb);
+    }
 
     int cap = o->iters ? o->iters : 100000;
     times = malloc((size_t)cap * sizeof *times);
@@ -257,17 +265,25 @@ int bench_attn_main(int argc, char **argv) {
     opts o;
     if (parse(argc, argv, &o)) return 2;
     const char *isa = cpu_attn_isa_name(cpu_attn_isa_selected());
+    /* The kernel's compute ceiling: one sequence per thread, 128 tokens,
+     * re-read from the caches. A DRAM case near it is compute-bound. */
+    result cr;
+    const double c_bytes = 2.0 * o.threads * 128.0 * o.kv_heads * o.head_dim *
+                           (double)apex_dtype_size(o.kv_dtype);
+    double ceiling = run_case(&o, o.threads, 128, c_bytes, &cr, 1) ? 0 : cr.kv_gbps;
     if (o.json)
         printf("{\"bench\":\"attn\",\"isa\":\"%s\",\"timing\":\"best of iters (median also "
-               "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,\"cases\":[",
-               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false");
+               "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,"
+               "\"in_cache_gbps\":%.4g,\"cases\":[",
+               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false", ceiling);
     else
         printf("apex-bench attn: isa %s, %d threads, %d q / %d kv heads, head_dim %d, %s KV, "
-               "block %d\ntimes: best of the timed iterations (median in brackets)\n\n"
+               "block %d\ntimes: best of the timed iterations (median in brackets)\n"
+               "compute ceiling: %.2f GB/s (the kernel on KV re-read from the caches)\n\n"
                "%6s %7s %7s %15s %8s %17s %11s %14s\n",
                isa, o.threads, o.q_heads, o.kv_heads, o.head_dim, dtype_name(o.kv_dtype),
-               o.block_tokens, "batch", "ctx", "iters", "ms", "KV GB", "kv GB/s", "stream GB/s",
-               "ratio");
+               o.block_tokens, ceiling, "batch", "ctx", "iters", "ms", "KV GB", "kv GB/s",
+               "stream GB/s", "ratio");
     int first = 1, rc = 0;
     for (int bi = 0; bi < o.n_batch; bi++)
         for (int ci = 0; ci < o.n_ctx; ci++) {
@@ -287,7 +303,7 @@ int bench_attn_main(int argc, char **argv) {
                 continue;
             }
             result r;
-            if (run_case(&o, batch, ctx, kv_bytes, &r)) {
+            if (run_case(&o, batch, ctx, kv_bytes, &r, 0)) {
                 if (o.json) printf(",\"skipped\":\"out of memory\"}");
                 rc = 1;
                 continue;
