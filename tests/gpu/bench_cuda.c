@@ -20,16 +20,8 @@
 
 #include "cpu_attn/dtype_convert.h"
 #include "cuda/apex_cuda.h"
+#include "tests/gpu/gpu_check.h"
 
-#define CK(call)                                                                    \
-    do {                                                                            \
-        cudaError_t e_ = (call);                                                    \
-        if (e_ != cudaSuccess) {                                                    \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,           \
-                    cudaGetErrorString(e_));                                        \
-            exit(1);                                                                \
-        }                                                                           \
-    } while (0)
 
 static int cmp_f(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;

@@ -35,22 +35,10 @@ command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || missing+=(
 say "missing packages: ${missing[*]:-none}"
 
 CMAKE_EXTRA=()
-DEBS=${APEX_DEB_DIR:-$ROOT/.debs}
-if compgen -G "$DEBS/*.deb" >/dev/null; then
-    SR=$ROOT/$BUILD/sysroot
-    rm -rf "$SR" && mkdir -p "$SR"
-    for f in "$DEBS"/*.deb; do dpkg -x "$f" "$SR" && say "unpacked $(basename "$f")"; done
-    # .pc files name /usr: point them at the unpacked tree
-    find "$SR" -name '*.pc' -exec sed -i "s#/usr#$SR/usr#g" {} +
-    LIB=$SR/usr/lib/x86_64-linux-gnu
-    export PKG_CONFIG_PATH=$LIB/pkgconfig:$SR/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
-    export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    export LIBRARY_PATH=$LIB${LIBRARY_PATH:+:$LIBRARY_PATH}
-    export CPATH=$SR/usr/include${CPATH:+:$CPATH}
-    if ! command -v pkg-config >/dev/null 2>&1 && [ -x "$SR/usr/bin/pkgconf" ]; then
-        export PATH=$SR/usr/bin:$PATH
-        CMAKE_EXTRA+=("-DPKG_CONFIG_EXECUTABLE=$SR/usr/bin/pkgconf")
-    fi
+. "$ROOT/tests/gpu/sysroot.sh"
+if use_debs "$ROOT/$BUILD/sysroot" >>"$LOG"; then
+    say "unpacked the .deb files into $BUILD/sysroot"
+    [ -n "$PKGCONF_EXE" ] && CMAKE_EXTRA+=("-DPKG_CONFIG_EXECUTABLE=$PKGCONF_EXE")
 fi
 export PATH=$PATH:/usr/local/cuda/bin
 

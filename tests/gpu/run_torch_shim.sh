@@ -13,20 +13,8 @@ cd "$ROOT" || exit 2
 BUILD=${APEX_GPU_BUILD:-build-vllm-gpu}
 LOG=$OUT/torch_shim.log
 : >"$LOG"
-DEBS=${APEX_DEB_DIR:-$ROOT/.debs}
-if ! pkg-config --exists hwloc 2>/dev/null && compgen -G "$DEBS/*.deb" >/dev/null; then
-    SR=$ROOT/$BUILD/sysroot
-    rm -rf "$SR" && mkdir -p "$SR"
-    for f in "$DEBS"/*.deb; do dpkg -x "$f" "$SR"; done
-    find "$SR" -name '*.pc' -exec sed -i "s#/usr#$SR/usr#g" {} +
-    LIB=$SR/usr/lib/x86_64-linux-gnu
-    export PKG_CONFIG_PATH=$LIB/pkgconfig:$SR/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
-    export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    export LIBRARY_PATH=$LIB${LIBRARY_PATH:+:$LIBRARY_PATH}
-    export CPATH=$SR/usr/include${CPATH:+:$CPATH}
-    command -v pkg-config >/dev/null 2>&1 || export PATH=$SR/usr/bin:$PATH
-    command -v pkg-config >/dev/null 2>&1 || ln -sf pkgconf "$SR/usr/bin/pkg-config"
-fi
+. "$ROOT/tests/gpu/sysroot.sh"
+pkg-config --exists hwloc 2>/dev/null || use_debs "$ROOT/$BUILD/sysroot" >>"$LOG"
 export PATH=$PATH:/usr/local/cuda/bin
 PY=${APEX_PYTHON:-python3}
 t0=$(date +%s)

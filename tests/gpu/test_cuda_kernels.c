@@ -19,9 +19,11 @@
 #include <cuda_runtime_api.h>
 
 #include "cpu_attn/cpu_attn.h"
+#include "cpu_attn/cpu_prefill.h"
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/device.h"
 #include "cuda/apex_cuda.h"
+#include "tests/gpu/gpu_check.h"
 
 /* ------------------------------------------------------------ harness */
 
@@ -49,15 +51,6 @@ static void fail(const char *fmt, ...) {
     }
 }
 
-#define CK(call)                                                                    \
-    do {                                                                            \
-        cudaError_t e_ = (call);                                                    \
-        if (e_ != cudaSuccess) {                                                    \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,           \
-                    cudaGetErrorString(e_));                                        \
-            exit(1);                                                                \
-        }                                                                           \
-    } while (0)
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 static uint64_t rnd(void) {
@@ -390,42 +383,6 @@ static void test_kv_append(void) {
 
 static int g_prefill_cases;
 
-/* Causal reference over activations, in double. out: fp32. */
-static void prefill_ref(int n_seqs, const int *cu, int hq, int hkv, int D, const void *q,
-                        const void *k, const void *v, int64_t qs, int64_t ks, int64_t vs,
-                        apex_dtype t, float scale, float softcap, int window, float *out) {
-    const int G = hq / hkv;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int sh = 0; sh < n_seqs * hq; sh++) {
-        const int s = sh / hq, h = sh % hq;
-        double *sc = xmalloc(sizeof(double) * (size_t)(cu[s + 1] - cu[s]));
-        for (int i = 0; i < cu[s + 1] - cu[s]; i++) {
-            const int kvh = h / G;
-            const int lo = window > 0 && i + 1 > window ? i + 1 - window : 0;
-            double m = -INFINITY, l = 0, acc[256] = {0};
-            for (int j = lo; j <= i; j++) {
-                double dot = 0;
-                for (int d = 0; d < D; d++)
-                    dot += (double)apex_load_f32(q, t, (size_t)(cu[s] + i) * qs + (size_t)h * D + d) *
-                           (double)apex_load_f32(k, t, (size_t)(cu[s] + j) * ks + (size_t)kvh * D + d);
-                dot *= scale;
-                if (softcap > 0) dot = softcap * tanh(dot / softcap);
-                sc[j] = dot;
-                if (dot > m) m = dot;
-            }
-            for (int j = lo; j <= i; j++) {
-                double p = exp(sc[j] - m);
-                l += p;
-                for (int d = 0; d < D; d++)
-                    acc[d] += p * apex_load_f32(v, t, (size_t)(cu[s] + j) * vs + (size_t)kvh * D + d);
-            }
-            for (int d = 0; d < D; d++)
-                out[((size_t)(cu[s] + i) * hq + h) * D + d] = (float)(acc[d] / l);
-        }
-        free(sc);
-    }
-}
-
 static void run_prefill(apex_dtype act, apex_dtype outt, apex_dtype kvt, int D, int hq, int hkv,
                         int bt, int n_seqs, const int *lens, int window, float softcap, int fused) {
     int cu[17];
@@ -457,7 +414,16 @@ static void run_prefill(apex_dtype act, apex_dtype outt, apex_dtype kvt, int D, 
     }
     const float scale = softcap > 0 ? 1.5f : 1.0f / sqrtf((float)D);
     float *ref = xmalloc((size_t)T * hq * D * sizeof *ref);
-    prefill_ref(n_seqs, cu, hq, hkv, D, q, k, v, qs, ks, ks, act, scale, softcap, window, ref);
+    const cpu_prefill_batch rb = {
+        .n_seqs = n_seqs, .cu_seqlens = cu, .n_q_heads = hq, .n_kv_heads = hkv, .head_dim = D,
+        .q = q, .k = k, .v = v, .q_stride = qs, .k_stride = ks, .v_stride = ks,
+        .act_dtype = act, .out = ref, .out_dtype = APEX_DTYPE_F32, .scale = scale,
+        .softcap = softcap, .window = window,
+    };
+    if (cpu_prefill_reference(&rb)) {
+        fprintf(stderr, "prefill reference: out of memory\n");
+        exit(1);
+    }
 
     /* pool: every sequence's positions land in shuffled blocks */
     int nblocks = 2;
