@@ -2,7 +2,11 @@
 # Fetches llama.cpp (vendored in the pinned llama-cpp-python source distribution
 # on PyPI) and builds it with CMake, cached outside the clone:
 #   ${APEX_CACHE_DIR:-$HOME/.cache/apex}/llama.cpp-<version>/{src,build}
-# Rebuilds only when the build is missing or its configuration changed.
+# Applies APEX's one patch to llama.cpp (integration/llama_cpp/
+# llama-kv-cache-buft-hook.patch: lets a backend supply the KV cache's buffer
+# type; see integration/llama_cpp/README.md), idempotently.
+# Rebuilds only when the build is missing or its configuration or the patch
+# changed (then incrementally: the patched file and the links).
 #   APEX_LLAMA_CUDA=1        CUDA build (build-cuda/ instead of build/)
 #   APEX_LLAMA_TARGETS="..." extra targets (e.g. "llama-server llama-cli")
 #   JOBS                     parallel build jobs (default 2)
@@ -19,6 +23,12 @@ SRC=$ROOT/src
 JOBS=${JOBS:-2}
 log() { echo "apex setup: $*" >&2; }
 die() { echo "apex setup: error: $*" >&2; exit 1; }
+
+PATCH=$(cd "$(dirname "$0")/.." && pwd)/integration/llama_cpp/llama-kv-cache-buft-hook.patch
+[ -f "$PATCH" ] || die "missing $PATCH"
+PATCH_SHA=$(sha256sum "$PATCH" | cut -d' ' -f1)
+command -v patch >/dev/null 2>&1 \
+  || die "the 'patch' tool is missing (setup_hooks/install_deps.sh installs it with build-essential)"
 
 mkdir -p "$ROOT"
 
@@ -46,6 +56,34 @@ if [ ! -f "$SRC/.apex-complete" ]; then
   touch "$SRC/.apex-complete"
 fi
 
+# ---- the patch. $SRC/.apex-patch holds the sha256 of the patch applied and
+# .apex-patch.diff a copy of it: a source patched with another version is
+# reverted with that copy first (the reverted files get a new time, so make
+# rebuilds them). Only if that fails is the source extracted again, and the
+# build dropped (extracted files keep the archive's old times).
+if [ "$(cat "$SRC/.apex-patch" 2>/dev/null)" != "$PATCH_SHA" ]; then
+  if [ -f "$SRC/.apex-patch.diff" ]; then
+    if patch -d "$SRC" -p1 -R --batch --quiet --dry-run <"$SRC/.apex-patch.diff" >/dev/null 2>&1; then
+      patch -d "$SRC" -p1 -R --batch --quiet <"$SRC/.apex-patch.diff" >&2
+      rm -f "$SRC/.apex-patch" "$SRC/.apex-patch.diff"
+    else
+      log "the llama.cpp source in $SRC was changed by hand: extracting it again (full rebuild)"
+      rm -rf "$SRC" "$ROOT/build" "$ROOT/build-cuda"
+      exec bash "$0" "$@"
+    fi
+  fi
+  if patch -d "$SRC" -p1 --forward --batch --quiet --dry-run <"$PATCH" >/dev/null 2>&1; then
+    patch -d "$SRC" -p1 --forward --batch --quiet <"$PATCH" >&2
+    log "patched llama.cpp: $(basename "$PATCH")"
+  elif patch -d "$SRC" -p1 -R --batch --quiet --dry-run <"$PATCH" >/dev/null 2>&1; then
+    : # already applied (a run stopped before it wrote the stamp)
+  else
+    die "$(basename "$PATCH") does not apply to $SRC; delete $SRC and retry"
+  fi
+  cp "$PATCH" "$SRC/.apex-patch.diff"
+  echo "$PATCH_SHA" >"$SRC/.apex-patch"
+fi
+
 # ---- build: shared ggml/llama libraries (the APEX backend links ggml-base, and
 # must share the process's registry), backends linked in (GGML_BACKEND_DL off:
 # GGML_BACKEND_PATH loading works without it).
@@ -61,7 +99,7 @@ cfg=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON
      -DGGML_BACKEND_DL=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF
      -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
      "${extra[@]}")
-stamp="${cfg[*]} | ${targets[*]}"
+stamp="${cfg[*]} | ${targets[*]} | patch $PATCH_SHA"
 if [ -f "$BUILD/.apex-complete" ] && [ "$(cat "$BUILD/.apex-complete")" = "$stamp" ]; then
   echo "$BUILD"
   exit 0
