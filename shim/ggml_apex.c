@@ -7,7 +7,12 @@
  * "upgrade to a higher-priority backend with the same buffer type" for
  * attention) with no copies, and llama.cpp keeps every weight and other op
  * on its own backends (make_cpu_buft_list skips an ACCEL device whose buffer
- * type is the CPU one). */
+ * type is the CPU one).
+ *
+ * The KV tensors themselves come from APEX's host pool when llama.cpp (with
+ * the patch of integration/llama_cpp/) asks for a KV-cache buffer type: see
+ * "the KV cache in APEX's host pool" below. */
+#include <dlfcn.h>
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
@@ -22,6 +27,8 @@
 
 #include "cpu_attn/cpu_attn_strided.h"
 #include "cpu_attn/dtype_convert.h"
+#include "csrc/cpu_workers.h"
+#include "csrc/host_mem.h"
 #include "shim/ggml_apex.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -48,6 +55,11 @@ static int exact_mode(void) {
 }
 static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
 
+/* The device, and the buffer type of llama.cpp's KV cache in APEX's host
+ * pool (both defined below). */
+static struct ggml_backend_device g_dev;
+static struct ggml_backend_buffer_type g_kv_buft;
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -57,6 +69,19 @@ static double now_s(void) {
 static int env_on(const char *name) {
     const char *v = getenv(name);
     return v && *v && strcmp(v, "0") != 0;
+}
+
+/* APEX_GGML_OPS: which ops APEX takes ("fa,kv" by default; "none");
+ * APEX_GGML_DISABLE=1: none. Bit 1: attention, bit 2: KV writes. */
+static int ops_mask(void) {
+    static int ops = -1;
+    if (ops < 0) {
+        const char *e = getenv("APEX_GGML_OPS");
+        int o = e ? (strstr(e, "fa") ? 1 : 0) | (strstr(e, "kv") ? 2 : 0) : 3;
+        if (env_on("APEX_GGML_DISABLE")) o = 0;
+        ops = o;
+    }
+    return ops;
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -71,9 +96,35 @@ static void log_decline(const char *why) {
     const int first = !g_logged_decline;
     g_logged_decline = 1;
     g_stats.declined++;
+    const int kv_in_pool = g_stats.kv_bytes_apex > 0;
     pthread_mutex_unlock(&g_lock);
+    /* The KV geometry is checked before the KV is placed (kv_model_ok); what
+     * only the graph shows (ALiBi, attention sinks) comes after it. */
     if (first)
-        fprintf(stderr, "APEX: declining this model's attention (%s); llama.cpp runs it natively\n", why);
+        fprintf(stderr, "APEX: declining this model's attention (%s); llama.cpp runs it natively%s\n", why,
+                kv_in_pool ? " (its KV cache stays in APEX's host pool: host memory in ggml's layout, which "
+                             "ggml-cpu reads as it reads its own)"
+                           : "");
+}
+
+/* The KV geometry APEX runs: NULL, or why not (the checks of supports_fa
+ * that the KV cache's types and head sizes decide). */
+static const char *kv_geometry_why(enum ggml_type tk, enum ggml_type tv, int64_t dk, int64_t dv, char *why,
+                                   size_t n) {
+    if (tk != GGML_TYPE_F16 && tk != GGML_TYPE_F32)
+        snprintf(why, n, "KV cache type %s; APEX supports f16 and f32", type_name(tk));
+    else if (tv != tk)
+        snprintf(why, n, "K cache %s and V cache %s differ", type_name(tk), type_name(tv));
+    else if (!head_dim_ok(dk) || dv != dk)
+        snprintf(why, n, "head_dim %lld (V %lld); APEX supports 64, 80, 96, 128, 256", (long long)dk,
+                 (long long)dv);
+    else
+        return NULL;
+    return why;
+}
+
+static int exact_compat(int64_t d, enum ggml_type t) {
+    return cpu_attn_strided_compat_ok((int32_t)d, t == GGML_TYPE_F16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32);
 }
 
 static const struct ggml_tensor *root_of(const struct ggml_tensor *t) {
@@ -82,6 +133,12 @@ static const struct ggml_tensor *root_of(const struct ggml_tensor *t) {
 
 static int is_kv_cache(const struct ggml_tensor *t) {
     return strncmp(root_of(t)->name, "cache_k_l", 9) == 0 || strncmp(root_of(t)->name, "cache_v_l", 9) == 0;
+}
+
+/* 1 if t's memory is in APEX's host pool. */
+static int in_pool(const struct ggml_tensor *t) {
+    const struct ggml_backend_buffer *b = root_of(t)->buffer;
+    return b && b->buft == &g_kv_buft;
 }
 
 /* KV-cache writes: dst rows of ne0 elements (f16/f32) from f32 rows. The V
@@ -118,13 +175,8 @@ static int supports_fa(const struct ggml_tensor *op) {
     float max_bias;
     memcpy(&max_bias, (const float *)op->op_params + 1, sizeof max_bias);
     why[0] = 0;
-    if (k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_F32)
-        snprintf(why, sizeof why, "KV cache type %s; APEX supports f16 and f32", type_name(k->type));
-    else if (v->type != k->type)
-        snprintf(why, sizeof why, "K cache %s and V cache %s differ", type_name(k->type), type_name(v->type));
-    else if (!head_dim_ok(k->ne[0]) || v->ne[0] != k->ne[0])
-        snprintf(why, sizeof why, "head_dim %lld (V %lld); APEX supports 64, 80, 96, 128, 256",
-                 (long long)k->ne[0], (long long)v->ne[0]);
+    if (kv_geometry_why(k->type, v->type, k->ne[0], v->ne[0], why, sizeof why))
+        ;
     else if (op->src[4])
         snprintf(why, sizeof why, "attention sinks");
     else if (max_bias != 0.0f)
@@ -148,7 +200,7 @@ static int supports_fa(const struct ggml_tensor *op) {
     }
     if (q->ne[3] > 1 && !is_kv_cache(k)) return 0;
     if (exact_mode()) {
-        if (!cpu_attn_strided_compat_ok((int32_t)k->ne[0], k->type == GGML_TYPE_F16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32)) {
+        if (!exact_compat(k->ne[0], k->type)) {
             snprintf(why, sizeof why, "exact mode needs f16 KV, head_dim a multiple of 64 and AVX-512 "
                                       "(APEX_GGML_EXACT=0 lifts this)");
             log_decline(why);
@@ -199,6 +251,7 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op) {
     const double dt = now_s() - t0;
     pthread_mutex_lock(&g_lock);
     g_stats.kv_write_calls++;
+    g_stats.kv_writes_in_pool += (uint64_t)in_pool(op);
     g_stats.kv_rows_written += (uint64_t)n;
     g_stats.kv_write_seconds += dt;
     pthread_mutex_unlock(&g_lock);
@@ -242,6 +295,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         s0 = (int64_t)(k->view_offs / k->view_src->nb[2]);
     pthread_mutex_lock(&g_lock);
     g_stats.attention_calls++;
+    g_stats.attention_kv_in_pool += (uint64_t)(in_pool(k) && in_pool(v));
     g_stats.attention_seconds += dt;
     g_stats.n_threads = n_threads;
     if (d.n_tokens == 1)
@@ -355,13 +409,7 @@ static ggml_backend_buffer_type_t dev_get_buft(ggml_backend_dev_t d) {
 
 static bool dev_supports_op(ggml_backend_dev_t d, const struct ggml_tensor *op) {
     (void)d;
-    /* APEX_GGML_OPS: which ops APEX takes ("fa,kv" by default; "none"). */
-    static int ops = -1;
-    if (ops < 0) {
-        const char *e = getenv("APEX_GGML_OPS");
-        ops = e ? (strstr(e, "fa") ? 1 : 0) | (strstr(e, "kv") ? 2 : 0) : 3;
-        if (env_on("APEX_GGML_DISABLE")) ops = 0;
-    }
+    const int ops = ops_mask();
     switch (op->op) {
     case GGML_OP_SET_ROWS: return (ops & 2) && supports_set_rows(op);
     case GGML_OP_FLASH_ATTN_EXT: return (ops & 1) && supports_fa(op);
@@ -369,6 +417,7 @@ static bool dev_supports_op(ggml_backend_dev_t d, const struct ggml_tensor *op) 
     }
 }
 
+/* Host buffers: ggml's CPU buffers and APEX's own pool (APEX_Host). */
 static bool dev_supports_buft(ggml_backend_dev_t d, ggml_backend_buffer_type_t buft) {
     (void)d;
     return ggml_backend_buft_is_host(buft);
@@ -386,6 +435,286 @@ static const struct ggml_backend_device_i g_dev_iface = {
     .supports_buft = dev_supports_buft,
 };
 
+
+/* ------------------------------------------ the KV cache in APEX's host pool
+ *
+ * llama.cpp (patched: integration/llama_cpp/llama-kv-cache-buft-hook.patch)
+ * asks every registered backend, through the proc address
+ * "ggml_backend_kv_cache_buffer_type", whether it supplies the buffer type of
+ * a layer's KV cache. APEX answers with APEX_Host for host-resident KV (the
+ * placement llama.cpp gives CPU layers and -nkvo: ggml's CPU buffer type) of
+ * a geometry it runs. Its buffers are APEX's host-pool memory: the core's
+ * host-tier allocator (csrc/host_mem.c: page-aligned mmap, transparent huge
+ * pages, bound to the NUMA nodes of the worker cores, APEX_CPUSET), and
+ * registered with CUDA (cudaHostRegister, portable) when the process has the
+ * CUDA runtime, as the core pins its host pool (APEX_PIN_HOST_POOL=0 skips
+ * it). The layout is ggml's own (token-major rows) and the type is_host, so
+ * ggml-cpu's ops, ggml_backend_tensor_get/set/copy, buffer clears, K-shift
+ * and state save/load work on it unchanged, and APEX's kernel reads it in
+ * place. An allocation the pool cannot make returns NULL with one line on
+ * stderr: llama.cpp then fails the context cleanly ("failed to allocate
+ * buffer for kv cache"); nothing aborts. */
+
+typedef struct kv_pool_buf {
+    void *mem;
+    size_t bytes;
+    int pinned;
+} kv_pool_buf;
+
+static cpu_workers g_workers;
+static int g_workers_state; /* 0: not yet, 1: loaded, -1: unavailable */
+static int g_logged_kv_off, g_logged_kv_device;
+
+static int kv_pool_enabled(void) {
+    const char *e = getenv("APEX_GGML_KV_POOL");
+    return !(e && strcmp(e, "0") == 0);
+}
+
+/* The worker cores' topology (for the NUMA binding), loaded once. */
+static const cpu_workers *kv_pool_workers(void) {
+    pthread_mutex_lock(&g_lock);
+    if (g_workers_state == 0) {
+        const char *set = getenv("APEX_CPUSET");
+        if (cpu_workers_init(&g_workers, set, 0, NULL) == APEX_OK) {
+            g_workers_state = 1;
+        } else {
+            g_workers_state = -1;
+            fprintf(stderr, "APEX: KV pool not NUMA-bound (%s)\n", apex_last_error());
+        }
+    }
+    const cpu_workers *w = g_workers_state == 1 ? &g_workers : NULL;
+    pthread_mutex_unlock(&g_lock);
+    return w;
+}
+
+/* A CUDA runtime function, if the process already has the runtime (a CUDA
+ * build of ggml); never loads it. */
+static void *cuda_rt_sym(const char *name) {
+    void *f = dlsym(RTLD_DEFAULT, name);
+    static const char *const libs[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
+                                       "libcudart.so"};
+    for (size_t i = 0; !f && i < sizeof libs / sizeof *libs; i++) {
+        void *h = dlopen(libs[i], RTLD_NOW | RTLD_NOLOAD);
+        if (h && !(f = dlsym(h, name))) dlclose(h);
+    }
+    return f;
+}
+
+typedef int (*cuda_host_register_fn)(void *p, size_t bytes, unsigned int flags);
+typedef int (*cuda_host_unregister_fn)(void *p);
+typedef int (*cuda_get_last_error_fn)(void);
+
+/* 1 if p is now pinned; else 0 and why. */
+static int kv_pool_pin(void *p, size_t bytes, char *why, size_t n) {
+    const char *e = getenv("APEX_PIN_HOST_POOL");
+    if (e && strcmp(e, "0") == 0) {
+        snprintf(why, n, "not pinned: APEX_PIN_HOST_POOL=0");
+        return 0;
+    }
+    cuda_host_register_fn reg = (cuda_host_register_fn)cuda_rt_sym("cudaHostRegister");
+    if (!reg) {
+        snprintf(why, n, "not pinned: no CUDA runtime in this process");
+        return 0;
+    }
+    const int rc = reg(p, bytes, 1u /* cudaHostRegisterPortable */);
+    if (rc != 0) {
+        /* Not a sticky error, but ggml-cuda's next cudaGetLastError check
+         * would see it: clear it. */
+        cuda_get_last_error_fn last = (cuda_get_last_error_fn)cuda_rt_sym("cudaGetLastError");
+        if (last) last();
+        snprintf(why, n, "not pinned: cudaHostRegister failed with CUDA error %d; copies to the GPU are slower", rc);
+        return 0;
+    }
+    snprintf(why, n, "pinned for CUDA");
+    return 1;
+}
+
+static void kv_buf_free(ggml_backend_buffer_t buf) {
+    kv_pool_buf *b = (kv_pool_buf *)buf->context;
+    if (b->pinned) {
+        cuda_host_unregister_fn unreg = (cuda_host_unregister_fn)cuda_rt_sym("cudaHostUnregister");
+        if (unreg && unreg(b->mem) != 0) {
+            cuda_get_last_error_fn last = (cuda_get_last_error_fn)cuda_rt_sym("cudaGetLastError");
+            if (last) last();
+        }
+    }
+    host_mem_free(b->mem, b->bytes);
+    pthread_mutex_lock(&g_lock);
+    g_stats.kv_bytes_apex -= b->bytes;
+    g_stats.kv_buffers_apex--;
+    if (b->pinned) g_stats.kv_bytes_pinned -= b->bytes;
+    pthread_mutex_unlock(&g_lock);
+    free(b);
+}
+
+static void *kv_buf_base(ggml_backend_buffer_t buf) { return ((kv_pool_buf *)buf->context)->mem; }
+
+static void kv_buf_memset(ggml_backend_buffer_t buf, struct ggml_tensor *t, uint8_t value, size_t off, size_t size) {
+    (void)buf;
+    memset((char *)t->data + off, value, size);
+}
+
+static void kv_buf_set(ggml_backend_buffer_t buf, struct ggml_tensor *t, const void *data, size_t off, size_t size) {
+    (void)buf;
+    memcpy((char *)t->data + off, data, size);
+}
+
+static void kv_buf_get(ggml_backend_buffer_t buf, const struct ggml_tensor *t, void *data, size_t off, size_t size) {
+    (void)buf;
+    memcpy(data, (const char *)t->data + off, size);
+}
+
+static bool kv_buf_cpy(ggml_backend_buffer_t buf, const struct ggml_tensor *src, struct ggml_tensor *dst) {
+    (void)buf;
+    if (!src->buffer || !ggml_backend_buffer_is_host(src->buffer)) return false;
+    memcpy(dst->data, src->data, ggml_nbytes(src));
+    return true;
+}
+
+static void kv_buf_clear(ggml_backend_buffer_t buf, uint8_t value) {
+    memset(((kv_pool_buf *)buf->context)->mem, value, buf->size);
+}
+
+static const struct ggml_backend_buffer_i g_kv_buf_iface = {
+    .free_buffer = kv_buf_free,
+    .get_base = kv_buf_base,
+    .memset_tensor = kv_buf_memset,
+    .set_tensor = kv_buf_set,
+    .get_tensor = kv_buf_get,
+    .cpy_tensor = kv_buf_cpy,
+    .clear = kv_buf_clear,
+};
+
+static const char *kv_buft_name(ggml_backend_buffer_type_t buft) {
+    (void)buft;
+    return "APEX_Host";
+}
+
+/* APEX_GGML_KV_POOL_MAX_MB: the most the pool holds (unset: no cap).
+ * 0 = no cap; -1 = malformed (message in why). */
+static long long kv_pool_cap_bytes(char *why, size_t n) {
+    const char *e = getenv("APEX_GGML_KV_POOL_MAX_MB");
+    if (!e || !*e) return 0;
+    char *end;
+    const long long mb = strtoll(e, &end, 10);
+    if (*end || mb <= 0 || mb > (1LL << 40)) {
+        snprintf(why, n, "APEX_GGML_KV_POOL_MAX_MB='%s' is not a positive number of MiB", e);
+        return -1;
+    }
+    return mb << 20;
+}
+
+static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size_t size) {
+    const double mib = (double)size / (1024.0 * 1024.0);
+    char why[256] = "";
+    const long long cap = kv_pool_cap_bytes(why, sizeof why);
+    pthread_mutex_lock(&g_lock);
+    const uint64_t used = g_stats.kv_bytes_apex;
+    pthread_mutex_unlock(&g_lock);
+    void *mem = NULL;
+    if (cap > 0 && used + size > (unsigned long long)cap)
+        snprintf(why, sizeof why, "APEX_GGML_KV_POOL_MAX_MB=%lld allows %lld MiB and %.1f MiB are in use",
+                 cap >> 20, cap >> 20, (double)used / (1024.0 * 1024.0));
+    else if (cap >= 0 && !(mem = host_mem_alloc(kv_pool_workers(), size)))
+        snprintf(why, sizeof why, "%s", apex_last_error());
+    kv_pool_buf *b = mem ? calloc(1, sizeof *b) : NULL;
+    if (mem && !b) snprintf(why, sizeof why, "out of memory for the buffer's record");
+    if (!b) {
+        if (mem) host_mem_free(mem, size);
+        pthread_mutex_lock(&g_lock);
+        g_stats.kv_pool_failures++;
+        pthread_mutex_unlock(&g_lock);
+        fprintf(stderr,
+                "APEX: cannot allocate llama.cpp's KV cache (%.1f MiB) in APEX's host pool: %s; llama.cpp will "
+                "fail to create this context (%s, or set APEX_GGML_KV_POOL=0 to let llama.cpp allocate its KV "
+                "cache itself)\n",
+                mib, why, cap < 0 ? "fix the variable" : "lower the context size (-c) or the sequences (-np)");
+        return NULL;
+    }
+    b->mem = mem;
+    b->bytes = size;
+    b->pinned = kv_pool_pin(mem, size, why, sizeof why);
+    ggml_backend_buffer_t buf = ggml_backend_buffer_init(buft, g_kv_buf_iface, b, size);
+    pthread_mutex_lock(&g_lock);
+    g_stats.kv_bytes_apex += size;
+    g_stats.kv_buffers_apex++;
+    if (b->pinned) g_stats.kv_bytes_pinned += size;
+    if (g_stats.kv_bytes_apex > g_stats.kv_bytes_apex_peak) g_stats.kv_bytes_apex_peak = g_stats.kv_bytes_apex;
+    pthread_mutex_unlock(&g_lock);
+    char nodes[64] = "";
+    const cpu_workers *w = kv_pool_workers();
+    hwloc_nodeset_t ns = w ? cpu_workers_nodeset(w) : NULL;
+    if (ns) {
+        char *list = NULL;
+        if (hwloc_bitmap_list_asprintf(&list, ns) >= 0 && list) snprintf(nodes, sizeof nodes, "%s", list);
+        free(list);
+        hwloc_bitmap_free(ns);
+    }
+    fprintf(stderr,
+            "APEX: llama.cpp's KV cache lives in APEX's host pool: %.1f MiB (buffer APEX_Host; mmap, transparent "
+            "huge pages, %s%s; %s)\n",
+            mib, nodes[0] ? "bound to NUMA node(s) " : "no NUMA binding", nodes, why);
+    return buf;
+}
+
+static size_t kv_buft_alignment(ggml_backend_buffer_type_t buft) {
+    (void)buft;
+    return 64; /* a cache line, and an AVX-512 register */
+}
+
+static bool kv_buft_is_host(ggml_backend_buffer_type_t buft) {
+    (void)buft;
+    return true;
+}
+
+static struct ggml_backend_buffer_type g_kv_buft = {
+    .iface = {
+        .get_name = kv_buft_name,
+        .alloc_buffer = kv_buft_alloc,
+        .get_alignment = kv_buft_alignment,
+        .is_host = kv_buft_is_host,
+    },
+    .device = &g_dev,
+    .context = NULL,
+};
+
+/* The hook llama.cpp calls per layer (proc "ggml_backend_kv_cache_buffer_type"):
+ * buft is what llama.cpp would use. APEX_Host, or NULL to leave it. */
+static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_t buft, enum ggml_type type_k,
+                                                       enum ggml_type type_v, int64_t n_embd_head_k,
+                                                       int64_t n_embd_head_v, bool v_trans) {
+    if (ops_mask() == 0) return NULL; /* APEX_GGML_DISABLE=1 / APEX_GGML_OPS=none */
+    if (!kv_pool_enabled()) {
+        pthread_mutex_lock(&g_lock);
+        const int first = !g_logged_kv_off;
+        g_logged_kv_off = 1;
+        pthread_mutex_unlock(&g_lock);
+        if (first)
+            fprintf(stderr, "APEX: APEX_GGML_KV_POOL=0: llama.cpp allocates its KV cache itself (attention and "
+                            "KV writes still run through APEX)\n");
+        return NULL;
+    }
+    if (buft != ggml_backend_cpu_buffer_type()) {
+        /* A GPU layer's KV (a CUDA build without -nkvo): llama.cpp's own. */
+        pthread_mutex_lock(&g_lock);
+        const int first = !g_logged_kv_device;
+        g_logged_kv_device = 1;
+        pthread_mutex_unlock(&g_lock);
+        if (first)
+            fprintf(stderr, "APEX: the KV cache of layers on %s stays in llama.cpp's %s buffers: APEX's pool "
+                            "takes host-resident KV only (-nkvo keeps all KV in host memory)\n",
+                    buft && buft->device ? ggml_backend_dev_name(buft->device) : "a device",
+                    buft ? ggml_backend_buft_name(buft) : "device");
+        return NULL;
+    }
+    /* Flash attention off (a transposed V cache): APEX takes nothing. A
+     * geometry APEX declines: supports_fa says so once, at the first graph. */
+    char why[200];
+    if (v_trans || kv_geometry_why(type_k, type_v, n_embd_head_k, n_embd_head_v, why, sizeof why)) return NULL;
+    if (exact_mode() && !exact_compat(n_embd_head_k, type_k)) return NULL;
+    return &g_kv_buft;
+}
+
 /* --------------------------------------------------------------- reg */
 
 static struct ggml_backend_reg g_reg;
@@ -401,6 +730,7 @@ static void *reg_proc(ggml_backend_reg_t r, const char *name) {
     (void)r;
     if (strcmp(name, "ggml_backend_set_n_threads") == 0) return (void *)set_n_threads;
     if (strcmp(name, APEX_GGML_STATS_GET) == 0) return (void *)apex_ggml_stats_get;
+    if (strcmp(name, "ggml_backend_kv_cache_buffer_type") == 0) return (void *)kv_cache_buffer_type;
     return NULL;
 }
 
@@ -462,11 +792,15 @@ __attribute__((destructor)) static void report(void) {
                     "{\"attention_calls\": %llu, \"decode_attn\": %llu, \"prefill_tokens\": %llu, "
                     "\"kv_write_calls\": %llu, \"kv_rows_written\": %llu, \"declined\": %llu, "
                     "\"attention_seconds\": %.6f, \"kv_write_seconds\": %.6f, \"n_threads\": %d, "
-                    "\"isa\": \"%s\", \"tier\": \"host\", \"stream_attn\": [",
+                    "\"isa\": \"%s\", \"tier\": \"host\", \"kv_bytes_apex_peak\": %llu, "
+                    "\"kv_pool_failures\": %llu, \"attention_kv_in_pool\": %llu, \"kv_writes_in_pool\": %llu, "
+                    "\"stream_attn\": [",
                     (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
                     (unsigned long long)s.prefill_tokens, (unsigned long long)s.kv_write_calls,
                     (unsigned long long)s.kv_rows_written, (unsigned long long)s.declined,
-                    s.attention_seconds, s.kv_write_seconds, s.n_threads, cpu_attn_strided_isa());
+                    s.attention_seconds, s.kv_write_seconds, s.n_threads, cpu_attn_strided_isa(),
+                    (unsigned long long)s.kv_bytes_apex_peak, (unsigned long long)s.kv_pool_failures,
+                    (unsigned long long)s.attention_kv_in_pool, (unsigned long long)s.kv_writes_in_pool);
             for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
                 fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)s.stream_attn[i]);
             fprintf(f, "]}\n");
@@ -481,5 +815,11 @@ __attribute__((destructor)) static void report(void) {
             cpu_attn_strided_isa(), s.n_threads);
     for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
         fprintf(stderr, " seq%d=CPU(%llu)", i, (unsigned long long)s.stream_attn[i]);
+    if (s.kv_bytes_apex_peak)
+        fprintf(stderr, "; KV cache in APEX's host pool (up to %.1f MiB; %llu of %llu attention ops read it there)",
+                (double)s.kv_bytes_apex_peak / (1024.0 * 1024.0), (unsigned long long)s.attention_kv_in_pool,
+                (unsigned long long)s.attention_calls);
+    else
+        fprintf(stderr, "; KV cache in llama.cpp's own buffers");
     fprintf(stderr, "\n");
 }

@@ -11,10 +11,19 @@
  * attention sinks) is declined with one line on stderr, and llama.cpp runs it
  * natively.
  *
+ * KV memory: llama.cpp patched by setup_hooks/fetch_llama_cpp.sh asks the
+ * registered backends for a KV-cache buffer type (proc address
+ * "ggml_backend_kv_cache_buffer_type"); APEX answers for host-resident KV of
+ * a model it runs, and the KV tensors then live in APEX's host pool (buffer
+ * type "APEX_Host": host memory, ggml's token-major layout, is_host).
+ *
  * Loading: GGML_BACKEND_PATH=.../libggml-apex.so (ggml_backend_init), or
  * LD_PRELOAD=.../libapex-preload.so (a constructor registers the backend).
  * Environment: APEX_GGML_DISABLE=1 declines everything; APEX_STATS_FILE=path
- * writes the counters as JSON at exit; APEX_GGML_QUIET=1 drops the exit line.
+ * writes the counters as JSON at exit; APEX_GGML_QUIET=1 drops the exit line;
+ * APEX_GGML_KV_POOL=0 leaves the KV memory to llama.cpp;
+ * APEX_GGML_KV_POOL_MAX_MB caps the pool; APEX_CPUSET (the cores whose NUMA
+ * nodes the pool binds to) and APEX_PIN_HOST_POOL=0 as for the core.
  */
 #ifndef APEX_GGML_APEX_H
 #define APEX_GGML_APEX_H
@@ -42,6 +51,15 @@ typedef struct apex_ggml_stats {
     /* Per stream slot (llama.cpp sequence slot): attentions run, and on
      * which tier (always the host tier/CPU in a CPU build). */
     uint64_t stream_attn[APEX_GGML_MAX_STREAMS];
+    /* llama.cpp's KV cache in APEX's host pool (the "APEX_Host" buffer
+     * type that llama.cpp, patched, asks the backends for): */
+    uint64_t kv_bytes_apex;        /* KV bytes in the pool now               */
+    uint64_t kv_bytes_apex_peak;   /* the most at any time                   */
+    uint64_t kv_buffers_apex;      /* KV buffers in the pool now             */
+    uint64_t kv_bytes_pinned;      /* of kv_bytes_apex, registered with CUDA */
+    uint64_t kv_pool_failures;     /* KV allocations the pool refused        */
+    uint64_t attention_kv_in_pool; /* attention ops whose K and V it held    */
+    uint64_t kv_writes_in_pool;    /* KV write ops into it                   */
 } apex_ggml_stats;
 
 /* Also reachable as ggml_backend_reg_get_proc_address(reg, name). */
