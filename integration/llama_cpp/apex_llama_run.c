@@ -5,12 +5,19 @@
  * process is decided outside (GGML_BACKEND_PATH / LD_PRELOAD); this program
  * loads backends the way llama.cpp's tools do and reports APEX's counters
  * when the APEX backend is registered.
+ * After the last step it checks the two paths that move KV memory outside
+ * the graph (with at least 3 prompts): sequence 0's state saved and loaded
+ * into the last sequence's slot (ggml_backend_tensor_get/set), and sequence
+ * 0 copied into the one before it (llama_memory_seq_cp across streams:
+ * ggml_backend_tensor_copy); all three then decode the same token, and the
+ * logits of the copies must equal sequence 0's ("kv_checks").
  *
  *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
  *                  [--logits-out FILE]
  *                  [--fa on|off] [-v]
  * Prints one JSON object on stdout. */
 #include <errno.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -195,6 +202,43 @@ int main(int argc, char **argv) {
     const double t_gen = now_s() - t1;
     if (lf) fclose(lf);
 
+    /* KV moved outside the graph: state save/load and a cross-stream copy. */
+    double state_diff = -1, cp_diff = -1;
+    size_t state_bytes = 0;
+    if (n_prompts >= 3) {
+        const int sa = n_prompts - 1, sb = n_prompts - 2;
+        llama_memory_t mem = llama_get_memory(ctx);
+        state_bytes = llama_state_seq_get_size(ctx, 0);
+        uint8_t *sbuf = malloc(state_bytes ? state_bytes : 1);
+        if (!sbuf || llama_state_seq_get_data(ctx, sbuf, state_bytes, 0) != state_bytes)
+            die("saving sequence 0's state failed");
+        llama_memory_seq_rm(mem, sa, -1, -1);
+        if (llama_state_seq_set_data(ctx, sbuf, state_bytes, sa) == 0) die("loading sequence 0's state failed");
+        free(sbuf);
+        llama_memory_seq_rm(mem, sb, -1, -1);
+        llama_memory_seq_cp(mem, 0, sb, -1, -1);
+        const llama_token tok = tokens[n_gen - 1];
+        const int seqs[3] = {0, sb, sa};
+        batch.n_tokens = 3;
+        for (int b = 0; b < 3; b++) {
+            batch.token[b] = tok;
+            batch.pos[b] = pos[0];
+            batch.n_seq_id[b] = 1;
+            batch.seq_id[b][0] = seqs[b];
+            batch.logits[b] = 1;
+        }
+        if (llama_decode(ctx, batch) != 0) die("llama_decode failed after the state/copy checks");
+        const float *l0 = llama_get_logits_ith(ctx, 0), *lb = llama_get_logits_ith(ctx, 1),
+                    *la = llama_get_logits_ith(ctx, 2);
+        if (!l0 || !la || !lb) die("no logits");
+        state_diff = cp_diff = 0;
+        for (int i = 0; i < n_vocab; i++) {
+            const double da = fabs((double)la[i] - l0[i]), db = fabs((double)lb[i] - l0[i]);
+            if (!(da <= state_diff)) state_diff = da; /* NaN propagates */
+            if (!(db <= cp_diff)) cp_diff = db;
+        }
+    }
+
     /* APEX's own counters, if the APEX backend is in this process. */
     apex_ggml_stats st;
     int have_apex = 0;
@@ -209,9 +253,15 @@ int main(int argc, char **argv) {
     json_str(o, model_path);
     fprintf(o, ", \"prompts\": %d, \"tokens_per_prompt\": %d, \"n_threads\": %d, \"n_vocab\": %d, "
                "\"logit_steps\": %d, \"prefill_tokens\": %d, \"t_prefill\": %.6f, \"t_gen\": %.6f, "
-               "\"tok_s\": %.3f, \"tokens\": [",
+               "\"tok_s\": %.3f, ",
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
             (double)n_prompts * (n_gen - 1) / t_gen);
+    if (state_diff >= 0)
+        fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g}, ",
+                state_bytes, state_diff, cp_diff);
+    else
+        fprintf(o, "\"kv_checks\": null, ");
+    fprintf(o, "\"tokens\": [");
     for (int p = 0; p < n_prompts; p++) {
         fprintf(o, "%s[", p ? ", " : "");
         for (int i = 0; i < n_gen; i++) fprintf(o, "%s%d", i ? "," : "", tokens[p * n_gen + i]);
@@ -240,10 +290,16 @@ int main(int argc, char **argv) {
     fprintf(o, "], \"apex\": ");
     if (have_apex) {
         fprintf(o, "{\"attention_calls\": %llu, \"decode_attn\": %llu, \"prefill_tokens\": %llu, "
-                   "\"kv_rows_written\": %llu, \"declined\": %llu, \"attention_seconds\": %.6f, \"stream_attn\": [",
+                   "\"kv_rows_written\": %llu, \"declined\": %llu, \"attention_seconds\": %.6f, "
+                   "\"kv_bytes_apex\": %llu, \"kv_buffers_apex\": %llu, \"kv_bytes_pinned\": %llu, "
+                   "\"kv_pool_failures\": %llu, \"attention_kv_in_pool\": %llu, \"kv_writes_in_pool\": %llu, "
+                   "\"kv_write_calls\": %llu, \"stream_attn\": [",
                 (unsigned long long)st.attention_calls, (unsigned long long)st.decode_attn,
                 (unsigned long long)st.prefill_tokens, (unsigned long long)st.kv_rows_written,
-                (unsigned long long)st.declined, st.attention_seconds);
+                (unsigned long long)st.declined, st.attention_seconds, (unsigned long long)st.kv_bytes_apex,
+                (unsigned long long)st.kv_buffers_apex, (unsigned long long)st.kv_bytes_pinned,
+                (unsigned long long)st.kv_pool_failures, (unsigned long long)st.attention_kv_in_pool,
+                (unsigned long long)st.kv_writes_in_pool, (unsigned long long)st.kv_write_calls);
         for (int i = 0; i <= st.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
             fprintf(o, "%s%llu", i ? ", " : "", (unsigned long long)st.stream_attn[i]);
         fprintf(o, "]}");
