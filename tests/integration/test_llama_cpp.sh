@@ -1,30 +1,50 @@
 #!/usr/bin/env bash
 # Integration test of APEX inside llama.cpp (CPU build, real model):
 #  1. the harness (GGML_BACKEND_PATH): greedy tokens identical with and without
-#     APEX for 8 parallel prompts x 128 tokens, and APEX's counters show it ran;
+#     APEX for 8 parallel prompts x 128 tokens, APEX's counters show it ran,
+#     and llama.cpp's KV cache lived in APEX's host pool (every attention and
+#     KV write APEX ran used it); a sequence's state saved and loaded into
+#     another slot, and copied across streams, gives the same logits;
 #  2. the same through LD_PRELOAD (shorter);
-#  3. an unmodified llama.cpp tool (llama-batched; -kvu, which it needs to
-#     share one prompt across sequences) runs with APEX loaded;
-#  4. bad input: a missing and a malformed model file get a clear message.
+#  3. APEX_GGML_KV_POOL=0 (the hook answers nothing, as if llama.cpp were
+#     unpatched): tokens still identical, KV in llama.cpp's own buffers;
+#  4. an unmodified llama.cpp tool (llama-batched; -kvu, which it needs to
+#     share one prompt across sequences) runs with APEX loaded, KV in the pool;
+#  5. bad input: the pool refusing the KV cache (APEX_GGML_KV_POOL_MAX_MB)
+#     fails the context cleanly with APEX's message (no abort); a missing and
+#     a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "FAIL: $*" >&2; exit 1; }
-check() { # json, label
-  python3 - "$1" "$2" <<'PY'
+check() { # json, label, kv_pool (1: the KV must be in APEX's pool, 0: must not)
+  python3 - "$1" "$2" "$3" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
-label = sys.argv[2]
+label, want_pool = sys.argv[2], sys.argv[3] == "1"
 assert r["tokens_identical"], "%s: tokens differ: %s" % (label, r["first_difference"])
 assert r["apex_attention_calls"] > 0, "%s: APEX did not run" % label
 assert r["apex_decode_attentions"] >= r["prompts"] * (r["tokens_per_prompt"] - 1) * 30, "%s: too few decode attentions" % label
-print("%s: ok (tokens identical, max logit diff %s, %d APEX attention calls, tok/s native %.1f apex %.1f)"
-      % (label, r["max_logit_abs_diff"], r["apex_attention_calls"], r["tok_s_native"], r["tok_s_apex"]))
+for k in ("kv_checks_apex", "kv_checks_native"):
+    c = r[k]
+    assert c and c["state_load_max_diff"] == 0 and c["seq_cp_max_diff"] == 0, "%s: %s: %s" % (label, k, c)
+if want_pool:
+    assert r["kv_in_apex_pool"] and r["apex_kv_pool_bytes"] > 0, "%s: KV not in APEX's pool: %s" % (label, r)
+    where = "KV in APEX's host pool (%.1f MiB, %d/%d attention ops read it there)" % (
+        r["apex_kv_pool_bytes"] / 2**20, r["apex_attention_kv_in_pool"], r["apex_attention_calls"])
+else:
+    assert not r["kv_in_apex_pool"] and r["apex_kv_pool_bytes"] == 0, "%s: KV in APEX's pool: %s" % (label, r)
+    where = "KV in llama.cpp's buffers"
+print("%s: ok (tokens identical, max logit diff %s, %d APEX attention calls, %s, state/copy checks exact, "
+      "tok/s native %.1f apex %.1f)" % (label, r["max_logit_abs_diff"], r["apex_attention_calls"], where,
+                                        r["tok_s_native"], r["tok_s_apex"]))
 PY
 }
 out=$(./integration/harness --json) || { echo "$out"; fail "harness"; }
-check "$out" "harness (GGML_BACKEND_PATH, 8 x 128)"
+check "$out" "harness (GGML_BACKEND_PATH, 8 x 128)" 1
 out=$(./integration/harness --json --preload --tokens 32) || { echo "$out"; fail "harness --preload"; }
-check "$out" "harness (LD_PRELOAD, 8 x 32)"
+check "$out" "harness (LD_PRELOAD, 8 x 32)" 1
+out=$(APEX_GGML_KV_POOL=0 ./integration/harness --json --tokens 32) || { echo "$out"; fail "harness, APEX_GGML_KV_POOL=0"; }
+check "$out" "harness (APEX_GGML_KV_POOL=0: no KV pool offered, 8 x 32)" 0
 
 eval "$(bash integration/llama_cpp/build.sh 2>/dev/null | sed 's/^/export /')"
 # llama-batched does not call ggml_backend_load_all() (GGML_BACKEND_PATH is
@@ -33,7 +53,19 @@ log=$(LD_PRELOAD=$APEX_PRELOAD_LIB "$LLAMA_BIN/llama-batched" -m "$MODEL" -p "He
       -np 4 -n 32 -fa on -kvu -t 2 2>&1) || { echo "$log" | tail -20; fail "llama-batched with APEX"; }
 echo "$log" | grep -q "APEX: taking over" || fail "llama-batched: APEX did not take over attention"
 echo "$log" | grep -Eq "APEX: [1-9][0-9]* attention ops" || fail "llama-batched: no APEX attention ran"
-echo "llama-batched (unmodified) with APEX: ok"
+echo "$log" | grep -q "APEX: llama.cpp's KV cache lives in APEX's host pool" || fail "llama-batched: KV not in APEX's pool"
+echo "llama-batched (unmodified) with APEX: ok (KV in APEX's host pool)"
+
+# The pool refuses the KV cache: llama.cpp must fail the context with a
+# message, not abort (exit 1 from apex-llama-run, not a signal).
+set +e
+log=$(APEX_GGML_KV_POOL_MAX_MB=1 GGML_BACKEND_PATH=$APEX_GGML_LIB "$APEX_LLAMA_RUN" -m "$MODEL" -np 2 -n 4 -t 2 2>&1 >/dev/null)
+rc=$?
+set -e
+[ "$rc" = 1 ] || { echo "$log" | tail -5; fail "KV pool allocation failure: exit status $rc (expected 1)"; }
+echo "$log" | grep -q "APEX: cannot allocate llama.cpp's KV cache" || { echo "$log" | tail -5; fail "KV pool allocation failure: no APEX message"; }
+echo "$log" | grep -q "failed to create the llama context" || { echo "$log" | tail -5; fail "KV pool allocation failure: llama.cpp did not fail the context"; }
+echo "KV pool allocation failure: ok (clear message, context refused, no abort)"
 
 msg=$(bash setup_hooks/fetch_model.sh --check /nonexistent/model.gguf 2>&1) && fail "missing model accepted"
 echo "$msg" | grep -q "does not exist" || fail "missing model: unclear message: $msg"
