@@ -7,11 +7,14 @@
  *      transpose-reduce into one vector of 16 scores.
  *  softmax  per head: max, rescale of the running sums if it grew, a
  *      polynomial exp over the row of scores.
- *  PV  per 16-wide slice of head_dim, all heads' accumulators in registers,
- *      V converted once per (token, slice), p broadcast from memory.
- * The next group's K and V are prefetched, a share after each head's QK or
- * PV, since blocks are scattered and the hardware prefetcher cannot guess
- * the next one; without it the kernel ran at about half the speed. */
+ *  PV  per KV head and 16-wide slice of head_dim over the whole group, all
+ *      q heads' accumulators in registers, V converted once per (token,
+ *      slice), p broadcast from memory.
+ * The next group's K is prefetched during this group's QK and its V during
+ * the PV, a few lines between tiles, since blocks are scattered and the
+ * hardware prefetcher cannot guess the next one; without it the kernel ran
+ * at about half the speed, and with the lines issued in bursts (or one
+ * cursor step per line) about 20% slower than now. */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -25,30 +28,113 @@
  * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
 #define PF_HINT _MM_HINT_T1
 
+/* ---------------------------------------------------------------- prefetch */
+
+/* A piece of a group: rows [off / rowb, + n) of one block, whose scores
+ * sit at column so of the score rows. */
+typedef struct {
+    const uint8_t *blk;
+    size_t off;
+    int n, so;
+} piece;
+
+/* Lines to prefetch: one contiguous run... */
+typedef struct {
+    const char *p;
+    int left;
+} pf_run;
+
+INL void pf_run_some(pf_run *r, int lines) {
+    if (lines > r->left) lines = r->left;
+    for (int i = 0; i < lines; i++) _mm_prefetch(r->p + (size_t)i * 64, PF_HINT);
+    r->p += (size_t)lines * 64;
+    r->left -= lines;
+}
+
+/* ...and the K (or V) rows of every head of a group's pieces, in address
+ * order (a whole block's K heads are one run), handed out a few lines at a
+ * time between the tiles of the current group: issued in one burst they
+ * stall the core when the miss queue fills, and a per-line cursor costs as
+ * much as the prefetches save. */
+typedef struct {
+    const cpu_attn_span *sp;
+    const piece *p;
+    size_t panel_off, rowb;
+    int np, x, hh;
+    pf_run r;
+} pf_list;
+
+static pf_run piece_lines(const cpu_attn_span *sp, const piece *p, size_t panel_off, int hh,
+                          size_t rowb) {
+    const uintptr_t a = (uintptr_t)(p->blk + panel_off + (size_t)hh * sp->panel + p->off);
+    const uintptr_t b = a + (size_t)p->n * rowb;
+    const uintptr_t a0 = a & ~(uintptr_t)63;
+    return (pf_run){(const char *)a0, (int)((((b + 63) & ~(uintptr_t)63) - a0) / 64)};
+}
+
+/* Returns the number of lines in the list. */
+static int pf_list_init(pf_list *l, const cpu_attn_span *sp, const piece *p, int np,
+                        size_t panel_off, size_t rowb) {
+    *l = (pf_list){sp, p, panel_off, rowb, np, 0, 0, {NULL, 0}};
+    int total = 0;
+    for (int x = 0; x < np; x++)
+        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], panel_off, hh, rowb).left;
+    if (np > 0) l->r = piece_lines(sp, &p[0], panel_off, 0, rowb);
+    return total;
+}
+
+INL void pf_list_some(pf_list *l, int lines) {
+    while (lines > 0 && l->r.left > 0) {
+        const int take = lines < l->r.left ? lines : l->r.left;
+        pf_run_some(&l->r, take);
+        lines -= take;
+        if (l->r.left == 0) {
+            if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
+            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->panel_off, l->hh, l->rowb);
+        }
+    }
+}
+
+/* A share of a call's lines: *left of them, split evenly over parts. */
+INL void pf_share(pf_list *l, int *left, int per) {
+    const int take = per < *left ? per : *left;
+    pf_list_some(l, take);
+    *left -= take;
+}
+
 /* ---------------------------------------------------------------- QK */
 
-/* n consecutive rows of one block panel, HT heads. */
+/* n consecutive rows of one block panel, HT heads; pf_lines of pf spread
+ * over the tiles. */
 INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s, int dt,
-                 int HT) {
-    int j = 0;
+                 int HT, pf_list *pf, int pf_lines) {
+    int j = 0, left = pf_lines;
     if (HT == 1) {
-        for (; j + 16 <= n; j += 16) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 16, 1);
+        const int per = (pf_lines + (n + 15) / 16 - 1) / ((n + 15) / 16);
+        for (; j + 16 <= n; j += 16) {
+            avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 16, 1);
+            pf_share(pf, &left, per);
+        }
         for (; j + 8 <= n; j += 8) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 8, 1);
     } else {
-        const int TT = 16 / HT;
-        for (; j + TT <= n; j += TT) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, TT, HT);
+        const int TT = 16 / HT, per = (pf_lines + (n + TT - 1) / TT - 1) / ((n + TT - 1) / TT);
+        for (; j + TT <= n; j += TT) {
+            avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, TT, HT);
+            pf_share(pf, &left, per);
+        }
     }
     for (; j < n; j++) avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, 1, HT);
+    pf_list_some(pf, left);
 }
 
 #define QK_CASE(DT, HT) \
-    case (DT) * 16 + (HT): qk_rows(qh, D, k, rowb, n, sh, DT, HT); break;
+    case (DT) * 16 + (HT): qk_rows(qh, D, k, rowb, n, sh, DT, HT, pf, pf_lines); break;
 #define QK_CASES(DT) \
     QK_CASE(DT, 1) QK_CASE(DT, 2) QK_CASE(DT, 3) QK_CASE(DT, 4) \
     QK_CASE(DT, 5) QK_CASE(DT, 6) QK_CASE(DT, 7) QK_CASE(DT, 8)
 
 static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s,
-                     int dt, int G) {
+                     int dt, int G, pf_list *pf, int pf_lines) {
     for (int h0 = 0; h0 < G; h0 += 8) {
         const int HT = G - h0 < 8 ? G - h0 : 8;
         const float *qh = q + (size_t)h0 * D;
@@ -59,6 +145,7 @@ static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n
             QK_CASES(APEX_DTYPE_BF16)
         default: break;
         }
+        pf_lines = 0;
     }
 }
 
@@ -74,7 +161,7 @@ typedef struct {
 /* acc[h][c..c+16) += sum_t p[h][t] v[t][c..c+16) for HP heads, all pieces.
  * NS independent token sets keep >= 8 FMA chains in flight. */
 INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
-                  int c, int dt, int HP) {
+                  int c, int dt, int HP, pf_list *pf, int *pf_left, int pf_per) {
     const int NS = HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8;
     const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
     __m512 a[16];
@@ -101,6 +188,7 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
             for (int h = 0; h < HP; h++)
                 a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t]), vv, a[h]);
         }
+        pf_share(pf, pf_left, pf_per);
     }
 #pragma GCC unroll 16
     for (int h = 0; h < HP; h++) {
@@ -113,12 +201,15 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
 }
 
 INL void pv_heads(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
-                  int dt, int HP) {
-    for (int c = 0; c < D; c += 16) pv_slice(pc, npc, rowb, s, acc, D, c, dt, HP);
+                  int dt, int HP, pf_list *pf, int pf_lines) {
+    const int parts = D / 16 * npc, per = (pf_lines + parts - 1) / parts;
+    int left = pf_lines;
+    for (int c = 0; c < D; c += 16) pv_slice(pc, npc, rowb, s, acc, D, c, dt, HP, pf, &left, per);
+    pf_list_some(pf, left);
 }
 
 #define PV_CASE(DT, HP) \
-    case (DT) * 32 + (HP): pv_heads(pc, npc, rowb, sh, ah, D, DT, HP); break;
+    case (DT) * 32 + (HP): pv_heads(pc, npc, rowb, sh, ah, D, DT, HP, pf, pf_lines); break;
 #define PV_CASES(DT)                                                                     \
     PV_CASE(DT, 1) PV_CASE(DT, 2) PV_CASE(DT, 3) PV_CASE(DT, 4) PV_CASE(DT, 5)           \
     PV_CASE(DT, 6) PV_CASE(DT, 7) PV_CASE(DT, 8) PV_CASE(DT, 9) PV_CASE(DT, 10)          \
@@ -126,7 +217,7 @@ INL void pv_heads(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
     PV_CASE(DT, 16)
 
 static void pv_group(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
-                     int dt, int G) {
+                     int dt, int G, pf_list *pf, int pf_lines) {
     for (int h0 = 0; h0 < G; h0 += 16) {
         const int HP = G - h0 < 16 ? G - h0 : 16;
         const float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
@@ -137,38 +228,23 @@ static void pv_group(const pv_piece *pc, int npc, size_t rowb, const float *s, f
             PV_CASES(APEX_DTYPE_BF16)
         default: break;
         }
+        pf_lines = 0;
     }
 }
 
 /* ---------------------------------------------------------------- span */
 
-/* Prefetch of the next group, spread over the current one so that only a
- * few misses are requested at a time: runs[] are the K and V runs (all of
- * the span's heads) of each block of the next group. */
-typedef struct {
-    const char *p[2 * CPU_ATTN_GROUP_TOKENS / 8];
-    size_t len[2 * CPU_ATTN_GROUP_TOKENS / 8];
-    int n, cur;
-    size_t off;
-} pf_cursor;
-
-static void pf_plan(pf_cursor *pf, const cpu_attn_span *sp, int32_t t0, int32_t t1) {
-    pf->n = pf->cur = 0;
-    pf->off = 0;
-    const size_t run = (size_t)sp->NH * sp->panel;
-    for (int32_t t = t0; t < t1; t = (t / sp->bt + 1) * sp->bt) {
-        const char *blk = (const char *)sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
-        pf->p[pf->n] = blk + sp->k_off, pf->len[pf->n++] = run;
-        pf->p[pf->n] = blk + sp->v_off, pf->len[pf->n++] = run;
+static int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_t rowb, piece *pc) {
+    int npc = 0;
+    for (int32_t t = gs; t < ge;) {
+        const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
+        pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
+        pc[npc].off = (size_t)(t % sp->bt) * rowb;
+        pc[npc].n = e - t;
+        pc[npc++].so = t - gs;
+        t = e;
     }
-}
-
-INL void pf_step(pf_cursor *pf, int lines) {
-    while (lines > 0 && pf->cur < pf->n) {
-        _mm_prefetch(pf->p[pf->cur] + pf->off, PF_HINT);
-        lines--;
-        if ((pf->off += 64) >= pf->len[pf->cur]) pf->cur++, pf->off = 0;
-    }
+    return npc;
 }
 
 static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
@@ -186,44 +262,37 @@ static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc,
     memset(acc, 0, (size_t)NQ * (size_t)D * sizeof(float));
     const float cap = sp->softcap;
     const __m512 capv = _mm512_set1_ps(cap), inv_capv = _mm512_set1_ps(cap > 0.0f ? 1.0f / cap : 0.0f);
-    struct {
-        const uint8_t *blk;
-        size_t off;
-        int n, so;
-    } pc[CPU_ATTN_GROUP_TOKENS / 8 + 1];
-    pf_cursor pf;
-
+    piece pieces[2][CPU_ATTN_GROUP_TOKENS / 8 + 1];
+    int cur = 0;
+    int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
+    if (ge > sp->t1) ge = sp->t1;
+    int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
     {
-        const int32_t ge0 = (sp->t0 / gt + 1) * gt;
-        pf_plan(&pf, sp, sp->t0, ge0 < sp->t1 ? ge0 : sp->t1);
-        pf_step(&pf, 1 << 30);
+        pf_list k, v;
+        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
+        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
     }
-    for (int32_t gs = sp->t0; gs < sp->t1;) {
-        const int32_t gend = (gs / gt + 1) * gt, ge = gend < sp->t1 ? gend : sp->t1;
+
+    while (gs < sp->t1) {
+        const piece *pc = pieces[cur];
         const int n = ge - gs;
-        int npc = 0;
-        for (int32_t t = gs; t < ge;) {
-            const int32_t be = (t / bt + 1) * bt, e = be < ge ? be : ge;
-            pc[npc].blk = sp->kv + (size_t)sp->blocks[t / bt] * sp->block_bytes;
-            pc[npc].off = (size_t)(t % bt) * rowb;
-            pc[npc].n = e - t;
-            pc[npc++].so = t - gs;
-            t = e;
-        }
-        /* Next group's lines, issued a share per head and piece below. */
-        if (ge < sp->t1) pf_plan(&pf, sp, ge, gend + gt < sp->t1 ? gend + gt : sp->t1);
-        else pf.n = 0;
-        int pf_share = 0;
-        for (int x = 0; x < pf.n; x++) pf_share += (int)(pf.len[x] / 64);
-        pf_share = (pf_share + 2 * npc * NH - 1) / (2 * npc * NH);
+        /* The next group's K lines are prefetched during this one's QK,
+         * its V lines during the PV, in address order; one group ahead is
+         * 256 KiB, what L2 holds beside this one. */
+        const int32_t ns = ge, ne = ns + gt < sp->t1 ? ns + gt : sp->t1;
+        piece *pn = pieces[cur ^ 1];
+        const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pn) : 0;
+        pf_list pfk, pfv;
+        const int k_lines = pf_list_init(&pfk, sp, pn, npn, sp->k_off, rowb);
+        const int v_lines = pf_list_init(&pfv, sp, pn, npn, sp->v_off, rowb);
+        const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
-            for (int hh = 0; hh < NH; hh++) {
+            for (int hh = 0; hh < NH; hh++)
                 qk_block(sp->q + (size_t)hh * G * D, D,
                          pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, rowb, pc[x].n,
-                         sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, dt, G);
-                pf_step(&pf, pf_share);
-            }
+                         sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, dt, G, &pfk, k_per);
+        pf_list_some(&pfk, k_lines);
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
         for (int h = 0; h < NQ; h++) {
@@ -261,16 +330,22 @@ static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc,
             l[h] += _mm512_reduce_add_ps(vsum);
         }
 
-        for (int x = 0; x < npc; x++)
-            for (int hh = 0; hh < NH; hh++) {
-                const pv_piece one = {pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
-                                      pc[x].n, pc[x].so};
-                pv_group(&one, 1, rowb, sc + (size_t)hh * G * CPU_ATTN_SROW,
-                         acc + (size_t)hh * G * D, D, dt, G);
-                pf_step(&pf, pf_share);
-            }
-        pf_step(&pf, 1 << 30);
-        gs = ge;
+        /* Per KV head, all pieces of the group at once: the accumulators
+         * stay in registers over the group's tokens. */
+        const int v_per = (v_lines + NH - 1) / NH;
+        for (int hh = 0; hh < NH; hh++) {
+            pv_piece all[CPU_ATTN_GROUP_TOKENS / 8 + 1];
+            for (int x = 0; x < npc; x++)
+                all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
+                                    pc[x].n, pc[x].so};
+            pv_group(all, npc, rowb, sc + (size_t)hh * G * CPU_ATTN_SROW, acc + (size_t)hh * G * D,
+                     D, dt, G, &pfv, v_per);
+        }
+        pf_list_some(&pfv, v_lines);
+        gs = ns;
+        ge = ne;
+        npc = npn;
+        cur ^= 1;
     }
 }
 
