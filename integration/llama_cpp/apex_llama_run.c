@@ -10,7 +10,11 @@
  * into the last sequence's slot (ggml_backend_tensor_get/set), and sequence
  * 0 copied into the one before it (llama_memory_seq_cp across streams:
  * ggml_backend_tensor_copy); all three then decode the same token, and the
- * logits of the copies must equal sequence 0's ("kv_checks").
+ * logits of the copies must equal sequence 0's ("kv_checks"). Then the
+ * loaded copy drops its first 8 positions and shifts the rest back (K-shift:
+ * an in-place ROPE on the cache) and decodes one more token: the argmax and
+ * the sum of its logits (kshift_top, kshift_sum) let the harness compare the
+ * runs with and without APEX.
  *
  *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
  *                  [--logits-out FILE]
@@ -203,7 +207,8 @@ int main(int argc, char **argv) {
     if (lf) fclose(lf);
 
     /* KV moved outside the graph: state save/load and a cross-stream copy. */
-    double state_diff = -1, cp_diff = -1;
+    double state_diff = -1, cp_diff = -1, kshift_sum = 0;
+    int kshift_top = -1;
     size_t state_bytes = 0;
     if (n_prompts >= 3) {
         const int sa = n_prompts - 1, sb = n_prompts - 2;
@@ -237,6 +242,19 @@ int main(int argc, char **argv) {
             if (!(da <= state_diff)) state_diff = da; /* NaN propagates */
             if (!(db <= cp_diff)) cp_diff = db;
         }
+        if (llama_memory_can_shift(mem) && pos[0] > 16) {
+            llama_memory_seq_rm(mem, sa, 0, 8);
+            llama_memory_seq_add(mem, sa, 8, -1, -8);
+            batch.n_tokens = 1;
+            batch.token[0] = tok;
+            batch.pos[0] = pos[0] + 1 - 8;
+            batch.seq_id[0][0] = sa;
+            if (llama_decode(ctx, batch) != 0) die("llama_decode failed after the K-shift");
+            const float *lk = llama_get_logits_ith(ctx, 0);
+            if (!lk) die("no logits");
+            kshift_top = argmax(lk, n_vocab);
+            for (int i = 0; i < n_vocab; i++) kshift_sum += lk[i];
+        }
     }
 
     /* APEX's own counters, if the APEX backend is in this process. */
@@ -257,8 +275,9 @@ int main(int argc, char **argv) {
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
             (double)n_prompts * (n_gen - 1) / t_gen);
     if (state_diff >= 0)
-        fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g}, ",
-                state_bytes, state_diff, cp_diff);
+        fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g, "
+                   "\"kshift_top\": %d, \"kshift_sum\": %.17g}, ",
+                state_bytes, state_diff, cp_diff, kshift_top, kshift_sum);
     else
         fprintf(o, "\"kv_checks\": null, ");
     fprintf(o, "\"tokens\": [");

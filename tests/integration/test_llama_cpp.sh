@@ -4,15 +4,17 @@
 #     APEX for 8 parallel prompts x 128 tokens, APEX's counters show it ran,
 #     and llama.cpp's KV cache lived in APEX's host pool (every attention and
 #     KV write APEX ran used it); a sequence's state saved and loaded into
-#     another slot, and copied across streams, gives the same logits;
+#     another slot, and copied across streams, gives the same logits, and a
+#     K-shift (in-place ROPE on the cache) gives the same logits as natively;
 #  2. the same through LD_PRELOAD (shorter);
 #  3. APEX_GGML_KV_POOL=0 (the hook answers nothing, as if llama.cpp were
 #     unpatched): tokens still identical, KV in llama.cpp's own buffers;
 #  4. an unmodified llama.cpp tool (llama-batched; -kvu, which it needs to
 #     share one prompt across sequences) runs with APEX loaded, KV in the pool;
 #  5. bad input: the pool refusing the KV cache (APEX_GGML_KV_POOL_MAX_MB)
-#     fails the context cleanly with APEX's message (no abort); a missing and
-#     a malformed model file get a clear message.
+#     fails the context cleanly with APEX's message (no abort);
+#  6. the pool's CUDA pinning, on a stand-in CUDA runtime (this build has none);
+#  7. bad input: a missing and a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -27,6 +29,7 @@ assert r["apex_decode_attentions"] >= r["prompts"] * (r["tokens_per_prompt"] - 1
 for k in ("kv_checks_apex", "kv_checks_native"):
     c = r[k]
     assert c and c["state_load_max_diff"] == 0 and c["seq_cp_max_diff"] == 0, "%s: %s: %s" % (label, k, c)
+assert r["kshift_identical"] is True, "%s: the K-shift step differs from native: %s" % (label, r["kv_checks_apex"])
 if want_pool:
     assert r["kv_in_apex_pool"] and r["apex_kv_pool_bytes"] > 0, "%s: KV not in APEX's pool: %s" % (label, r)
     where = "KV in APEX's host pool (%.1f MiB, %d/%d attention ops read it there)" % (
@@ -34,7 +37,7 @@ if want_pool:
 else:
     assert not r["kv_in_apex_pool"] and r["apex_kv_pool_bytes"] == 0, "%s: KV in APEX's pool: %s" % (label, r)
     where = "KV in llama.cpp's buffers"
-print("%s: ok (tokens identical, max logit diff %s, %d APEX attention calls, %s, state/copy checks exact, "
+print("%s: ok (tokens identical, max logit diff %s, %d APEX attention calls, %s, state/copy/K-shift checks exact, "
       "tok/s native %.1f apex %.1f)" % (label, r["max_logit_abs_diff"], r["apex_attention_calls"], where,
                                         r["tok_s_native"], r["tok_s_apex"]))
 PY
@@ -66,6 +69,36 @@ set -e
 echo "$log" | grep -q "APEX: cannot allocate llama.cpp's KV cache" || { echo "$log" | tail -5; fail "KV pool allocation failure: no APEX message"; }
 echo "$log" | grep -q "failed to create the llama context" || { echo "$log" | tail -5; fail "KV pool allocation failure: llama.cpp did not fail the context"; }
 echo "KV pool allocation failure: ok (clear message, context refused, no abort)"
+
+# The CUDA pinning path, on a stand-in CUDA runtime (this build has none):
+# registered when the runtime is in the process, unregistered at free; a
+# failed registration leaves the pool unpinned and clears the CUDA error.
+stub=$(mktemp -d)
+cat >"$stub/cudart_stub.c" <<'EOF'
+#include <stdio.h>
+#include <stdlib.h>
+static int pending;
+int cudaHostRegister(void *p, size_t n, unsigned flags) {
+    int rc = getenv("STUB_FAIL") ? 2 : 0; /* cudaErrorMemoryAllocation */
+    pending = rc;
+    fprintf(stderr, "cudart-stub: register %zu flags %u -> %d\n", n, flags, rc);
+    return rc;
+}
+int cudaHostUnregister(void *p) { fprintf(stderr, "cudart-stub: unregister\n"); return 0; }
+int cudaGetLastError(void) { int r = pending; pending = 0; fprintf(stderr, "cudart-stub: cleared %d\n", r); return r; }
+EOF
+cc -shared -fPIC -o "$stub/libcudart_stub.so" "$stub/cudart_stub.c" || fail "building the CUDA runtime stand-in"
+pin_run() { LD_PRELOAD=$stub/libcudart_stub.so GGML_BACKEND_PATH=$APEX_GGML_LIB "$APEX_LLAMA_RUN" -m "$MODEL" -np 3 -n 4 -t 2 2>"$stub/err" >"$stub/out"; }
+pin_run || { tail -5 "$stub/err"; fail "run with the CUDA runtime stand-in"; }
+grep -q "cudart-stub: register .* flags 1 -> 0" "$stub/err" && grep -q "pinned for CUDA" "$stub/err" \
+  && grep -q "cudart-stub: unregister" "$stub/err" || { cat "$stub/err"; fail "KV pool not pinned/unpinned"; }
+python3 -c "import json,sys; a=json.load(open(sys.argv[1]))['apex']; assert a['kv_bytes_pinned'] == a['kv_bytes_apex'] > 0, a" "$stub/out" \
+  || fail "kv_bytes_pinned"
+STUB_FAIL=1 pin_run || { tail -5 "$stub/err"; fail "run with a failing CUDA registration"; }
+grep -q "cudart-stub: cleared 2" "$stub/err" && grep -q "not pinned: cudaHostRegister failed" "$stub/err" \
+  || { cat "$stub/err"; fail "failed CUDA registration: error not cleared or not reported"; }
+rm -rf "$stub"
+echo "KV pool pinning (stand-in CUDA runtime): ok (registered, unregistered; a failure is reported and cleared)"
 
 msg=$(bash setup_hooks/fetch_model.sh --check /nonexistent/model.gguf 2>&1) && fail "missing model accepted"
 echo "$msg" | grep -q "does not exist" || fail "missing model: unclear message: $msg"
