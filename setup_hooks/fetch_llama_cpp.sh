@@ -63,8 +63,8 @@ fi
 # build dropped (extracted files keep the archive's old times).
 if [ "$(cat "$SRC/.apex-patch" 2>/dev/null)" != "$PATCH_SHA" ]; then
   if [ -f "$SRC/.apex-patch.diff" ]; then
-    if patch -d "$SRC" -p1 -R --batch --quiet --dry-run <"$SRC/.apex-patch.diff" >/dev/null 2>&1; then
-      patch -d "$SRC" -p1 -R --batch --quiet <"$SRC/.apex-patch.diff" >&2
+    if patch -d "$SRC" -p1 -R --forward --batch --quiet --no-backup-if-mismatch --dry-run <"$SRC/.apex-patch.diff" >/dev/null 2>&1; then
+      patch -d "$SRC" -p1 -R --forward --batch --quiet --no-backup-if-mismatch <"$SRC/.apex-patch.diff" >&2
       rm -f "$SRC/.apex-patch" "$SRC/.apex-patch.diff"
     else
       log "the llama.cpp source in $SRC was changed by hand: extracting it again (full rebuild)"
@@ -72,10 +72,10 @@ if [ "$(cat "$SRC/.apex-patch" 2>/dev/null)" != "$PATCH_SHA" ]; then
       exec bash "$0" "$@"
     fi
   fi
-  if patch -d "$SRC" -p1 --forward --batch --quiet --dry-run <"$PATCH" >/dev/null 2>&1; then
-    patch -d "$SRC" -p1 --forward --batch --quiet <"$PATCH" >&2
+  if patch -d "$SRC" -p1 --forward --batch --quiet --no-backup-if-mismatch --dry-run <"$PATCH" >/dev/null 2>&1; then
+    patch -d "$SRC" -p1 --forward --batch --quiet --no-backup-if-mismatch <"$PATCH" >&2
     log "patched llama.cpp: $(basename "$PATCH")"
-  elif patch -d "$SRC" -p1 -R --batch --quiet --dry-run <"$PATCH" >/dev/null 2>&1; then
+  elif patch -d "$SRC" -p1 -R --forward --batch --quiet --no-backup-if-mismatch --dry-run <"$PATCH" >/dev/null 2>&1; then
     : # already applied (a run stopped before it wrote the stamp)
   else
     die "$(basename "$PATCH") does not apply to $SRC; delete $SRC and retry"
