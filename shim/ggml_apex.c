@@ -98,8 +98,8 @@ static void log_decline(const char *why) {
     g_stats.declined++;
     const int kv_in_pool = g_stats.kv_bytes_apex > 0;
     pthread_mutex_unlock(&g_lock);
-    /* The KV geometry is checked before the KV is placed (kv_model_ok); what
-     * only the graph shows (ALiBi, attention sinks) comes after it. */
+    /* The KV geometry is checked before the KV is placed (kv_cache_buffer_type);
+     * what only the graph shows (ALiBi, attention sinks) comes after it. */
     if (first)
         fprintf(stderr, "APEX: declining this model's attention (%s); llama.cpp runs it natively%s\n", why,
                 kv_in_pool ? " (its KV cache stays in APEX's host pool: host memory in ggml's layout, which "
@@ -175,12 +175,12 @@ static int supports_fa(const struct ggml_tensor *op) {
     float max_bias;
     memcpy(&max_bias, (const float *)op->op_params + 1, sizeof max_bias);
     why[0] = 0;
-    if (kv_geometry_why(k->type, v->type, k->ne[0], v->ne[0], why, sizeof why))
-        ;
-    else if (op->src[4])
-        snprintf(why, sizeof why, "attention sinks");
-    else if (max_bias != 0.0f)
-        snprintf(why, sizeof why, "ALiBi (max_bias %g)", (double)max_bias);
+    if (!kv_geometry_why(k->type, v->type, k->ne[0], v->ne[0], why, sizeof why)) {
+        if (op->src[4])
+            snprintf(why, sizeof why, "attention sinks");
+        else if (max_bias != 0.0f)
+            snprintf(why, sizeof why, "ALiBi (max_bias %g)", (double)max_bias);
+    }
     if (why[0]) {
         log_decline(why);
         return 0;
@@ -608,20 +608,25 @@ static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size
     const double mib = (double)size / (1024.0 * 1024.0);
     char why[256] = "";
     const long long cap = kv_pool_cap_bytes(why, sizeof why);
+    /* Counted (against the cap) before the memory is mapped, so two
+     * contexts made at once cannot both pass the cap. */
     pthread_mutex_lock(&g_lock);
     const uint64_t used = g_stats.kv_bytes_apex;
+    const int fits = cap == 0 || (cap > 0 && used + size <= (unsigned long long)cap);
+    if (fits) g_stats.kv_bytes_apex += size;
     pthread_mutex_unlock(&g_lock);
     void *mem = NULL;
-    if (cap > 0 && used + size > (unsigned long long)cap)
+    if (cap > 0 && !fits)
         snprintf(why, sizeof why, "APEX_GGML_KV_POOL_MAX_MB=%lld allows %lld MiB and %.1f MiB are in use",
                  cap >> 20, cap >> 20, (double)used / (1024.0 * 1024.0));
-    else if (cap >= 0 && !(mem = host_mem_alloc(kv_pool_workers(), size)))
+    else if (fits && !(mem = host_mem_alloc(kv_pool_workers(), size)))
         snprintf(why, sizeof why, "%s", apex_last_error());
     kv_pool_buf *b = mem ? calloc(1, sizeof *b) : NULL;
     if (mem && !b) snprintf(why, sizeof why, "out of memory for the buffer's record");
     if (!b) {
         if (mem) host_mem_free(mem, size);
         pthread_mutex_lock(&g_lock);
+        if (fits) g_stats.kv_bytes_apex -= size;
         g_stats.kv_pool_failures++;
         pthread_mutex_unlock(&g_lock);
         fprintf(stderr,
@@ -636,7 +641,6 @@ static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size
     b->pinned = kv_pool_pin(mem, size, why, sizeof why);
     ggml_backend_buffer_t buf = ggml_backend_buffer_init(buft, g_kv_buf_iface, b, size);
     pthread_mutex_lock(&g_lock);
-    g_stats.kv_bytes_apex += size;
     g_stats.kv_buffers_apex++;
     if (b->pinned) g_stats.kv_bytes_pinned += size;
     if (g_stats.kv_bytes_apex > g_stats.kv_bytes_apex_peak) g_stats.kv_bytes_apex_peak = g_stats.kv_bytes_apex;
