@@ -22,6 +22,16 @@ static apex_status init_tables(block_pool *p, int32_t n_blocks) {
     return APEX_OK;
 }
 
+/* layer_mem[l] = mem + l * n_blocks * block_bytes (the pool's own slabs). */
+static apex_status init_own_layers(block_pool *p) {
+    p->layer_mem = calloc(p->n_layers > 0 ? (size_t)p->n_layers : 1, sizeof *p->layer_mem);
+    if (!p->layer_mem)
+        return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the layer table of a KV pool");
+    for (int32_t l = 0; l < p->n_layers; l++)
+        p->layer_mem[l] = p->mem ? p->mem + (size_t)l * block_pool_layer_bytes(p) : NULL;
+    return APEX_OK;
+}
+
 apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_blocks,
                                    int32_t n_layers, size_t block_bytes) {
     memset(p, 0, sizeof *p);
@@ -37,6 +47,7 @@ apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_b
     if (n == 0) p->mem_bytes = 0;
     p->dev = dev;
     apex_status st = init_tables(p, n);
+    if (st == APEX_OK) st = init_own_layers(p);
     if (st) {
         block_pool_destroy(p);
         return st;
@@ -68,12 +79,40 @@ apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
         block_pool_destroy(p);
         return APEX_ERR_NO_MEMORY; /* host_mem_alloc set the message */
     }
+    if ((st = init_own_layers(p)) != APEX_OK) {
+        block_pool_destroy(p);
+        return st;
+    }
+    return APEX_OK;
+}
+
+apex_status block_pool_init_host_external(block_pool *p, void *const *layer_mem,
+                                          int32_t n_blocks, int32_t n_layers,
+                                          size_t block_bytes) {
+    memset(p, 0, sizeof *p);
+    p->tier = APEX_TIER_HOST;
+    p->n_layers = n_layers;
+    p->block_bytes = block_bytes;
+    p->external = 1;
+    apex_status st = init_tables(p, n_blocks);
+    if (st == APEX_OK) {
+        p->layer_mem = calloc(n_layers > 0 ? (size_t)n_layers : 1, sizeof *p->layer_mem);
+        if (!p->layer_mem)
+            st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the layer table of a KV pool");
+    }
+    if (st) {
+        block_pool_destroy(p);
+        return st;
+    }
+    for (int32_t l = 0; l < n_layers; l++) p->layer_mem[l] = layer_mem[l];
     return APEX_OK;
 }
 
 void block_pool_destroy(block_pool *p) {
+    /* External layer memory is the engine's: only the tables are ours. */
     if (p->mem && p->dev) p->dev->iface->mem_free(p->dev, p->mem);
     else if (p->mem) host_mem_free(p->mem, p->mem_bytes);
+    free(p->layer_mem);
     free(p->refcount);
     free(p->free_stack);
     memset(p, 0, sizeof *p);

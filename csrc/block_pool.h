@@ -1,8 +1,12 @@
 /*
  * block_pool.h - one KV tier: a fixed number of blocks, a free stack and a
  * reference count per block. Block b of layer l lives at
- *     mem + ((size_t)l * n_blocks + b) * block_bytes
- * (per-layer slabs, the layout described in apex.h).
+ *     layer_mem[l] + b * block_bytes
+ * (per-layer slabs, the layout described in apex.h). The slabs are one
+ * allocation of the pool's own (mem: layer_mem[l] = mem + l * n_blocks *
+ * block_bytes), or, for a host pool over engine memory
+ * (block_pool_init_host_external), the engine's per-layer regions, which
+ * the pool never frees.
  */
 #ifndef APEX_BLOCK_POOL_H
 #define APEX_BLOCK_POOL_H
@@ -21,8 +25,10 @@ typedef struct block_pool {
     int32_t n_blocks;
     int32_t n_layers;
     size_t block_bytes;   /* one block of one layer */
-    uint8_t *mem;
-    size_t mem_bytes;
+    uint8_t *mem;         /* the pool's own slabs; NULL when external */
+    size_t mem_bytes;     /* bytes of mem (0 when external)           */
+    uint8_t **layer_mem;  /* [n_layers]: each layer's slab            */
+    int external;         /* layer_mem is the engine's memory         */
     int32_t *refcount;    /* [n_blocks]                       */
     int32_t *free_stack;  /* [n_blocks]; top n_free entries   */
     int32_t n_free;
@@ -32,6 +38,11 @@ typedef struct block_pool {
 apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
                                  int32_t n_blocks, int32_t n_layers,
                                  size_t block_bytes);
+/* A host pool over engine memory: layer l's n_blocks blocks at
+ * layer_mem[l] (the caller checked size, alignment and overlap). */
+apex_status block_pool_init_host_external(block_pool *p, void *const *layer_mem,
+                                          int32_t n_blocks, int32_t n_layers,
+                                          size_t block_bytes);
 /* A device pool: n_blocks (or, if that does not fit, the largest power-of-
  * two fraction of it that does) in dev's memory. *n_blocks gets the count. */
 apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_blocks,
@@ -45,11 +56,17 @@ void block_pool_unref(block_pool *p, int32_t b); /* frees at zero */
 
 static inline uint8_t *block_pool_at(const block_pool *p, int32_t layer,
                                      int32_t b) {
-    return p->mem + ((size_t)layer * (size_t)p->n_blocks + (size_t)b) * p->block_bytes;
+    if (!p->layer_mem) return NULL; /* an empty tier (host mode's device pool) */
+    return p->layer_mem[layer] + (size_t)b * p->block_bytes;
 }
 
 static inline uint8_t *block_pool_layer(const block_pool *p, int32_t layer) {
     return block_pool_at(p, layer, 0);
+}
+
+/* Bytes of layer memory the pool uses (n_blocks blocks of every layer). */
+static inline size_t block_pool_layer_bytes(const block_pool *p) {
+    return (size_t)p->n_blocks * p->block_bytes;
 }
 
 /* Copies block src to block dst in every layer (host pools only). */

@@ -79,6 +79,8 @@ static apex_status open_device(apex_context *ctx) {
     return APEX_OK;
 }
 
+static void pin_host_pool(apex_context *ctx);
+
 /* The device side of a context: the pipeline's staging (first: it is
  * needed at all), then the device pool, which takes what is left. */
 static apex_status open_device_tier(apex_context *ctx) {
@@ -92,24 +94,63 @@ static apex_status open_device_tier(apex_context *ctx) {
         fprintf(stderr, "apex: the %s device holds %d of the %d device blocks asked for\n",
                 ctx->dev->iface->name, got, want);
     ctx->cfg.device_blocks = got;
-    /* Pin the host pool so tier moves are true async DMA; a failure (too
-     * much to lock) only costs copy speed. APEX_PIN_HOST_POOL=0 skips it. */
-    const char *pin = getenv("APEX_PIN_HOST_POOL");
-    block_pool *hp = &ctx->pools[APEX_TIER_HOST];
-    if (ctx->dev->iface->host_register && hp->mem && !(pin && !strcmp(pin, "0"))) {
-        if (ctx->dev->iface->host_register(ctx->dev, hp->mem, hp->mem_bytes) == APEX_OK)
-            ctx->host_pool_pinned = 1;
-        else
-            fprintf(stderr, "apex: host KV pool not pinned (%s): tier moves copy slower\n",
-                    apex_last_error());
+    pin_host_pool(ctx);
+    return APEX_OK;
+}
+
+/* The host pool's memory as maximal runs of adjacent layers: the pool's own
+ * slab is one run; engine memory is one run per group of layers that follow
+ * each other without a gap (vLLM's layer-outer tensor: one run), so no page
+ * is registered twice. Calls fn(base, bytes) for each run until it fails. */
+static apex_status host_pool_runs(apex_context *ctx,
+                                  apex_status (*fn)(apex_context *, void *, size_t)) {
+    const block_pool *hp = &ctx->pools[APEX_TIER_HOST];
+    if (!hp->external) return hp->mem ? fn(ctx, hp->mem, hp->mem_bytes) : APEX_OK;
+    size_t lb = block_pool_layer_bytes(hp);
+    if (lb == 0) return APEX_OK;
+    for (int32_t l = 0; l < hp->n_layers;) {
+        int32_t e = l + 1;
+        while (e < hp->n_layers && hp->layer_mem[e] == hp->layer_mem[e - 1] + lb) e++;
+        apex_status st = fn(ctx, hp->layer_mem[l], (size_t)(e - l) * lb);
+        if (st) return st;
+        l = e;
     }
+    return APEX_OK;
+}
+
+static apex_status pin_run(apex_context *ctx, void *p, size_t bytes) {
+    apex_status st = ctx->dev->iface->host_register(ctx->dev, p, bytes);
+    if (st == APEX_OK) ctx->host_pool_pinned++;
+    return st;
+}
+
+static apex_status unpin_run(apex_context *ctx, void *p, size_t bytes) {
+    (void)bytes;
+    if (ctx->host_pool_pinned == 0) return APEX_ERR_INTERNAL; /* stop: the rest was never pinned */
+    ctx->dev->iface->host_unregister(ctx->dev, p);
+    ctx->host_pool_pinned--;
     return APEX_OK;
 }
 
 static void unpin_host_pool(apex_context *ctx) {
     if (!ctx->host_pool_pinned) return;
-    ctx->dev->iface->host_unregister(ctx->dev, ctx->pools[APEX_TIER_HOST].mem);
+    host_pool_runs(ctx, unpin_run); /* the first host_pool_pinned runs, in order */
     ctx->host_pool_pinned = 0;
+}
+
+/* Pins the host pool (own slab or engine memory) so tier moves are true
+ * async DMA; a failure (too much to lock, memory the engine pinned itself)
+ * only costs copy speed and leaves nothing registered.
+ * APEX_PIN_HOST_POOL=0 skips it. */
+static void pin_host_pool(apex_context *ctx) {
+    const char *pin = getenv("APEX_PIN_HOST_POOL");
+    if (!ctx->dev->iface->host_register || (pin && !strcmp(pin, "0"))) return;
+    if (host_pool_runs(ctx, pin_run) != APEX_OK) {
+        fprintf(stderr, "apex: host KV pool%s not pinned (%s): tier moves copy slower\n",
+                ctx->pools[APEX_TIER_HOST].external ? " (engine memory)" : "",
+                apex_last_error());
+        unpin_host_pool(ctx);
+    }
 }
 
 static void close_device_tier(apex_context *ctx) {
@@ -122,6 +163,11 @@ static void close_device_tier(apex_context *ctx) {
 }
 
 apex_status context_create(const apex_config *cfg, apex_context **out) {
+    return context_create_on(cfg, NULL, out);
+}
+
+apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv,
+                              apex_context **out) {
     apex_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for a context");
     ctx->cfg = *cfg;
@@ -149,8 +195,13 @@ apex_status context_create(const apex_config *cfg, apex_context **out) {
     st = cpu_workers_init(&ctx->workers, ctx->cpu_set, cfg->n_threads, busid[0] ? busid : NULL);
     if (st) goto fail;
     ctx->cfg.n_threads = ctx->workers.n_threads;
-    st = block_pool_init_host(&ctx->pools[APEX_TIER_HOST], &ctx->workers,
-                              (int32_t)ctx->cfg.host_blocks, cfg->n_layers, ctx->block_bytes);
+    if (host_layer_kv) /* the engine's memory (checked by apex_paged_context_create) */
+        st = block_pool_init_host_external(&ctx->pools[APEX_TIER_HOST], host_layer_kv,
+                                           (int32_t)ctx->cfg.host_blocks, cfg->n_layers,
+                                           ctx->block_bytes);
+    else
+        st = block_pool_init_host(&ctx->pools[APEX_TIER_HOST], &ctx->workers,
+                                  (int32_t)ctx->cfg.host_blocks, cfg->n_layers, ctx->block_bytes);
     if (st) goto fail;
     st = seq_table_init(&ctx->seqs, cfg->max_seqs, cfg->max_seq_len, cfg->block_tokens,
                         &ctx->pools[APEX_TIER_DEVICE], &ctx->pools[APEX_TIER_HOST]);

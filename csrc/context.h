@@ -20,7 +20,8 @@ struct apex_context {
     char cpu_set[256];
     int host_mode;              /* no device: every sequence on the host  */
     apex_device *dev;           /* NULL in host mode                       */
-    int host_pool_pinned;       /* registered with the device for DMA      */
+    int host_pool_pinned;       /* runs of the host pool registered with the
+                                   device for DMA (0: not pinned)          */
     pipeline pipe;              /* the async hybrid path (with a device)   */
     size_t block_bytes;         /* one block, one layer                    */
     cpu_workers workers;
@@ -35,6 +36,11 @@ struct apex_context {
 };
 
 apex_status context_create(const apex_config *cfg, apex_context **out);
+/* context_create whose host tier is the engine's memory: layer l's
+ * cfg->host_blocks blocks at host_layer_kv[l] (n_layers entries, checked by
+ * the caller); NULL: APEX allocates its own host slab. */
+apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv,
+                              apex_context **out);
 void context_destroy(apex_context *ctx);
 
 /* Stores n K/V rows at pool slots (block * block_tokens + offset) of a

@@ -11,6 +11,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
+#include "plugin/src/config.h"
 
 static double paged_now(void) {
     struct timespec ts;
@@ -51,6 +52,63 @@ static apex_status paged_host_block(const apex_context *ctx, const char *fn, int
                          "%s: block id %lld is on the device tier; this ABI version attends "
                          "host-tier blocks only", fn, (long long)id);
     *host_block = (int32_t)(id - nd);
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_paged_context_create(const apex_config *cfg, void *const *host_layer_kv,
+                                               size_t bytes_per_layer, apex_context **out) {
+    static const char fn[] = "apex_paged_context_create";
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "%s: out is NULL", fn);
+    *out = NULL;
+    apex_status st = apex_config_validate(cfg);
+    if (st) return st;
+    if (!host_layer_kv)
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: host_layer_kv is NULL", fn);
+    size_t bb = apex_config_block_bytes(cfg);
+    int64_t fit = (int64_t)(bytes_per_layer / bb);
+    if (fit > INT32_MAX) fit = INT32_MAX;
+    int64_t want = cfg->host_blocks > 0 ? cfg->host_blocks : fit;
+    if (want < 1 || want > fit)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: bytes_per_layer %zu holds %lld blocks of %zu bytes; %s", fn,
+                         bytes_per_layer, (long long)fit, bb,
+                         cfg->host_blocks > 0 ? "fewer than host_blocks asks for"
+                                              : "a host tier needs at least one");
+    size_t used = (size_t)want * bb; /* <= bytes_per_layer: no overflow */
+    for (int32_t l = 0; l < cfg->n_layers; l++) {
+        uintptr_t a = (uintptr_t)host_layer_kv[l];
+        if (!a) return apex_fail(APEX_ERR_INVALID_ARG, "%s: host_layer_kv[%d] is NULL", fn, l);
+        if (a % APEX_PAGED_HOST_KV_ALIGN)
+            return apex_fail(APEX_ERR_INVALID_ARG,
+                             "%s: host_layer_kv[%d] = %p is not a multiple of %d bytes", fn, l,
+                             host_layer_kv[l], APEX_PAGED_HOST_KV_ALIGN);
+        if (a > UINTPTR_MAX - used)
+            return apex_fail(APEX_ERR_INVALID_ARG,
+                             "%s: host_layer_kv[%d] + %zu bytes wraps the address space", fn, l,
+                             used);
+        for (int32_t m = 0; m < l; m++) {
+            uintptr_t b = (uintptr_t)host_layer_kv[m];
+            if (a < b + used && b < a + used)
+                return apex_fail(APEX_ERR_INVALID_ARG,
+                                 "%s: the %zu bytes of layers %d and %d overlap (%p, %p)", fn,
+                                 used, m, l, host_layer_kv[m], host_layer_kv[l]);
+        }
+    }
+    apex_config c = *cfg;
+    c.host_blocks = want;
+    st = context_create_on(&c, host_layer_kv, out);
+    if (st == APEX_OK) apex_clear_error();
+    return st;
+}
+
+APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_bytes,
+                                        uint64_t *external_bytes, int *pinned) {
+    PAGED_CTX(ctx);
+    const block_pool *hp = &ctx->pools[APEX_TIER_HOST];
+    if (own_bytes) *own_bytes = hp->external ? 0 : hp->mem_bytes;
+    if (external_bytes)
+        *external_bytes = hp->external ? (uint64_t)hp->n_layers * block_pool_layer_bytes(hp) : 0;
+    if (pinned) *pinned = ctx->host_pool_pinned > 0;
     return APEX_OK;
 }
 

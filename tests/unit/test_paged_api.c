@@ -11,6 +11,7 @@
 
 enum { L = 2, HQ = 4, HK = 2, D = 64, BT = 16, NB = 24, MAXB = 8, MAXLEN = 128, NSEQ = 4 };
 enum { ROW = HK * D, QKV = (HQ + 2 * HK) * D }; /* fused q|k|v row, as an engine has it */
+#define BLOCK_BYTES_F32 ((size_t)2 * HK * BT * D * sizeof(float))
 
 static apex_config paged_config(apex_device_kind dev, int64_t device_blocks) {
     apex_config c;
@@ -42,12 +43,17 @@ typedef struct {
     uint64_t rng;
 } engine;
 
-static engine *engine_new(void) {
+/* An engine whose host tier is APEX's own slab (kv NULL) or the engine's
+ * memory: layer l at kv[l], bytes_per_layer usable there. */
+static engine *engine_new_on(void *const *kv, size_t bytes_per_layer) {
     engine *e = calloc(1, sizeof *e);
     assert_non_null(e);
     e->rng = 42;
     apex_config c = paged_config(APEX_DEVICE_NONE, 0);
-    assert_ok(apex_context_create(&c, &e->ctx));
+    if (kv)
+        assert_ok(apex_paged_context_create(&c, kv, bytes_per_layer, &e->ctx));
+    else
+        assert_ok(apex_context_create(&c, &e->ctx));
     int64_t n = 0;
     assert_ok(apex_paged_claim(e->ctx, &n));
     assert_int_equal(n, NB);
@@ -58,6 +64,8 @@ static engine *engine_new(void) {
         for (int b = 0; b < 5; b++) e->table[s][b] = (next++ * 7) % NB;
     return e;
 }
+
+static engine *engine_new(void) { return engine_new_on(NULL, 0); }
 
 static void engine_free(engine *e) {
     assert_ok(apex_context_destroy(e->ctx));
@@ -119,8 +127,7 @@ static void naive_batch(const engine *e, int layer, int n, const int *seqs, cons
 /* A mixed batch: a decode row, a whole prompt, a chunk of a longer prompt
  * and an idle sequence, against the naive reference, with and without a
  * window. */
-static void test_mixed_batch_matches_reference(void **state) {
-    engine *e = engine_new();
+static void mixed_batch_matches_reference(engine *e) {
     engine_append(e, 0, 37);
     engine_append(e, 1, 20);
     engine_append(e, 2, 50);
@@ -155,7 +162,154 @@ static void test_mixed_batch_matches_reference(void **state) {
     free(q);
     free(out);
     free(ref);
+}
+
+static void test_mixed_batch_matches_reference(void **state) {
+    engine *e = engine_new();
+    mixed_batch_matches_reference(e);
+    uint64_t own = 0, ext = 1;
+    assert_ok(apex_paged_host_kv(e->ctx, &own, &ext, NULL));
+    assert_true(own >= (uint64_t)L * NB * BLOCK_BYTES_F32);
+    assert_int_equal(ext, 0);
     engine_free(e);
+}
+
+/* The engine's memory as the host tier, laid out as vLLM does (one
+ * allocation, layer-outer: layer l at l * layer_stride) with a guard tail
+ * after each layer's blocks: same results, the rows land in the engine's
+ * bytes, APEX allocates no slab, zeroing a free block (vLLM's
+ * _zero_block_ids) changes nothing, and destroy leaves the memory alone. */
+static void test_external_host_memory(void **state) {
+    enum { TAIL = 192 };
+    size_t layer_stride = (size_t)NB * BLOCK_BYTES_F32 + TAIL;
+    uint8_t *mem = aligned_alloc(64, L * layer_stride);
+    assert_non_null(mem);
+    memset(mem, 0x5a, L * layer_stride); /* whatever the engine left there */
+    void *kv[L];
+    for (int l = 0; l < L; l++) kv[l] = mem + (size_t)l * layer_stride;
+    engine *e = engine_new_on(kv, layer_stride); /* host_blocks NB of the NB + tail */
+    uint64_t own = 1, ext = 0;
+    int pinned = 1;
+    assert_ok(apex_paged_host_kv(e->ctx, &own, &ext, &pinned));
+    assert_int_equal(own, 0);
+    assert_int_equal(ext, (uint64_t)L * NB * BLOCK_BYTES_F32);
+    assert_int_equal(pinned, 0); /* host mode: no device to pin for */
+    for (int l = 0; l < L; l++) {
+        void *base;
+        int64_t nb;
+        assert_ok(apex_paged_layer_kv(e->ctx, l, APEX_TIER_HOST, &base, &nb));
+        assert_ptr_equal(base, kv[l]);
+        assert_int_equal(nb, NB);
+    }
+    /* The engine zeroes blocks it has not handed out yet (ids >= 20 here). */
+    for (int l = 0; l < L; l++)
+        for (int b = 20; b < NB; b++) memset((uint8_t *)kv[l] + (size_t)b * BLOCK_BYTES_F32, 0,
+                                             BLOCK_BYTES_F32);
+    mixed_batch_matches_reference(e);
+    /* Row 36 of sequence 0, layer 1: K of kv head 1 where apex.h says. */
+    int32_t blk = e->table[0][36 / BT];
+    const float *k = (const float *)((uint8_t *)kv[1] + (size_t)blk * BLOCK_BYTES_F32);
+    assert_true(k[(size_t)1 * BT * D + (36 % BT) * D + 5] == e->kv[1][0][36][0][D + 5]);
+    const float *v = k + (size_t)HK * BT * D;
+    assert_true(v[(36 % BT) * D + 9] == e->kv[1][0][36][1][9]);
+    for (int l = 0; l < L; l++)
+        for (int t = 0; t < TAIL; t++)
+            assert_int_equal(((uint8_t *)kv[l])[(size_t)NB * BLOCK_BYTES_F32 + t], 0x5a);
+    engine_free(e);
+    /* Destroy freed nothing of it (ASan would report a double free here). */
+    mem[0] = 1;
+    free(mem);
+}
+
+/* host_blocks 0 takes every whole block the bytes hold; separate
+ * allocations per layer; a device tier beside engine memory (ids past
+ * device_blocks are the engine's blocks). */
+static void test_external_sizes_and_device(void **state) {
+    size_t bytes = (size_t)5 * BLOCK_BYTES_F32 + 100;
+    void *kv[L];
+    for (int l = 0; l < L; l++) {
+        kv[l] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        assert_non_null(kv[l]);
+    }
+    apex_config c = paged_config(APEX_DEVICE_EMULATED, 8);
+    c.host_blocks = 0;
+    apex_context *ctx;
+    assert_ok(apex_paged_context_create(&c, kv, bytes, &ctx));
+    apex_config got;
+    assert_ok(apex_context_config(ctx, &got));
+    assert_int_equal(got.host_blocks, 5);
+    int64_t n = 0;
+    assert_ok(apex_paged_claim(ctx, &n));
+    assert_int_equal(n, 8 + 5);
+    float kr[ROW], q[HQ * D], out[HQ * D];
+    for (int x = 0; x < ROW; x++) kr[x] = (float)x / ROW;
+    for (int i = 0; i < HQ * D; i++) q[i] = 0.25f;
+    int64_t hslot = 12 * BT + 3; /* engine block 12: host block 4, the last */
+    assert_ok(apex_paged_kv_write(ctx, 1, 1, &hslot, kr, ROW, kr, ROW, APEX_DTYPE_F32));
+    const float *k = (const float *)((uint8_t *)kv[1] + 4 * BLOCK_BYTES_F32);
+    assert_true(k[3 * D + 7] == kr[7]);
+    int32_t qsl[2] = {0, 1}, len = 4, tab[1] = {12};
+    /* Positions 0..2 of the block hold whatever; write them too. */
+    int64_t slots[3] = {12 * BT, 12 * BT + 1, 12 * BT + 2};
+    float zero[3][ROW];
+    memset(zero, 0, sizeof zero);
+    assert_ok(apex_paged_kv_write(ctx, 1, 3, slots, zero, ROW, zero, ROW, APEX_DTYPE_F32));
+    assert_ok(apex_paged_attention(ctx, 1, 1, qsl, &len, tab, 1, q, out, NULL));
+    for (int i = 0; i < HQ * D; i++) assert_true(isfinite(out[i]));
+    uint64_t own = 1, ext = 0;
+    assert_ok(apex_paged_host_kv(ctx, &own, &ext, NULL));
+    assert_int_equal(own, 0);
+    assert_int_equal(ext, (uint64_t)L * 5 * BLOCK_BYTES_F32);
+    assert_ok(apex_context_destroy(ctx));
+    for (int l = 0; l < L; l++) free(kv[l]);
+}
+
+/* Every bad argument: APEX_ERR_INVALID_ARG with a message, *out NULL,
+ * the memory untouched, nothing leaked (ASan). */
+static void test_external_bad_args(void **state) {
+    size_t bytes = (size_t)NB * BLOCK_BYTES_F32;
+    uint8_t *mem = aligned_alloc(64, 2 * bytes + 64);
+    assert_non_null(mem);
+    memset(mem, 0xa5, 2 * bytes + 64);
+    void *kv[L] = {mem, mem + bytes};
+    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    apex_context *ctx = (apex_context *)(uintptr_t)1;
+    assert_status(apex_paged_context_create(&c, kv, bytes, NULL), APEX_ERR_INVALID_ARG);
+    assert_status(apex_paged_context_create(&c, NULL, bytes, &ctx), APEX_ERR_INVALID_ARG);
+    assert_null(ctx);
+    assert_non_null(strstr(apex_last_error(), "host_layer_kv is NULL"));
+    void *with_null[L] = {mem, NULL};
+    ctx = (apex_context *)(uintptr_t)1;
+    assert_status(apex_paged_context_create(&c, with_null, bytes, &ctx), APEX_ERR_INVALID_ARG);
+    assert_null(ctx);
+    assert_non_null(strstr(apex_last_error(), "host_layer_kv[1] is NULL"));
+    void *misaligned[L] = {mem + 32, mem + bytes + 32};
+    assert_status(apex_paged_context_create(&c, misaligned, bytes, &ctx), APEX_ERR_INVALID_ARG);
+    assert_non_null(strstr(apex_last_error(), "not a multiple of 64"));
+    assert_status(apex_paged_context_create(&c, kv, bytes - 1, &ctx), APEX_ERR_INVALID_ARG);
+    assert_non_null(strstr(apex_last_error(), "fewer than host_blocks"));
+    apex_config c0 = c;
+    c0.host_blocks = 0;
+    assert_status(apex_paged_context_create(&c0, kv, BLOCK_BYTES_F32 - 1, &ctx),
+                  APEX_ERR_INVALID_ARG);
+    assert_non_null(strstr(apex_last_error(), "at least one"));
+    void *overlap[L] = {mem, mem + bytes - 64};
+    assert_status(apex_paged_context_create(&c, overlap, bytes, &ctx), APEX_ERR_INVALID_ARG);
+    assert_non_null(strstr(apex_last_error(), "overlap"));
+    void *same[L] = {mem, mem};
+    assert_status(apex_paged_context_create(&c, same, bytes, &ctx), APEX_ERR_INVALID_ARG);
+    apex_config bad = c;
+    bad.head_dim = 72;
+    assert_status(apex_paged_context_create(&bad, kv, bytes, &ctx), APEX_ERR_UNSUPPORTED);
+    assert_null(ctx);
+    for (size_t i = 0; i < 2 * bytes + 64; i++)
+        if (mem[i] != 0xa5) fail_msg("byte %zu changed by a refused call", i);
+    /* Adjacent layers are fine (they touch, they do not overlap). */
+    assert_ok(apex_paged_context_create(&c, kv, bytes, &ctx));
+    assert_non_null(ctx);
+    assert_ok(apex_context_destroy(ctx));
+    assert_status(apex_paged_host_kv(NULL, NULL, NULL, NULL), APEX_ERR_INVALID_ARG);
+    free(mem);
 }
 
 /* fp16 activations and a bf16 KV cache: the conversions on both paths. */
@@ -323,6 +477,9 @@ int main(void) {
         cmocka_unit_test(test_half_dtypes),
         cmocka_unit_test(test_errors_change_nothing),
         cmocka_unit_test(test_device_blocks_split_ids),
+        cmocka_unit_test(test_external_host_memory),
+        cmocka_unit_test(test_external_sizes_and_device),
+        cmocka_unit_test(test_external_bad_args),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -5,6 +5,8 @@
  * mapping themselves. This part of the ABI lets such an engine use APEX's
  * KV pools and kernels without APEX's sequence model:
  *
+ *   apex_paged_context_create(...)  (optional) a context whose host tier is
+ *                                   the engine's own per-layer KV memory
  *   apex_paged_claim(ctx, &n)       the engine takes every block of both
  *                                   tiers; its block ids are [0, n)
  *   apex_paged_kv_write(...)        per layer: new K/V rows by slot
@@ -30,6 +32,53 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Each layer region of apex_paged_context_create must start at a multiple
+ * of this many bytes (a cache line: the CPU kernel's loads never straddle
+ * one; torch's CPU allocator and page-aligned mappings satisfy it). */
+#define APEX_PAGED_HOST_KV_ALIGN 64
+
+/* Like apex_context_create, but the host tier lives in memory the engine
+ * already holds (vLLM's per-layer KV tensors), so the KV is held once: APEX
+ * allocates no host slab of its own.
+ *   host_layer_kv: cfg->n_layers pointers; layer l's host blocks are
+ *       [host_layer_kv[l] + b * block_bytes, + block_bytes) for b in
+ *       [0, host_blocks), in apex.h's block layout, with block_bytes =
+ *       2 * n_kv_heads * block_tokens * head_dim * sizeof(kv_dtype).
+ *   bytes_per_layer: the bytes usable at each pointer. cfg->host_blocks > 0
+ *       asks for that many blocks (bytes_per_layer must hold them);
+ *       cfg->host_blocks == 0 takes as many whole blocks as fit (at least 1).
+ *       Bytes past host_blocks * block_bytes are never touched.
+ * Memory: ordinary host memory the process can read and write (not device
+ * memory), each pointer a multiple of APEX_PAGED_HOST_KV_ALIGN, the layers'
+ * used ranges pairwise disjoint. Its content at creation does not matter.
+ * Lifetime: the engine keeps it alive and in place until
+ * apex_context_destroy returns; APEX never frees it (destroying the context
+ * releases only APEX's own tables), and frees nothing of it on any error.
+ * What the engine may do meanwhile: zero or copy whole blocks (vLLM zeroes
+ * newly allocated blocks and copies blocks for copy-on-write between steps)
+ * while no apex_paged_* call on this context runs; a block's bytes are the
+ * same block id for both. Writing K/V inside a live block other than through
+ * apex_paged_kv_write gives attention results APEX did not compute.
+ * Pinning: with a device that pins host memory (CUDA), each run of adjacent
+ * layer ranges is registered (cudaHostRegister) as APEX's own pool is, and
+ * unregistered by destroy; APEX_PIN_HOST_POOL=0 skips it. Memory the engine
+ * pinned itself cannot be registered again: APEX says so on stderr and goes
+ * on unregistered (only copy speed is at stake).
+ * Errors (*out = NULL, nothing allocated or registered, the memory not
+ * touched): APEX_ERR_INVALID_ARG for out, host_layer_kv or an entry of it
+ * NULL, a misaligned entry, bytes_per_layer too small for the blocks asked
+ * for (or for one block), overlapping layer ranges; otherwise what
+ * apex_context_create returns for cfg. */
+APEX_API apex_status apex_paged_context_create(const apex_config *cfg, void *const *host_layer_kv,
+                                               size_t bytes_per_layer, apex_context **out);
+
+/* Where the host tier's memory comes from: *own_bytes (host KV memory APEX
+ * allocated itself), *external_bytes (engine memory in use as the host tier:
+ * n_layers * host_blocks * block_bytes, 0 for an ordinary context) and
+ * *pinned (1 when it is registered with the device). Any may be NULL. */
+APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_bytes,
+                                        uint64_t *external_bytes, int *pinned);
 
 /* Hands every block of both tiers to the engine; *n_blocks (may be NULL)
  * gets device_blocks + host_blocks. Needs a context with no sequences;
