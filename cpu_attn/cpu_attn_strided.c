@@ -277,10 +277,15 @@ static void pf_init(pf_cursor *c, const char *base, size_t stride, size_t row_by
     c->base = (const char *)((uintptr_t)base & ~(uintptr_t)63);
 }
 
+/* A row's lines in one tight loop: a cursor step per line cost about as
+ * much as the prefetches saved. */
 T512 INL void pf_step(pf_cursor *c, int32_t n) {
-    for (; n > 0 && c->row < c->end; n--) {
-        _mm_prefetch(c->base + (size_t)c->row * c->stride + (size_t)c->line * 64, _MM_HINT_T1);
-        if (++c->line == c->lines) c->line = 0, c->row++;
+    while (n > 0 && c->row < c->end) {
+        const char *p = c->base + (size_t)c->row * c->stride + (size_t)c->line * 64;
+        const int32_t take = c->lines - c->line < n ? c->lines - c->line : n;
+        for (int32_t i = 0; i < take; i++) _mm_prefetch(p + (size_t)i * 64, _MM_HINT_T1);
+        n -= take;
+        if ((c->line += take) == c->lines) c->line = 0, c->row++;
     }
 }
 
