@@ -151,30 +151,73 @@ static apex_status staging_open(staging *st, apex_context *ctx, const tview *t) 
     return APEX_OK;
 }
 
-/* ---- apex::context_create: a host-mode-or-device context whose blocks the
- * engine owns (apex_paged_claim). Returns the handle, or -status. */
-static void op_context_create(StableIValue *s, uint64_t nargs, uint64_t nout) {
-    apex_config c;
-    apex_status st = apex_config_init(&c);
-    if (st == APEX_OK) {
-        c.n_layers = (int32_t)arg_int(s, 0);
-        c.n_q_heads = (int32_t)arg_int(s, 1);
-        c.n_kv_heads = (int32_t)arg_int(s, 2);
-        c.head_dim = (int32_t)arg_int(s, 3);
-        c.kv_dtype = c.act_dtype = (apex_dtype)arg_int(s, 4);
-        c.block_tokens = (int32_t)arg_int(s, 5);
-        c.device_blocks = arg_int(s, 6);
-        c.host_blocks = arg_int(s, 7);
-        c.max_batch = c.max_seqs = (int32_t)arg_int(s, 8);
-        c.max_seq_len = (int32_t)arg_int(s, 9);
-    }
-    apex_context *ctx = NULL;
-    if (st == APEX_OK) st = apex_context_create(&c, &ctx);
+/* The config of apex::context_create / context_create_on (args 0..9). */
+static apex_status config_of(const StableIValue *s, apex_config *c) {
+    apex_status st = apex_config_init(c);
+    if (st != APEX_OK) return st;
+    c->n_layers = (int32_t)arg_int(s, 0);
+    c->n_q_heads = (int32_t)arg_int(s, 1);
+    c->n_kv_heads = (int32_t)arg_int(s, 2);
+    c->head_dim = (int32_t)arg_int(s, 3);
+    c->kv_dtype = c->act_dtype = (apex_dtype)arg_int(s, 4);
+    c->block_tokens = (int32_t)arg_int(s, 5);
+    c->device_blocks = arg_int(s, 6);
+    c->host_blocks = arg_int(s, 7);
+    c->max_batch = c->max_seqs = (int32_t)arg_int(s, 8);
+    c->max_seq_len = (int32_t)arg_int(s, 9);
+    return APEX_OK;
+}
+
+/* Claims every block for the engine; a context that cannot be claimed is
+ * destroyed. Returns the handle, or -status. */
+static int64_t claimed_handle(apex_status st, apex_context *ctx) {
     if (st == APEX_OK && (st = apex_paged_claim(ctx, NULL)) != APEX_OK) {
         apex_context_destroy(ctx);
         ctx = NULL;
     }
-    ret_int(s, 0, st == APEX_OK ? (int64_t)(uintptr_t)ctx : -(int64_t)st);
+    return st == APEX_OK ? (int64_t)(uintptr_t)ctx : -(int64_t)st;
+}
+
+/* ---- apex::context_create: a host-mode-or-device context whose blocks the
+ * engine owns (apex_paged_claim). Returns the handle, or -status. */
+static void op_context_create(StableIValue *s, uint64_t nargs, uint64_t nout) {
+    apex_config c;
+    apex_status st = config_of(s, &c);
+    apex_context *ctx = NULL;
+    if (st == APEX_OK) st = apex_context_create(&c, &ctx);
+    ret_int(s, 0, claimed_handle(st, ctx));
+}
+
+/* ---- apex::context_create_on(..., layer_ptrs int64[n_layers], bytes_per_layer):
+ * the same, with the host tier in the engine's memory (apex_paged_context_
+ * create): layer l's blocks at address layer_ptrs[l], a CPU tensor of
+ * addresses the caller keeps alive (vLLM's per-layer KV tensors). */
+static void op_context_create_on(StableIValue *s, uint64_t nargs, uint64_t nout) {
+    apex_config c;
+    apex_status st = config_of(s, &c);
+    AtenTensorHandle hp = arg_tensor(s, 10);
+    int64_t bytes = arg_int(s, 11);
+    tview p;
+    apex_context *ctx = NULL;
+    if (st == APEX_OK) {
+        if (view_of(hp, &p)) st = APEX_ERR_INTERNAL;
+        else if (p.dim != 1 || p.dtype != aoti_torch_dtype_int64() || !p.contiguous ||
+                 p.device != aoti_torch_device_type_cpu() || p.sizes[0] != c.n_layers ||
+                 bytes < 0)
+            st = APEX_ERR_INVALID_ARG;
+    }
+    if (st == APEX_OK) {
+        void **kv = malloc((size_t)c.n_layers * sizeof *kv);
+        if (!kv) st = APEX_ERR_NO_MEMORY;
+        else {
+            for (int32_t l = 0; l < c.n_layers; l++)
+                kv[l] = (void *)(uintptr_t)((const int64_t *)p.data)[l];
+            st = apex_paged_context_create(&c, (void *const *)kv, (size_t)bytes, &ctx);
+            free(kv);
+        }
+    }
+    aoti_torch_delete_tensor_object(hp);
+    ret_int(s, 0, claimed_handle(st, ctx));
 }
 
 static void op_context_destroy(StableIValue *s, uint64_t nargs, uint64_t nout) {
@@ -182,7 +225,8 @@ static void op_context_destroy(StableIValue *s, uint64_t nargs, uint64_t nout) {
 }
 
 /* ---- apex::stats -> (attention_calls, rows attended on the CPU,
- * kv rows written, errors, host blocks, host mode) */
+ * kv rows written, errors, host blocks, host mode, host KV bytes APEX
+ * allocated, host KV bytes in the engine's memory) */
 static void op_stats(StableIValue *s, uint64_t nargs, uint64_t nout) {
     apex_context *ctx = ctx_of(arg_int(s, 0));
     apex_stats a;
@@ -194,6 +238,10 @@ static void op_stats(StableIValue *s, uint64_t nargs, uint64_t nout) {
     ret_int(s, 3, (int64_t)a.errors);
     ret_int(s, 4, a.blocks_used[APEX_TIER_HOST] + a.blocks_free[APEX_TIER_HOST]);
     ret_int(s, 5, apex_context_host_mode(ctx));
+    uint64_t own = 0, ext = 0;
+    apex_paged_host_kv(ctx, &own, &ext, NULL);
+    ret_int(s, 6, (int64_t)own);
+    ret_int(s, 7, (int64_t)ext);
 }
 
 /* ---- apex::kv_write(ctx, layer, key[n, hk, d], value[n, hk, d],
@@ -322,8 +370,12 @@ static const struct {
     {"context_create(int n_layers, int n_q_heads, int n_kv_heads, int head_dim, int kv_dtype, "
      "int block_tokens, int device_blocks, int host_blocks, int max_batch, int max_seq_len) "
      "-> int", "context_create", op_context_create},
+    {"context_create_on(int n_layers, int n_q_heads, int n_kv_heads, int head_dim, "
+     "int kv_dtype, int block_tokens, int device_blocks, int host_blocks, int max_batch, "
+     "int max_seq_len, Tensor layer_ptrs, int bytes_per_layer) -> int", "context_create_on",
+     op_context_create_on},
     {"context_destroy(int ctx) -> int", "context_destroy", op_context_destroy},
-    {"stats(int ctx) -> (int, int, int, int, int, int)", "stats", op_stats},
+    {"stats(int ctx) -> (int, int, int, int, int, int, int, int)", "stats", op_stats},
     {"kv_write(int ctx, int layer, Tensor key, Tensor value, Tensor slot_mapping) -> int",
      "kv_write", op_kv_write},
     {"attention(int ctx, int layer, Tensor query, Tensor query_start_loc, Tensor seq_lens, "

@@ -3,9 +3,12 @@
 Thin by design: the metadata builder passes vLLM's own tensors through, and
 the impl's forward makes two calls into C (torch ops from shim/torch): store
 this step's K/V rows by vLLM's slot mapping, then causal attention over
-vLLM's block tables. APEX owns the KV memory (its pinned host pool, one
-block per vLLM block id) and runs every FLOP of attention; vLLM's own
-per-layer KV tensor is not read.
+vLLM's block tables. APEX runs every FLOP of attention over one APEX block
+per vLLM block id. The KV is held once: APEX's host tier is vLLM's own
+per-layer KV tensors (apex_paged_context_create), whose block b is bytes
+[b * page, (b + 1) * page) of the layer, page = APEX's block. Where vLLM's
+tensors cannot serve (CUDA tensors, another layout), APEX keeps its own host
+pool and says once why.
 """
 import os
 from dataclasses import dataclass
@@ -17,10 +20,83 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 
+from vllm.logger import init_logger
+
 from . import ops
+
+try:  # vLLM >= 0.32: the physical layout a backend's kernels accept
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+except ImportError:  # older vLLM: get_kv_cache_shape instead; not matched here
+    KVCacheLayout = None
+
+logger = init_logger("vllm.apex_vllm")  # under "vllm": vLLM's log handlers and level apply
 
 APEX_HEAD_SIZES = [64, 80, 96, 128, 256]
 APEX_BLOCK_SIZES = [8, 16, 32, 64, 128, 256]
+
+
+def vllm_layer_kv_tensors(names):
+    """vLLM's KV tensor of each named layer, as bind_kv_cache left it on the
+    Attention modules (the forward context's no_compile_layers, which is the
+    compilation config's static_forward_context), or (None, why)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None, "this vLLM has no forward context"
+    if not is_forward_context_available():
+        return None, "no vLLM forward context at the first forward"
+    layers = get_forward_context().no_compile_layers
+    tensors = []
+    for name in names:
+        t = getattr(layers.get(name), "kv_cache", None)
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return None, f"layer {name} has no KV tensor bound"
+        tensors.append(t)
+    return tensors, None
+
+
+def check_kv_layout(tensors, n_kv_heads, block_size, head_size, dtype):
+    """(num_blocks, page_bytes, None) when every tensor can be APEX's host
+    tier as it is, else (0, 0, why). vLLM's per-layer view is [B, H, N, C]
+    (C = K|V of one token); APEX needs block b of a layer to be the dense
+    bytes [b * page, (b + 1) * page), page = 2 * H * N * head_size * elem, so
+    that vLLM's whole-block operations (zeroing new blocks, copy-on-write)
+    act on APEX's blocks. The order inside a block does not matter: only
+    APEX reads and writes it (forward_includes_kv_cache_update)."""
+    want = (n_kv_heads, block_size, 2 * head_size)
+    spans = []
+    num_blocks = None
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            return 0, 0, (f"vLLM's KV tensors are on {t.device}; APEX's paged attention reads "
+                          "host memory in this version")
+        if t.dtype != dtype:
+            return 0, 0, f"layer {i}: KV dtype {t.dtype} differs from the model's {dtype}"
+        if t.dim() != 4 or tuple(t.shape[1:]) != want:
+            return 0, 0, (f"layer {i}: KV shape {tuple(t.shape)} is not [blocks, *{want}] "
+                          "([B, H, N, C], K|V in C)")
+        if num_blocks is not None and t.shape[0] != num_blocks:
+            return 0, 0, f"layer {i}: {t.shape[0]} blocks, layer 0 has {num_blocks}"
+        num_blocks = int(t.shape[0])
+        dense = 1  # the block's interior must be dense in some dim order
+        for stride, size in sorted(zip(t.stride()[1:], t.shape[1:])):
+            if size > 1 and stride != dense:
+                return 0, 0, (f"layer {i}: a block is not dense (strides {t.stride()}, "
+                               f"shape {tuple(t.shape)})")
+            dense *= size
+        if num_blocks > 1 and t.stride(0) != dense:
+            return 0, 0, (f"layer {i}: block stride {t.stride(0)} elements, a block is "
+                          f"{dense}: vLLM's blocks are not adjacent (a block-outer layout "
+                          "interleaves layers)")
+        if t.data_ptr() % ops.HOST_KV_ALIGN:
+            return 0, 0, f"layer {i}: KV memory not {ops.HOST_KV_ALIGN}-byte aligned"
+        page = dense * t.element_size()
+        spans.append((t.data_ptr(), t.data_ptr() + num_blocks * page, i))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            return 0, 0, f"layers {a} and {b} share KV memory"
+    return num_blocks, page, None
 
 
 class _Runtime:
@@ -31,6 +107,9 @@ class _Runtime:
         self.block_size = 0
         self.max_model_len = 0
         self.ctx: ops.Context | None = None
+        self.kv_tensors: list[torch.Tensor] | None = None  # vLLM's, when APEX's host tier
+        self.kv_ptrs: list[int] | None = None
+        self.kv_reason: str | None = None  # why APEX keeps its own pool (None: it does not)
 
     def add_layers(self, names, block_size, max_model_len):
         for name in names:
@@ -40,13 +119,40 @@ class _Runtime:
 
     def context(self, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> ops.Context:
         if self.ctx is None:
-            # One APEX block per vLLM block id: vLLM's block pool is APEX's.
-            num_blocks = int(kv_cache.shape[0])
-            max_batch = int(os.environ.get("APEX_MAX_BATCH", "256"))
-            self.ctx = ops.Context(len(self.layer_index), impl.num_heads, impl.num_kv_heads,
-                                   impl.head_size, query.dtype, self.block_size, 0, num_blocks,
-                                   max_batch, self.max_model_len)
+            self.ctx = self._create(impl, query.dtype, kv_cache)
         return self.ctx
+
+    def _create(self, impl, dtype, kv_cache) -> ops.Context:
+        # One APEX block per vLLM block id: vLLM's block pool is APEX's.
+        names = sorted(self.layer_index, key=self.layer_index.get)
+        num_blocks = int(kv_cache.shape[0])
+        max_batch = int(os.environ.get("APEX_MAX_BATCH", "256"))
+        geometry = (len(names), impl.num_heads, impl.num_kv_heads, impl.head_size, dtype,
+                    self.block_size, 0)
+        tensors, why = vllm_layer_kv_tensors(names)
+        if os.environ.get("APEX_VLLM_SHARE_KV", "1") == "0":
+            tensors, why = None, "APEX_VLLM_SHARE_KV=0"
+        if tensors is not None:
+            shared_blocks, page, why = check_kv_layout(tensors, impl.num_kv_heads,
+                                                       self.block_size, impl.head_size, dtype)
+        if why is None:
+            num_blocks = shared_blocks
+            self.kv_tensors = tensors  # kept alive as long as the context
+            self.kv_ptrs = [t.data_ptr() for t in tensors]
+            logger.info("APEX: host KV tier in vLLM's KV tensors (%d layers x %d blocks, "
+                        "held once)", len(names), num_blocks)
+            return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len,
+                               layer_ptrs=self.kv_ptrs, bytes_per_layer=num_blocks * page)
+        self.kv_reason = why
+        logger.warning("APEX: own host KV pool; vLLM's KV tensors stay allocated but unused "
+                       "(KV held twice): %s", why)
+        return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len)
+
+    def check_bound(self, index: int, kv_cache: torch.Tensor) -> None:
+        """The layer's tensor is still the memory APEX's context was made over."""
+        if self.kv_ptrs is not None and kv_cache.data_ptr() != self.kv_ptrs[index]:
+            raise RuntimeError(f"APEX: vLLM rebound layer {index}'s KV tensor after APEX's "
+                               "context was created over it")
 
 
 RUNTIME = _Runtime()
@@ -58,6 +164,14 @@ class ApexAttentionBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
                                                      torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        # Layer-outer and block-next: each layer's blocks are adjacent pages,
+        # which is what APEX's host tier is (check_kv_layout).
+        if KVCacheLayout is None:
+            return None
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
@@ -147,6 +261,7 @@ class ApexAttentionImpl(AttentionImpl):
             return output
         ctx = RUNTIME.context(self, query, kv_cache)
         index = RUNTIME.layer_index[layer.layer_name]
+        RUNTIME.check_bound(index, kv_cache)
         n = attn_metadata.num_actual_tokens
         ctx.kv_write(index, key[:n], value[:n], attn_metadata.slot_mapping)
         ctx.attention(index, query[:n].contiguous(), attn_metadata.query_start_loc,

@@ -11,6 +11,7 @@ _REPO = os.path.abspath(os.path.join(_HERE, "..", "..", ".."))
 _libapex = None
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HOST_KV_ALIGN = 64  # APEX_PAGED_HOST_KV_ALIGN (apex_paged.h)
 
 
 def library_path() -> str:
@@ -49,13 +50,21 @@ def check(status: int, what: str) -> None:
 
 
 class Context:
-    """One APEX context whose blocks the engine owns (apex_paged_claim)."""
+    """One APEX context whose blocks the engine owns (apex_paged_claim). With
+    layer_ptrs (one address per layer) its host tier is that memory, which
+    the caller keeps alive until close() (apex_paged_context_create)."""
 
     def __init__(self, n_layers, n_q_heads, n_kv_heads, head_dim, dtype, block_tokens,
-                 device_blocks, host_blocks, max_batch, max_seq_len):
+                 device_blocks, host_blocks, max_batch, max_seq_len, layer_ptrs=None,
+                 bytes_per_layer=0):
         ops = load()
-        h = ops.context_create(n_layers, n_q_heads, n_kv_heads, head_dim, DTYPES[dtype],
-                               block_tokens, device_blocks, host_blocks, max_batch, max_seq_len)
+        args = (n_layers, n_q_heads, n_kv_heads, head_dim, DTYPES[dtype], block_tokens,
+                device_blocks, host_blocks, max_batch, max_seq_len)
+        if layer_ptrs is None:
+            h = ops.context_create(*args)
+        else:
+            ptrs = torch.tensor(layer_ptrs, dtype=torch.int64)
+            h = ops.context_create_on(*args, ptrs, bytes_per_layer)
         if h <= 0:
             check(-h, "context_create")
         self.handle = h
@@ -71,7 +80,7 @@ class Context:
 
     def stats(self) -> dict:
         keys = ("attention_calls", "rows_attended_host", "kv_rows_written", "errors",
-                "host_blocks", "host_mode")
+                "host_blocks", "host_mode", "host_kv_own_bytes", "host_kv_external_bytes")
         return dict(zip(keys, self.ops.stats(self.handle)))
 
     def close(self):

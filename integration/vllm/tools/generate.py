@@ -1,5 +1,7 @@
 """Offline greedy generation through vLLM, with or without APEX; prints one
-JSON object: the token ids of every prompt and, with APEX, its counters.
+JSON object: the token ids of every prompt and, with APEX, its counters,
+where its host KV tier lives, and vLLM's own per-layer KV tensors (their
+addresses and sizes, read from the worker's model runner) to compare with.
 
     python generate.py MODEL_DIR apex|vllm [--max-tokens N]
 
@@ -19,6 +21,15 @@ PROMPTS = [
     "The quick brown fox",
     "Water boils at a temperature of",
 ]
+
+
+def _runner_kv(worker):
+    """On the worker: (address, bytes, layout) of each tensor in its model
+    runner's kv_caches, the list bind_kv_cache filled."""
+    mr = worker.model_runner
+    return {"tensors": [[t.data_ptr(), t.numel() * t.element_size()] for t in mr.kv_caches],
+            "layout": mr.cache_config.kv_cache_layout,
+            "num_blocks": mr.kv_cache_config.num_blocks}
 
 
 def main():
@@ -44,6 +55,9 @@ def main():
         from apex_vllm.backend import RUNTIME
         res["apex"] = RUNTIME.ctx.stats() if RUNTIME.ctx else None
         res["apex_layers"] = len(RUNTIME.layer_index)
+        res["apex_kv_reason"] = RUNTIME.kv_reason
+        res["apex_kv_ptrs"] = RUNTIME.kv_ptrs
+    res["vllm_kv"] = llm.collective_rpc(_runner_kv)[0]
     print("RESULT " + json.dumps(res))
 
 

@@ -1,7 +1,11 @@
 """The adapter against the installed vLLM's own classes: its plugin loader and
 backend registry, its CPU platform's backend choice, its metadata types; and
 APEX's forward on CPU tensors (host mode) against a causal-attention
-reference, over several engine steps that mix prefill chunks and decodes."""
+reference, over several engine steps that mix prefill chunks and decodes,
+with the KV in vLLM's own per-layer tensors (allocated and bound by vLLM's
+allocate_kv_cache and forward context) or, where those cannot serve, in
+APEX's own pool."""
+import contextlib
 import importlib.metadata
 import types
 
@@ -9,11 +13,16 @@ import pytest
 import torch
 
 from vllm.config import ModelConfig, VllmConfig
+from vllm.forward_context import create_forward_context, override_forward_context
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.attention.selector import AttentionSelectorConfig
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts
+from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
 
 import apex_vllm
 from apex_vllm import backend as apex_backend
@@ -45,14 +54,24 @@ def test_cpu_platform_chooses_apex_only_when_asked():
     assert not b.supports_kv_cache_dtype("fp8")
 
 
+def test_backend_declares_layer_outer_layouts():
+    layouts = get_supported_kv_cache_layouts([apex_backend.ApexAttentionBackend])
+    assert layouts == [KVCacheLayout.LBHNC, KVCacheLayout.LBNHC]
+    assert all(l.is_layer_compact and not l.is_block_outermost for l in layouts)
+
+
 HQ, HK, D, BS, NBLK, LAYERS = 6, 2, 64, 16, 64, 2
+PAGE = 2 * HK * BS * D * 4  # one block of one layer, fp32: vLLM's page = APEX's block
 
 
 class Engine:
     """Plays vLLM's part for a few steps: block tables, slot mapping, and the
-    K/V history that the reference attends over."""
+    K/V history that the reference attends over. layout: vLLM allocates and
+    binds the KV tensors as its worker does (allocate_kv_cache with that
+    layout, the layers' kv_cache in the forward context); None: plain
+    tensors and no forward context."""
 
-    def __init__(self, model_dir, monkeypatch):
+    def __init__(self, model_dir, monkeypatch, layout=None):
         monkeypatch.setattr(apex_backend, "RUNTIME", apex_backend._Runtime())
         vcfg = VllmConfig(model_config=ModelConfig(model=model_dir, dtype="float32",
                                                    max_model_len=256))
@@ -64,8 +83,19 @@ class Engine:
         self.impl = b.get_impl_cls()(num_heads=HQ, head_size=D, scale=D ** -0.5,
                                      num_kv_heads=HK, alibi_slopes=None, sliding_window=None,
                                      kv_cache_dtype="auto")
-        # vLLM's own per-layer tensor: only its block count is read.
-        self.kv_cache = torch.zeros(NBLK, HK, BS, 2 * D)
+        self.fwd = None
+        if layout is None:
+            self.kv = {n: torch.zeros(NBLK, HK, BS, 2 * D) for n in self.names}
+        else:
+            vcfg.cache_config.kv_cache_layout = layout.name
+            vcfg.cache_config.num_gpu_blocks_override = NBLK
+            kcfg = get_kv_cache_config_from_groups(vcfg, [KVCacheGroupSpec(self.names, spec)],
+                                                   1 << 30)
+            assert kcfg.num_blocks == NBLK
+            self.kv = allocate_kv_cache(kcfg, torch.device("cpu"), layout)
+            vcfg.compilation_config.static_forward_context.update(
+                {n: types.SimpleNamespace(kv_cache=self.kv[n]) for n in self.names})
+            self.fwd = create_forward_context(None, vcfg)
         perm = torch.randperm(NBLK, generator=torch.Generator().manual_seed(1))
         self.free = perm.tolist()
         self.tables, self.hist = {}, {}  # seq -> block ids; (layer, seq) -> (k, v)
@@ -103,7 +133,9 @@ class Engine:
             v = qkv[:, (HQ + HK) * D:].view(T, HK, D)
             out = torch.full((T, HQ, D), float("nan"))
             layer = types.SimpleNamespace(layer_name=name)
-            self.impl.forward(layer, q, k, v, self.kv_cache, md, out)
+            with (override_forward_context(self.fwd) if self.fwd
+                  else contextlib.nullcontext()):
+                self.impl.forward(layer, q, k, v, self.kv[name], md, out)
             for i, (s, n) in enumerate(work):
                 pk, pv = self.hist.get((li, s), (torch.empty(0, HK, D), torch.empty(0, HK, D)))
                 rows = slice(qsl[i], qsl[i + 1])
@@ -119,27 +151,81 @@ class Engine:
         return worst
 
 
-def test_forward_matches_causal_reference_over_steps(model_dir, monkeypatch):
-    eng = Engine(model_dir, monkeypatch)
+# prompt prefill of two requests, a chunked prefill beside decodes, decodes,
+# then a new request joining.
+STEPS = [[(0, 5), (1, 40)], [(0, 1), (1, 1), (2, 30)], [(0, 1), (1, 1), (2, 20)],
+         [(0, 1), (1, 1), (2, 1)], [(2, 1), (3, 17), (0, 1)]]
+
+
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBHNC, KVCacheLayout.LBNHC, None,
+                                    KVCacheLayout.BLHNC], ids=lambda l: l.name if l else "plain")
+def test_forward_matches_causal_reference_over_steps(model_dir, monkeypatch, layout):
+    eng = Engine(model_dir, monkeypatch, layout)
     gen = torch.Generator().manual_seed(0)
-    # prompt prefill of two requests, a chunked prefill beside decodes,
-    # decodes, then a new request joining.
-    steps = [[(0, 5), (1, 40)], [(0, 1), (1, 1), (2, 30)], [(0, 1), (1, 1), (2, 20)],
-             [(0, 1), (1, 1), (2, 1)], [(2, 1), (3, 17), (0, 1)]]
-    for work in steps:
+    for work in STEPS:
         assert eng.step(work, gen) < 1e-5
-    ctx = apex_backend.RUNTIME.ctx
-    st = ctx.stats()
-    rows = sum(n for w in steps for _, n in w)
-    assert st["attention_calls"] == LAYERS * len(steps)
+    rt = apex_backend.RUNTIME
+    st = rt.ctx.stats()
+    rows = sum(n for w in STEPS for _, n in w)
+    assert st["attention_calls"] == LAYERS * len(STEPS)
     assert st["rows_attended_host"] == LAYERS * rows
     assert st["kv_rows_written"] == LAYERS * rows
     assert st["errors"] == 0 and st["host_mode"] == 1 and st["host_blocks"] == NBLK
-    ctx.close()
+    if layout in (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC):
+        # held once: APEX's host tier is vLLM's tensors, no slab of its own
+        assert rt.kv_reason is None
+        assert st["host_kv_own_bytes"] == 0
+        assert st["host_kv_external_bytes"] == LAYERS * NBLK * PAGE
+    else:
+        assert st["host_kv_external_bytes"] == 0 and st["host_kv_own_bytes"] >= LAYERS * NBLK * PAGE
+        want = "no vLLM forward context" if layout is None else "blocks are not adjacent"
+        assert want in rt.kv_reason
+    rt.ctx.close()
+
+
+def block_bytes(t, b):
+    """Block b of a per-layer view as vLLM's memory holds it, fp32."""
+    flat = torch.as_strided(t, (t.shape[0], PAGE // 4), (t.stride(0), 1), t.storage_offset())
+    return flat[b]
+
+
+def test_kv_lives_in_vllm_tensors(model_dir, monkeypatch):
+    """The rows APEX stores are in vLLM's tensor where APEX's block layout
+    puts them; vLLM zeroing a free block changes nothing, zeroing a live one
+    changes the result (APEX reads vLLM's memory, nothing else)."""
+    eng = Engine(model_dir, monkeypatch, KVCacheLayout.LBHNC)
+    gen = torch.Generator().manual_seed(0)
+    assert eng.step([(0, 20), (1, 7)], gen) < 1e-5
+    for li, name in enumerate(eng.names):
+        k, v = eng.hist[(li, 0)]
+        for pos in (0, 17, 19):
+            blk = block_bytes(eng.kv[name], eng.tables[0][pos // BS])
+            panel = blk.view(2, HK, BS, D)
+            assert torch.equal(panel[0, :, pos % BS], k[pos])
+            assert torch.equal(panel[1, :, pos % BS], v[pos])
+    used = {b for t in eng.tables.values() for b in t}
+    free = next(b for b in range(NBLK) if b not in used)
+    for name in eng.names:  # vLLM's _zero_block_ids: kv[block_id].zero_()
+        eng.kv[name][free].zero_()
+    assert eng.step([(0, 1), (1, 1)], gen) < 1e-5
+    for name in eng.names:
+        eng.kv[name][eng.tables[1][0]].zero_()
+    assert eng.step([(0, 1), (1, 1)], gen) > 1e-3  # sequence 1 lost its K/V
+    apex_backend.RUNTIME.ctx.close()
+
+
+def test_rebound_kv_tensor_is_refused(model_dir, monkeypatch):
+    eng = Engine(model_dir, monkeypatch, KVCacheLayout.LBHNC)
+    gen = torch.Generator().manual_seed(0)
+    eng.step([(0, 3)], gen)
+    eng.kv[eng.names[1]] = eng.kv[eng.names[1]].clone()
+    with pytest.raises(RuntimeError, match="rebound layer 1's KV tensor"):
+        eng.step([(0, 1)], gen)
+    apex_backend.RUNTIME.ctx.close()
 
 
 def test_bad_block_table_raises_with_apex_message(model_dir, monkeypatch):
-    eng = Engine(model_dir, monkeypatch)
+    eng = Engine(model_dir, monkeypatch, KVCacheLayout.LBHNC)
     gen = torch.Generator().manual_seed(0)
     eng.step([(0, 3)], gen)
     eng.tables[0][0] = NBLK + 5  # a block id past the pool

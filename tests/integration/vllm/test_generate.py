@@ -1,6 +1,7 @@
 """Real vLLM (CPU platform) offline generation on the default model, with and
-without APEX: identical greedy tokens, and APEX's counters show that every
-attention of every layer ran in APEX."""
+without APEX: identical greedy tokens, APEX's counters show that every
+attention of every layer ran in APEX, and the KV is held once: APEX's host
+tier is vLLM's own per-layer KV tensors (no slab of APEX's own)."""
 import json
 import os
 import subprocess
@@ -40,5 +41,16 @@ def test_greedy_tokens_identical_with_and_without_apex(model_dir):
     assert st["kv_rows_written"] == st["rows_attended_host"]
     assert st["errors"] == 0 and st["host_mode"] == 1
     # 1 GiB of blocks: block 32 tokens x kv heads x head_dim x K,V x fp32, all layers
-    block_bytes = 32 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 4 * layers
-    assert st["host_blocks"] == (1 << 30) // block_bytes
+    page = 32 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 4
+    assert st["host_blocks"] == (1 << 30) // (page * layers)
+    # Held once: APEX allocated no host KV; its host tier is exactly vLLM's
+    # per-layer tensors (the worker's kv_caches, same addresses and sizes).
+    vkv = apex["vllm_kv"]
+    assert apex["apex_kv_reason"] is None
+    assert st["host_kv_own_bytes"] == 0
+    assert st["host_kv_external_bytes"] == layers * st["host_blocks"] * page
+    assert vkv["layout"] in ("LBHNC", "LBNHC") and vkv["num_blocks"] == st["host_blocks"]
+    assert [p for p, _ in vkv["tensors"]] == apex["apex_kv_ptrs"]
+    assert all(n == st["host_blocks"] * page for _, n in vkv["tensors"])
+    # vLLM alone allocates the same amount (the pool is sized by the same key)
+    assert base["vllm_kv"]["num_blocks"] == st["host_blocks"]
