@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts
 from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
-from vllm.v1.worker.utils import allocate_kv_cache
+from vllm.v1.worker.utils import allocate_kv_cache, copy_kv_cache_blocks_inplace
 
 import apex_vllm
 from apex_vllm import backend as apex_backend
@@ -191,8 +191,9 @@ def block_bytes(t, b):
 
 def test_kv_lives_in_vllm_tensors(model_dir, monkeypatch):
     """The rows APEX stores are in vLLM's tensor where APEX's block layout
-    puts them; vLLM zeroing a free block changes nothing, zeroing a live one
-    changes the result (APEX reads vLLM's memory, nothing else)."""
+    puts them; vLLM's copy-on-write block copy gives the new block the same
+    K/V for APEX; vLLM zeroing a free block changes nothing, zeroing a live
+    one changes the result (APEX reads vLLM's memory, nothing else)."""
     eng = Engine(model_dir, monkeypatch, KVCacheLayout.LBHNC)
     gen = torch.Generator().manual_seed(0)
     assert eng.step([(0, 20), (1, 7)], gen) < 1e-5
@@ -203,6 +204,15 @@ def test_kv_lives_in_vllm_tensors(model_dir, monkeypatch):
             panel = blk.view(2, HK, BS, D)
             assert torch.equal(panel[0, :, pos % BS], k[pos])
             assert torch.equal(panel[1, :, pos % BS], v[pos])
+    # A partial prefix hit: sequence 2 shares sequence 0's first block through
+    # a copy (the worker's copy_kv_cache_blocks_inplace), then goes on.
+    cow = eng.free.pop()
+    copy_kv_cache_blocks_inplace(list(eng.kv.values()), NBLK, [(eng.tables[0][0], cow)])
+    eng.tables[2] = [cow]
+    for li in range(LAYERS):
+        k, v = eng.hist[(li, 0)]
+        eng.hist[(li, 2)] = (k[:BS].clone(), v[:BS].clone())
+    assert eng.step([(2, 1)], gen) < 1e-5
     used = {b for t in eng.tables.values() for b in t}
     free = next(b for b in range(NBLK) if b not in used)
     for name in eng.names:  # vLLM's _zero_block_ids: kv[block_id].zero_()
