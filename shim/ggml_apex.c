@@ -71,6 +71,15 @@ static int env_on(const char *name) {
     return v && *v && strcmp(v, "0") != 0;
 }
 
+/* 1 the first time for *flag (a log-once flag), 0 after, under g_lock. */
+static int first_time(int *flag) {
+    pthread_mutex_lock(&g_lock);
+    const int first = !*flag;
+    *flag = 1;
+    pthread_mutex_unlock(&g_lock);
+    return first;
+}
+
 /* APEX_GGML_OPS: which ops APEX takes ("fa,kv" by default; "none");
  * APEX_GGML_DISABLE=1: none. Bit 1: attention, bit 2: KV writes. */
 static int ops_mask(void) {
@@ -148,10 +157,7 @@ static int supports_set_rows(const struct ggml_tensor *op) {
     const struct ggml_tensor *src = op->src[0], *idx = op->src[1];
     if (!op->view_src || !is_kv_cache(op)) return 0;
     if (op->ne[0] < 16 || src->ne[0] != op->ne[0]) {
-        pthread_mutex_lock(&g_lock);
-        const int first = !g_logged_fa_off;
-        g_logged_fa_off = 1;
-        pthread_mutex_unlock(&g_lock);
+        const int first = first_time(&g_logged_fa_off);
         if (first)
             fprintf(stderr, "APEX: flash attention is off in this context (transposed V cache): APEX "
                             "takes over attention only with flash attention on (-fa on)\n");
@@ -211,10 +217,7 @@ static int supports_fa(const struct ggml_tensor *op) {
         if (q->ne[1] >= 64) return 0;
         if (q->ne[1] == 1 && q->ne[3] == 1 && k->ne[1] >= 512) return 0;
     }
-    pthread_mutex_lock(&g_lock);
-    const int first = !g_logged_takeover;
-    g_logged_takeover = 1;
-    pthread_mutex_unlock(&g_lock);
+    const int first = first_time(&g_logged_takeover);
     if (first)
         fprintf(stderr,
                 "APEX: taking over llama.cpp's attention: FLASH_ATTN_EXT (%lld query heads, %lld KV heads, "
@@ -689,10 +692,7 @@ static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_
                                                        int64_t n_embd_head_v, bool v_trans) {
     if (ops_mask() == 0) return NULL; /* APEX_GGML_DISABLE=1 / APEX_GGML_OPS=none */
     if (!kv_pool_enabled()) {
-        pthread_mutex_lock(&g_lock);
-        const int first = !g_logged_kv_off;
-        g_logged_kv_off = 1;
-        pthread_mutex_unlock(&g_lock);
+        const int first = first_time(&g_logged_kv_off);
         if (first)
             fprintf(stderr, "APEX: APEX_GGML_KV_POOL=0: llama.cpp allocates its KV cache itself (attention and "
                             "KV writes still run through APEX)\n");
@@ -700,10 +700,7 @@ static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_
     }
     if (buft != ggml_backend_cpu_buffer_type()) {
         /* A GPU layer's KV (a CUDA build without -nkvo): llama.cpp's own. */
-        pthread_mutex_lock(&g_lock);
-        const int first = !g_logged_kv_device;
-        g_logged_kv_device = 1;
-        pthread_mutex_unlock(&g_lock);
+        const int first = first_time(&g_logged_kv_device);
         if (first)
             fprintf(stderr, "APEX: the KV cache of layers on %s stays in llama.cpp's %s buffers: APEX's pool "
                             "takes host-resident KV only (-nkvo keeps all KV in host memory)\n",
