@@ -798,6 +798,28 @@ static void write_out(const cpu_attn_strided_desc *d, const unit *u, const float
         }
 }
 
+/* ggml_flash_attn_ext_reduce_partials: chunks in order, skipping empty
+ * ones, each folded in as ggml's compiled loop does it (the first product
+ * fused: VKQ = fma(VKQ, scale_old, VKQ_c * scale_new), S likewise). */
+static void merge_ggml(const item *items, const unit *u, const float *parts, size_t part_floats,
+                       int32_t nq, int32_t nq_max, int32_t D, float *l, float *acc) {
+    for (int32_t qi = 0; qi < nq; qi++) {
+        float M = -INFINITY, S = 0.0f, *a = acc + (size_t)qi * D;
+        memset(a, 0, (size_t)D * sizeof(float));
+        for (int32_t c = 0; c < u->nsplit; c++) {
+            const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
+            const float Mc = pp[qi], Sc = pp[nq_max + qi];
+            if (Sc == 0.0f) continue;
+            const float Mn = fmaxf(M, Mc), so = expf(M - Mn), sn = expf(Mc - Mn);
+            const float *pa = pp + 2 * (size_t)nq_max + (size_t)qi * D;
+            for (int32_t i = 0; i < D; i++) a[i] = fmaf(a[i], so, pa[i] * sn);
+            S = fmaf(S, so, Sc * sn);
+            M = Mn;
+        }
+        l[qi] = S;
+    }
+}
+
 int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
     if (cpu_attn_strided_check(d) != 0) return -1;
     const int32_t D = d->head_dim, G = d->n_q_heads / d->n_kv_heads;
@@ -852,14 +874,21 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
                 units[ui] = (unit){.s = s, .t0 = t0, .tt = tt, .kvh = h, .nh = nh, .lo = lo, .hi = hi};
         }
 
-    /* Split units into chunks only when there are too few for the threads. */
+    /* Split units into chunks only when there are too few for the threads;
+     * in exact mode only where ggml does (its split-KV decode), into its
+     * chunks of gcs rows. */
     const int32_t target = ITEMS_PER_THREAD * nth;
+    const int ggml_split = d->ggml_compat && d->n_tokens == 1 && d->n_streams == 1 && d->n_kv >= 512;
+    const int32_t gnth = d->ggml_n_threads > 0 ? d->ggml_n_threads : nth;
+    const int32_t gcs = (d->n_kv + gnth - 1) / gnth;
     int32_t nitems = 0, nparts = 0;
     for (int32_t ui = 0; ui < nunits; ui++) {
         unit *u = &units[ui];
         const int32_t len = u->hi - u->lo;
         int32_t ns = 1;
-        if (nunits < target && len > MIN_CHUNK && !d->ggml_compat) {
+        if (ggml_split) {
+            ns = (d->n_kv + gcs - 1) / gcs;
+        } else if (nunits < target && len > MIN_CHUNK && !d->ggml_compat) {
             ns = (target + nunits - 1) / nunits;
             if (ns > len / MIN_CHUNK) ns = len / MIN_CHUNK;
             if (ns < 1) ns = 1;
@@ -885,8 +914,17 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
         for (int32_t c = 0; c < u->nsplit; c++) {
             item *it = &items[u->first + c];
             it->u = ui;
-            it->r0 = u->lo + (int32_t)((int64_t)len * c / u->nsplit);
-            it->r1 = u->lo + (int32_t)((int64_t)len * (c + 1) / u->nsplit);
+            if (ggml_split) {
+                /* ggml's chunk c, less the rows the mask hides (ggml skips
+                 * them); an empty one leaves m = -inf, l = 0. */
+                const int32_t c0 = c * gcs, c1 = c0 + gcs < d->n_kv ? c0 + gcs : d->n_kv;
+                it->r0 = c0 > u->lo ? c0 : u->lo;
+                it->r1 = c1 < u->hi ? c1 : u->hi;
+                if (it->r1 < it->r0) it->r1 = it->r0;
+            } else {
+                it->r0 = u->lo + (int32_t)((int64_t)len * c / u->nsplit);
+                it->r1 = u->lo + (int32_t)((int64_t)len * (c + 1) / u->nsplit);
+            }
             it->part = u->nsplit > 1 ? p++ : -1;
         }
     }
@@ -911,6 +949,11 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
             if (u->nsplit <= 1) continue;
             const int32_t nq = nh * G * u->tt;
             float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
+            if (ggml_split) {
+                merge_ggml(items, u, parts, part_floats, nq, nq_max, D, l, acc);
+                write_out(d, u, l, acc);
+                continue;
+            }
             for (int32_t qi = 0; qi < nq; qi++) {
                 float mx = -INFINITY;
                 for (int32_t c = 0; c < u->nsplit; c++) {

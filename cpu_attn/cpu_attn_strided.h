@@ -54,8 +54,13 @@ typedef struct cpu_attn_strided_desc {
     /* 1: reproduce ggml-cpu's FLASH_ATTN_EXT arithmetic bit for bit (its
      * row-by-row path with an f16 output accumulator, on an AVX-512 build):
      * same results as the engine, so greedy tokens match. Needs f16 KV,
-     * head_dim a multiple of 64 and AVX-512; never splits a range. */
+     * head_dim a multiple of 64 and AVX-512. Ranges are split only where
+     * ggml splits them: one query token of one stream over >= 512 rows
+     * (its split-KV path) is cut into ggml's chunks, ceil(n_kv /
+     * ggml_n_threads) rows each, merged in chunk order as ggml merges. */
     int32_t ggml_compat;
+    int32_t ggml_n_threads; /* ggml-cpu's thread count for the op; 0 = the
+                             * n_threads of cpu_attn_strided              */
 } cpu_attn_strided_desc;
 
 /* 0 if the descriptor is well formed and supported, else -1. */

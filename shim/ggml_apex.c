@@ -212,10 +212,10 @@ static int supports_fa(const struct ggml_tensor *op) {
             log_decline(why);
             return 0;
         }
-        /* ggml-cpu's tiled (>= 64 query tokens) and split-KV (one sequence,
-         * one token, >= 512 rows) paths round differently: theirs to run. */
+        /* ggml-cpu's tiled path (>= 64 query tokens) rounds differently:
+         * ggml-cpu runs it. Its split-KV decode (one sequence, one token, >= 512
+         * rows) the kernel reproduces, given ggml's thread count (run_fa). */
         if (q->ne[1] >= 64) return 0;
-        if (q->ne[1] == 1 && q->ne[3] == 1 && k->ne[1] >= 512) return 0;
     }
     const int first = first_time(&g_logged_takeover);
     if (first)
@@ -226,7 +226,7 @@ static int supports_fa(const struct ggml_tensor *op) {
                 (long long)q->ne[2], (long long)k->ne[2], (long long)k->ne[0], type_name(k->type),
                 cpu_attn_strided_isa(),
                 exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
-                               "and single-sequence decode over >= 512 rows stay on ggml-cpu)"
+                               "stay on ggml-cpu)"
                              : "fp32 mode (APEX_GGML_EXACT=0)");
     return 1;
 }
@@ -286,6 +286,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     memcpy(&d.scale, (const float *)op->op_params + 0, sizeof(float));
     memcpy(&d.softcap, (const float *)op->op_params + 2, sizeof(float));
     d.ggml_compat = exact_mode();
+    d.ggml_n_threads = n_threads; /* llama.cpp gives ggml-cpu and APEX the same count */
     const double t0 = now_s();
     if (cpu_attn_strided(&d, n_threads) != 0) {
         fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
