@@ -34,31 +34,39 @@ static apex_config paged_config(apex_device_kind dev, int64_t device_blocks) {
 }
 
 /* The engine's state: per sequence a block table of scattered ids, its
- * length, and every K/V row it wrote (kv[layer][seq][pos][k|v][ROW]). */
+ * length, and every K/V row it wrote (kv[layer][seq][pos][k|v][ROW]) as the
+ * cache holds it (rounded to kv_dtype). */
 typedef struct {
     apex_context *ctx;
     int32_t table[NSEQ][MAXLEN / BT];
     int32_t len[NSEQ];
     float kv[L][NSEQ][MAXLEN][2][ROW];
+    apex_dtype kv_dtype;
     uint64_t rng;
 } engine;
 
-/* An engine whose host tier is APEX's own slab (kv NULL) or the engine's
- * memory: layer l at kv[l], bytes_per_layer usable there. */
-static engine *engine_new_on(void *const *kv, size_t bytes_per_layer) {
+/* An engine on a context made from c: its host tier APEX's own slab (kv
+ * NULL) or the engine's memory (layer l at kv[l], bytes_per_layer there). */
+static engine *engine_create(const apex_config *c, void *const *kv, size_t bytes_per_layer) {
     engine *e = calloc(1, sizeof *e);
     assert_non_null(e);
     e->rng = 42;
-    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    e->kv_dtype = c->kv_dtype;
     if (kv)
-        assert_ok(apex_paged_context_create(&c, kv, bytes_per_layer, &e->ctx));
+        assert_ok(apex_paged_context_create(c, kv, bytes_per_layer, &e->ctx));
     else
-        assert_ok(apex_context_create(&c, &e->ctx));
+        assert_ok(apex_context_create(c, &e->ctx));
     int64_t n = 0;
     assert_ok(apex_paged_claim(e->ctx, &n));
-    assert_int_equal(n, NB);
-    /* Five blocks per sequence (80 tokens), ids handed out in a scrambled
-     * order as vLLM's free queue does; unused table entries stay 0. */
+    assert_int_equal(n, c->device_blocks + NB);
+    return e;
+}
+
+/* A host-mode engine. Five blocks per sequence (80 tokens), ids handed out
+ * in a scrambled order as vLLM's free queue does; unused entries stay 0. */
+static engine *engine_new_on(void *const *kv, size_t bytes_per_layer) {
+    apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+    engine *e = engine_create(&c, kv, bytes_per_layer);
     int32_t next = 0;
     for (int s = 0; s < NSEQ; s++)
         for (int b = 0; b < 5; b++) e->table[s][b] = (next++ * 7) % NB;
@@ -70,6 +78,31 @@ static engine *engine_new(void) { return engine_new_on(NULL, 0); }
 static void engine_free(engine *e) {
     assert_ok(apex_context_destroy(e->ctx));
     free(e);
+}
+
+/* An engine on an emulated device with ND device blocks (ids [0, ND)) and
+ * NB host blocks (ids ND + h): sequences 0 and 3 on the device tier, 1 on
+ * the host tier, 2 on both (blocks alternate). */
+enum { ND = 8 };
+static engine *engine_new_tiers(apex_dtype kv_dtype) {
+    apex_config c = paged_config(APEX_DEVICE_EMULATED, ND);
+    c.kv_dtype = kv_dtype;
+    engine *e = engine_create(&c, NULL, 0);
+    static const int32_t tables[NSEQ][5] = {
+        {5, 2, 7, 0, 3},
+        {ND + 11, ND + 4, ND + 17, ND + 0, ND + 23},
+        {6, ND + 9, 1, ND + 20, ND + 2},
+        {4, 4, 4, 4, 4},
+    };
+    for (int s = 0; s < NSEQ; s++) memcpy(e->table[s], tables[s], sizeof tables[s]);
+    return e;
+}
+
+/* What the cache holds for val. */
+static float kv_round(apex_dtype t, float val) {
+    float r = 0;
+    apex_store_f32(&r, t, 0, val);
+    return apex_load_f32(&r, t, 0);
 }
 
 /* Appends n tokens to seq in every layer through apex_paged_kv_write, the
@@ -86,7 +119,7 @@ static void engine_append(engine *e, int seq, int n) {
             for (int w = 0; w < 2; w++)
                 for (int x = 0; x < ROW; x++) {
                     float val = test_rand_f(&e->rng);
-                    e->kv[l][seq][pos][w][x] = val;
+                    e->kv[l][seq][pos][w][x] = kv_round(e->kv_dtype, val);
                     qkv[(size_t)(i + 1) * QKV + (size_t)HQ * D + (size_t)w * ROW + x] = val;
                 }
         }
@@ -101,7 +134,7 @@ static void engine_append(engine *e, int seq, int n) {
 
 /* out[row][HQ][D] for the batch, from the engine's own rows. */
 static void naive_batch(const engine *e, int layer, int n, const int *seqs, const int32_t *qsl,
-                        const float *q, int window, double *out) {
+                        const float *q, int window, float softcap, double *out) {
     float *k = malloc(sizeof(float) * MAXLEN * D), *v = malloc(sizeof(float) * MAXLEN * D);
     for (int i = 0; i < n; i++) {
         int s = seqs[i], ql = qsl[i + 1] - qsl[i];
@@ -116,7 +149,8 @@ static void naive_batch(const engine *e, int layer, int n, const int *seqs, cons
                         v[t * D + x] = e->kv[layer][s][t][1][kh * D + x];
                     }
                 test_naive_attention(q + ((size_t)row * HQ + h) * D, D, k, v, D, start, len,
-                                     1.0f / sqrtf((float)D), 0, out + ((size_t)row * HQ + h) * D);
+                                     1.0f / sqrtf((float)D), softcap,
+                                     out + ((size_t)row * HQ + h) * D);
             }
         }
     }
@@ -124,49 +158,92 @@ static void naive_batch(const engine *e, int layer, int n, const int *seqs, cons
     free(v);
 }
 
-/* A mixed batch: a decode row, a whole prompt, a chunk of a longer prompt
- * and an idle sequence, against the naive reference, with and without a
- * window. */
-static void mixed_batch_matches_reference(engine *e) {
-    engine_append(e, 0, 37);
-    engine_append(e, 1, 20);
-    engine_append(e, 2, 50);
-    engine_append(e, 3, 3);
+/* One decode step: a token for every sequence in one kv_write call (so
+ * one call crosses tiers when the sequences do), a padding row between. */
+static void engine_step(engine *e) {
+    float k[2 * NSEQ][ROW], v[2 * NSEQ][ROW];
+    int64_t slots[2 * NSEQ];
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < NSEQ; s++) {
+            int pos = e->len[s];
+            slots[2 * s] = (int64_t)e->table[s][pos / BT] * BT + pos % BT;
+            slots[2 * s + 1] = -1;
+            for (int x = 0; x < ROW; x++) {
+                k[2 * s][x] = test_rand_f(&e->rng);
+                v[2 * s][x] = test_rand_f(&e->rng);
+                k[2 * s + 1][x] = v[2 * s + 1][x] = NAN; /* never read */
+                e->kv[l][s][pos][0][x] = kv_round(e->kv_dtype, k[2 * s][x]);
+                e->kv[l][s][pos][1][x] = kv_round(e->kv_dtype, v[2 * s][x]);
+            }
+            if (s == NSEQ - 1)
+                assert_ok(apex_paged_kv_write(e->ctx, l, 2 * NSEQ, slots, k, ROW, v, ROW,
+                                              APEX_DTYPE_F32));
+        }
+    for (int s = 0; s < NSEQ; s++) e->len[s]++;
+}
+
+/* The batch qsl over every sequence at its current length, q and out of
+ * dtype dt, against the naive reference for (window, softcap) in (0, 0),
+ * (9, 0), (0, 3): within tol; dev_rows of its rows ran on the device. */
+static void check_batch(engine *e, const int32_t *qsl, apex_dtype dt, double tol,
+                        int dev_rows) {
     int seqs[NSEQ] = {0, 1, 2, 3};
-    int32_t qsl[NSEQ + 1] = {0, 1, 21, 26, 26}; /* q_len 1, 20, 5, 0 */
     int32_t lens[NSEQ];
     for (int s = 0; s < NSEQ; s++) lens[s] = e->len[s];
     int rows = qsl[NSEQ];
-    float *q = malloc(sizeof(float) * (size_t)rows * HQ * D);
-    float *out = malloc(sizeof(float) * (size_t)rows * HQ * D);
-    double *ref = malloc(sizeof(double) * (size_t)rows * HQ * D);
-    for (int i = 0; i < rows * HQ * D; i++) q[i] = test_rand_f(&e->rng);
+    size_t n = (size_t)rows * HQ * D;
+    float *qf = malloc(sizeof(float) * n);
+    void *q = malloc(4 * n), *out = malloc(4 * n);
+    double *ref = malloc(sizeof(double) * n);
+    for (size_t i = 0; i < n; i++) {
+        apex_store_f32(q, dt, i, test_rand_f(&e->rng));
+        qf[i] = apex_load_f32(q, dt, i);
+    }
+    static const struct { int window; float softcap; } variants[] = {{0, 0}, {9, 0}, {0, 3}};
     assert_ok(apex_stats_reset(e->ctx));
-    for (int window = 0; window <= 9; window += 9)
+    for (int vi = 0; vi < 3; vi++)
         for (int l = 0; l < L; l++) {
             apex_attn_opts o = apex_attn_opts_default(e->ctx);
-            o.window = window;
+            o.window = variants[vi].window;
+            o.softcap = variants[vi].softcap;
+            o.q_dtype = o.out_dtype = dt;
+            memset(out, 0xff, 4 * n); /* NaN wherever nothing is written */
             assert_ok(apex_paged_attention(e->ctx, l, NSEQ, qsl, lens, &e->table[0][0],
                                            MAXLEN / BT, q, out, &o));
-            naive_batch(e, l, NSEQ, seqs, qsl, q, window, ref);
-            for (int i = 0; i < rows * HQ * D; i++)
-                if (fabs(out[i] - ref[i]) > 2e-5)
-                    fail_msg("layer %d window %d: row %d elem %d: %g vs %g", l, window,
-                             i / (HQ * D), i % (HQ * D), out[i], ref[i]);
+            naive_batch(e, l, NSEQ, seqs, qsl, qf, o.window, o.softcap, ref);
+            for (size_t i = 0; i < n; i++)
+                if (!(fabs(apex_load_f32(out, dt, i) - ref[i]) <= tol))
+                    fail_msg("layer %d window %d softcap %g: row %zu elem %zu: %g vs %g", l,
+                             o.window, o.softcap, i / (HQ * D), i % (HQ * D),
+                             apex_load_f32(out, dt, i), ref[i]);
         }
     apex_stats st;
     assert_ok(apex_stats_get(e->ctx, &st));
-    assert_int_equal(st.attention_calls, 4);
-    assert_int_equal(st.seqs_attended_host, 4 * rows);
+    assert_int_equal(st.attention_calls, 3 * L);
+    assert_int_equal(st.seqs_attended_host, 3 * L * (rows - dev_rows));
+    assert_int_equal(st.seqs_attended_device, 3 * L * dev_rows);
     assert_int_equal(st.errors, 0);
+    free(qf);
     free(q);
     free(out);
     free(ref);
 }
 
+/* A mixed batch: a decode row, a whole prompt, a chunk of a longer prompt
+ * and an idle sequence, against the naive reference. With engine_new_tiers
+ * the decode row is a device-tier sequence's, the chunk a mixed one's. */
+static void mixed_batch_matches_reference(engine *e, int dev_rows) {
+    engine_append(e, 0, 37);
+    engine_append(e, 1, 20);
+    engine_append(e, 2, 50);
+    engine_append(e, 3, 3);
+    int32_t qsl[NSEQ + 1] = {0, 1, 21, 26, 26}; /* q_len 1, 20, 5, 0 */
+    check_batch(e, qsl, APEX_DTYPE_F32, 2e-5, dev_rows);
+}
+
 static void test_mixed_batch_matches_reference(void **state) {
     engine *e = engine_new();
-    mixed_batch_matches_reference(e);
+    mixed_batch_matches_reference(e, 0);
     uint64_t own = 0, ext = 1;
     assert_ok(apex_paged_host_kv(e->ctx, &own, &ext, NULL));
     assert_true(own >= (uint64_t)L * NB * BLOCK_BYTES_F32);
@@ -205,7 +282,7 @@ static void test_external_host_memory(void **state) {
     for (int l = 0; l < L; l++)
         for (int b = 20; b < NB; b++) memset((uint8_t *)kv[l] + (size_t)b * BLOCK_BYTES_F32, 0,
                                              BLOCK_BYTES_F32);
-    mixed_batch_matches_reference(e);
+    mixed_batch_matches_reference(e, 0);
     /* Row 36 of sequence 0, layer 1: K of kv head 1 where apex.h says. */
     int32_t blk = e->table[0][36 / BT];
     const float *k = (const float *)((uint8_t *)kv[1] + (size_t)blk * BLOCK_BYTES_F32);
@@ -440,9 +517,9 @@ static void test_errors_change_nothing(void **state) {
     assert_ok(apex_context_destroy(ctx));
 }
 
-/* With a device, engine ids below device_blocks are device-tier blocks:
- * refused (this ABI version attends host-tier blocks); ids past them are
- * the host pool's and work. */
+/* With a device, engine ids below device_blocks are device-tier blocks and
+ * ids past them the host pool's: a row written to either is where the
+ * layout says, and attention over either gives its V row back. */
 static void test_device_blocks_split_ids(void **state) {
     apex_config c = paged_config(APEX_DEVICE_EMULATED, 8);
     apex_context *ctx;
@@ -452,23 +529,133 @@ static void test_device_blocks_split_ids(void **state) {
     assert_int_equal(n, 8 + NB);
     void *dbase, *hbase;
     int64_t dn, hn;
-    assert_ok(apex_paged_layer_kv(ctx, 1, APEX_TIER_DEVICE, &dbase, &dn));
-    assert_ok(apex_paged_layer_kv(ctx, 1, APEX_TIER_HOST, &hbase, &hn));
+    assert_ok(apex_paged_layer_kv(ctx, 0, APEX_TIER_DEVICE, &dbase, &dn));
+    assert_ok(apex_paged_layer_kv(ctx, 0, APEX_TIER_HOST, &hbase, &hn));
     assert_int_equal(dn, 8);
     assert_int_equal(hn, NB);
-    float k[ROW], q[HQ * D], out[HQ * D];
-    for (int x = 0; x < ROW; x++) k[x] = (float)x / ROW;
+    float k[ROW], v[ROW], q[HQ * D], out[HQ * D];
+    for (int x = 0; x < ROW; x++) {
+        k[x] = (float)x / ROW;
+        v[x] = 1.0f - (float)x / ROW;
+    }
     for (int i = 0; i < HQ * D; i++) q[i] = 0.5f;
     int64_t dslot = 3 * BT, hslot = 8 * BT; /* block 3: device; block 8: host block 0 */
-    assert_status(apex_paged_kv_write(ctx, 0, 1, &dslot, k, ROW, k, ROW, APEX_DTYPE_F32), APEX_ERR_UNSUPPORTED);
-    assert_ok(apex_paged_kv_write(ctx, 0, 1, &hslot, k, ROW, k, ROW, APEX_DTYPE_F32));
+    assert_ok(apex_paged_kv_write(ctx, 0, 1, &dslot, k, ROW, v, ROW, APEX_DTYPE_F32));
+    assert_ok(apex_paged_kv_write(ctx, 0, 1, &hslot, v, ROW, k, ROW, APEX_DTYPE_F32));
+    /* The emulated device's memory is host memory: read the slabs directly. */
+    const float *dk = (const float *)((uint8_t *)dbase + 3 * BLOCK_BYTES_F32);
+    const float *hk = (const float *)hbase;
+    assert_true(dk[(size_t)1 * BT * D + 5] == k[D + 5]);
+    assert_true(dk[(size_t)HK * BT * D + 7] == v[7]);
+    assert_true(hk[(size_t)1 * BT * D + 5] == v[D + 5]);
     int32_t qsl[2] = {0, 1}, len = 1, dtab[1] = {3}, htab[1] = {8};
-    assert_status(apex_paged_attention(ctx, 0, 1, qsl, &len, dtab, 1, q, out, NULL), APEX_ERR_UNSUPPORTED);
-    assert_ok(apex_paged_attention(ctx, 0, 1, qsl, &len, htab, 1, q, out, NULL));
-    /* One token: the output is its V row (kv head h/2 for q head h). */
-    for (int h = 0; h < HQ; h++)
-        for (int x = 0; x < D; x++) assert_float_equal(out[h * D + x], k[(h / 2) * D + x], 1e-6);
+    const float *want[2] = {v, k};
+    for (int t = 0; t < 2; t++) {
+        assert_ok(apex_paged_attention(ctx, 0, 1, qsl, &len, t ? htab : dtab, 1, q, out, NULL));
+        /* One token: the output is its V row (kv head h/2 for q head h). */
+        for (int h = 0; h < HQ; h++)
+            for (int x = 0; x < D; x++)
+                assert_float_equal(out[h * D + x], want[t][(h / 2) * D + x], 1e-6);
+    }
+    apex_stats st;
+    assert_ok(apex_stats_get(ctx, &st));
+    assert_int_equal(st.seqs_attended_device, 1);
+    assert_int_equal(st.seqs_attended_host, 1);
     assert_ok(apex_context_destroy(ctx));
+}
+
+/* Device-tier, host-tier and mixed-tier sequences in one batch: prefill
+ * appends, a device-tier chunk longer than max_batch, whole prompts,
+ * interleaved decode rows, a decode step whose kv_write crosses tiers. */
+static void test_tiers_match_reference(void **state) {
+    engine *e = engine_new_tiers(APEX_DTYPE_F32);
+    mixed_batch_matches_reference(e, 1); /* sequence 0's decode row on the device */
+    int32_t qsl_chunks[NSEQ + 1] = {0, 12, 13, 14, 17}; /* 12 | 1 | 1 | 3 (whole prompt) */
+    check_batch(e, qsl_chunks, APEX_DTYPE_F32, 2e-5, 12 + 3);
+    engine_step(e);
+    int32_t qsl_decode[NSEQ + 1] = {0, 1, 2, 3, 4};
+    check_batch(e, qsl_decode, APEX_DTYPE_F32, 2e-5, 2);
+    /* Rows landed on their tier: sequence 0 position 37 (device block 7),
+     * sequence 2 position 20 (host block 9). */
+    void *dbase, *hbase;
+    assert_ok(apex_paged_layer_kv(e->ctx, 1, APEX_TIER_DEVICE, &dbase, NULL));
+    assert_ok(apex_paged_layer_kv(e->ctx, 1, APEX_TIER_HOST, &hbase, NULL));
+    const float *dk = (const float *)((uint8_t *)dbase + 7 * BLOCK_BYTES_F32);
+    const float *hk = (const float *)((uint8_t *)hbase + 9 * BLOCK_BYTES_F32);
+    assert_true(dk[(37 % BT) * D + 3] == e->kv[1][0][37][0][3]);
+    assert_true(hk[(size_t)HK * BT * D + (20 % BT) * D + 4] == e->kv[1][2][20][1][4]);
+    engine_free(e);
+}
+
+/* A bf16 KV cache on both tiers with fp16 and bf16 activations. */
+static void test_tiers_half_dtypes(void **state) {
+    engine *e = engine_new_tiers(APEX_DTYPE_BF16);
+    engine_append(e, 0, 37);
+    engine_append(e, 1, 20);
+    engine_append(e, 2, 50);
+    engine_append(e, 3, 3);
+    int32_t qsl[NSEQ + 1] = {0, 12, 13, 14, 17};
+    check_batch(e, qsl, APEX_DTYPE_F16, 2e-3, 15);
+    engine_step(e);
+    int32_t qsl_decode[NSEQ + 1] = {0, 1, 2, 3, 4};
+    check_batch(e, qsl_decode, APEX_DTYPE_BF16, 1e-2, 2);
+    engine_free(e);
+}
+
+/* With device-tier blocks involved, every refused call changes neither
+ * tier's blocks nor the output. */
+static void test_tiers_errors_change_nothing(void **state) {
+    engine *e = engine_new_tiers(APEX_DTYPE_F32);
+    engine_append(e, 0, 20);
+    engine_append(e, 2, 20);
+    void *dbase, *hbase;
+    assert_ok(apex_paged_layer_kv(e->ctx, 0, APEX_TIER_DEVICE, &dbase, NULL));
+    assert_ok(apex_paged_layer_kv(e->ctx, 0, APEX_TIER_HOST, &hbase, NULL));
+    size_t dbytes = (size_t)ND * BLOCK_BYTES_F32, hbytes = (size_t)NB * BLOCK_BYTES_F32;
+    void *dsnap = malloc(dbytes), *hsnap = malloc(hbytes);
+    memcpy(dsnap, dbase, dbytes);
+    memcpy(hsnap, hbase, hbytes);
+    apex_stats before, after;
+    assert_ok(apex_stats_get(e->ctx, &before));
+
+    float k[3][ROW], q[2][HQ * D], out[2][HQ * D];
+    for (int r = 0; r < 3; r++)
+        for (int x = 0; x < ROW; x++) k[r][x] = 1.0f;
+    k[2][9] = NAN;
+    /* A device row and a host row first, then the bad one. */
+    int64_t nan_slots[3] = {2 * BT + 4, (ND + 11) * BT + 4, 5 * BT + 1};
+    assert_status(apex_paged_kv_write(e->ctx, 0, 3, nan_slots, k, ROW, k, ROW, APEX_DTYPE_F32),
+                  APEX_ERR_INVALID_ARG);
+    int64_t far_slots[2] = {2 * BT + 4, (int64_t)(ND + NB) * BT};
+    assert_status(apex_paged_kv_write(e->ctx, 0, 2, far_slots, k, ROW, k, ROW, APEX_DTYPE_F32),
+                  APEX_ERR_OUT_OF_RANGE);
+
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < HQ * D; i++) {
+            q[r][i] = 0.1f;
+            out[r][i] = -7.0f;
+        }
+    int32_t qsl[3] = {0, 1, 2}, lens[2] = {20, 20};
+    int32_t table[2][2] = {{5, 2}, {6, ND + 9}}; /* device, mixed */
+    q[1][3] = INFINITY;
+    assert_status(apex_paged_attention(e->ctx, 0, 2, qsl, lens, &table[0][0], 2, q, out, NULL),
+                  APEX_ERR_INVALID_ARG);
+    q[1][3] = 0.1f;
+    table[1][1] = ND + NB;
+    assert_status(apex_paged_attention(e->ctx, 0, 2, qsl, lens, &table[0][0], 2, q, out, NULL),
+                  APEX_ERR_OUT_OF_RANGE);
+
+    assert_ok(apex_stats_get(e->ctx, &after));
+    assert_int_equal(after.errors, before.errors + 4);
+    assert_int_equal(after.kv_rows_written, before.kv_rows_written);
+    assert_int_equal(after.attention_calls, before.attention_calls);
+    assert_memory_equal(dsnap, dbase, dbytes);
+    assert_memory_equal(hsnap, hbase, hbytes);
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < HQ * D; i++) assert_true(out[r][i] == -7.0f);
+    free(dsnap);
+    free(hsnap);
+    engine_free(e);
 }
 
 int main(void) {
@@ -477,6 +664,9 @@ int main(void) {
         cmocka_unit_test(test_half_dtypes),
         cmocka_unit_test(test_errors_change_nothing),
         cmocka_unit_test(test_device_blocks_split_ids),
+        cmocka_unit_test(test_tiers_match_reference),
+        cmocka_unit_test(test_tiers_half_dtypes),
+        cmocka_unit_test(test_tiers_errors_change_nothing),
         cmocka_unit_test(test_external_host_memory),
         cmocka_unit_test(test_external_sizes_and_device),
         cmocka_unit_test(test_external_bad_args),

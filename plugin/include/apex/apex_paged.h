@@ -20,9 +20,20 @@
  * The KV layout is apex.h's: per layer and tier a slab [n_blocks][block],
  * a block is K [n_kv_heads][block_tokens][head_dim] then V likewise.
  *
- * This version runs on the host tier (host mode, or host-tier blocks of a
- * context with a device): a call that touches a device-tier block returns
- * APEX_ERR_UNSUPPORTED and changes nothing.
+ * Both tiers work (device-tier ids exist only in a context with a device).
+ * The calls are synchronous: q, out, k, v, slots and block tables are host
+ * memory; each call first waits for the context's earlier work (its async
+ * calls included), does its device work on APEX's own stream of the context
+ * (never an engine stream) through the device pipeline's pinned and device
+ * staging buffers (max_batch rows at a time), and waits for it before
+ * returning.
+ * A batch touching no device-tier block enqueues no device work.
+ *
+ * Errors: bad input (ids, slots, lengths, NaN/Inf, options) is found before
+ * anything changes. A device failure after that (a copy or kernel launch the
+ * device refuses) is returned as is; kv_write has then stored none of the
+ * host-tier rows but possibly some device-tier ones, attention has written
+ * part of out.
  */
 #ifndef APEX_PAGED_H
 #define APEX_PAGED_H
@@ -94,7 +105,11 @@ APEX_API apex_status apex_paged_layer_kv(apex_context *ctx, int32_t layer, apex_
 /* Stores n K/V rows of layer at slots[i] (< 0: skipped, an engine's padding).
  * Row i of k is at k + i * k_row_stride elements of src_dtype and holds
  * [n_kv_heads][head_dim] contiguously (likewise v), so slices of a fused QKV
- * tensor need no copy. Validates everything (slots, NaN/Inf) first. */
+ * tensor need no copy. Validates everything (slots, NaN/Inf) first.
+ * Host-tier rows are converted and stored by the host. Device-tier rows are
+ * packed into pinned staging, copied to the device (the rows and their
+ * slots, max_batch rows a copy) and stored by the device's KV-append kernel,
+ * converted to kv_dtype there; they are in place when the call returns. */
 APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64_t n,
                                          const int64_t *slots, const void *k,
                                          int64_t k_row_stride, const void *v,
@@ -111,8 +126,18 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
  *   block_table: row i at block_table + i * block_table_stride, holding
  *       ceil(seq_len / block_tokens) block ids
  *   q, out: [query_start_loc[n_seqs]][n_q_heads][head_dim], contiguous
- * Each query row is one decode-attention problem, run by APEX's CPU kernel
- * in batches of at most max_batch rows; a sequence with q_len 0 is skipped. */
+ * Each query row is one decode-attention problem, run in batches of at most
+ * max_batch rows; a sequence with q_len 0 is skipped. Where a sequence runs
+ * depends on the ids in its ceil(seq_len / block_tokens) table entries:
+ *   all host-tier: APEX's CPU kernel over the host tier, in place;
+ *   all device-tier: the device's paged-decode kernel. Its q rows, lengths
+ *       and table rows are copied to the device, its output rows back;
+ *   both tiers: its device-tier blocks are copied to pinned host scratch
+ *       (with its host-tier ones, in table order) and the CPU kernel runs
+ *       over that copy: correct, but it moves the sequence's whole KV of
+ *       the layer across the bus each call. An engine that wants speed keeps
+ *       a sequence on one tier.
+ * The device's last batch overlaps the CPU kernel's work on the others. */
 APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int32_t n_seqs,
                                           const int32_t *query_start_loc,
                                           const int32_t *seq_lens, const int32_t *block_table,
