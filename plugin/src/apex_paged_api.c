@@ -508,15 +508,16 @@ static apex_status paged_dev_seq(apex_context *ctx, int32_t layer, paged_dev *p,
     return APEX_OK;
 }
 
-/* A mixed-tier sequence's blocks copied, in table order, into the pinned
- * scratch (device blocks D2H on the context's own stream, host blocks by
- * memcpy), so the CPU kernel reads block b of the sequence at scratch block b. */
+/* Blocks [first, nb) of a mixed-tier sequence copied, in table order, into
+ * the pinned scratch (device blocks D2H on the context's own stream, host
+ * blocks by memcpy), so the CPU kernel reads block b of the sequence at
+ * scratch block b; the blocks before first lie before every row's window. */
 static apex_status paged_gather(apex_context *ctx, int32_t layer, const int32_t *ids,
-                                int32_t nb, uint8_t *scratch) {
+                                int32_t first, int32_t nb, uint8_t *scratch) {
     apex_device *dev = ctx->dev;
     int64_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks;
     size_t bb = ctx->block_bytes;
-    for (int32_t b = 0; b < nb; b++) {
+    for (int32_t b = first; b < nb; b++) {
         if (ids[b] >= nd) {
             memcpy(scratch + b * bb, block_pool_at(&ctx->pools[APEX_TIER_HOST], layer,
                                                    (int32_t)(ids[b] - nd)), bb);
@@ -558,7 +559,10 @@ static apex_status paged_attend_mixed(apex_context *ctx, int32_t layer, int32_t 
         const int32_t *ids = table + (size_t)i * stride;
         if (ql == 0 || paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
         if (!scratch && (st = paged_scratch(ctx, &scratch, &ident))) break;
-        if (!(st = paged_gather(ctx, layer, ids, nb, scratch)) &&
+        uint64_t unused = 0; /* the first row starts the earliest */
+        int32_t len0 = paged_row_len(seq_lens[i], ql, 0, o, &unused);
+        int32_t first = o->window > 0 && len0 > o->window ? (len0 - o->window) / bt : 0;
+        if (!(st = paged_gather(ctx, layer, ids, first, nb, scratch)) &&
             !(st = paged_cpu_seq(ctx, &p, scratch, qsl[i], ql, seq_lens[i], ident, 0, q, out,
                                  o)))
             st = paged_cpu_flush(ctx, &p, q, out, o); /* before the scratch is reused */

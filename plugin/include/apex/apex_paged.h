@@ -132,11 +132,11 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
  *   all host-tier: APEX's CPU kernel over the host tier, in place;
  *   all device-tier: the device's paged-decode kernel. Its q rows, lengths
  *       and table rows are copied to the device, its output rows back;
- *   both tiers: its device-tier blocks are copied to pinned host scratch
- *       (with its host-tier ones, in table order) and the CPU kernel runs
- *       over that copy: correct, but it moves the sequence's whole KV of
- *       the layer across the bus each call. An engine that wants speed keeps
- *       a sequence on one tier.
+ *   both tiers: its blocks that a row's window reaches (all without a
+ *       window) are copied to pinned host scratch, device-tier ones from the
+ *       device, in table order, and the CPU kernel runs over that copy:
+ *       correct, but it moves the sequence's KV of the layer across the bus
+ *       each call. An engine that wants speed keeps a sequence on one tier.
  * The device's last batch overlaps the CPU kernel's work on the others. */
 APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int32_t n_seqs,
                                           const int32_t *query_start_loc,
