@@ -158,27 +158,29 @@ static void naive_batch(const engine *e, int layer, int n, const int *seqs, cons
     free(v);
 }
 
-/* One decode step: a token for every sequence in one kv_write call (so
- * one call crosses tiers when the sequences do), a padding row between. */
-static void engine_step(engine *e) {
-    float k[2 * NSEQ][ROW], v[2 * NSEQ][ROW];
+/* One decode step: a token for every sequence in one kv_write call of
+ * src-typed rows (so one call crosses tiers when the sequences do), a
+ * padding row between. */
+static void engine_step(engine *e, apex_dtype src) {
+    float k[2 * NSEQ][ROW], v[2 * NSEQ][ROW]; /* room for any src dtype */
     int64_t slots[2 * NSEQ];
-    for (int l = 0; l < L; l++)
+    for (int l = 0; l < L; l++) {
         for (int s = 0; s < NSEQ; s++) {
             int pos = e->len[s];
             slots[2 * s] = (int64_t)e->table[s][pos / BT] * BT + pos % BT;
             slots[2 * s + 1] = -1;
             for (int x = 0; x < ROW; x++) {
-                k[2 * s][x] = test_rand_f(&e->rng);
-                v[2 * s][x] = test_rand_f(&e->rng);
-                k[2 * s + 1][x] = v[2 * s + 1][x] = NAN; /* never read */
-                e->kv[l][s][pos][0][x] = kv_round(e->kv_dtype, k[2 * s][x]);
-                e->kv[l][s][pos][1][x] = kv_round(e->kv_dtype, v[2 * s][x]);
+                size_t at = (size_t)2 * s * ROW + x, pad = at + ROW;
+                apex_store_f32(k, src, at, test_rand_f(&e->rng));
+                apex_store_f32(v, src, at, test_rand_f(&e->rng));
+                apex_store_f32(k, src, pad, NAN); /* never read */
+                apex_store_f32(v, src, pad, NAN);
+                e->kv[l][s][pos][0][x] = kv_round(e->kv_dtype, apex_load_f32(k, src, at));
+                e->kv[l][s][pos][1][x] = kv_round(e->kv_dtype, apex_load_f32(v, src, at));
             }
-            if (s == NSEQ - 1)
-                assert_ok(apex_paged_kv_write(e->ctx, l, 2 * NSEQ, slots, k, ROW, v, ROW,
-                                              APEX_DTYPE_F32));
         }
+        assert_ok(apex_paged_kv_write(e->ctx, l, 2 * NSEQ, slots, k, ROW, v, ROW, src));
+    }
     for (int s = 0; s < NSEQ; s++) e->len[s]++;
 }
 
@@ -572,7 +574,7 @@ static void test_tiers_match_reference(void **state) {
     mixed_batch_matches_reference(e, 1); /* sequence 0's decode row on the device */
     int32_t qsl_chunks[NSEQ + 1] = {0, 12, 13, 14, 17}; /* 12 | 1 | 1 | 3 (whole prompt) */
     check_batch(e, qsl_chunks, APEX_DTYPE_F32, 2e-5, 12 + 3);
-    engine_step(e);
+    engine_step(e, APEX_DTYPE_F32);
     int32_t qsl_decode[NSEQ + 1] = {0, 1, 2, 3, 4};
     check_batch(e, qsl_decode, APEX_DTYPE_F32, 2e-5, 2);
     /* Rows landed on their tier: sequence 0 position 37 (device block 7),
@@ -587,7 +589,7 @@ static void test_tiers_match_reference(void **state) {
     engine_free(e);
 }
 
-/* A bf16 KV cache on both tiers with fp16 and bf16 activations. */
+/* A bf16 KV cache on both tiers with fp16 and bf16 activations, fp16 K/V rows. */
 static void test_tiers_half_dtypes(void **state) {
     engine *e = engine_new_tiers(APEX_DTYPE_BF16);
     engine_append(e, 0, 37);
@@ -596,7 +598,7 @@ static void test_tiers_half_dtypes(void **state) {
     engine_append(e, 3, 3);
     int32_t qsl[NSEQ + 1] = {0, 12, 13, 14, 17};
     check_batch(e, qsl, APEX_DTYPE_F16, 2e-3, 15);
-    engine_step(e);
+    engine_step(e, APEX_DTYPE_F16); /* fp16 rows converted by both tiers */
     int32_t qsl_decode[NSEQ + 1] = {0, 1, 2, 3, 4};
     check_batch(e, qsl_decode, APEX_DTYPE_BF16, 1e-2, 2);
     engine_free(e);
