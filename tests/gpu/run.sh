@@ -4,7 +4,8 @@
 # Builds APEX with CUDA (sm_90 only unless APEX_CUDA_ARCHS says otherwise),
 # runs every CUDA kernel against the CPU reference (test_cuda_kernels), the
 # bandwidth benchmark (bench_cuda), the hybrid pipeline's unit test on the
-# GPU (test_pipeline, APEX_TEST_DEVICE=cuda) and benchmark, and the torch-op
+# GPU (test_pipeline, APEX_TEST_DEVICE=cuda) and benchmark, the paged ABI's
+# device-tier tests (test_paged_api, APEX_TEST_DEVICE=cuda), and the torch-op
 # shim on CUDA tensors (run_torch_shim.sh), and writes
 # OUTDIR/gpu_report.json (their results, nvidia-smi facts, build status) plus
 # OUTDIR/gpu_run.log (build output and every program's stderr).
@@ -54,7 +55,7 @@ BUILD_S=$(($(date +%s) - T0))
 say "build ok=$BUILD_OK in ${BUILD_S}s (archs $ARCHS)"
 # The hybrid pipeline's unit test pointed at the GPU, and its benchmark.
 PIPE_BUILT=false
-if [ "$BUILD_OK" = true ] && cmake --build "$BUILD" -j16 --target test_pipeline apex-bench >>"$LOG" 2>&1; then
+if [ "$BUILD_OK" = true ] && cmake --build "$BUILD" -j16 --target test_pipeline test_paged_api apex-bench >>"$LOG" 2>&1; then
     PIPE_BUILT=true
 fi
 
@@ -86,6 +87,14 @@ if [ "$PIPE_BUILT" = true ]; then
     RC_PIPE=$?
     PIPE_S=$(($(date +%s) - T0))
     say "test_pipeline (cuda) exit $RC_PIPE in ${PIPE_S}s"
+fi
+# The paged ABI (engine-owned block tables) with device-tier blocks on the GPU.
+RC_PAGED=127
+if [ "$PIPE_BUILT" = true ]; then
+    say "running test_paged_api with APEX_TEST_DEVICE=cuda"
+    APEX_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout 120 "$BUILD/bin/test_paged_api" >>"$LOG" 2>&1
+    RC_PAGED=$?
+    say "test_paged_api (cuda) exit $RC_PAGED"
 fi
 # How much of the CPU cohort's attention hides under the GPU cohort's.
 RC_PBENCH=127
@@ -124,8 +133,8 @@ NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')
         "$GPU_NAME" "$DRIVER" "$MEM_MB" "$SM_CLK" "$MEM_CLK" "$PCIE"
     printf '"build":{"ok":%s,"seconds":%s,"archs":"%s","nvcc":"%s","missing_packages":"%s"},' \
         "$BUILD_OK" "$BUILD_S" "$ARCHS" "$NVCC" "${missing[*]:-}"
-    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s,"test_pipeline_cuda":%s,"bench_pipeline":%s,"torch_shim":%s},' \
-        "$RC_TEST" "$RC_BENCH" "$RC_PIPE" "$RC_PBENCH" "$RC_TORCH"
+    printf '"exit_codes":{"test_cuda_kernels":%s,"bench_cuda":%s,"test_pipeline_cuda":%s,"test_paged_api_cuda":%s,"bench_pipeline":%s,"torch_shim":%s},' \
+        "$RC_TEST" "$RC_BENCH" "$RC_PIPE" "$RC_PAGED" "$RC_PBENCH" "$RC_TORCH"
     printf '"test_pipeline_cuda":{"built":%s,"passed":%s,"seconds":%s},' "$PIPE_BUILT" \
         "$([ "$RC_PIPE" = 0 ] && echo true || echo false)" "$PIPE_S"
     printf '"test_cuda_kernels":%s,' "$(cat "$OUT/test_cuda_kernels.json")"
@@ -138,4 +147,4 @@ rm -f "$OUT/test_cuda_kernels.json" "$OUT/bench_cuda.json" "$OUT/pipeline.json" 
 say "wrote $OUT/gpu_report.json"
 cat "$OUT/gpu_report.json"
 [ "$BUILD_OK" = true ] && [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_PIPE" = 0 ] &&
-    [ "$RC_TORCH" = 0 ]
+    [ "$RC_PAGED" = 0 ] && [ "$RC_TORCH" = 0 ]
