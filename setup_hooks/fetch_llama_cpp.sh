@@ -28,7 +28,7 @@ PATCH=$(cd "$(dirname "$0")/.." && pwd)/integration/llama_cpp/llama-kv-cache-buf
 [ -f "$PATCH" ] || die "missing $PATCH"
 PATCH_SHA=$(sha256sum "$PATCH" | cut -d' ' -f1)
 command -v patch >/dev/null 2>&1 \
-  || die "the 'patch' tool is missing (setup_hooks/install_deps.sh installs it with build-essential)"
+  || die "the 'patch' tool is missing (setup_hooks/install_deps.sh installs it)"
 
 mkdir -p "$ROOT"
 

