@@ -289,7 +289,6 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
                                          const void *q, void *out, const apex_attn_opts *opts,
                                          apex_attn_opts *o) {
     static const char fn[] = "apex_paged_attention";
-    *o = opts ? *opts : apex_attn_opts_default(ctx);
     if (!paged_claimed(ctx))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: call apex_paged_claim first", fn);
     if (layer < 0 || layer >= ctx->cfg.n_layers)
@@ -297,15 +296,8 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
                          ctx->cfg.n_layers);
     if (n_seqs < 0 || !qsl || (n_seqs > 0 && (!seq_lens || !block_table)))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: n_seqs %d < 0 or a NULL array", fn, n_seqs);
-    if (!apex_dtype_valid(o->q_dtype) || !apex_dtype_valid(o->out_dtype))
-        return apex_fail(APEX_ERR_INVALID_ARG, "%s: q_dtype %d / out_dtype %d: not an apex_dtype",
-                         fn, (int)o->q_dtype, (int)o->out_dtype);
-    if (!isfinite(o->scale) || o->scale < 0 || !isfinite(o->softcap) || o->softcap < 0 ||
-        o->window < 0)
-        return apex_fail(APEX_ERR_INVALID_ARG,
-                         "%s: scale %g, softcap %g and window %d must be finite and >= 0", fn,
-                         o->scale, o->softcap, o->window);
-    if (o->scale == 0) o->scale = 1.0f / sqrtf((float)ctx->cfg.head_dim);
+    apex_status st = apex_attn_opts_resolve(ctx, fn, opts, o);
+    if (st) return st;
     if (qsl[0] != 0)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc[0] is %d, not 0", fn, qsl[0]);
     int32_t bt = ctx->cfg.block_tokens;
@@ -326,8 +318,7 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
         for (int32_t b = 0; b < nb; b++) {
             apex_tier tier = APEX_TIER_HOST;
             int32_t blk = 0;
-            apex_status st = paged_block(ctx, fn, block_table[(size_t)i * stride + b], &tier,
-                                         &blk);
+            st = paged_block(ctx, fn, block_table[(size_t)i * stride + b], &tier, &blk);
             if (st) return st;
         }
     }
