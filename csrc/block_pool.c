@@ -22,22 +22,30 @@ static apex_status init_tables(block_pool *p, int32_t n_blocks) {
     return APEX_OK;
 }
 
-/* layer_mem[l] = mem + l * n_blocks * block_bytes (the pool's own slabs). */
-static apex_status init_own_layers(block_pool *p) {
+/* An empty pool of one tier and geometry (no tables, no memory yet). */
+static void pool_begin(block_pool *p, apex_tier tier, int32_t n_layers, size_t block_bytes) {
+    memset(p, 0, sizeof *p);
+    p->tier = tier;
+    p->n_layers = n_layers;
+    p->block_bytes = block_bytes;
+}
+
+/* The per-layer base table; layer_mem[l] = src[l], or, with src NULL, the
+ * pool's own slabs: mem + l * n_blocks * block_bytes. */
+static apex_status init_layers(block_pool *p, void *const *src) {
     p->layer_mem = calloc(p->n_layers > 0 ? (size_t)p->n_layers : 1, sizeof *p->layer_mem);
     if (!p->layer_mem)
         return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the layer table of a KV pool");
     for (int32_t l = 0; l < p->n_layers; l++)
-        p->layer_mem[l] = p->mem ? p->mem + (size_t)l * block_pool_layer_bytes(p) : NULL;
+        p->layer_mem[l] = src ? (uint8_t *)src[l]
+                        : p->mem ? p->mem + (size_t)l * block_pool_layer_bytes(p)
+                                 : NULL;
     return APEX_OK;
 }
 
 apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_blocks,
                                    int32_t n_layers, size_t block_bytes) {
-    memset(p, 0, sizeof *p);
-    p->tier = APEX_TIER_DEVICE;
-    p->n_layers = n_layers;
-    p->block_bytes = block_bytes;
+    pool_begin(p, APEX_TIER_DEVICE, n_layers, block_bytes);
     int32_t n = *n_blocks;
     while (n > 0) {
         p->mem_bytes = (size_t)n * (size_t)n_layers * block_bytes;
@@ -47,7 +55,7 @@ apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_b
     if (n == 0) p->mem_bytes = 0;
     p->dev = dev;
     apex_status st = init_tables(p, n);
-    if (st == APEX_OK) st = init_own_layers(p);
+    if (st == APEX_OK) st = init_layers(p, NULL);
     if (st) {
         block_pool_destroy(p);
         return st;
@@ -59,13 +67,8 @@ apex_status block_pool_init_device(block_pool *p, apex_device *dev, int32_t *n_b
 apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
                                  int32_t n_blocks, int32_t n_layers,
                                  size_t block_bytes) {
-    memset(p, 0, sizeof *p);
-    p->tier = APEX_TIER_HOST;
-    p->n_blocks = n_blocks;
-    p->n_layers = n_layers;
-    p->block_bytes = block_bytes;
+    pool_begin(p, APEX_TIER_HOST, n_layers, block_bytes);
     size_t n = n_blocks > 0 ? (size_t)n_blocks : 1;
-    p->n_blocks = 0;
     if (block_bytes && (size_t)n_layers > SIZE_MAX / n / block_bytes)
         return apex_fail(APEX_ERR_NO_MEMORY, "host KV pool size overflows size_t");
     p->mem_bytes = n * (size_t)n_layers * block_bytes;
@@ -79,7 +82,7 @@ apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
         block_pool_destroy(p);
         return APEX_ERR_NO_MEMORY; /* host_mem_alloc set the message */
     }
-    if ((st = init_own_layers(p)) != APEX_OK) {
+    if ((st = init_layers(p, NULL)) != APEX_OK) {
         block_pool_destroy(p);
         return st;
     }
@@ -89,22 +92,14 @@ apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
 apex_status block_pool_init_host_external(block_pool *p, void *const *layer_mem,
                                           int32_t n_blocks, int32_t n_layers,
                                           size_t block_bytes) {
-    memset(p, 0, sizeof *p);
-    p->tier = APEX_TIER_HOST;
-    p->n_layers = n_layers;
-    p->block_bytes = block_bytes;
+    pool_begin(p, APEX_TIER_HOST, n_layers, block_bytes);
     p->external = 1;
     apex_status st = init_tables(p, n_blocks);
-    if (st == APEX_OK) {
-        p->layer_mem = calloc(n_layers > 0 ? (size_t)n_layers : 1, sizeof *p->layer_mem);
-        if (!p->layer_mem)
-            st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the layer table of a KV pool");
-    }
+    if (st == APEX_OK) st = init_layers(p, layer_mem);
     if (st) {
         block_pool_destroy(p);
         return st;
     }
-    for (int32_t l = 0; l < n_layers; l++) p->layer_mem[l] = layer_mem[l];
     return APEX_OK;
 }
 
