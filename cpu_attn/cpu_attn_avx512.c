@@ -158,46 +158,21 @@ typedef struct {
     int n, so;
 } pv_piece;
 
-/* acc[h][c..c+16) += sum_t p[h][t] v[t][c..c+16) for HP heads, all pieces.
- * NS independent token sets keep >= 8 FMA chains in flight. */
+/* acc[h][c..c+16) += sum_t p[h][t] v[t][c..c+16) for HP heads, all pieces,
+ * a share of the prefetch list after each. */
 INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
                   int c, int dt, int HP, pf_list *pf, int *pf_left, int pf_per) {
-    const int NS = HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8;
+    const int NS = avx512_pv_sets(HP);
     const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
     __m512 a[16];
 #pragma GCC unroll 16
     for (int i = 0; i < NS * HP; i++) a[i] = _mm512_setzero_ps();
     for (int x = 0; x < npc; x++) {
-        const uint8_t *v = pc[x].v + (size_t)c * esz;
-        const float *p = s + pc[x].so;
-        const int n = pc[x].n;
-        int t = 0;
-        for (; t + NS <= n; t += NS) {
-#pragma GCC unroll 8
-            for (int u = 0; u < NS; u++) {
-                const __m512 vv = avx512_ld16(v + (size_t)(t + u) * rowb, dt);
-#pragma GCC unroll 16
-                for (int h = 0; h < HP; h++)
-                    a[u * HP + h] = _mm512_fmadd_ps(
-                        _mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t + u]), vv, a[u * HP + h]);
-            }
-        }
-        for (; t < n; t++) {
-            const __m512 vv = avx512_ld16(v + (size_t)t * rowb, dt);
-#pragma GCC unroll 16
-            for (int h = 0; h < HP; h++)
-                a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * CPU_ATTN_SROW + t]), vv, a[h]);
-        }
+        avx512_pv_run(a, pc[x].v + (size_t)c * esz, rowb, pc[x].n, s + pc[x].so, CPU_ATTN_SROW,
+                      (apex_dtype)dt, HP, NS);
         pf_share(pf, pf_left, pf_per);
     }
-#pragma GCC unroll 16
-    for (int h = 0; h < HP; h++) {
-        __m512 sum = a[h];
-#pragma GCC unroll 8
-        for (int u = 1; u < NS; u++) sum = _mm512_add_ps(sum, a[u * HP + h]);
-        float *o = acc + (size_t)h * D + c;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum));
-    }
+    avx512_pv_add(a, acc + c, D, HP, NS);
 }
 
 INL void pv_heads(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,

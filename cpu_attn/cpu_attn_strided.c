@@ -320,39 +320,15 @@ T512 static void qk_group(const float *q, int D, const char *k, size_t kr, int n
     }
 }
 
-/* acc[h][c, c+16) += sum_t p[h][t] v[t][c, c+16) for HP queries; NS
- * independent row sets keep enough FMA chains in flight when HP is small. */
+/* acc[h][c, c+16) += sum_t p[h][t] v[t][c, c+16) for HP queries. */
 T512 INL void pv_slice(const char *v, size_t vr, int n, const float *p, float *acc, int D, int c, int f16,
                        int HP) {
-    const int NS = HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8;
-    const size_t es = f16 ? 2 : 4;
-    const char *vc = v + (size_t)c * es;
+    const int NS = avx512_pv_sets(HP);
     __m512 a[16];
 #pragma GCC unroll 16
     for (int i = 0; i < NS * HP; i++) a[i] = _mm512_setzero_ps();
-    int t = 0;
-    for (; t + NS <= n; t += NS) {
-#pragma GCC unroll 8
-        for (int u = 0; u < NS; u++) {
-            const __m512 vv = avx512_ld16(vc + (size_t)(t + u) * vr, F16_DT(f16));
-#pragma GCC unroll 16
-            for (int h = 0; h < HP; h++)
-                a[u * HP + h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t + u]), vv, a[u * HP + h]);
-        }
-    }
-    for (; t < n; t++) {
-        const __m512 vv = avx512_ld16(vc + (size_t)t * vr, F16_DT(f16));
-#pragma GCC unroll 16
-        for (int h = 0; h < HP; h++) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)h * SROW + t]), vv, a[h]);
-    }
-#pragma GCC unroll 16
-    for (int h = 0; h < HP; h++) {
-        __m512 sum = a[h];
-#pragma GCC unroll 8
-        for (int u = 1; u < NS; u++) sum = _mm512_add_ps(sum, a[u * HP + h]);
-        float *o = acc + (size_t)h * D + c;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum));
-    }
+    avx512_pv_run(a, (const uint8_t *)v + (size_t)c * (f16 ? 2 : 4), vr, n, p, SROW, F16_DT(f16), HP, NS);
+    avx512_pv_add(a, acc + c, D, HP, NS);
 }
 
 T512 INL void pv_rows(const char *v, size_t vr, int n, const float *p, float *acc, int D, int f16, int HP,

@@ -111,4 +111,43 @@ AVX512_INL void avx512_qk_tile(const float *q, int D, const void *k, size_t rowb
         _mm512_mask_storeu_ps(s + h * srow - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
 }
 
+/* P.V in 16-wide column slices. Independent token sets (avx512_pv_sets)
+ * keep >= 8 FMA chains in flight when few heads share a V row. */
+AVX512_INL int avx512_pv_sets(int HP) { return HP >= 8 ? 1 : HP >= 4 ? 2 : HP >= 2 ? 4 : 8; }
+
+/* a[u * HP + h] += p[h * srow + t] * v[t] over the n rows of one run (v at
+ * the slice's first column, rows rowb bytes apart, type dt); token t goes
+ * to set u = t % NS (the tail to set 0). HP and NS are compile-time
+ * constants at every call, so a[] stays in registers. */
+AVX512_INL void avx512_pv_run(__m512 *a, const uint8_t *v, size_t rowb, int n, const float *p,
+                              ptrdiff_t srow, apex_dtype dt, int HP, int NS) {
+    int t = 0;
+    for (; t + NS <= n; t += NS) {
+#pragma GCC unroll 8
+        for (int u = 0; u < NS; u++) {
+            const __m512 vv = avx512_ld16(v + (size_t)(t + u) * rowb, dt);
+#pragma GCC unroll 16
+            for (int h = 0; h < HP; h++)
+                a[u * HP + h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * srow + t + u]), vv, a[u * HP + h]);
+        }
+    }
+    for (; t < n; t++) {
+        const __m512 vv = avx512_ld16(v + (size_t)t * rowb, dt);
+#pragma GCC unroll 16
+        for (int h = 0; h < HP; h++) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * srow + t]), vv, a[h]);
+    }
+}
+
+/* acc[h * D + i] += the NS sets' sums of a[.. h], i < 16, for HP heads. */
+AVX512_INL void avx512_pv_add(const __m512 *a, float *acc, int D, int HP, int NS) {
+#pragma GCC unroll 16
+    for (int h = 0; h < HP; h++) {
+        __m512 sum = a[h];
+#pragma GCC unroll 8
+        for (int u = 1; u < NS; u++) sum = _mm512_add_ps(sum, a[u * HP + h]);
+        float *o = acc + (size_t)h * D;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum));
+    }
+}
+
 #endif /* APEX_SIMD_AVX512_H */
