@@ -854,7 +854,8 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
      * in exact mode only where ggml does (its split-KV decode), into its
      * chunks of gcs rows. */
     const int32_t target = ITEMS_PER_THREAD * nth;
-    const int ggml_split = d->ggml_compat && d->n_tokens == 1 && d->n_streams == 1 && d->n_kv >= 512;
+    const int32_t op_streams = d->ggml_streams > 0 ? d->ggml_streams : d->n_streams;
+    const int ggml_split = d->ggml_compat && d->n_tokens == 1 && op_streams == 1 && d->n_kv >= 512;
     const int32_t gnth = d->ggml_n_threads > 0 ? d->ggml_n_threads : nth;
     const int32_t gcs = (d->n_kv + gnth - 1) / gnth;
     int32_t nitems = 0, nparts = 0;

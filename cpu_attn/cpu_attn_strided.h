@@ -61,6 +61,9 @@ typedef struct cpu_attn_strided_desc {
     int32_t ggml_compat;
     int32_t ggml_n_threads; /* ggml-cpu's thread count for the op; 0 = the
                              * n_threads of cpu_attn_strided              */
+    int32_t ggml_streams;   /* streams of ggml's op when this call runs a
+                             * part of it (0 = n_streams): ggml splits only
+                             * an op of one stream                        */
 } cpu_attn_strided_desc;
 
 /* 0 if the descriptor is well formed and supported, else -1. */

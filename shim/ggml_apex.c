@@ -30,6 +30,7 @@
 #include "csrc/cpu_workers.h"
 #include "csrc/host_mem.h"
 #include "shim/ggml_apex.h"
+#include "shim/ggml_apex_tier.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -58,7 +59,7 @@ static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
 /* The device, and the buffer type of llama.cpp's KV cache in APEX's host
  * pool (both defined below). */
 static struct ggml_backend_device g_dev;
-static struct ggml_backend_buffer_type g_kv_buft;
+static struct ggml_backend_buffer_type g_kv_buft, g_kv_hybrid_buft;
 
 static double now_s(void) {
     struct timespec ts;
@@ -147,8 +148,13 @@ static int is_kv_cache(const struct ggml_tensor *t) {
 /* 1 if t's memory is in APEX's host pool. */
 static int in_pool(const struct ggml_tensor *t) {
     const struct ggml_backend_buffer *b = root_of(t)->buffer;
-    return b && b->buft == &g_kv_buft;
+    return b && (b->buft == &g_kv_buft || b->buft == &g_kv_hybrid_buft);
 }
+
+/* The GPU tier of t's APEX_Hybrid buffer, or NULL; and what tells it of
+ * host writes into such a buffer (both with the buffers, below). */
+static gpu_tier *tier_of(const struct ggml_tensor *t);
+static void kv_written(const struct ggml_tensor *t, size_t off, size_t size);
 
 /* KV-cache writes: dst rows of ne0 elements (f16/f32) from f32 rows. The V
  * writes of a transposed V cache (flash attention off) store single elements;
@@ -233,6 +239,8 @@ static int supports_fa(const struct ggml_tensor *op) {
 
 static enum ggml_status run_set_rows(struct ggml_tensor *op) {
     const struct ggml_tensor *src = op->src[0], *idx = op->src[1];
+    const struct ggml_tensor *root = root_of(op);
+    gpu_tier *tier = tier_of(op);
     const double t0 = now_s();
     const int64_t n = src->ne[1], w = op->ne[0];
     for (int64_t i = 0; i < n; i++) {
@@ -244,6 +252,7 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op) {
         }
         const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
         char *d = (char *)op->data + r * op->nb[1];
+        if (tier) gpu_tier_written(tier, root, (size_t)(d - (const char *)root->data), (size_t)w * ggml_type_size(op->type));
         if (op->type == GGML_TYPE_F16) {
             uint16_t *h = (uint16_t *)d;
             for (int64_t j = 0; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
@@ -287,16 +296,64 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     memcpy(&d.softcap, (const float *)op->op_params + 2, sizeof(float));
     d.ggml_compat = exact_mode();
     d.ggml_n_threads = n_threads; /* llama.cpp gives ggml-cpu and APEX the same count */
-    const double t0 = now_s();
-    if (cpu_attn_strided(&d, n_threads) != 0) {
-        fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
-        return GGML_STATUS_FAILED;
-    }
-    const double dt = now_s() - t0;
+    d.ggml_streams = d.n_streams;
     /* The first stream of this op: K is a view of the cache starting there. */
     int64_t s0 = 0;
     if (k->view_src && k->view_src->nb[2] > 0 && k->view_src->ne[2] > 1 && is_kv_cache(k))
         s0 = (int64_t)(k->view_offs / k->view_src->nb[2]);
+    const double t0 = now_s();
+    /* The streams the GPU tier holds attend there; the others on the CPU,
+     * in runs of adjacent streams. */
+    unsigned char gpu[APEX_GGML_MAX_STREAMS];
+    memset(gpu, 0, sizeof gpu);
+    gpu_tier *tier = tier_of(k);
+    if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
+        gpu_tier_attention(tier, op, s0, gpu);
+    /* APEX_GGML_TIER_CHECK=1: the CPU kernel also runs the GPU tier's
+     * streams, its results are kept, and the largest difference is counted. */
+    float *gpu_out = NULL;
+    unsigned char ran[APEX_GGML_MAX_STREAMS];
+    if (env_on("APEX_GGML_TIER_CHECK") && tier && d.n_tokens == 1 && (gpu_out = malloc(ggml_nbytes(op)))) {
+        memcpy(gpu_out, op->data, ggml_nbytes(op));
+        memcpy(ran, gpu, sizeof ran);
+        memset(gpu, 0, sizeof gpu);
+    }
+    const int checked = gpu_out != NULL;
+    for (int32_t j = 0; j < d.n_streams;) {
+        int32_t e = j;
+        while (e < d.n_streams && !gpu[e]) e++;
+        if (e > j) {
+            cpu_attn_strided_desc r = d;
+            r.n_streams = e - j;
+            r.q = (const float *)((const char *)d.q + j * d.q_nb_stream);
+            r.k = (const char *)d.k + j * d.k_nb_stream;
+            r.v = (const char *)d.v + j * d.v_nb_stream;
+            if (d.mask) r.mask = (const uint16_t *)((const char *)d.mask + j * d.mask_nb_stream);
+            r.out = (float *)((char *)d.out + j * d.out_nb_stream);
+            if (cpu_attn_strided(&r, n_threads) != 0) {
+                fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
+                return GGML_STATUS_FAILED;
+            }
+        }
+        j = e + 1;
+    }
+    const double dt = now_s() - t0;
+    if (gpu_out) {
+        float worst = 0.0f;
+        for (int32_t j = 0; j < d.n_streams; j++) {
+            if (!ran[j]) continue;
+            for (int32_t h = 0; h < d.n_q_heads; h++) {
+                const size_t off = (size_t)h * op->nb[1] + (size_t)j * op->nb[3];
+                const float *a = (const float *)((const char *)op->data + off);
+                const float *b = (const float *)((const char *)gpu_out + off);
+                for (int32_t x = 0; x < d.head_dim; x++) worst = fmaxf(worst, fabsf(a[x] - b[x]));
+            }
+        }
+        free(gpu_out);
+        pthread_mutex_lock(&g_lock);
+        if (worst > g_stats.tier_check_max_diff) g_stats.tier_check_max_diff = worst;
+        pthread_mutex_unlock(&g_lock);
+    }
     pthread_mutex_lock(&g_lock);
     g_stats.attention_calls++;
     g_stats.attention_kv_in_pool += (uint64_t)(in_pool(k) && in_pool(v));
@@ -308,6 +365,9 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         g_stats.prefill_tokens += (uint64_t)d.n_tokens * (uint64_t)d.n_streams;
     for (int64_t s = s0; s < s0 + d.n_streams; s++) {
         if (s < APEX_GGML_MAX_STREAMS) g_stats.stream_attn[s]++;
+        const int on_gpu = checked ? ran[s - s0] : gpu[s - s0];
+        if (s < APEX_GGML_MAX_STREAMS && on_gpu) g_stats.stream_gpu[s]++;
+        g_stats.gpu_attn += (uint64_t)on_gpu;
         if (s > g_stats.max_stream) g_stats.max_stream = (int32_t)s;
     }
     pthread_mutex_unlock(&g_lock);
@@ -318,7 +378,57 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
 
 typedef struct backend_ctx {
     int n_threads;
+    /* Other ops writing into an APEX_Hybrid buffer run on a CPU backend of
+     * APEX's own, one node at a time (made at the first such op). */
+    ggml_backend_t cpu;
+    struct ggml_context *gctx;
+    struct ggml_cgraph *g1;
 } backend_ctx;
+
+/* ggml-cpu's device (libggml's registry, resolved at run time: this library
+ * links only ggml-base). */
+static ggml_backend_dev_t cpu_dev(void) {
+    typedef ggml_backend_dev_t (*by_type_fn)(enum ggml_backend_dev_type);
+    static by_type_fn by_type;
+    static int tried;
+    if (!tried) {
+        *(void **)&by_type = dlsym(RTLD_DEFAULT, "ggml_backend_dev_by_type");
+        tried = 1;
+    }
+    return by_type ? by_type(GGML_BACKEND_DEVICE_TYPE_CPU) : NULL;
+}
+
+/* An op other than the KV writes APEX runs itself (K-shift's RoPE, a copy)
+ * that writes into an APEX_Hybrid buffer: APEX takes it, so that the GPU
+ * tier learns which rows changed, and ggml-cpu computes it. */
+static int supports_hybrid_write(const struct ggml_tensor *op) {
+    if (op->op == GGML_OP_FLASH_ATTN_EXT || !tier_of(op)) return 0;
+    ggml_backend_dev_t d = cpu_dev();
+    return d && ggml_backend_dev_supports_op(d, op);
+}
+
+static enum ggml_status run_hybrid_write(backend_ctx *c, struct ggml_tensor *op) {
+    if (!c->cpu) {
+        ggml_backend_dev_t d = cpu_dev();
+        struct ggml_init_params ip = {ggml_graph_overhead_custom(1, false) + 256, NULL, true};
+        c->cpu = d ? ggml_backend_dev_init(d, NULL) : NULL;
+        c->gctx = c->cpu ? ggml_init(ip) : NULL;
+        c->g1 = c->gctx ? ggml_new_graph_custom(c->gctx, 1, false) : NULL;
+        if (!c->g1) {
+            fprintf(stderr, "APEX: cannot start ggml-cpu for %s into the KV cache\n", ggml_op_name(op->op));
+            return GGML_STATUS_FAILED;
+        }
+        typedef void (*set_threads_fn)(ggml_backend_t, int);
+        set_threads_fn set = (set_threads_fn)ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(d),
+                                                                                "ggml_backend_set_n_threads");
+        if (set) set(c->cpu, c->n_threads);
+    }
+    ggml_graph_clear(c->g1);
+    ggml_graph_add_node(c->g1, op);
+    const enum ggml_status st = ggml_backend_graph_compute(c->cpu, c->g1);
+    kv_written(op, 0, ggml_nbytes(op));
+    return st;
+}
 
 static ggml_guid g_guid = {0x41, 0x50, 0x45, 0x58, 0x2d, 0x67, 0x67, 0x6d,
                            0x6c, 0x2d, 0x61, 0x74, 0x74, 0x6e, 0x00, 0x01};
@@ -326,12 +436,15 @@ static ggml_guid g_guid = {0x41, 0x50, 0x45, 0x58, 0x2d, 0x67, 0x67, 0x6d,
 static const char *be_get_name(ggml_backend_t b) { (void)b; return "APEX"; }
 
 static void be_free(ggml_backend_t b) {
-    free(b->context);
+    backend_ctx *c = (backend_ctx *)b->context;
+    if (c->cpu) ggml_backend_free(c->cpu);
+    if (c->gctx) ggml_free(c->gctx);
+    free(c);
     free(b);
 }
 
 static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g) {
-    const backend_ctx *c = (const backend_ctx *)b->context;
+    backend_ctx *c = (backend_ctx *)b->context;
     const int n = ggml_graph_n_nodes(g);
     for (int i = 0; i < n; i++) {
         struct ggml_tensor *node = ggml_graph_node(g, i);
@@ -344,12 +457,16 @@ static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g
         case GGML_OP_TRANSPOSE:
             break;
         case GGML_OP_SET_ROWS:
-            st = run_set_rows(node);
+            st = (ops_mask() & 2) && supports_set_rows(node) ? run_set_rows(node) : run_hybrid_write(c, node);
             break;
         case GGML_OP_FLASH_ATTN_EXT:
             st = run_fa(node, c->n_threads);
             break;
         default:
+            if (tier_of(node)) {
+                st = run_hybrid_write(c, node);
+                break;
+            }
             fprintf(stderr, "APEX: was given an op it does not run (%s)\n", ggml_op_name(node->op));
             st = GGML_STATUS_FAILED;
         }
@@ -415,9 +532,9 @@ static bool dev_supports_op(ggml_backend_dev_t d, const struct ggml_tensor *op) 
     (void)d;
     const int ops = ops_mask();
     switch (op->op) {
-    case GGML_OP_SET_ROWS: return (ops & 2) && supports_set_rows(op);
+    case GGML_OP_SET_ROWS: return ((ops & 2) && supports_set_rows(op)) || supports_hybrid_write(op);
     case GGML_OP_FLASH_ATTN_EXT: return (ops & 1) && supports_fa(op);
-    default: return false;
+    default: return supports_hybrid_write(op);
     }
 }
 
@@ -463,7 +580,21 @@ typedef struct kv_pool_buf {
     void *mem;
     size_t bytes;
     int pinned;
+    gpu_tier *tier; /* APEX_Hybrid: the GPU tier; APEX_Host: NULL */
 } kv_pool_buf;
+
+static gpu_tier *tier_of(const struct ggml_tensor *t) {
+    const struct ggml_backend_buffer *b = root_of(t)->buffer;
+    return b && b->buft == &g_kv_hybrid_buft ? ((const kv_pool_buf *)b->context)->tier : NULL;
+}
+
+/* Bytes [off, off + size) of t (a KV tensor or a view of one) were written
+ * on the host: the GPU tier of an APEX_Hybrid buffer marks them stale. */
+static void kv_written(const struct ggml_tensor *t, size_t off, size_t size) {
+    gpu_tier *tier = tier_of(t);
+    const struct ggml_tensor *root = root_of(t);
+    if (tier) gpu_tier_written(tier, root, (size_t)((const char *)t->data - (const char *)root->data) + off, size);
+}
 
 static cpu_workers g_workers;
 static int g_workers_state; /* 0: not yet, 1: loaded, -1: unavailable */
@@ -543,8 +674,10 @@ static void kv_buf_free(ggml_backend_buffer_t buf) {
         }
     }
     host_mem_free(b->mem, b->bytes);
+    gpu_tier_free(b->tier);
     pthread_mutex_lock(&g_lock);
     g_stats.kv_bytes_apex -= b->bytes;
+    if (b->tier) g_stats.kv_bytes_hybrid -= b->bytes;
     g_stats.kv_buffers_apex--;
     if (b->pinned) g_stats.kv_bytes_pinned -= b->bytes;
     pthread_mutex_unlock(&g_lock);
@@ -553,14 +686,23 @@ static void kv_buf_free(ggml_backend_buffer_t buf) {
 
 static void *kv_buf_base(ggml_backend_buffer_t buf) { return ((kv_pool_buf *)buf->context)->mem; }
 
+/* APEX_Hybrid: the GPU tier learns the KV tensors of the buffer. */
+static enum ggml_status kv_buf_init_tensor(ggml_backend_buffer_t buf, struct ggml_tensor *t) {
+    kv_pool_buf *b = (kv_pool_buf *)buf->context;
+    if (b->tier && !t->view_src) gpu_tier_add_tensor(b->tier, t);
+    return GGML_STATUS_SUCCESS;
+}
+
 static void kv_buf_memset(ggml_backend_buffer_t buf, struct ggml_tensor *t, uint8_t value, size_t off, size_t size) {
     (void)buf;
     memset((char *)t->data + off, value, size);
+    kv_written(t, off, size);
 }
 
 static void kv_buf_set(ggml_backend_buffer_t buf, struct ggml_tensor *t, const void *data, size_t off, size_t size) {
     (void)buf;
     memcpy((char *)t->data + off, data, size);
+    kv_written(t, off, size);
 }
 
 static void kv_buf_get(ggml_backend_buffer_t buf, const struct ggml_tensor *t, void *data, size_t off, size_t size) {
@@ -572,16 +714,20 @@ static bool kv_buf_cpy(ggml_backend_buffer_t buf, const struct ggml_tensor *src,
     (void)buf;
     if (!src->buffer || !ggml_backend_buffer_is_host(src->buffer)) return false;
     memcpy(dst->data, src->data, ggml_nbytes(src));
+    kv_written(dst, 0, ggml_nbytes(src));
     return true;
 }
 
 static void kv_buf_clear(ggml_backend_buffer_t buf, uint8_t value) {
-    memset(((kv_pool_buf *)buf->context)->mem, value, buf->size);
+    kv_pool_buf *b = (kv_pool_buf *)buf->context;
+    memset(b->mem, value, buf->size);
+    gpu_tier_written_all(b->tier);
 }
 
 static const struct ggml_backend_buffer_i g_kv_buf_iface = {
     .free_buffer = kv_buf_free,
     .get_base = kv_buf_base,
+    .init_tensor = kv_buf_init_tensor,
     .memset_tensor = kv_buf_memset,
     .set_tensor = kv_buf_set,
     .get_tensor = kv_buf_get,
@@ -590,8 +736,7 @@ static const struct ggml_backend_buffer_i g_kv_buf_iface = {
 };
 
 static const char *kv_buft_name(ggml_backend_buffer_type_t buft) {
-    (void)buft;
-    return "APEX_Host";
+    return buft == &g_kv_hybrid_buft ? "APEX_Hybrid" : "APEX_Host";
 }
 
 /* APEX_GGML_KV_POOL_MAX_MB: the most the pool holds (unset: no cap).
@@ -625,7 +770,12 @@ static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size
                  cap >> 20, cap >> 20, (double)used / (1024.0 * 1024.0));
     else if (fits && !(mem = host_mem_alloc(kv_pool_workers(), size)))
         snprintf(why, sizeof why, "%s", apex_last_error());
+    const int hybrid = buft == &g_kv_hybrid_buft;
     kv_pool_buf *b = mem ? calloc(1, sizeof *b) : NULL;
+    if (b && hybrid && !(b->tier = gpu_tier_new())) {
+        free(b);
+        b = NULL;
+    }
     if (mem && !b) snprintf(why, sizeof why, "out of memory for the buffer's record");
     if (!b) {
         if (mem) host_mem_free(mem, size);
@@ -647,6 +797,7 @@ static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size
     pthread_mutex_lock(&g_lock);
     g_stats.kv_buffers_apex++;
     if (b->pinned) g_stats.kv_bytes_pinned += size;
+    if (hybrid) g_stats.kv_bytes_hybrid += size;
     if (g_stats.kv_bytes_apex > g_stats.kv_bytes_apex_peak) g_stats.kv_bytes_apex_peak = g_stats.kv_bytes_apex;
     pthread_mutex_unlock(&g_lock);
     char nodes[64] = "";
@@ -659,9 +810,10 @@ static ggml_backend_buffer_t kv_buft_alloc(ggml_backend_buffer_type_t buft, size
         hwloc_bitmap_free(ns);
     }
     fprintf(stderr,
-            "APEX: llama.cpp's KV cache lives in APEX's host pool: %.1f MiB (buffer APEX_Host; mmap, transparent "
-            "huge pages, %s%s; %s)\n",
-            mib, nodes[0] ? "bound to NUMA node(s) " : "no NUMA binding", nodes, why);
+            "APEX: llama.cpp's KV cache lives in APEX's host pool: %.1f MiB (buffer %s; mmap, transparent "
+            "huge pages, %s%s; %s)%s\n",
+            mib, kv_buft_name(buft), nodes[0] ? "bound to NUMA node(s) " : "no NUMA binding", nodes, why,
+            hybrid ? "; APEX's GPU tier mirrors the sequences within its budget (set up at the first attention)" : "");
     return buf;
 }
 
@@ -686,6 +838,19 @@ static struct ggml_backend_buffer_type g_kv_buft = {
     .context = NULL,
 };
 
+/* The KV of layers llama.cpp puts on a GPU: the same host pool, plus APEX's
+ * GPU tier for the sequences within its budget (ggml_apex_tier.h). */
+static struct ggml_backend_buffer_type g_kv_hybrid_buft = {
+    .iface = {
+        .get_name = kv_buft_name,
+        .alloc_buffer = kv_buft_alloc,
+        .get_alignment = kv_buft_alignment,
+        .is_host = kv_buft_is_host,
+    },
+    .device = &g_dev,
+    .context = NULL,
+};
+
 /* The hook llama.cpp calls per layer (proc "ggml_backend_kv_cache_buffer_type"):
  * buft is what llama.cpp would use. APEX_Host, or NULL to leave it. */
 static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_t buft, enum ggml_type type_k,
@@ -699,14 +864,25 @@ static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_
                             "KV writes still run through APEX)\n");
         return NULL;
     }
-    if (buft != ggml_backend_cpu_buffer_type()) {
-        /* A GPU layer's KV (a CUDA build without -nkvo): llama.cpp's own. */
+    /* A GPU layer's KV (a CUDA build, KV offload on): APEX_Hybrid, the host
+     * pool plus APEX's GPU tier, for the first GPU llama.cpp asks about;
+     * APEX_GGML_GPU_TIER=0 leaves it to llama.cpp. */
+    static ggml_backend_dev_t hybrid_dev;
+    ggml_backend_dev_t dev = buft ? ggml_backend_buft_get_device(buft) : NULL;
+    const int gpu_layer = buft != ggml_backend_cpu_buffer_type();
+    const char *gt = getenv("APEX_GGML_GPU_TIER");
+    const int gpu_tier = !(gt && strcmp(gt, "0") == 0);
+    pthread_mutex_lock(&g_lock);
+    if (gpu_layer && gpu_tier && dev && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU && !hybrid_dev)
+        hybrid_dev = dev;
+    const int hybrid_here = gpu_layer && dev && dev == hybrid_dev;
+    pthread_mutex_unlock(&g_lock);
+    if (gpu_layer && !hybrid_here) {
         const int first = first_time(&g_logged_kv_device);
         if (first)
-            fprintf(stderr, "APEX: the KV cache of layers on %s stays in llama.cpp's %s buffers: APEX's pool "
-                            "takes host-resident KV only (-nkvo keeps all KV in host memory)\n",
-                    buft && buft->device ? ggml_backend_dev_name(buft->device) : "a device",
-                    buft ? ggml_backend_buft_name(buft) : "device");
+            fprintf(stderr, "APEX: the KV cache of layers on %s stays in llama.cpp's %s buffers (%s)\n",
+                    dev ? ggml_backend_dev_name(dev) : "a device", buft ? ggml_backend_buft_name(buft) : "device",
+                    !gpu_tier ? "APEX_GGML_GPU_TIER=0" : "APEX's GPU tier serves one GPU");
         return NULL;
     }
     /* Flash attention off (a transposed V cache): APEX takes nothing. A
@@ -714,7 +890,9 @@ static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_
     char why[200];
     if (v_trans || kv_geometry_why(type_k, type_v, n_embd_head_k, n_embd_head_v, why, sizeof why)) return NULL;
     if (exact_mode() && !exact_compat(n_embd_head_k, type_k)) return NULL;
-    return &g_kv_buft;
+    /* APEX_GGML_HYBRID=1: host-resident KV gets the GPU tier too (with
+     * APEX_DEVICE=emulated, the tests' way to run it without a GPU). */
+    return hybrid_here || env_on("APEX_GGML_HYBRID") ? &g_kv_hybrid_buft : &g_kv_buft;
 }
 
 /* --------------------------------------------------------------- reg */
@@ -794,29 +972,40 @@ __attribute__((destructor)) static void report(void) {
                     "{\"attention_calls\": %llu, \"decode_attn\": %llu, \"prefill_tokens\": %llu, "
                     "\"kv_write_calls\": %llu, \"kv_rows_written\": %llu, \"declined\": %llu, "
                     "\"attention_seconds\": %.6f, \"kv_write_seconds\": %.6f, \"n_threads\": %d, "
-                    "\"isa\": \"%s\", \"tier\": \"host\", \"kv_bytes_apex_peak\": %llu, "
+                    "\"isa\": \"%s\", \"tier\": \"%s\", \"gpu_attn\": %llu, \"tier_check_max_diff\": %g, "
+                    "\"kv_bytes_hybrid\": %llu, \"kv_bytes_apex_peak\": %llu, "
                     "\"kv_pool_failures\": %llu, \"attention_kv_in_pool\": %llu, \"kv_writes_in_pool\": %llu, "
                     "\"stream_attn\": [",
                     (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
                     (unsigned long long)s.prefill_tokens, (unsigned long long)s.kv_write_calls,
                     (unsigned long long)s.kv_rows_written, (unsigned long long)s.declined,
                     s.attention_seconds, s.kv_write_seconds, s.n_threads, cpu_attn_strided_isa(),
+                    s.gpu_attn ? "hybrid" : "host", (unsigned long long)s.gpu_attn, (double)s.tier_check_max_diff,
+                    (unsigned long long)s.kv_bytes_hybrid,
                     (unsigned long long)s.kv_bytes_apex_peak, (unsigned long long)s.kv_pool_failures,
                     (unsigned long long)s.attention_kv_in_pool, (unsigned long long)s.kv_writes_in_pool);
             for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
                 fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)s.stream_attn[i]);
+            fprintf(f, "], \"stream_gpu\": [");
+            for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
+                fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)s.stream_gpu[i]);
             fprintf(f, "]}\n");
             fclose(f);
         }
     }
     if (s.attention_calls == 0 || env_on("APEX_GGML_QUIET")) return;
     fprintf(stderr, "APEX: %llu attention ops (%llu single-token sequence-layer attentions, %llu multi-token query rows) "
-                    "in %.3f s, %llu KV rows written; every sequence on the host tier (CPU kernel %s, %d threads):",
+                    "in %.3f s, %llu KV rows written; %s (CPU kernel %s, %d threads):",
             (unsigned long long)s.attention_calls, (unsigned long long)s.decode_attn,
             (unsigned long long)s.prefill_tokens, s.attention_seconds, (unsigned long long)s.kv_rows_written,
-            cpu_attn_strided_isa(), s.n_threads);
-    for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
-        fprintf(stderr, " seq%d=CPU(%llu)", i, (unsigned long long)s.stream_attn[i]);
+            s.gpu_attn ? "GPU tier and host tier" : "every sequence on the host tier", cpu_attn_strided_isa(),
+            s.n_threads);
+    for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++) {
+        const unsigned long long g = s.stream_gpu[i], cpu = s.stream_attn[i] - s.stream_gpu[i];
+        if (g && cpu) fprintf(stderr, " seq%d=GPU(%llu)+CPU(%llu)", i, g, cpu);
+        else if (g) fprintf(stderr, " seq%d=GPU(%llu)", i, g);
+        else fprintf(stderr, " seq%d=CPU(%llu)", i, cpu);
+    }
     if (s.kv_bytes_apex_peak)
         fprintf(stderr, "; KV cache in APEX's host pool (up to %.1f MiB; %llu of %llu attention ops read it there)",
                 (double)s.kv_bytes_apex_peak / (1024.0 * 1024.0), (unsigned long long)s.attention_kv_in_pool,

@@ -60,6 +60,15 @@ typedef struct apex_ggml_stats {
     uint64_t kv_pool_failures;     /* KV allocations the pool refused        */
     uint64_t attention_kv_in_pool; /* attention ops whose K and V it held    */
     uint64_t kv_writes_in_pool;    /* KV write ops into it                   */
+    /* The GPU tier of an APEX_Hybrid KV cache (a CUDA build; see
+     * ggml_apex_tier.h): per stream slot, the attentions of stream_attn
+     * that ran there, and their sum. */
+    uint64_t stream_gpu[APEX_GGML_MAX_STREAMS];
+    uint64_t gpu_attn;
+    uint64_t kv_bytes_hybrid;      /* of kv_bytes_apex, in APEX_Hybrid buffers */
+    /* APEX_GGML_TIER_CHECK=1: the largest |GPU tier - CPU kernel| seen on
+     * an attention output element (the CPU kernel's results are used). */
+    float tier_check_max_diff;
 } apex_ggml_stats;
 
 /* Also reachable as ggml_backend_reg_get_proc_address(reg, name). */

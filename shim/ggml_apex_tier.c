@@ -1,0 +1,460 @@
+/* ggml_apex_tier.c - the GPU tier of llama.cpp's KV cache: see ggml_apex_tier.h.
+ *
+ * Block ids of the paged context: stream s, cell c of a layer is slot
+ * s * kv_size + c, block (s * kv_size + c) / block_tokens (block_tokens
+ * divides kv_size), so stream s owns blocks [s * bps, (s + 1) * bps) of the
+ * device tier and its block table is that range. The context's host tier
+ * (one block) is never used: the host copy is llama.cpp's tensor. */
+#include "shim/ggml_apex_tier.h"
+
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "apex/apex.h"
+#include "apex/apex_paged.h"
+#include "cpu_attn/dtype_convert.h"
+
+#define TIER_MAX_LAYERS 1024
+#define TIER_MAX_STREAMS 256
+#define F16_NEG_INF 0xFC00u
+
+/* libapex's entry points, resolved once per process. */
+typedef struct apex_lib {
+    apex_status (*config_init)(apex_config *);
+    apex_status (*context_create)(const apex_config *, apex_context **);
+    apex_status (*context_destroy)(apex_context *);
+    apex_status (*paged_claim)(apex_context *, int64_t *);
+    apex_status (*paged_kv_write)(apex_context *, int32_t, int64_t, const int64_t *, const void *, int64_t,
+                                  const void *, int64_t, apex_dtype);
+    apex_status (*paged_attention)(apex_context *, int32_t, int32_t, const int32_t *, const int32_t *,
+                                   const int32_t *, int32_t, const void *, void *, const apex_attn_opts *);
+    const char *(*last_error)(void);
+} apex_lib;
+
+static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
+static apex_lib g_lib;
+static int g_lib_state; /* 0 not tried, 1 loaded, -1 failed */
+
+/* NULL, or why libapex could not be loaded (into why). */
+static const apex_lib *lib_get(char *why, size_t n) {
+    pthread_mutex_lock(&g_lib_lock);
+    if (g_lib_state == 0) {
+        const char *path = getenv("APEX_LIB");
+        if (!path || !*path) path = "libapex.so.1";
+        void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        apex_lib l;
+        memset(&l, 0, sizeof l);
+        if (h) {
+            *(void **)&l.config_init = dlsym(h, "apex_config_init");
+            *(void **)&l.context_create = dlsym(h, "apex_context_create");
+            *(void **)&l.context_destroy = dlsym(h, "apex_context_destroy");
+            *(void **)&l.paged_claim = dlsym(h, "apex_paged_claim");
+            *(void **)&l.paged_kv_write = dlsym(h, "apex_paged_kv_write");
+            *(void **)&l.paged_attention = dlsym(h, "apex_paged_attention");
+            *(void **)&l.last_error = dlsym(h, "apex_last_error");
+        }
+        if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_kv_write &&
+            l.paged_attention && l.last_error) {
+            g_lib = l;
+            g_lib_state = 1;
+        } else {
+            g_lib_state = -1;
+            snprintf(why, n, "cannot load %s (%s; set APEX_LIB to libapex.so.1's path)", path,
+                     h ? "symbols missing" : dlerror());
+        }
+    } else if (g_lib_state < 0) {
+        snprintf(why, n, "libapex could not be loaded");
+    }
+    const apex_lib *r = g_lib_state == 1 ? &g_lib : NULL;
+    pthread_mutex_unlock(&g_lib_lock);
+    return r;
+}
+
+typedef struct tier_layer {
+    int il;                           /* llama.cpp's layer index            */
+    const struct ggml_tensor *k, *v;  /* the layer's KV tensors             */
+    uint64_t *stale;                  /* [n_gpu][words]: cells to store     */
+} tier_layer;
+
+struct gpu_tier {
+    pthread_mutex_t lock;
+    int n_layers;
+    tier_layer layers[TIER_MAX_LAYERS];
+    int state; /* 0 not yet, 1 on, -1 off */
+    /* Geometry, fixed at the first attention. */
+    int64_t kv_size, n_stream, words;
+    int32_t bt, bps, n_gpu, head_dim, n_q_heads, n_kv_heads;
+    size_t row_bytes; /* one cell's K (or V): n_kv_heads * head_dim elements */
+    apex_dtype kv_dtype;
+    const apex_lib *lib;
+    apex_context *ctx;
+    /* Scratch, grown as needed. */
+    void *k_rows, *v_rows;
+    int64_t *slots;
+    size_t cap_rows;
+    float *q, *out;
+    int32_t *qsl, *lens, *table;
+    size_t cap_seqs;
+};
+
+gpu_tier *gpu_tier_new(void) {
+    gpu_tier *t = calloc(1, sizeof *t);
+    if (t) pthread_mutex_init(&t->lock, NULL);
+    return t;
+}
+
+void gpu_tier_free(gpu_tier *t) {
+    if (!t) return;
+    if (t->ctx) t->lib->context_destroy(t->ctx);
+    for (int i = 0; i < t->n_layers; i++) free(t->layers[i].stale);
+    free(t->k_rows), free(t->v_rows), free(t->slots);
+    free(t->q), free(t->out), free(t->qsl), free(t->lens), free(t->table);
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+/* The layer of root (K or V), or NULL. */
+static tier_layer *layer_of(gpu_tier *t, const struct ggml_tensor *root) {
+    for (int i = 0; i < t->n_layers; i++)
+        if (t->layers[i].k == root || t->layers[i].v == root) return &t->layers[i];
+    return NULL;
+}
+
+void gpu_tier_add_tensor(gpu_tier *t, const struct ggml_tensor *kv) {
+    int il;
+    char kind;
+    if (sscanf(kv->name, "cache_%c_l%d", &kind, &il) != 2 || (kind != 'k' && kind != 'v')) return;
+    pthread_mutex_lock(&t->lock);
+    tier_layer *l = NULL;
+    for (int i = 0; i < t->n_layers && !l; i++)
+        if (t->layers[i].il == il) l = &t->layers[i];
+    if (!l && t->n_layers < TIER_MAX_LAYERS && t->state == 0) {
+        l = &t->layers[t->n_layers++];
+        memset(l, 0, sizeof *l);
+        l->il = il;
+    }
+    if (l) {
+        if (kind == 'k') l->k = kv;
+        else l->v = kv;
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+static void mark_cell(gpu_tier *t, tier_layer *l, int64_t row) {
+    const int64_t s = row / t->kv_size, c = row % t->kv_size;
+    if (s < t->n_gpu) l->stale[s * t->words + c / 64] |= 1ull << (c % 64);
+}
+
+void gpu_tier_written(gpu_tier *t, const struct ggml_tensor *root, size_t off, size_t size) {
+    if (!t || size == 0) return;
+    pthread_mutex_lock(&t->lock);
+    tier_layer *l = t->state == 1 ? layer_of(t, root) : NULL;
+    if (l) {
+        const size_t nb1 = root->nb[1];
+        const int64_t r0 = (int64_t)(off / nb1), r1 = (int64_t)((off + size - 1) / nb1);
+        const int64_t rows = t->kv_size * t->n_stream;
+        for (int64_t r = r0; r <= r1 && r < rows; r++) mark_cell(t, l, r);
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+static void mark_all(gpu_tier *t) {
+    for (int i = 0; i < t->n_layers; i++)
+        if (t->layers[i].stale)
+            memset(t->layers[i].stale, 0xff, (size_t)t->n_gpu * (size_t)t->words * sizeof(uint64_t));
+}
+
+void gpu_tier_written_all(gpu_tier *t) {
+    if (!t) return;
+    pthread_mutex_lock(&t->lock);
+    if (t->state == 1) mark_all(t);
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* The tier's budget in bytes; 0 = none. Sets *all for "every stream". */
+static uint64_t budget_bytes(int *all, char *why, size_t n) {
+    *all = 0;
+    const char *e = getenv("APEX_GGML_GPU_KV_MB");
+    if (e && *e) {
+        char *end;
+        const long long mb = strtoll(e, &end, 10);
+        if (*end || mb < 0) {
+            snprintf(why, n, "APEX_GGML_GPU_KV_MB='%s' is not a number of MiB", e);
+            return 0;
+        }
+        return (uint64_t)mb << 20;
+    }
+    typedef int (*mem_info_fn)(size_t *, size_t *);
+    mem_info_fn info = (mem_info_fn)dlsym(RTLD_DEFAULT, "cudaMemGetInfo");
+    size_t free_b = 0, total = 0;
+    if (info && info(&free_b, &total) == 0) {
+        const size_t reserve = (size_t)1 << 30;
+        return free_b > reserve ? free_b - reserve : 0;
+    }
+    *all = 1; /* no CUDA runtime here (an emulated device): every stream */
+    return 0;
+}
+
+static int grow(void **p, size_t bytes) {
+    void *q = realloc(*p, bytes ? bytes : 1);
+    if (!q) return -1;
+    *p = q;
+    return 0;
+}
+
+/* Creates the paged context; state 1 or -1. Called under t->lock. */
+static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
+    const struct ggml_tensor *q = op->src[0], *k = op->src[1];
+    char why[320] = "";
+    t->state = -1;
+    const struct ggml_tensor *k0 = t->n_layers ? t->layers[0].k : NULL;
+    if (!k0) return;
+    t->kv_size = k0->ne[1];
+    t->n_stream = k0->ne[2];
+    t->head_dim = (int32_t)k->ne[0];
+    t->n_kv_heads = (int32_t)k->ne[2];
+    t->n_q_heads = (int32_t)q->ne[2];
+    t->kv_dtype = k0->type == GGML_TYPE_F16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
+    t->row_bytes = (size_t)k0->nb[1];
+    int same = 1;
+    for (int i = 0; i < t->n_layers; i++) {
+        const struct ggml_tensor *a = t->layers[i].k, *b = t->layers[i].v;
+        same = same && a && b;
+        for (int j = 0; same && j < 2; j++) {
+            const struct ggml_tensor *x = j ? b : a;
+            same = x->type == k0->type && x->ne[0] == k0->ne[0] && x->ne[1] == t->kv_size &&
+                   x->ne[2] == t->n_stream && x->nb[1] == k0->nb[1] &&
+                   x->nb[2] == x->nb[1] * (size_t)t->kv_size && ggml_is_contiguous(x);
+        }
+    }
+    t->bt = t->kv_size % 16 == 0 ? 16 : t->kv_size % 8 == 0 ? 8 : 0;
+    int all = 0;
+    uint64_t budget = 0;
+    if (!same)
+        snprintf(why, sizeof why, "the layers' KV tensors differ in shape or type");
+    else if ((int64_t)t->n_kv_heads * t->head_dim != k0->ne[0])
+        snprintf(why, sizeof why, "KV rows of %lld elements are not %d heads of %d", (long long)k0->ne[0],
+                 t->n_kv_heads, t->head_dim);
+    else if (!t->bt)
+        snprintf(why, sizeof why, "kv_size %lld is not a multiple of 8", (long long)t->kv_size);
+    else if (!(t->lib = lib_get(why, sizeof why)))
+        ;
+    else
+        budget = budget_bytes(&all, why, sizeof why);
+    if (why[0]) {
+        fprintf(stderr, "APEX: no GPU tier for this KV cache (%s): every sequence attends on the CPU\n", why);
+        return;
+    }
+    t->bps = (int32_t)(t->kv_size / t->bt);
+    const size_t block_bytes = 2 * t->row_bytes * (size_t)t->bt;
+    const uint64_t per_stream = (uint64_t)t->n_layers * (uint64_t)t->bps * block_bytes;
+    int64_t g = all ? t->n_stream : (int64_t)(budget / per_stream);
+    if (g > t->n_stream) g = t->n_stream;
+    if (g <= 0) {
+        fprintf(stderr,
+                "APEX: no GPU tier for this KV cache: one sequence's KV (%.1f MiB over %d layers) exceeds the "
+                "budget (%.1f MiB; APEX_GGML_GPU_KV_MB): every sequence attends on the CPU\n",
+                (double)per_stream / 1048576.0, t->n_layers, (double)budget / 1048576.0);
+        return;
+    }
+    apex_config cfg;
+    apex_status st = t->lib->config_init(&cfg);
+    if (st == APEX_OK) {
+        cfg.n_layers = t->n_layers;
+        cfg.n_q_heads = t->n_q_heads;
+        cfg.n_kv_heads = t->n_kv_heads;
+        cfg.head_dim = t->head_dim;
+        cfg.kv_dtype = t->kv_dtype;
+        cfg.act_dtype = APEX_DTYPE_F32;
+        cfg.block_tokens = t->bt;
+        cfg.device_blocks = g * t->bps;
+        cfg.host_blocks = 1;
+        cfg.max_seqs = (int32_t)g;
+        cfg.max_batch = (int32_t)g;
+        cfg.max_seq_len = (int32_t)t->kv_size;
+        cfg.n_threads = 1; /* the host tier is llama.cpp's tensor, attended by the backend */
+        st = t->lib->context_create(&cfg, &t->ctx);
+    }
+    if (st == APEX_OK) st = t->lib->paged_claim(t->ctx, NULL);
+    if (st != APEX_OK) {
+        fprintf(stderr,
+                "APEX: no GPU tier for this KV cache (APEX's context for %lld sequences, %.1f MiB: %s): every "
+                "sequence attends on the CPU\n",
+                (long long)g, (double)(per_stream * (uint64_t)g) / 1048576.0, t->lib->last_error());
+        if (t->ctx) t->lib->context_destroy(t->ctx);
+        t->ctx = NULL;
+        return;
+    }
+    t->n_gpu = (int32_t)g;
+    t->words = (t->kv_size + 63) / 64;
+    for (int i = 0; i < t->n_layers; i++) {
+        t->layers[i].stale = malloc((size_t)g * (size_t)t->words * sizeof(uint64_t));
+        if (!t->layers[i].stale) {
+            fprintf(stderr, "APEX: no GPU tier for this KV cache (out of memory)\n");
+            t->lib->context_destroy(t->ctx);
+            t->ctx = NULL;
+            return;
+        }
+    }
+    t->state = 1;
+    mark_all(t); /* the GPU copy starts empty */
+    const char *dev = getenv("APEX_DEVICE");
+    fprintf(stderr,
+            "APEX: GPU tier (%s) holds the KV of sequence slots 0..%lld of %lld (%.1f MiB, %d layers, blocks of %d "
+            "tokens) and runs their decode attention; the other slots' KV stays in the pinned host pool and "
+            "attends on the CPU\n",
+            dev && *dev ? dev : "auto", (long long)g - 1, (long long)t->n_stream,
+            (double)(per_stream * (uint64_t)g) / 1048576.0, t->n_layers, t->bt);
+}
+
+/* Length L of a prefix mask row (cells [0, L) visible with 0, the rest -inf),
+ * or -1 when the row is not one. */
+static int64_t prefix_len(const uint16_t *m, int64_t n_kv) {
+    int64_t L = 0;
+    while (L < n_kv && (m[L] & 0x7fffu) == 0) L++;
+    for (int64_t c = L; c < n_kv; c++)
+        if (m[c] != F16_NEG_INF) return -1;
+    return L;
+}
+
+static int scratch(gpu_tier *t, size_t rows, size_t seqs) {
+    if (rows > t->cap_rows) {
+        if (grow(&t->k_rows, rows * t->row_bytes) || grow(&t->v_rows, rows * t->row_bytes) ||
+            grow((void **)&t->slots, rows * sizeof(int64_t)))
+            return -1;
+        t->cap_rows = rows;
+    }
+    if (seqs > t->cap_seqs) {
+        const size_t qh = (size_t)t->n_q_heads * (size_t)t->head_dim * sizeof(float);
+        if (grow((void **)&t->q, seqs * qh) || grow((void **)&t->out, seqs * qh) ||
+            grow((void **)&t->qsl, (seqs + 1) * sizeof(int32_t)) || grow((void **)&t->lens, seqs * sizeof(int32_t)) ||
+            grow((void **)&t->table, seqs * (size_t)t->bps * sizeof(int32_t)))
+            return -1;
+        t->cap_seqs = seqs;
+    }
+    return 0;
+}
+
+/* Stores the stale cells [0, lens[i]) of the GPU streams streams[i] of layer
+ * l (K and V rows from the host copy, stored as they are). */
+static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_t *lens, int n) {
+    tier_layer *l = &t->layers[li];
+    size_t rows = 0;
+    for (int i = 0; i < n; i++) {
+        const uint64_t *w = l->stale + streams[i] * t->words;
+        for (int64_t c = 0; c < lens[i]; c++) rows += (w[c / 64] >> (c % 64)) & 1;
+    }
+    if (rows == 0) return 0;
+    if (scratch(t, rows, 0)) return -1;
+    size_t r = 0;
+    for (int i = 0; i < n; i++) {
+        const int64_t s = streams[i];
+        const uint64_t *w = l->stale + s * t->words;
+        for (int64_t c = 0; c < lens[i]; c++) {
+            if (!((w[c / 64] >> (c % 64)) & 1)) continue;
+            const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
+            memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
+            memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
+            t->slots[r++] = s * t->kv_size + c;
+        }
+    }
+    const int64_t elems = (int64_t)t->n_kv_heads * t->head_dim;
+    if (t->lib->paged_kv_write(t->ctx, li, (int64_t)rows, t->slots, t->k_rows, elems, t->v_rows, elems,
+                               t->kv_dtype) != APEX_OK)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        uint64_t *w = l->stale + streams[i] * t->words;
+        for (int64_t c = 0; c < lens[i]; c++) w[c / 64] &= ~(1ull << (c % 64));
+    }
+    return 0;
+}
+
+int gpu_tier_attention(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu) {
+    const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
+    const int64_t ns = q->ne[3];
+    memset(gpu, 0, (size_t)ns);
+    if (!t || q->ne[1] != 1) return 0; /* the tier runs decode queries */
+    pthread_mutex_lock(&t->lock);
+    const struct ggml_tensor *kr = k->view_src ? k->view_src : k, *vr = v->view_src ? v->view_src : v;
+    if (t->state == 0) tier_open(t, op);
+    tier_layer *l = t->state == 1 ? layer_of(t, kr) : NULL;
+    int rc = 0;
+    if (!l || l->k != kr || l->v != vr || s0 >= t->n_gpu) goto done;
+    /* The op must read the tensors as llama.cpp's views do: rows nb[1]
+     * apart, streams nb[2] apart, from stream s0, cell 0. */
+    if (k->nb[1] != kr->nb[1] || k->nb[3] != kr->nb[2] || v->nb[1] != vr->nb[1] || v->nb[3] != vr->nb[2] ||
+        k->nb[2] != (size_t)t->head_dim * ggml_type_size(kr->type) || v->nb[2] != k->nb[2] ||
+        (const char *)k->data != (const char *)kr->data + (size_t)s0 * kr->nb[2] ||
+        (const char *)v->data != (const char *)vr->data + (size_t)s0 * vr->nb[2] || k->ne[1] > t->kv_size ||
+        k->ne[0] != t->head_dim || q->ne[2] != t->n_q_heads)
+        goto done;
+    int64_t streams[TIER_MAX_STREAMS];
+    int32_t lens[TIER_MAX_STREAMS];
+    int64_t js[TIER_MAX_STREAMS];
+    int n = 0;
+    const int64_t n_kv = k->ne[1];
+    for (int64_t j = 0; j < ns && s0 + j < t->n_gpu && n < TIER_MAX_STREAMS; j++) {
+        int64_t L = n_kv;
+        if (mask) {
+            const int64_t ms = mask->ne[3] == 1 ? 0 : j;
+            L = prefix_len((const uint16_t *)((const char *)mask->data + ms * mask->nb[3]), n_kv);
+        }
+        if (L <= 0) continue;
+        streams[n] = s0 + j, lens[n] = (int32_t)L, js[n] = j;
+        n++;
+    }
+    if (n == 0) goto done;
+    const int li = (int)(l - t->layers);
+    if (scratch(t, 0, (size_t)n) || store_stale(t, li, streams, lens, n)) {
+        rc = -1;
+        goto done;
+    }
+    /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
+    const size_t hd = (size_t)t->head_dim;
+    const int q16 = t->kv_dtype == APEX_DTYPE_F16;
+    for (int i = 0; i < n; i++) {
+        for (int h = 0; h < t->n_q_heads; h++) {
+            const float *src = (const float *)((const char *)q->data + h * q->nb[2] + js[i] * q->nb[3]);
+            const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
+            if (q16)
+                for (size_t x = 0; x < hd; x++) ((uint16_t *)t->q)[row + x] = apex_f32_to_f16(src[x]);
+            else
+                memcpy(t->q + row, src, hd * sizeof(float));
+        }
+        t->qsl[i] = i;
+        for (int32_t b = 0; b < t->bps; b++) t->table[(size_t)i * t->bps + b] = (int32_t)(streams[i] * t->bps + b);
+    }
+    t->qsl[n] = n;
+    apex_attn_opts o;
+    memset(&o, 0, sizeof o);
+    memcpy(&o.scale, (const float *)op->op_params + 0, sizeof(float));
+    memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
+    o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
+    o.out_dtype = APEX_DTYPE_F32;
+    if (t->lib->paged_attention(t->ctx, li, n, t->qsl, lens, t->table, t->bps, t->q, t->out, &o) != APEX_OK) {
+        rc = -1;
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        for (int h = 0; h < t->n_q_heads; h++)
+            memcpy((char *)op->data + h * op->nb[1] + js[i] * op->nb[3], t->out + ((size_t)i * t->n_q_heads + h) * hd,
+                   hd * sizeof(float));
+        gpu[js[i]] = 1;
+    }
+    rc = n;
+done:
+    if (rc < 0) {
+        static int logged;
+        if (!logged)
+            fprintf(stderr, "APEX: the GPU tier failed (%s); these sequences attend on the CPU\n",
+                    t->lib ? t->lib->last_error() : "?");
+        logged = 1;
+        memset(gpu, 0, (size_t)ns);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return rc;
+}

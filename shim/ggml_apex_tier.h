@@ -1,0 +1,63 @@
+/*
+ * ggml_apex_tier.h - the GPU tier of llama.cpp's KV cache (APEX_Hybrid).
+ *
+ * An APEX_Hybrid buffer holds llama.cpp's KV tensors ([n_embd, kv_size,
+ * n_stream] per layer, one stream per sequence slot) in APEX's host pool, in
+ * ggml's layout: that copy is the one llama.cpp's host-side operations (state
+ * save/load, sequence copies, K-shift, buffer clears) and APEX's CPU kernel
+ * use. The tier keeps, on the GPU, the KV of the streams that fit its budget
+ * (streams [0, n_gpu)), in APEX's block layout through libapex's paged ABI
+ * (apex_paged.h), and runs their decode attention there; the other streams
+ * attend on the CPU, from the host pool.
+ *
+ * The GPU copy follows the host copy lazily: every write into the buffer is
+ * reported (gpu_tier_written*), marking the rows it touched stale, and an
+ * attention first stores the stale rows it reads (apex_paged_kv_write).
+ *
+ * libapex.so.1 is loaded at the first attention (APEX_LIB names another
+ * file); its device is APEX_DEVICE's (auto: CUDA when a GPU answers;
+ * "emulated" runs the tier in host memory, for tests). Budget:
+ * APEX_GGML_GPU_KV_MB (unset: the device's free memory less 1 GiB, or
+ * every stream on an emulated device). Without a device, or with a budget
+ * smaller than one stream, every stream stays on the CPU (one line says why).
+ */
+#ifndef APEX_GGML_APEX_TIER_H
+#define APEX_GGML_APEX_TIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct gpu_tier gpu_tier;
+
+gpu_tier *gpu_tier_new(void);
+void gpu_tier_free(gpu_tier *t); /* NULL ok */
+
+/* A KV tensor allocated in the buffer ("cache_k_l<il>" or "cache_v_l<il>");
+ * other tensors are ignored. */
+void gpu_tier_add_tensor(gpu_tier *t, const struct ggml_tensor *kv);
+
+/* Bytes [off, off + size) of KV tensor root (a tensor given to add_tensor)
+ * were written on the host: their rows are stale on the GPU. */
+void gpu_tier_written(gpu_tier *t, const struct ggml_tensor *root, size_t off, size_t size);
+/* The whole buffer was written (a clear). */
+void gpu_tier_written_all(gpu_tier *t);
+
+/* FLASH_ATTN_EXT op reads streams [s0, s0 + ns) of its KV tensors (ns =
+ * q->ne[3]). Runs on the GPU tier the decode queries (one token) of the
+ * streams the tier holds whose mask is a prefix (cells [0, L) visible, the
+ * rest hidden), writing their rows of op's output; gpu[j] = 1 for each
+ * stream j it ran, 0 for those the caller runs on the CPU. Returns how many
+ * it ran (0 when the tier holds none of them), or -1 when the tier failed:
+ * then gpu[] is all 0 and the caller runs every stream. */
+int gpu_tier_attention(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* APEX_GGML_APEX_TIER_H */
