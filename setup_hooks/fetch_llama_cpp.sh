@@ -7,7 +7,10 @@
 # type; see integration/llama_cpp/README.md), idempotently.
 # Rebuilds only when the build is missing or its configuration or the patch
 # changed (then incrementally: the patched file and the links).
-#   APEX_LLAMA_CUDA=1        CUDA build (build-cuda/ instead of build/)
+#   APEX_LLAMA_CUDA=1        CUDA build (build-cuda/ instead of build/): for the
+#                            archs in APEX_CUDA_ARCHS (default 90) and a portable
+#                            AVX2 CPU part, so it can be built on a machine without
+#                            a GPU and run on another
 #   APEX_LLAMA_TARGETS="..." extra targets (e.g. "llama-server llama-cli")
 #   JOBS                     parallel build jobs (default 2)
 # Prints the build directory on the last line of stdout.
@@ -89,13 +92,14 @@ fi
 # GGML_BACKEND_PATH loading works without it).
 if [ "${APEX_LLAMA_CUDA:-0}" = 1 ]; then
   BUILD=$ROOT/build-cuda
-  extra=(-DGGML_CUDA=ON)
+  extra=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF "-DCMAKE_CUDA_ARCHITECTURES=${APEX_CUDA_ARCHS:-90}"
+         -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 else
   BUILD=$ROOT/build
-  extra=(-DGGML_CUDA=OFF)
+  extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON)
 fi
 targets=(llama llama-batched llama-bench llama-simple ${APEX_LLAMA_TARGETS:-})
-cfg=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON
+cfg=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
      -DGGML_BACKEND_DL=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF
      -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
      "${extra[@]}")

@@ -17,8 +17,12 @@
  * runs with and without APEX.
  *
  *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
- *                  [--logits-out FILE]
- *                  [--fa on|off] [-v]
+ *                  [--logits-out FILE] [--fa on|off] [-ngl N] [-nkvo]
+ *                  [--fill N] [--no-checks] [-v]
+ * -ngl: layers on the GPU (a CUDA build; llama.cpp's default otherwise);
+ * -nkvo: KV cache and attention on the host (llama.cpp's offload_kqv off);
+ * --fill N: N tokens of filler text before each prompt (long contexts);
+ * --no-checks: skip the KV checks after the last step.
  * Prints one JSON object on stdout. */
 #include <errno.h>
 #include <math.h>
@@ -90,7 +94,7 @@ static int argmax(const float *x, int n) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *logits_out = NULL;
-    int fa_on = 1;
+    int fa_on = 1, n_gpu_layers = -1000, no_kv_offload = 0, n_fill = 0, checks = 1;
     int n_prompts = 8, n_gen = 128, n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN), logit_steps = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -102,16 +106,23 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--logit-steps") && val) logit_steps = atoi(val), i++;
         else if (!strcmp(a, "--logits-out") && val) logits_out = val, i++;
         else if (!strcmp(a, "--fa") && val) fa_on = strcmp(val, "off") != 0, i++;
+        else if (!strcmp(a, "-ngl") && val) n_gpu_layers = atoi(val), i++;
+        else if (!strcmp(a, "-nkvo")) no_kv_offload = 1;
+        else if (!strcmp(a, "--fill") && val) n_fill = atoi(val), i++;
+        else if (!strcmp(a, "--no-checks")) checks = 0;
         else if (!strcmp(a, "-v")) g_verbose = 1;
         else {
-            fprintf(stderr, "usage: %s -m MODEL [-np N] [-n N] [-t N] [--logit-steps N] [--logits-out FILE] [-v]\n",
+            fprintf(stderr,
+                    "usage: %s -m MODEL [-np N] [-n N] [-t N] [--logit-steps N] [--logits-out FILE] [--fa on|off] "
+                    "[-ngl N] [-nkvo] [--fill N] [--no-checks] [-v]\n",
                     argv[0]);
             return 2;
         }
     }
     if (!model_path) die("no model (-m)");
-    if (n_prompts < 1 || n_prompts > 256 || n_gen < 1 || n_threads < 1 || logit_steps < 0)
-        die("bad -np/-n/-t/--logit-steps");
+    if (n_prompts < 1 || n_prompts > 256 || n_gen < 1 || n_threads < 1 || logit_steps < 0 || n_fill < 0 ||
+        n_fill > 1 << 20)
+        die("bad -np/-n/-t/--logit-steps/--fill");
     if (logit_steps > n_gen) logit_steps = n_gen;
 
     llama_log_set(log_cb, NULL);
@@ -120,10 +131,17 @@ int main(int argc, char **argv) {
 
     struct llama_model_params mp = llama_model_default_params();
     mp.progress_callback = quiet_progress;
+    if (n_gpu_layers != -1000) mp.n_gpu_layers = n_gpu_layers;
     struct llama_model *model = llama_model_load_from_file(model_path, mp);
     if (!model) die("failed to load the model (see the message above)");
     const struct llama_vocab *vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    /* --fill: a filler sentence's tokens, repeated to n_fill. */
+    static const char filler[] = " The quick brown fox jumps over the lazy dog near the quiet river bank.";
+    llama_token fill_toks[64];
+    const int n_fill_toks = llama_tokenize(vocab, filler, (int32_t)strlen(filler), fill_toks, 64, false, false);
+    if (n_fill > 0 && n_fill_toks <= 0) die("tokenizing the filler failed");
 
     /* Prompts in SmolLM2's chat format (ChatML), tokenized with specials. */
     llama_token **ptoks = calloc((size_t)n_prompts, sizeof *ptoks);
@@ -132,9 +150,11 @@ int main(int argc, char **argv) {
         char text[1024];
         snprintf(text, sizeof text, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n",
                  k_prompts[p % N_BUILTIN]);
-        ptoks[p] = malloc(1024 * sizeof(llama_token));
-        plen[p] = llama_tokenize(vocab, text, (int32_t)strlen(text), ptoks[p], 1024, true, true);
+        ptoks[p] = malloc(((size_t)n_fill + 1024) * sizeof(llama_token));
+        for (int i = 0; i < n_fill; i++) ptoks[p][i] = fill_toks[i % n_fill_toks];
+        plen[p] = llama_tokenize(vocab, text, (int32_t)strlen(text), ptoks[p] + n_fill, 1024, n_fill == 0, true);
         if (plen[p] <= 0) die("tokenization failed");
+        plen[p] += n_fill;
         if (plen[p] > max_plen) max_plen = plen[p];
         total_ptoks += plen[p];
     }
@@ -144,7 +164,8 @@ int main(int argc, char **argv) {
     cp.n_ctx = (uint32_t)(ctx_seq * n_prompts);
     cp.n_seq_max = (uint32_t)n_prompts;
     cp.n_batch = (uint32_t)(total_ptoks > n_prompts ? total_ptoks : n_prompts);
-    cp.n_ubatch = cp.n_batch;
+    cp.n_ubatch = cp.n_batch > 2048 ? 2048 : cp.n_batch; /* long prompts: bounded compute buffers */
+    cp.offload_kqv = !no_kv_offload;
     cp.n_threads = cp.n_threads_batch = n_threads;
     cp.flash_attn_type = fa_on ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.kv_unified = false; /* one stream per sequence */
@@ -210,7 +231,7 @@ int main(int argc, char **argv) {
     double state_diff = -1, cp_diff = -1, kshift_sum = 0;
     int kshift_top = -1;
     size_t state_bytes = 0;
-    if (n_prompts >= 3) {
+    if (checks && n_prompts >= 3) {
         const int sa = n_prompts - 1, sb = n_prompts - 2;
         llama_memory_t mem = llama_get_memory(ctx);
         state_bytes = llama_state_seq_get_size(ctx, 0);
@@ -271,9 +292,11 @@ int main(int argc, char **argv) {
     json_str(o, model_path);
     fprintf(o, ", \"prompts\": %d, \"tokens_per_prompt\": %d, \"n_threads\": %d, \"n_vocab\": %d, "
                "\"logit_steps\": %d, \"prefill_tokens\": %d, \"t_prefill\": %.6f, \"t_gen\": %.6f, "
-               "\"tok_s\": %.3f, ",
+               "\"tok_s\": %.3f, \"ms_per_step\": %.3f, \"n_gpu_layers\": %d, \"offload_kqv\": %s, "
+               "\"fill_tokens\": %d, ",
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
-            (double)n_prompts * (n_gen - 1) / t_gen);
+            (double)n_prompts * (n_gen - 1) / t_gen, n_gen > 1 ? 1e3 * t_gen / (n_gen - 1) : 0.0,
+            n_gpu_layers == -1000 ? mp.n_gpu_layers : n_gpu_layers, no_kv_offload ? "false" : "true", n_fill);
     if (state_diff >= 0)
         fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g, "
                    "\"kshift_top\": %d, \"kshift_sum\": %.17g}, ",
@@ -312,15 +335,21 @@ int main(int argc, char **argv) {
                    "\"kv_rows_written\": %llu, \"declined\": %llu, \"attention_seconds\": %.6f, "
                    "\"kv_bytes_apex\": %llu, \"kv_buffers_apex\": %llu, \"kv_bytes_pinned\": %llu, "
                    "\"kv_pool_failures\": %llu, \"attention_kv_in_pool\": %llu, \"kv_writes_in_pool\": %llu, "
-                   "\"kv_write_calls\": %llu, \"stream_attn\": [",
+                   "\"kv_write_calls\": %llu, \"gpu_attn\": %llu, \"kv_bytes_hybrid\": %llu, "
+                   "\"tier_check_max_diff\": %g, \"stream_attn\": [",
                 (unsigned long long)st.attention_calls, (unsigned long long)st.decode_attn,
                 (unsigned long long)st.prefill_tokens, (unsigned long long)st.kv_rows_written,
                 (unsigned long long)st.declined, st.attention_seconds, (unsigned long long)st.kv_bytes_apex,
                 (unsigned long long)st.kv_buffers_apex, (unsigned long long)st.kv_bytes_pinned,
                 (unsigned long long)st.kv_pool_failures, (unsigned long long)st.attention_kv_in_pool,
-                (unsigned long long)st.kv_writes_in_pool, (unsigned long long)st.kv_write_calls);
+                (unsigned long long)st.kv_writes_in_pool, (unsigned long long)st.kv_write_calls,
+                (unsigned long long)st.gpu_attn, (unsigned long long)st.kv_bytes_hybrid,
+                (double)st.tier_check_max_diff);
         for (int i = 0; i <= st.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
             fprintf(o, "%s%llu", i ? ", " : "", (unsigned long long)st.stream_attn[i]);
+        fprintf(o, "], \"stream_gpu\": [");
+        for (int i = 0; i <= st.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
+            fprintf(o, "%s%llu", i ? ", " : "", (unsigned long long)st.stream_gpu[i]);
         fprintf(o, "]}");
     } else {
         fprintf(o, "null");
