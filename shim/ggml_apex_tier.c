@@ -254,6 +254,8 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
     const uint64_t per_stream = (uint64_t)t->n_layers * (uint64_t)t->bps * block_bytes;
     int64_t g = all ? t->n_stream : (int64_t)(budget / per_stream);
     if (g > t->n_stream) g = t->n_stream;
+    const char *cap = getenv("APEX_GGML_GPU_SEQS");
+    if (cap && *cap && atoll(cap) >= 0 && atoll(cap) < g) g = atoll(cap);
     if (g <= 0) {
         fprintf(stderr,
                 "APEX: no GPU tier for this KV cache: one sequence's KV (%.1f MiB over %d layers) exceeds the "

@@ -18,8 +18,9 @@
  * file); its device is APEX_DEVICE's (auto: CUDA when a GPU answers;
  * "emulated" runs the tier in host memory, for tests). Budget:
  * APEX_GGML_GPU_KV_MB (unset: the device's free memory less 1 GiB, or
- * every stream on an emulated device). Without a device, or with a budget
- * smaller than one stream, every stream stays on the CPU (one line says why).
+ * every stream on an emulated device), and at most APEX_GGML_GPU_SEQS
+ * sequence slots when set. Without a device, or with a budget smaller than
+ * one stream, every stream stays on the CPU (one line says why).
  */
 #ifndef APEX_GGML_APEX_TIER_H
 #define APEX_GGML_APEX_TIER_H

@@ -16,7 +16,12 @@
 #  5. bad input: the pool refusing the KV cache (APEX_GGML_KV_POOL_MAX_MB)
 #     fails the context cleanly with APEX's message (no abort);
 #  6. the pool's CUDA pinning, on a stand-in CUDA runtime (this build has none);
-#  7. bad input: a missing and a malformed model file get a clear message.
+#  7. the GPU tier (APEX_Hybrid KV, what a CUDA build uses) on APEX's emulated
+#     device: the slots within the budget decode there, the others on the
+#     CPU; with every slot on the tier, a loaded state, a cross-stream copy
+#     and a K-shift reach it (the same logits); with APEX_GGML_TIER_CHECK the
+#     CPU kernel recomputes the tier's results: equal to fp32 rounding;
+#  8. bad input: a missing and a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -107,6 +112,36 @@ grep -q "cudart-stub: cleared 2" "$stub/err" && grep -q "not pinned: cudaHostReg
   || { cat "$stub/err"; fail "failed CUDA registration: error not cleared or not reported"; }
 rm -rf "$stub"
 echo "KV pool pinning (stand-in CUDA runtime): ok (registered, unregistered; a failure is reported and cleared)"
+
+# The GPU tier on the emulated device (libapex from the main build).
+export APEX_LIB=${APEX_LIB:-$PWD/build/lib/libapex.so.1}
+[ -f "$APEX_LIB" ] || fail "no $APEX_LIB (build the main tree first: ./apex build)"
+hyb() { # n_prompts, n_tokens, gpu_seqs, extra env...
+  local np=$1 nt=$2 g=$3
+  shift 3
+  env GGML_BACKEND_PATH=$APEX_GGML_LIB APEX_GGML_HYBRID=1 APEX_DEVICE=emulated APEX_EMU_DEVICE_MB=512 \
+      APEX_GGML_GPU_SEQS=$g "$@" "$APEX_LLAMA_RUN" -m "$MODEL" -np "$np" -n "$nt" -t 2 --logit-steps 0
+}
+out=$(hyb 4 24 4 2>/dev/null) || fail "GPU tier (emulated), every slot on it"
+python3 - "$out" <<'PY' || fail "GPU tier (emulated), every slot on it"
+import json, sys
+r = json.loads(sys.argv[1]); a = r["apex"]; c = r["kv_checks"]
+assert a["kv_bytes_hybrid"] > 0, "KV not in an APEX_Hybrid buffer: %s" % a
+assert all(g > 0 for g in a["stream_gpu"]) and a["gpu_attn"] >= 4 * 23 * 30, "decode not on the GPU tier: %s" % a
+assert c["state_load_max_diff"] == 0 and c["seq_cp_max_diff"] == 0, "state/copy on the GPU tier: %s" % c
+print("GPU tier (emulated), 4 of 4 slots: ok (%d decode attentions there; a loaded state and a cross-stream "
+      "copy give the same logits there)" % a["gpu_attn"])
+PY
+out=$(hyb 4 24 2 APEX_GGML_TIER_CHECK=1 APEX_GGML_EXACT=0 2>/dev/null) || fail "GPU tier (emulated), 2 of 4 slots"
+python3 - "$out" <<'PY' || fail "GPU tier (emulated), 2 of 4 slots"
+import json, sys
+r = json.loads(sys.argv[1]); a = r["apex"]
+sg = a["stream_gpu"]
+assert sg[0] > 0 and sg[1] > 0 and sg[2] == 0 and sg[3] == 0, "placement: %s" % sg
+assert a["tier_check_max_diff"] <= 1e-4, "GPU tier vs CPU kernel: %g" % a["tier_check_max_diff"]
+print("GPU tier (emulated), 2 of 4 slots: ok (slots 0-1 on the tier, 2-3 on the CPU; the tier's results, K-shift "
+      "included, equal the CPU kernel's to %.2g)" % a["tier_check_max_diff"])
+PY
 
 msg=$(bash setup_hooks/fetch_model.sh --check /nonexistent/model.gguf 2>&1) && fail "missing model accepted"
 echo "$msg" | grep -q "does not exist" || fail "missing model: unclear message: $msg"
