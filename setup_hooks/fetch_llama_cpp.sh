@@ -93,7 +93,9 @@ fi
 if [ "${APEX_LLAMA_CUDA:-0}" = 1 ]; then
   BUILD=$ROOT/build-cuda
   extra=(-DGGML_CUDA=ON -DGGML_NATIVE=OFF "-DCMAKE_CUDA_ARCHITECTURES=${APEX_CUDA_ARCHS:-90}"
-         -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+         -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+         # the driver (libcuda.so.1) is only where a GPU is: the tools link without it
+         "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   BUILD=$ROOT/build
   extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON)

@@ -270,6 +270,27 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op) {
     return GGML_STATUS_SUCCESS;
 }
 
+/* The CPU kernel over the streams j of d with gpu[j] == which, in runs of
+ * adjacent streams; 1 if it ran. */
+static int run_streams(const cpu_attn_strided_desc *d, const unsigned char *gpu, int which, int n_threads) {
+    for (int32_t j = 0; j < d->n_streams;) {
+        int32_t e = j;
+        while (e < d->n_streams && gpu[e] == which) e++;
+        if (e > j) {
+            cpu_attn_strided_desc r = *d;
+            r.n_streams = e - j;
+            r.q = (const float *)((const char *)d->q + j * d->q_nb_stream);
+            r.k = (const char *)d->k + j * d->k_nb_stream;
+            r.v = (const char *)d->v + j * d->v_nb_stream;
+            if (d->mask) r.mask = (const uint16_t *)((const char *)d->mask + j * d->mask_nb_stream);
+            r.out = (float *)((char *)d->out + j * d->out_nb_stream);
+            if (cpu_attn_strided(&r, n_threads) != 0) return 0;
+        }
+        j = e + 1;
+    }
+    return 1;
+}
+
 static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
     cpu_attn_strided_desc d;
@@ -302,58 +323,47 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     if (k->view_src && k->view_src->nb[2] > 0 && k->view_src->ne[2] > 1 && is_kv_cache(k))
         s0 = (int64_t)(k->view_offs / k->view_src->nb[2]);
     const double t0 = now_s();
-    /* The streams the GPU tier holds attend there; the others on the CPU,
-     * in runs of adjacent streams. */
+    /* The streams the GPU tier holds attend there, on its thread, while the
+     * others attend on the CPU (one thread fewer: the tier's waits on the
+     * device). */
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
     gpu_tier *tier = tier_of(k);
+    int n_plan = 0;
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
-        gpu_tier_attention(tier, op, s0, gpu);
-    /* APEX_GGML_TIER_CHECK=1: the CPU kernel also runs the GPU tier's
-     * streams, its results are kept, and the largest difference is counted. */
-    float *gpu_out = NULL;
-    unsigned char ran[APEX_GGML_MAX_STREAMS];
-    if (env_on("APEX_GGML_TIER_CHECK") && tier && d.n_tokens == 1 && (gpu_out = malloc(ggml_nbytes(op)))) {
-        memcpy(gpu_out, op->data, ggml_nbytes(op));
-        memcpy(ran, gpu, sizeof ran);
-        memset(gpu, 0, sizeof gpu);
-    }
-    const int checked = gpu_out != NULL;
-    for (int32_t j = 0; j < d.n_streams;) {
-        int32_t e = j;
-        while (e < d.n_streams && !gpu[e]) e++;
-        if (e > j) {
-            cpu_attn_strided_desc r = d;
-            r.n_streams = e - j;
-            r.q = (const float *)((const char *)d.q + j * d.q_nb_stream);
-            r.k = (const char *)d.k + j * d.k_nb_stream;
-            r.v = (const char *)d.v + j * d.v_nb_stream;
-            if (d.mask) r.mask = (const uint16_t *)((const char *)d.mask + j * d.mask_nb_stream);
-            r.out = (float *)((char *)d.out + j * d.out_nb_stream);
-            if (cpu_attn_strided(&r, n_threads) != 0) {
-                fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
-                return GGML_STATUS_FAILED;
+        n_plan = gpu_tier_plan(tier, op, s0, gpu);
+    if (n_plan) gpu_tier_start(tier);
+    int ok = run_streams(&d, gpu, 0, n_plan && n_threads > 2 ? n_threads - 1 : n_threads);
+    if (n_plan) {
+        const int tier_ok = gpu_tier_wait(tier) == 0;
+        /* APEX_GGML_TIER_CHECK=1: the CPU kernel recomputes the tier's
+         * streams, its results are kept, and the largest difference counted. */
+        float *gpu_out = tier_ok && env_on("APEX_GGML_TIER_CHECK") ? malloc(ggml_nbytes(op)) : NULL;
+        if (gpu_out) memcpy(gpu_out, op->data, ggml_nbytes(op));
+        if (!tier_ok || gpu_out) ok = run_streams(&d, gpu, 1, n_threads) && ok;
+        if (!tier_ok) memset(gpu, 0, sizeof gpu);
+        if (gpu_out) {
+            float worst = 0.0f;
+            for (int32_t j = 0; j < d.n_streams; j++) {
+                if (!gpu[j]) continue;
+                for (int32_t h = 0; h < d.n_q_heads; h++) {
+                    const size_t off = (size_t)h * op->nb[1] + (size_t)j * op->nb[3];
+                    const float *x = (const float *)((const char *)op->data + off);
+                    const float *y = (const float *)((const char *)gpu_out + off);
+                    for (int32_t i = 0; i < d.head_dim; i++) worst = fmaxf(worst, fabsf(x[i] - y[i]));
+                }
             }
+            free(gpu_out);
+            pthread_mutex_lock(&g_lock);
+            if (worst > g_stats.tier_check_max_diff) g_stats.tier_check_max_diff = worst;
+            pthread_mutex_unlock(&g_lock);
         }
-        j = e + 1;
+    }
+    if (!ok) {
+        fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
+        return GGML_STATUS_FAILED;
     }
     const double dt = now_s() - t0;
-    if (gpu_out) {
-        float worst = 0.0f;
-        for (int32_t j = 0; j < d.n_streams; j++) {
-            if (!ran[j]) continue;
-            for (int32_t h = 0; h < d.n_q_heads; h++) {
-                const size_t off = (size_t)h * op->nb[1] + (size_t)j * op->nb[3];
-                const float *a = (const float *)((const char *)op->data + off);
-                const float *b = (const float *)((const char *)gpu_out + off);
-                for (int32_t x = 0; x < d.head_dim; x++) worst = fmaxf(worst, fabsf(a[x] - b[x]));
-            }
-        }
-        free(gpu_out);
-        pthread_mutex_lock(&g_lock);
-        if (worst > g_stats.tier_check_max_diff) g_stats.tier_check_max_diff = worst;
-        pthread_mutex_unlock(&g_lock);
-    }
     pthread_mutex_lock(&g_lock);
     g_stats.attention_calls++;
     g_stats.attention_kv_in_pool += (uint64_t)(in_pool(k) && in_pool(v));
@@ -365,7 +375,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         g_stats.prefill_tokens += (uint64_t)d.n_tokens * (uint64_t)d.n_streams;
     for (int64_t s = s0; s < s0 + d.n_streams; s++) {
         if (s < APEX_GGML_MAX_STREAMS) g_stats.stream_attn[s]++;
-        const int on_gpu = checked ? ran[s - s0] : gpu[s - s0];
+        const int on_gpu = gpu[s - s0];
         if (s < APEX_GGML_MAX_STREAMS && on_gpu) g_stats.stream_gpu[s]++;
         g_stats.gpu_attn += (uint64_t)on_gpu;
         if (s > g_stats.max_stream) g_stats.max_stream = (int32_t)s;

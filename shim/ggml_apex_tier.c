@@ -99,16 +99,37 @@ struct gpu_tier {
     float *q, *out;
     int32_t *qsl, *lens, *table;
     size_t cap_seqs;
+    /* The planned attention (gpu_tier_plan) ... */
+    const struct ggml_tensor *op;
+    int li, n;
+    int64_t streams[TIER_MAX_STREAMS], js[TIER_MAX_STREAMS];
+    int32_t plan_lens[TIER_MAX_STREAMS];
+    /* ... runs on the tier's own thread between start and wait, while the
+     * caller's threads attend the other streams on the CPU. */
+    pthread_t worker;
+    int has_worker, quit, job, done, rc;
+    pthread_cond_t cv;
 };
 
 gpu_tier *gpu_tier_new(void) {
     gpu_tier *t = calloc(1, sizeof *t);
-    if (t) pthread_mutex_init(&t->lock, NULL);
+    if (t) {
+        pthread_mutex_init(&t->lock, NULL);
+        pthread_cond_init(&t->cv, NULL);
+    }
     return t;
 }
 
 void gpu_tier_free(gpu_tier *t) {
     if (!t) return;
+    if (t->has_worker) {
+        pthread_mutex_lock(&t->lock);
+        t->quit = 1;
+        pthread_cond_broadcast(&t->cv);
+        pthread_mutex_unlock(&t->lock);
+        pthread_join(t->worker, NULL);
+    }
+    pthread_cond_destroy(&t->cv);
     if (t->ctx) t->lib->context_destroy(t->ctx);
     for (int i = 0; i < t->n_layers; i++) free(t->layers[i].stale);
     free(t->k_rows), free(t->v_rows), free(t->slots);
@@ -375,88 +396,126 @@ static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_
     return 0;
 }
 
-int gpu_tier_attention(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu) {
+/* The attention planned by gpu_tier_plan; t->rc = 0 or -1. */
+static void run_planned(gpu_tier *t) {
+    const struct ggml_tensor *op = t->op, *q = op->src[0];
+    const int n = t->n;
+    int rc = -1;
+    if (scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_lens, n) == 0) {
+        /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
+        const size_t hd = (size_t)t->head_dim;
+        const int q16 = t->kv_dtype == APEX_DTYPE_F16;
+        for (int i = 0; i < n; i++) {
+            for (int h = 0; h < t->n_q_heads; h++) {
+                const float *src = (const float *)((const char *)q->data + h * q->nb[2] + t->js[i] * q->nb[3]);
+                const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
+                if (q16)
+                    for (size_t x = 0; x < hd; x++) ((uint16_t *)t->q)[row + x] = apex_f32_to_f16(src[x]);
+                else
+                    memcpy(t->q + row, src, hd * sizeof(float));
+            }
+            t->qsl[i] = i;
+            for (int32_t b = 0; b < t->bps; b++)
+                t->table[(size_t)i * t->bps + b] = (int32_t)(t->streams[i] * t->bps + b);
+        }
+        t->qsl[n] = n;
+        apex_attn_opts o;
+        memset(&o, 0, sizeof o);
+        memcpy(&o.scale, (const float *)op->op_params + 0, sizeof(float));
+        memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
+        o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
+        o.out_dtype = APEX_DTYPE_F32;
+        if (t->lib->paged_attention(t->ctx, t->li, n, t->qsl, t->plan_lens, t->table, t->bps, t->q, t->out, &o) ==
+            APEX_OK) {
+            for (int i = 0; i < n; i++)
+                for (int h = 0; h < t->n_q_heads; h++)
+                    memcpy((char *)op->data + h * op->nb[1] + t->js[i] * op->nb[3],
+                           t->out + ((size_t)i * t->n_q_heads + h) * hd, hd * sizeof(float));
+            rc = 0;
+        }
+    }
+    if (rc < 0) {
+        static int logged;
+        if (!logged)
+            fprintf(stderr, "APEX: the GPU tier failed (%s); its sequences attend on the CPU\n", t->lib->last_error());
+        logged = 1;
+    }
+    t->rc = rc;
+}
+
+static void *worker_main(void *arg) {
+    gpu_tier *t = arg;
+    pthread_mutex_lock(&t->lock);
+    for (;;) {
+        while (!t->job && !t->quit) pthread_cond_wait(&t->cv, &t->lock);
+        if (t->quit) break;
+        run_planned(t); /* under the lock: no host write can race the stale rows it reads */
+        t->job = 0;
+        t->done = 1;
+        pthread_cond_broadcast(&t->cv);
+    }
+    pthread_mutex_unlock(&t->lock);
+    return NULL;
+}
+
+int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu) {
     const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
     const int64_t ns = q->ne[3];
     memset(gpu, 0, (size_t)ns);
     if (!t || q->ne[1] != 1) return 0; /* the tier runs decode queries */
     pthread_mutex_lock(&t->lock);
     const struct ggml_tensor *kr = k->view_src ? k->view_src : k, *vr = v->view_src ? v->view_src : v;
-    if (t->state == 0) tier_open(t, op);
+    if (t->state == 0) {
+        tier_open(t, op);
+        if (t->state == 1) t->has_worker = pthread_create(&t->worker, NULL, worker_main, t) == 0;
+    }
     tier_layer *l = t->state == 1 ? layer_of(t, kr) : NULL;
-    int rc = 0;
-    if (!l || l->k != kr || l->v != vr || s0 >= t->n_gpu) goto done;
+    t->n = 0;
     /* The op must read the tensors as llama.cpp's views do: rows nb[1]
      * apart, streams nb[2] apart, from stream s0, cell 0. */
-    if (k->nb[1] != kr->nb[1] || k->nb[3] != kr->nb[2] || v->nb[1] != vr->nb[1] || v->nb[3] != vr->nb[2] ||
-        k->nb[2] != (size_t)t->head_dim * ggml_type_size(kr->type) || v->nb[2] != k->nb[2] ||
-        (const char *)k->data != (const char *)kr->data + (size_t)s0 * kr->nb[2] ||
-        (const char *)v->data != (const char *)vr->data + (size_t)s0 * vr->nb[2] || k->ne[1] > t->kv_size ||
-        k->ne[0] != t->head_dim || q->ne[2] != t->n_q_heads)
-        goto done;
-    int64_t streams[TIER_MAX_STREAMS];
-    int32_t lens[TIER_MAX_STREAMS];
-    int64_t js[TIER_MAX_STREAMS];
-    int n = 0;
-    const int64_t n_kv = k->ne[1];
-    for (int64_t j = 0; j < ns && s0 + j < t->n_gpu && n < TIER_MAX_STREAMS; j++) {
-        int64_t L = n_kv;
-        if (mask) {
-            const int64_t ms = mask->ne[3] == 1 ? 0 : j;
-            L = prefix_len((const uint16_t *)((const char *)mask->data + ms * mask->nb[3]), n_kv);
+    if (l && l->k == kr && l->v == vr && s0 < t->n_gpu && k->nb[1] == kr->nb[1] && k->nb[3] == kr->nb[2] &&
+        v->nb[1] == vr->nb[1] && v->nb[3] == vr->nb[2] &&
+        k->nb[2] == (size_t)t->head_dim * ggml_type_size(kr->type) && v->nb[2] == k->nb[2] &&
+        (const char *)k->data == (const char *)kr->data + (size_t)s0 * kr->nb[2] &&
+        (const char *)v->data == (const char *)vr->data + (size_t)s0 * vr->nb[2] && k->ne[1] <= t->kv_size &&
+        k->ne[0] == t->head_dim && q->ne[2] == t->n_q_heads) {
+        const int64_t n_kv = k->ne[1];
+        for (int64_t j = 0; j < ns && s0 + j < t->n_gpu && t->n < TIER_MAX_STREAMS; j++) {
+            int64_t L = n_kv;
+            if (mask) {
+                const int64_t ms = mask->ne[3] == 1 ? 0 : j;
+                L = prefix_len((const uint16_t *)((const char *)mask->data + ms * mask->nb[3]), n_kv);
+            }
+            if (L <= 0) continue;
+            t->streams[t->n] = s0 + j, t->plan_lens[t->n] = (int32_t)L, t->js[t->n] = j;
+            gpu[j] = 1;
+            t->n++;
         }
-        if (L <= 0) continue;
-        streams[n] = s0 + j, lens[n] = (int32_t)L, js[n] = j;
-        n++;
+        t->op = op;
+        t->li = (int)(l - t->layers);
     }
-    if (n == 0) goto done;
-    const int li = (int)(l - t->layers);
-    if (scratch(t, 0, (size_t)n) || store_stale(t, li, streams, lens, n)) {
-        rc = -1;
-        goto done;
+    const int n = t->n;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+void gpu_tier_start(gpu_tier *t) {
+    pthread_mutex_lock(&t->lock);
+    t->done = 0;
+    if (t->has_worker) {
+        t->job = 1;
+        pthread_cond_broadcast(&t->cv);
+    } else {
+        run_planned(t);
+        t->done = 1;
     }
-    /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
-    const size_t hd = (size_t)t->head_dim;
-    const int q16 = t->kv_dtype == APEX_DTYPE_F16;
-    for (int i = 0; i < n; i++) {
-        for (int h = 0; h < t->n_q_heads; h++) {
-            const float *src = (const float *)((const char *)q->data + h * q->nb[2] + js[i] * q->nb[3]);
-            const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
-            if (q16)
-                for (size_t x = 0; x < hd; x++) ((uint16_t *)t->q)[row + x] = apex_f32_to_f16(src[x]);
-            else
-                memcpy(t->q + row, src, hd * sizeof(float));
-        }
-        t->qsl[i] = i;
-        for (int32_t b = 0; b < t->bps; b++) t->table[(size_t)i * t->bps + b] = (int32_t)(streams[i] * t->bps + b);
-    }
-    t->qsl[n] = n;
-    apex_attn_opts o;
-    memset(&o, 0, sizeof o);
-    memcpy(&o.scale, (const float *)op->op_params + 0, sizeof(float));
-    memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
-    o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
-    o.out_dtype = APEX_DTYPE_F32;
-    if (t->lib->paged_attention(t->ctx, li, n, t->qsl, lens, t->table, t->bps, t->q, t->out, &o) != APEX_OK) {
-        rc = -1;
-        goto done;
-    }
-    for (int i = 0; i < n; i++) {
-        for (int h = 0; h < t->n_q_heads; h++)
-            memcpy((char *)op->data + h * op->nb[1] + js[i] * op->nb[3], t->out + ((size_t)i * t->n_q_heads + h) * hd,
-                   hd * sizeof(float));
-        gpu[js[i]] = 1;
-    }
-    rc = n;
-done:
-    if (rc < 0) {
-        static int logged;
-        if (!logged)
-            fprintf(stderr, "APEX: the GPU tier failed (%s); these sequences attend on the CPU\n",
-                    t->lib ? t->lib->last_error() : "?");
-        logged = 1;
-        memset(gpu, 0, (size_t)ns);
-    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+int gpu_tier_wait(gpu_tier *t) {
+    pthread_mutex_lock(&t->lock);
+    while (!t->done) pthread_cond_wait(&t->cv, &t->lock);
+    const int rc = t->rc;
     pthread_mutex_unlock(&t->lock);
     return rc;
 }

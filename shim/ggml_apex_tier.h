@@ -50,13 +50,17 @@ void gpu_tier_written(gpu_tier *t, const struct ggml_tensor *root, size_t off, s
 void gpu_tier_written_all(gpu_tier *t);
 
 /* FLASH_ATTN_EXT op reads streams [s0, s0 + ns) of its KV tensors (ns =
- * q->ne[3]). Runs on the GPU tier the decode queries (one token) of the
- * streams the tier holds whose mask is a prefix (cells [0, L) visible, the
- * rest hidden), writing their rows of op's output; gpu[j] = 1 for each
- * stream j it ran, 0 for those the caller runs on the CPU. Returns how many
- * it ran (0 when the tier holds none of them), or -1 when the tier failed:
- * then gpu[] is all 0 and the caller runs every stream. */
-int gpu_tier_attention(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu);
+ * q->ne[3]). gpu_tier_plan picks the streams the GPU tier runs: the decode
+ * queries (one token) of the streams it holds whose mask is a prefix (cells
+ * [0, L) visible, the rest hidden); gpu[j] = 1 for those, 0 for the ones the
+ * caller runs on the CPU. Returns how many it picked (0: none; then no
+ * start/wait). gpu_tier_start runs them on the tier's own thread, writing
+ * their rows of op's output, while the caller attends the others on the CPU;
+ * gpu_tier_wait waits for it: 0, or -1 when the tier failed and the caller
+ * must run the picked streams too. */
+int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu);
+void gpu_tier_start(gpu_tier *t);
+int gpu_tier_wait(gpu_tier *t);
 
 #ifdef __cplusplus
 }

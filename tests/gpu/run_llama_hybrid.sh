@@ -45,6 +45,7 @@ if cmake -S . -B build-gpu-llama -DAPEX_CUDA=ON -DAPEX_CUDA_ARCHS="${APEX_CUDA_A
         -DAPEX_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >>"$LOG" 2>&1 &&
    cmake --build build-gpu-llama -j"$(nproc)" --target apex >>"$LOG" 2>&1 &&
    cmake -S integration/llama_cpp -B build-llama-gpu -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined \
         -DLLAMA_CPP_SRC="$LB/src" -DLLAMA_CPP_BUILD="$LB" >>"$LOG" 2>&1 &&
    cmake --build build-llama-gpu -j"$(nproc)" --target ggml-apex apex-llama-run apex-random-model >>"$LOG" 2>&1; then
     say "built in $(( $(date +%s) - t0 )) s"
@@ -56,6 +57,11 @@ RUN=$ROOT/build-llama-gpu/bin/apex-llama-run
 SHIM=$ROOT/build-llama-gpu/lib/libggml-apex.so
 export APEX_LIB=$ROOT/build-gpu-llama/lib/libapex.so.1
 THREADS=$(nproc)
+# Exact mode (the default) needs AVX-512 for the CPU side; fp32 mode otherwise.
+EXACT=1
+grep -qw avx512f /proc/cpuinfo || EXACT=0
+say "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $THREADS threads, APEX_GGML_EXACT=$EXACT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
 
 # ---- the random-weight model of Llama-3.1-8B geometry
 RAND=$STAGE/random-llama8b-4l.gguf
@@ -86,7 +92,7 @@ run() {
 # difference (APEX_GGML_TIER_CHECK, fp32 mode).
 model_runs() {
     local tag=$1 m=$2 fill=$3
-    local apex=(GGML_BACKEND_PATH="$SHIM" APEX_GGML_GPU_SEQS="$G" APEX_DEVICE=cuda)
+    local apex=(GGML_BACKEND_PATH="$SHIM" APEX_GGML_GPU_SEQS="$G" APEX_DEVICE=cuda APEX_GGML_EXACT="$EXACT")
     run "${tag}_native_all" -- -m "$m" -np "$N" -n "$T" -ngl 99 --fill "$fill"
     run "${tag}_native_fit" -- -m "$m" -np "$G" -n "$T" -ngl 99 --fill "$fill"
     run "${tag}_native_nkvo" -- -m "$m" -np "$N" -n "$T" -ngl 99 -nkvo --fill "$fill"
@@ -99,7 +105,7 @@ model_runs() {
 [ -n "$RAND" ] && model_runs llama8b "$RAND" "${APEX_GPU_FILL_8B:-2048}"
 
 # ---- report
-python3 - "$OUT" "$N" "$G" "$T" <<'EOF' | tee "$OUT/llama_hybrid.json"
+python3 - "$OUT" "$N" "$G" "$T" "$EXACT" <<'EOF' | tee "$OUT/llama_hybrid.json"
 import json, os, sys
 out, n, g, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def load(name):
@@ -108,7 +114,7 @@ def load(name):
     except Exception:
         return None
 rep = {"report": "llama.cpp CUDA: native vs APEX hybrid", "sequences": n, "gpu_budget_sequences": g,
-       "tokens": t, "models": {}}
+       "tokens": t, "apex_exact_mode": sys.argv[5] == "1", "models": {}}
 for tag in ("smollm2", "llama8b"):
     runs = {k: load(f"{tag}_{k}") for k in ("native_all", "native_fit", "native_nkvo", "apex_hybrid", "apex_check")}
     if all(v is None for v in runs.values()):
