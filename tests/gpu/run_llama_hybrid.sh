@@ -13,6 +13,7 @@
 #   APEX_GPU_MODEL       the default model's .gguf (optional: skipped if unset)
 #   APEX_GPU_VOCAB       a vocab-only .gguf for the random model (default
 #                        .carry/vocab.gguf)
+#   APEX_GPU_MODELS      "smollm2 llama8b" (default), or one of them
 # Writes OUTDIR/llama_hybrid.json (every run's figures and the comparisons)
 # and OUTDIR/llama_hybrid.log.
 set -u
@@ -30,6 +31,7 @@ MODEL=${APEX_GPU_MODEL:-}
 N=${APEX_GPU_SEQS_TOTAL:-16}   # sequences in the batch
 G=${APEX_GPU_SEQS_FIT:-8}      # of them, those the GPU budget holds
 T=${APEX_GPU_TOKENS:-64}       # generated tokens per sequence
+WANT=" ${APEX_GPU_MODELS:-smollm2 llama8b} "  # which models to run
 mkdir -p "$STAGE"
 
 . "$ROOT/tests/gpu/sysroot.sh"
@@ -65,7 +67,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 
 # ---- the random-weight model of Llama-3.1-8B geometry
 RAND=$STAGE/random-llama8b-4l.gguf
-if [ -f "$VOCAB" ] && "$ROOT/build-llama-gpu/bin/apex-random-model" --vocab "$VOCAB" --out "$RAND" \
+if [[ $WANT == *" llama8b "* ]] && [ -f "$VOCAB" ] && "$ROOT/build-llama-gpu/bin/apex-random-model" --vocab "$VOCAB" --out "$RAND" \
         --layers 4 >>"$LOG" 2>&1; then
     say "random model: $(du -h "$RAND" | cut -f1)"
 else
@@ -101,7 +103,7 @@ model_runs() {
     run "${tag}_apex_check" "${apex[@]}" APEX_GGML_TIER_CHECK=1 APEX_GGML_EXACT=0 -- \
         -m "$m" -np "$N" -n 8 -ngl 99 --fill "$fill"
 }
-[ -n "$MODEL" ] && [ -f "$MODEL" ] && model_runs smollm2 "$MODEL" "${APEX_GPU_FILL_SMALL:-1024}"
+[[ $WANT == *" smollm2 "* ]] && [ -n "$MODEL" ] && [ -f "$MODEL" ] && model_runs smollm2 "$MODEL" "${APEX_GPU_FILL_SMALL:-1024}"
 [ -n "$RAND" ] && model_runs llama8b "$RAND" "${APEX_GPU_FILL_8B:-2048}"
 
 # ---- report
