@@ -72,15 +72,33 @@ static void die(const char *msg) {
     exit(1);
 }
 
+/* Length of the valid UTF-8 sequence at s, or 0. */
+static int utf8_len(const unsigned char *s) {
+    const int n = s[0] >= 0xf0 && s[0] <= 0xf4 ? 4 : s[0] >= 0xe0 ? 3 : s[0] >= 0xc2 && s[0] <= 0xdf ? 2 : 0;
+    if (n == 0 || (n == 3 && s[0] > 0xef)) return 0;
+    for (int i = 1; i < n; i++)
+        if ((s[i] & 0xc0) != 0x80) return 0;
+    return n;
+}
+
+/* A JSON string; bytes that are not UTF-8 (a token may end inside a
+ * character) become U+FFFD. */
 static void json_str(FILE *f, const char *s) {
     fputc('"', f);
-    for (; *s; s++) {
+    while (*s) {
         const unsigned char c = (unsigned char)*s;
+        if (c >= 0x80) {
+            const int n = utf8_len((const unsigned char *)s);
+            if (n) fwrite(s, 1, (size_t)n, f), s += n;
+            else fputs("\\ufffd", f), s++;
+            continue;
+        }
         if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
         else if (c == '\n') fputs("\\n", f);
         else if (c == '\t') fputs("\\t", f);
         else if (c < 0x20) fprintf(f, "\\u%04x", c);
         else fputc(c, f);
+        s++;
     }
     fputc('"', f);
 }

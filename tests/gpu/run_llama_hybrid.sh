@@ -112,7 +112,7 @@ import json, os, sys
 out, n, g, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def load(name):
     try:
-        return json.load(open(os.path.join(out, name + ".json")))
+        return json.loads(open(os.path.join(out, name + ".json"), "rb").read().decode("utf-8", "replace"))
     except Exception:
         return None
 rep = {"report": "llama.cpp CUDA: native vs APEX hybrid", "sequences": n, "gpu_budget_sequences": g,
