@@ -56,6 +56,15 @@ static int exact_mode(void) {
 }
 static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
 
+/* KV in an APEX_Hybrid buffer (a GPU build): the engine's reference is its
+ * GPU kernel, not ggml-cpu, so APEX's CPU side runs fp32 math unless
+ * APEX_GGML_EXACT=1 asks for ggml-cpu's rounding; multi-token (>= 64)
+ * attention stays with the GPU backend either way. */
+static int exact_hybrid(void) {
+    const char *e = getenv("APEX_GGML_EXACT");
+    return e && strcmp(e, "1") == 0;
+}
+
 /* The device, and the buffer type of llama.cpp's KV cache in APEX's host
  * pool (both defined below). */
 static struct ggml_backend_device g_dev;
@@ -211,7 +220,9 @@ static int supports_fa(const struct ggml_tensor *op) {
         if (mask->nb[0] != sizeof(uint16_t)) return 0;
     }
     if (q->ne[3] > 1 && !is_kv_cache(k)) return 0;
-    if (exact_mode()) {
+    const int hybrid = tier_of(k) != NULL;
+    if (hybrid && q->ne[1] >= 64) return 0;
+    if (hybrid ? exact_hybrid() : exact_mode()) {
         if (!exact_compat(k->ne[0], k->type)) {
             snprintf(why, sizeof why, "exact mode needs f16 KV, head_dim a multiple of 64 and AVX-512 "
                                       "(APEX_GGML_EXACT=0 lifts this)");
@@ -227,32 +238,45 @@ static int supports_fa(const struct ggml_tensor *op) {
     if (first)
         fprintf(stderr,
                 "APEX: taking over llama.cpp's attention: FLASH_ATTN_EXT (%lld query heads, %lld KV heads, "
-                "head_dim %lld, %s KV) and the KV-cache writes run on APEX's CPU kernel (%s; host tier: this "
-                "llama.cpp build has no GPU tier for APEX); everything else stays with llama.cpp; %s\n",
+                "head_dim %lld, %s KV) and the KV-cache writes run on APEX (%s); everything else stays with "
+                "llama.cpp; %s\n",
                 (long long)q->ne[2], (long long)k->ne[2], (long long)k->ne[0], type_name(k->type),
-                cpu_attn_strided_isa(),
-                exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
-                               "stay on ggml-cpu)"
-                             : "fp32 mode (APEX_GGML_EXACT=0)");
+                hybrid ? "APEX_Hybrid KV: the GPU tier for the sequences within its budget, the CPU kernel for the others"
+                       : "host tier: APEX's CPU kernel",
+                hybrid ? (exact_hybrid() ? "CPU side in exact mode (APEX_GGML_EXACT=1); prefill ubatches of >= 64 "
+                                           "tokens per sequence stay on llama.cpp's GPU backend"
+                                         : "fp32 math (APEX_GGML_EXACT=1: ggml-cpu's rounding on the CPU side); "
+                                           "prefill ubatches of >= 64 tokens per sequence stay on llama.cpp's GPU backend")
+                : exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
+                                 "stay on ggml-cpu)"
+                               : "fp32 mode (APEX_GGML_EXACT=0)");
     return 1;
 }
 
-static enum ggml_status run_set_rows(struct ggml_tensor *op) {
+static int64_t row_index(const struct ggml_tensor *idx, int64_t i) {
+    return idx->type == GGML_TYPE_I64 ? ((const int64_t *)idx->data)[i] : ((const int32_t *)idx->data)[i];
+}
+
+/* The rows are checked first (a bad index changes nothing), converted on
+ * n_threads (a prefill writes many), then reported to the GPU tier. */
+static enum ggml_status run_set_rows(struct ggml_tensor *op, int n_threads) {
     const struct ggml_tensor *src = op->src[0], *idx = op->src[1];
     const struct ggml_tensor *root = root_of(op);
     gpu_tier *tier = tier_of(op);
     const double t0 = now_s();
     const int64_t n = src->ne[1], w = op->ne[0];
     for (int64_t i = 0; i < n; i++) {
-        const int64_t r = idx->type == GGML_TYPE_I64 ? ((const int64_t *)idx->data)[i]
-                                                     : ((const int32_t *)idx->data)[i];
+        const int64_t r = row_index(idx, i);
         if (r < 0 || r >= op->ne[1]) {
             fprintf(stderr, "APEX: KV write row %lld out of range [0, %lld)\n", (long long)r, (long long)op->ne[1]);
             return GGML_STATUS_FAILED;
         }
+    }
+    const int par = n * w >= (1 << 16) ? n_threads : 1;
+#pragma omp parallel for num_threads(par) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
         const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
-        char *d = (char *)op->data + r * op->nb[1];
-        if (tier) gpu_tier_written(tier, root, (size_t)(d - (const char *)root->data), (size_t)w * ggml_type_size(op->type));
+        char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
         if (op->type == GGML_TYPE_F16) {
             uint16_t *h = (uint16_t *)d;
             for (int64_t j = 0; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
@@ -260,6 +284,10 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op) {
             memcpy(d, s, (size_t)w * sizeof(float));
         }
     }
+    for (int64_t i = 0; tier && i < n; i++)
+        gpu_tier_written(tier, root, (size_t)((const char *)op->data - (const char *)root->data) +
+                                         (size_t)row_index(idx, i) * op->nb[1],
+                         (size_t)w * ggml_type_size(op->type));
     const double dt = now_s() - t0;
     pthread_mutex_lock(&g_lock);
     g_stats.kv_write_calls++;
@@ -315,7 +343,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     d.out_nb_head = op->nb[1], d.out_nb_tok = op->nb[2], d.out_nb_stream = op->nb[3];
     memcpy(&d.scale, (const float *)op->op_params + 0, sizeof(float));
     memcpy(&d.softcap, (const float *)op->op_params + 2, sizeof(float));
-    d.ggml_compat = exact_mode();
+    d.ggml_compat = tier_of(k) ? exact_hybrid() : exact_mode();
     d.ggml_n_threads = n_threads; /* llama.cpp gives ggml-cpu and APEX the same count */
     d.ggml_streams = d.n_streams;
     /* The first stream of this op: K is a view of the cache starting there. */
@@ -467,7 +495,7 @@ static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g
         case GGML_OP_TRANSPOSE:
             break;
         case GGML_OP_SET_ROWS:
-            st = (ops_mask() & 2) && supports_set_rows(node) ? run_set_rows(node) : run_hybrid_write(c, node);
+            st = (ops_mask() & 2) && supports_set_rows(node) ? run_set_rows(node, c->n_threads) : run_hybrid_write(c, node);
             break;
         case GGML_OP_FLASH_ATTN_EXT:
             st = run_fa(node, c->n_threads);
@@ -899,10 +927,11 @@ static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_
      * geometry APEX declines: supports_fa says so once, at the first graph. */
     char why[200];
     if (v_trans || kv_geometry_why(type_k, type_v, n_embd_head_k, n_embd_head_v, why, sizeof why)) return NULL;
-    if (exact_mode() && !exact_compat(n_embd_head_k, type_k)) return NULL;
     /* APEX_GGML_HYBRID=1: host-resident KV gets the GPU tier too (with
      * APEX_DEVICE=emulated, the tests' way to run it without a GPU). */
-    return hybrid_here || env_on("APEX_GGML_HYBRID") ? &g_kv_hybrid_buft : &g_kv_buft;
+    const int hybrid = hybrid_here || env_on("APEX_GGML_HYBRID");
+    if ((hybrid ? exact_hybrid() : exact_mode()) && !exact_compat(n_embd_head_k, type_k)) return NULL;
+    return hybrid ? &g_kv_hybrid_buft : &g_kv_buft;
 }
 
 /* --------------------------------------------------------------- reg */
