@@ -17,6 +17,13 @@
  * a model it runs, and the KV tensors then live in APEX's host pool (buffer
  * type "APEX_Host": host memory, ggml's token-major layout, is_host).
  *
+ * In a CUDA build the KV of GPU layers gets "APEX_Hybrid" instead: the same
+ * host pool plus APEX's GPU tier (ggml_apex_tier.h), which keeps the
+ * sequences within its budget on the GPU and runs their decode attention
+ * there; the others attend on the CPU kernel. APEX_GGML_GPU_TIER=0 leaves
+ * GPU layers' KV to llama.cpp; APEX_GGML_HYBRID=1 uses APEX_Hybrid for
+ * host-resident KV too (tests, with APEX_DEVICE=emulated).
+ *
  * Loading: GGML_BACKEND_PATH=.../libggml-apex.so (ggml_backend_init), or
  * LD_PRELOAD=.../libapex-preload.so (a constructor registers the backend).
  * Environment: APEX_GGML_DISABLE=1 declines everything; APEX_STATS_FILE=path
