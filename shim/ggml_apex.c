@@ -865,29 +865,16 @@ static bool kv_buft_is_host(ggml_backend_buffer_type_t buft) {
     return true;
 }
 
-static struct ggml_backend_buffer_type g_kv_buft = {
-    .iface = {
-        .get_name = kv_buft_name,
-        .alloc_buffer = kv_buft_alloc,
-        .get_alignment = kv_buft_alignment,
-        .is_host = kv_buft_is_host,
-    },
-    .device = &g_dev,
-    .context = NULL,
-};
+#define KV_BUFT_IFACE                                                                                   \
+    {.get_name = kv_buft_name, .alloc_buffer = kv_buft_alloc, .get_alignment = kv_buft_alignment,             \
+     .is_host = kv_buft_is_host}
+
+static struct ggml_backend_buffer_type g_kv_buft = {.iface = KV_BUFT_IFACE, .device = &g_dev, .context = NULL};
 
 /* The KV of layers llama.cpp puts on a GPU: the same host pool, plus APEX's
  * GPU tier for the sequences within its budget (ggml_apex_tier.h). */
-static struct ggml_backend_buffer_type g_kv_hybrid_buft = {
-    .iface = {
-        .get_name = kv_buft_name,
-        .alloc_buffer = kv_buft_alloc,
-        .get_alignment = kv_buft_alignment,
-        .is_host = kv_buft_is_host,
-    },
-    .device = &g_dev,
-    .context = NULL,
-};
+static struct ggml_backend_buffer_type g_kv_hybrid_buft = {.iface = KV_BUFT_IFACE, .device = &g_dev,
+                                                           .context = NULL};
 
 /* The hook llama.cpp calls per layer (proc "ggml_backend_kv_cache_buffer_type"):
  * buft is what llama.cpp would use. APEX_Host, or NULL to leave it. */
