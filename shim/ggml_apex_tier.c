@@ -28,6 +28,7 @@ typedef struct apex_lib {
     apex_status (*context_create)(const apex_config *, apex_context **);
     apex_status (*context_destroy)(apex_context *);
     apex_status (*paged_claim)(apex_context *, int64_t *);
+    apex_status (*paged_layer_kv)(apex_context *, int32_t, apex_tier, void **, int64_t *);
     apex_status (*paged_kv_write)(apex_context *, int32_t, int64_t, const int64_t *, const void *, int64_t,
                                   const void *, int64_t, apex_dtype);
     apex_status (*paged_attention)(apex_context *, int32_t, int32_t, const int32_t *, const int32_t *,
@@ -53,11 +54,12 @@ static const apex_lib *lib_get(char *why, size_t n) {
             *(void **)&l.context_create = dlsym(h, "apex_context_create");
             *(void **)&l.context_destroy = dlsym(h, "apex_context_destroy");
             *(void **)&l.paged_claim = dlsym(h, "apex_paged_claim");
+            *(void **)&l.paged_layer_kv = dlsym(h, "apex_paged_layer_kv");
             *(void **)&l.paged_kv_write = dlsym(h, "apex_paged_kv_write");
             *(void **)&l.paged_attention = dlsym(h, "apex_paged_attention");
             *(void **)&l.last_error = dlsym(h, "apex_last_error");
         }
-        if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_kv_write &&
+        if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_layer_kv && l.paged_kv_write &&
             l.paged_attention && l.last_error) {
             g_lib = l;
             g_lib_state = 1;
@@ -303,6 +305,18 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         st = t->lib->context_create(&cfg, &t->ctx);
     }
     if (st == APEX_OK) st = t->lib->paged_claim(t->ctx, NULL);
+    /* A context without a device (APEX_DEVICE=none, or auto and no GPU
+     * answers) has no device tier to hold the slots. */
+    void *base = NULL;
+    int64_t dev_blocks = 0;
+    if (st == APEX_OK && (t->lib->paged_layer_kv(t->ctx, 0, APEX_TIER_DEVICE, &base, &dev_blocks) != APEX_OK ||
+                          dev_blocks < g * t->bps)) {
+        fprintf(stderr, "APEX: no GPU tier for this KV cache (APEX's context has no device: APEX_DEVICE=%s): every "
+                        "sequence attends on the CPU\n", getenv("APEX_DEVICE") ? getenv("APEX_DEVICE") : "auto");
+        t->lib->context_destroy(t->ctx);
+        t->ctx = NULL;
+        return;
+    }
     if (st != APEX_OK) {
         fprintf(stderr,
                 "APEX: no GPU tier for this KV cache (APEX's context for %lld sequences, %.1f MiB: %s): every "

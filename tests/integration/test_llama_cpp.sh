@@ -20,7 +20,9 @@
 #     device: the slots within the budget decode there, the others on the
 #     CPU; with every slot on the tier, a loaded state, a cross-stream copy
 #     and a K-shift reach it (the same logits); with APEX_GGML_TIER_CHECK the
-#     CPU kernel recomputes the tier's results: equal to fp32 rounding;
+#     CPU kernel recomputes the tier's results: equal to fp32 rounding; bad
+#     tier settings (no libapex, a malformed budget, no device) say so in one
+#     line and leave every sequence on the CPU;
 #  8. bad input: a missing and a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -142,6 +144,19 @@ assert a["tier_check_max_diff"] <= 1e-4, "GPU tier vs CPU kernel: %g" % a["tier_
 print("GPU tier (emulated), 2 of 4 slots: ok (slots 0-1 on the tier, 2-3 on the CPU; the tier's results, K-shift "
       "included, equal the CPU kernel's to %.2g)" % a["tier_check_max_diff"])
 PY
+
+# Bad GPU-tier settings: one line, every sequence on the CPU, the run completes.
+for bad in "APEX_LIB=/nonexistent/libapex.so.1|cannot load /nonexistent" \
+           "APEX_GGML_GPU_KV_MB=lots|is not a number of MiB" "APEX_DEVICE=none|has no device"; do
+  setting=${bad%%|*} want=${bad#*|}
+  err=$(mktemp)
+  out=$(hyb 2 4 2 "$setting" 2>"$err") || { tail -3 "$err"; fail "GPU tier with $setting"; }
+  grep -q "APEX: no GPU tier for this KV cache (.*$want" "$err" || { cat "$err"; fail "GPU tier with $setting: no clear line"; }
+  rm -f "$err"
+  python3 -c "import json,sys; a=json.loads(sys.argv[1])['apex']; assert a['gpu_attn'] == 0 and a['attention_calls'] > 0, a" "$out" \
+    || fail "GPU tier with $setting: placement"
+done
+echo "GPU tier bad settings (missing libapex, malformed budget, no device): ok (one line, all on the CPU)"
 
 msg=$(bash setup_hooks/fetch_model.sh --check /nonexistent/model.gguf 2>&1) && fail "missing model accepted"
 echo "$msg" | grep -q "does not exist" || fail "missing model: unclear message: $msg"
