@@ -8,7 +8,6 @@
 #include "shim/ggml_apex_tier.h"
 
 #include <dlfcn.h>
-#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
