@@ -6,6 +6,8 @@
 #     KV write APEX ran used it); a sequence's state saved and loaded into
 #     another slot, and copied across streams, gives the same logits, and a
 #     K-shift (in-place ROPE on the cache) gives the same logits as natively;
+#     The same on a random-weight model of Llama-3.1-8B attention geometry
+#     (harness --random-model: head_dim 128, GQA 4).
 #  2. the same through LD_PRELOAD (shorter), and one sequence decoding 600
 #     tokens: past 512 cache rows ggml-cpu takes its split-KV path, which
 #     exact mode reproduces chunk for chunk (tokens still identical);
@@ -63,6 +65,18 @@ out=$(./integration/harness --json --prompts 1 --tokens 600) || { echo "$out"; f
 check "$out" "harness (one sequence x 600: ggml's split-KV decode past 512 rows)" 1
 out=$(APEX_GGML_KV_POOL=0 ./integration/harness --json --tokens 32) || { echo "$out"; fail "harness, APEX_GGML_KV_POOL=0"; }
 check "$out" "harness (APEX_GGML_KV_POOL=0: no KV pool offered, 8 x 32)" 0
+out=$(./integration/harness --json --random-model 2 --prompts 4 --tokens 16) \
+  || { echo "$out"; fail "harness, random Llama-3.1-8B-geometry model"; }
+python3 - "$out" <<'PY' || fail "harness, random Llama-3.1-8B-geometry model"
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["tokens_identical"] and r["max_logit_abs_diff"] == 0, "tokens/logits differ: %s" % r["first_difference"]
+assert r["apex_decode_attentions"] >= 4 * 15 * 2 and r["kv_in_apex_pool"], r
+c = r["kv_checks_apex"]
+assert c["state_load_max_diff"] == 0 and c["seq_cp_max_diff"] == 0 and r["kshift_identical"], c
+print("harness (random Llama-3.1-8B geometry, 2 layers: 32 q heads, 8 KV heads, head_dim 128; 4 x 16): ok "
+      "(tokens and logits identical, state/copy/K-shift checks exact)")
+PY
 
 eval "$(bash integration/llama_cpp/build.sh 2>/dev/null | sed 's/^/export /')"
 # llama-batched does not call ggml_backend_load_all() (GGML_BACKEND_PATH is
