@@ -343,7 +343,8 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     d.out_nb_head = op->nb[1], d.out_nb_tok = op->nb[2], d.out_nb_stream = op->nb[3];
     memcpy(&d.scale, (const float *)op->op_params + 0, sizeof(float));
     memcpy(&d.softcap, (const float *)op->op_params + 2, sizeof(float));
-    d.ggml_compat = tier_of(k) ? exact_hybrid() : exact_mode();
+    gpu_tier *tier = tier_of(k);
+    d.ggml_compat = tier ? exact_hybrid() : exact_mode();
     d.ggml_n_threads = n_threads; /* llama.cpp gives ggml-cpu and APEX the same count */
     d.ggml_streams = d.n_streams;
     /* The first stream of this op: K is a view of the cache starting there. */
@@ -356,7 +357,6 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
      * device). */
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
-    gpu_tier *tier = tier_of(k);
     int n_plan = 0;
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
@@ -528,7 +528,7 @@ static void set_n_threads(ggml_backend_t b, int n_threads) {
 static const char *dev_get_name(ggml_backend_dev_t d) { (void)d; return "APEX"; }
 static const char *dev_get_desc(ggml_backend_dev_t d) {
     (void)d;
-    return "APEX hybrid attention (host tier: CPU kernel)";
+    return "APEX hybrid attention (CPU kernel; GPU tier for APEX_Hybrid KV)";
 }
 static void dev_get_memory(ggml_backend_dev_t d, size_t *free_b, size_t *total) {
     (void)d;
