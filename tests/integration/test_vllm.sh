@@ -12,7 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${APEX_SKIP_VLLM:-0}" = 1 ]; then echo "vLLM integration: skipped (APEX_SKIP_VLLM=1)"; exit 0; fi
-CACHE=${APEX_CACHE_DIR:-$HOME/.cache/apex}
 t0=$SECONDS
 VENV=$(bash setup_hooks/setup_vllm.sh)
 echo "vLLM environment: $VENV ($((SECONDS - t0)) s)"
@@ -22,7 +21,7 @@ APEX_CUDA=OFF "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
   --no-build-isolation . 
 echo "APEX installed into it ($((SECONDS - t0)) s)"
 gguf=$(bash setup_hooks/fetch_model.sh)
-model=$CACHE/models/$(basename "$gguf" .gguf)-hf-f32
+model=$(dirname "$gguf")/$(basename "$gguf" .gguf)-hf-f32  # beside the GGUF, in the model cache
 "$VENV/bin/python" integration/vllm/tools/make_model.py "$gguf" "$model" >/dev/null 2>&1 \
   || "$VENV/bin/python" integration/vllm/tools/make_model.py "$gguf" "$model"
 echo "model: $model ($((SECONDS - t0)) s)"
