@@ -56,7 +56,8 @@ typedef struct sim_hw_opts {
 
 typedef struct sim_hw {
     char name[64];
-    const apex_hw_preset *hw; /* points at `host` below                  */
+    const apex_hw_preset *hw; /* points at `host` below: copy a sim_hw only
+                                 with sim_hw_init, never by assignment    */
     apex_hw_preset host;      /* the preset with sim_hw_opts applied      */
     apex_model_geom geom;
     double weight_bytes;
