@@ -7,6 +7,7 @@ add_executable(apex-sim
   ${CMAKE_CURRENT_SOURCE_DIR}/sim/sim.c
   ${CMAKE_CURRENT_SOURCE_DIR}/sim/workload.c
   ${CMAKE_CURRENT_SOURCE_DIR}/sim/policies.c
+  ${CMAKE_CURRENT_SOURCE_DIR}/sim/neo.c
   ${CMAKE_CURRENT_SOURCE_DIR}/sim/exec.c)
 target_link_libraries(apex-sim PRIVATE apex_core)
 target_include_directories(apex-sim PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/sim)

@@ -7,12 +7,7 @@
  *   fastdecode  every decode's attention on the CPU (all KV in host memory),
  *               GPU linear layers, two sub-batches pipelined (FastDecode's
  *               CPU/GPU pipeline); FCFS admission up to the batch cap.
- *   neo         GPU tier first, overflow KV on the host, GPU sequences
- *               swapped out when the GPU pool is full; each step NEO's
- *               load-aware rule: sub-batch 1 takes CPU decodes (FCFS, the
- *               overdue first) while their CPU attention stays within sub-
- *               batch 0's GPU time plus their own linear time, and the step
- *               runs pipelined only if its estimated throughput beats GPU-only.
+ *   neo         NEO's released scheduler, in neo.c.
  */
 #include <math.h>
 #include <string.h>
@@ -110,8 +105,8 @@ static void fill_work(const sched_state *st, sched_plan *pl) {
 
 /* Evicts GPU decoders from the back until growth fits; to the host (neo)
  * or preempted (vllm). Returns the remaining GPU free blocks. */
-static int64_t relieve_gpu(const sched_state *st, sched_plan *pl, int swap, int64_t *hfree,
-                           int *n_run) {
+int64_t relieve_gpu(const sched_state *st, sched_plan *pl, int swap, int64_t *hfree,
+                    int *n_run) {
     int32_t bt = st->block_tokens;
     int64_t need = 0, gfree = st->gpu_blocks_free;
     for (int i = 0; i < st->n_seqs; i++)
@@ -173,59 +168,6 @@ static exec_mode plan_fastdecode(policy *pol, const sched_state *st, sched_plan 
     fill_work(st, pl);
     pol->sb1 = half_cohort(&pl->work);
     return EX_TWO;
-}
-
-static exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl) {
-    const apex_profile *p = &h->belief;
-    int n_run = 0;
-    for (int i = 0; i < st->n_seqs; i++) {
-        const sched_seq *q = &st->seqs[i];
-        pl->action[i] = q->phase == SCHED_DECODING && q->tier == SCHED_TIER_GPU
-                            ? SCHED_ACT_DECODE_GPU : SCHED_ACT_IDLE;
-        pl->chunk[i] = 0;
-        if (q->phase != SCHED_WAITING) n_run++;
-    }
-    int64_t hfree = st->host_blocks_free;
-    int64_t gfree = relieve_gpu(st, pl, 1, &hfree, &n_run);
-    int64_t reserve = (int64_t)ceil(0.01 * st->gpu_blocks_total);
-    admit_fcfs(st, &pol->cfg, pl, -2, &gfree, &hfree, reserve, n_run);
-    fill_work(st, pl);
-    /* load-aware rule */
-    double L = p->geom.n_layers;
-    sched_work *w = &pl->work;
-    double P = w->prefill_tokens;
-    double pre_x = P > 0 ? fmax(0, apex_t_pref(p, P) - apex_t_lin(p, P)) : 0;
-    double b0 = (apex_t_lin(p, w->gpu_seqs + P) + apex_t_gatt(p, w->gpu_tokens) + pre_x) / L;
-    double t_gpu_only = p->step_overhead_s + b0 * L;
-    double C = 0, Ct = 0;
-    double d2h = apex_cohort_d2h_bytes(&p->geom) / p->d2h.bw_Bps;
-    double h2d = apex_cohort_h2d_bytes(&p->geom) / p->h2d.bw_Bps;
-    for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < st->n_seqs; i++) {
-            const sched_seq *q = &st->seqs[i];
-            if (q->phase != SCHED_DECODING || q->tier != SCHED_TIER_CPU ||
-                pl->action[i] != SCHED_ACT_IDLE)
-                continue;
-            int overdue = q->waited >= pol->cfg.max_wait_steps;
-            if ((pass == 0) != overdue) continue;
-            double cpu = (apex_t_catt(p, Ct + q->ctx_len + 1, C + 1, h->threads)) / L +
-                         (C + 1) * (d2h + h2d);
-            double b1 = apex_t_lin(p, C + 1) / L;
-            if (!overdue && cpu > b0 + b1) continue;
-            pl->action[i] = SCHED_ACT_DECODE_CPU;
-            C += 1;
-            Ct += q->ctx_len + 1;
-        }
-    double cpu = C > 0 ? apex_t_catt(p, Ct, C, h->threads) / L + C * (d2h + h2d) : 0;
-    double t_pipe = p->step_overhead_s + apex_t_lin(p, C) + L * fmax(b0, cpu);
-    int pipe = C > 0 && (w->gpu_seqs + C) / t_pipe > w->gpu_seqs / t_gpu_only;
-    if (!pipe)
-        for (int i = 0; i < st->n_seqs; i++)
-            if (pl->action[i] == SCHED_ACT_DECODE_CPU) pl->action[i] = SCHED_ACT_IDLE;
-    pl->strategy = pipe ? SCHED_PIPELINE : SCHED_GPU_ONLY;
-    fill_work(st, pl);
-    pol->sb1 = (sub_batch){0, 0, pl->work.cpu_seqs, pl->work.cpu_tokens, 0};
-    return pipe ? EX_TWO : EX_GPU_ONLY;
 }
 
 exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl) {

@@ -42,9 +42,23 @@ typedef struct request {
 int workload_lengths(const char *name, sim_rng *r, int32_t *prompt, int32_t *output);
 
 /* ------------------------------------------------------------ hardware */
+/* Host and engine settings that override the preset (0 = the preset's):
+ * the host's cores and theoretical DRAM bandwidth feed the CPU model (the
+ * same roofline as the presets: APEX_ROOF_CPU_BW_EFF of the bandwidth,
+ * capped per core); gpu_kv_tokens replaces the GPU KV pool the engine
+ * derives from memory (an engine setting, like vLLM's
+ * num_gpu_blocks_override). */
+typedef struct sim_hw_opts {
+    int32_t host_cores;
+    double host_bw_Bps;
+    int64_t gpu_kv_tokens;
+} sim_hw_opts;
+
 typedef struct sim_hw {
     char name[64];
-    const apex_hw_preset *hw;
+    const apex_hw_preset *hw; /* points at `host` below: copy a sim_hw only
+                                 with sim_hw_init, never by assignment    */
+    apex_hw_preset host;      /* the preset with sim_hw_opts applied      */
     apex_model_geom geom;
     double weight_bytes;
     apex_profile truth;    /* what the hardware does                       */
@@ -55,7 +69,9 @@ typedef struct sim_hw {
     double noise;          /* relative per-step noise of each component    */
 } sim_hw;
 
-int sim_hw_init(sim_hw *h, const char *preset, double drift_catt);
+/* opts may be NULL (the preset as is). Returns 0, or -1 with a message on
+ * stderr (unknown preset, an option out of range). */
+int sim_hw_init(sim_hw *h, const char *preset, double drift_catt, const sim_hw_opts *opts);
 
 /* ------------------------------------------------------------ policies */
 /* The work of one sub-batch. */
@@ -102,12 +118,21 @@ void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target
 void policy_observe(policy *pol, const sim_hw *h, exec_mode m, const sched_work *w,
                     const step_out *o);
 void policy_free(policy *pol);
+/* The neo baseline (neo.c). */
+exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl);
+/* Evicts GPU decoders from the newest until the growth of the rest fits:
+ * to the host if swap and it has room (hfree), else preempted. Returns the
+ * GPU blocks left free. */
+int64_t relieve_gpu(const sched_state *st, sched_plan *pl, int swap, int64_t *hfree,
+                    int *n_run);
 const char *policy_name(policy_kind k);
 
 /* ------------------------------------------------------------- engine */
 typedef struct sim_result {
     int n_done;
     double duration_s, throughput_tok_s, req_s;
+    double steady_req_s; /* NEO's throughput metric: completions per second
+                            between the 30 % and the 70 % completion marks */
     double ttft_p50_ms, ttft_p99_ms, tpot_p50_ms, tpot_p99_ms;
     double gpu_busy_frac;
     double mean_batch, mean_cpu_cohort;

@@ -32,6 +32,10 @@ static void usage(FILE *f) {
             "  --prefill-budget N  prompt tokens per step (default 2048)\n"
             "  --neo-out L       neo-synthetic output scale (default 300)\n"
             "  --drift X         true CPU attention X times the profile's (default 1)\n"
+            "  --host-cores N    host cores the CPU tier uses (default: the preset's)\n"
+            "  --host-bw-gbs X   host's theoretical DRAM bandwidth in GB/s (default: the\n"
+            "                    preset's); the CPU model draws min(cores x 12, 0.65 x X)\n"
+            "  --gpu-kv-tokens N GPU KV pool in tokens (default: derived from GPU memory)\n"
             "  --json            one JSON object (per policy) on stdout\n");
 }
 
@@ -81,6 +85,7 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
            "\"steps_split\": %lld, "
            "\"tpot_target_ms\": %.3f, \"tpot_target_source\": \"%s\", \"gpu_kv_tokens\": %lld, \"host_kv_tokens\": %lld, "
            "\"correction_catt\": %.4f, \"correction_lin\": %.4f, "
+           "\"host_cores\": %d, \"host_bw_gbs\": %.1f, \"steady_req_s\": %.4f, "
            "\"pred_over_true\": [%.3f, %.3f, %.3f, %.3f]}\n",
            h->name, wname, policy_name(k), wl->closed ? "closed" : "poisson", wl->n_requests,
            r->n_done, r->throughput_tok_s, r->req_s, r->ttft_p50_ms, r->ttft_p99_ms,
@@ -92,13 +97,14 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
            k != POL_APEX ? "none" : g_target_user ? "user" : "model: gpu-only step under preemption",
            (long long)(h->gpu_blocks * h->block_tokens),
            (long long)(h->host_blocks * h->block_tokens), r->corr_catt, r->corr_lin,
-           r->pred_ratio[0], r->pred_ratio[1], r->pred_ratio[2], r->pred_ratio[3]);
+           h->hw->cpu_cores, h->hw->cpu_bw_Bps / 1e9, r->steady_req_s, r->pred_ratio[0], r->pred_ratio[1], r->pred_ratio[2], r->pred_ratio[3]);
 }
 
 int main(int argc, char **argv) {
     const char *preset = NULL, *wname = NULL, *pname = NULL;
     workload wl = {NULL, 1, 64, 0, 400, 1};
-    double target_ms = -1, drift = 1;
+    double target_ms = -1, drift = 1, host_bw_gbs = 0;
+    sim_hw_opts ho = {0, 0, 0};
     int json = 0, max_batch = 256, budget = 2048;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -120,12 +126,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--prefill-budget")) budget = atoi(v);
         else if (!strcmp(a, "--neo-out")) g_neo_out = atoi(v);
         else if (!strcmp(a, "--drift")) drift = atof(v);
+        else if (!strcmp(a, "--host-cores")) ho.host_cores = atoi(v);
+        else if (!strcmp(a, "--host-bw-gbs")) host_bw_gbs = atof(v);
+        else if (!strcmp(a, "--gpu-kv-tokens")) ho.gpu_kv_tokens = atoll(v);
         else { fprintf(stderr, "apex-sim: unknown option %s\n", a); usage(stderr); return 2; }
     }
     if (!preset || !wname || !pname) { usage(stderr); return 2; }
     if (wl.n_requests <= 0 || wl.clients <= 0 || (!wl.closed && wl.rate <= 0) ||
         max_batch <= 0 || budget <= 0 || g_neo_out <= 0 || drift <= 0 || g_gpu_horizon < -1 ||
-        !(target_ms >= 0 || target_ms == -1)) {
+        !(target_ms >= 0 || target_ms == -1) || ho.host_cores < 0 || !(host_bw_gbs >= 0) ||
+        ho.gpu_kv_tokens < 0) {
         fprintf(stderr, "apex-sim: bad numeric option\n");
         return 2;
     }
@@ -138,7 +148,8 @@ int main(int argc, char **argv) {
     }
     wl.name = wname;
     sim_hw h;
-    if (sim_hw_init(&h, preset, drift)) return 2;
+    ho.host_bw_Bps = host_bw_gbs * 1e9;
+    if (sim_hw_init(&h, preset, drift, &ho)) return 2;
     g_target_user = target_ms >= 0;
     double target = target_ms < 0 ? default_target(&h, wname, budget) : target_ms * 1e-3;
     policy_kind ks[4];

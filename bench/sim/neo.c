@@ -1,0 +1,255 @@
+/* neo.c - the `neo` baseline: NEO's load-aware scheduler (Jiang et al.,
+ * "NEO: Saving GPU Memory Crisis with CPU Offloading for Online LLM
+ * Inference", MLSys 2025), written from the algorithm of its released
+ * SwiftLLM-based scheduler (swiftllm/server/scheduler.py: _get_next_batch_new
+ * and _decide_mode_and_gen_batch). Per step:
+ *   1. GPU decodes stay; when their KV outgrows the GPU pool the newest are
+ *      swapped out to the host (they become CPU decodes).
+ *   2. Otherwise CPU decodes at the head of the queue are swapped back in
+ *      while the GPU pool stays under 95 % full.
+ *   3. Waiting prompts are admitted FCFS, whole, within the batch budget:
+ *      to the GPU while it has room and no earlier one of this step went to
+ *      the host, else to the host (prefilled on the GPU, KV sent down).
+ *   4. Sub-batch 0 holds every prefill and GPU decode. CPU decodes are dealt
+ *      one by one (oldest first), the first to sub-batch 1, each next one to
+ *      the sub-batch with more slack, where the slack of sub-batch j is
+ *        linr(other).width + pref_j + gdec_j - (cdec_j + lnch)
+ *      (its CPU attention must hide under the other sub-batch's linear layers
+ *      and its own GPU attention). A decode that drives a slack negative is
+ *      skipped, and so is every later one at least as long.
+ *   5. Host-bound prefills are dropped from sub-batch 0 (last first) while
+ *      the width stays >= 128 and both slacks stay >= 0; the sequential
+ *      candidate (no CPU decodes) likewise drops them while its width
+ *      stays >= 128.
+ *   6. The step is pipelined if requests / (GPU time of sub-batch 0 + of
+ *      sub-batch 1) beats requests / GPU time of the sequential candidate;
+ *      else it runs sequentially and the CPU decodes wait.
+ * NEO's per-layer predictor is read from the policy's profile: linr =
+ * T_lin(width), pref = T_pref - T_lin (the attention part of a prefill),
+ * gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and output copies.
+ * Its constants are the released ones (swiftllm/perfpredictor.py,
+ * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
+ * lnch_T is a scheduler constant here (it makes NEO admit fewer CPU
+ * decodes); the simulated hardware's own per-layer CPU costs are in exec.c.
+ * Deviations: swapped-out decodes rejoin the CPU queue in arrival order (NEO
+ * puts them at its front); a swap-in costs the step of the migration (the
+ * engine moves KV between steps); the batch budget does not evict GPU
+ * decodes (the GPU pool binds first at every preset). */
+#include <math.h>
+#include <string.h>
+
+#include "sim.h"
+
+#define NEO_WIDTH_MIN 128      /* NEO's linr_S_threshold                */
+#define NEO_SWAP_IN_FRAC 0.95  /* swap in below this GPU pool occupancy */
+#define NEO_LNCH_S 0.8e-3      /* NEO's lnch_T: CPU-side cost per layer and
+                                  sub-batch its scheduler assumes          */
+/* temporary marks of a dealt CPU decode (replaced before returning) */
+enum { NEO_CDEC_SB0 = -2, NEO_CDEC_SB1 = -1 };
+
+typedef struct neo_pred {      /* per-layer times from the profile */
+    const apex_profile *p;
+    double L, copy_per_seq, lnch;
+    int32_t threads;
+} neo_pred;
+
+typedef struct neo_sb {        /* one sub-batch's work */
+    double x;                  /* requests                                */
+    double s;                  /* width: prompt tokens + one per decode   */
+    double pref_tok, gdec_tok; /* prompt tokens; GPU decodes' context     */
+    double xc, nc;             /* CPU decodes; their context tokens       */
+} neo_sb;
+
+static double linr(const neo_pred *m, double s) { return s > 0 ? apex_t_lin(m->p, s) / m->L : 0; }
+
+static double gpu_att(const neo_pred *m, const neo_sb *b) {
+    double P = b->pref_tok;
+    double pref = P > 0 ? fmax(0, apex_t_pref(m->p, P) - apex_t_lin(m->p, P)) / m->L : 0;
+    double gdec = b->gdec_tok > 0 ? apex_t_gatt(m->p, b->gdec_tok) / m->L : 0;
+    return pref + gdec;
+}
+
+static double gpu_time(const neo_pred *m, const neo_sb *b) { return linr(m, b->s) + gpu_att(m, b); }
+
+static double cpu_time(const neo_pred *m, const neo_sb *b) {
+    double c = b->xc > 0 ? apex_t_catt(m->p, b->nc, b->xc, m->threads) / m->L +
+                               b->xc * m->copy_per_seq
+                         : 0;
+    return c + m->lnch;
+}
+
+/* The smaller of the two sub-batches' slacks. */
+static double min_slack(const neo_pred *m, const neo_sb b[2]) {
+    double r0 = linr(m, b[1].s) + gpu_att(m, &b[0]) - cpu_time(m, &b[0]);
+    double r1 = linr(m, b[0].s) + gpu_att(m, &b[1]) - cpu_time(m, &b[1]);
+    return r0 < r1 ? r0 : r1;
+}
+
+static double slack(const neo_pred *m, const neo_sb b[2], int j) {
+    return linr(m, b[1 - j].s) + gpu_att(m, &b[j]) - cpu_time(m, &b[j]);
+}
+
+static void add_pref(neo_sb *b, double tok) { b->x++; b->s += tok; b->pref_tok += tok; }
+static void sub_pref(neo_sb *b, double tok) { b->x--; b->s -= tok; b->pref_tok -= tok; }
+
+static int64_t blocks_for(int64_t t, int32_t bt) { return (t + bt - 1) / bt; }
+
+exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl) {
+    const apex_profile *p = &h->belief;
+    const sched_config *cfg = &pol->cfg;
+    int32_t bt = st->block_tokens;
+    int n = st->n_seqs;
+    neo_pred m = {p, p->geom.n_layers,
+                  apex_cohort_d2h_bytes(&p->geom) / p->d2h.bw_Bps +
+                      apex_cohort_h2d_bytes(&p->geom) / p->h2d.bw_Bps,
+                  NEO_LNCH_S, h->threads};
+
+    /* 1. GPU decodes; the newest swapped out while their growth does not fit */
+    int n_run = 0;
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        pl->action[i] = q->phase == SCHED_DECODING && q->tier == SCHED_TIER_GPU
+                            ? SCHED_ACT_DECODE_GPU : SCHED_ACT_IDLE;
+        pl->chunk[i] = 0;
+        if (q->phase != SCHED_WAITING) n_run++;
+    }
+    int64_t hfree = st->host_blocks_free;
+    int64_t gfree = relieve_gpu(st, pl, 1, &hfree, &n_run); /* n_run: unused here */
+    int64_t gtot = st->gpu_blocks_total;
+
+    /* 2. swap in from the head of the CPU queue (not in a swap-out step) */
+    if (pl->n_to_host == 0)
+        for (int i = 0; i < n; i++) {
+            const sched_seq *q = &st->seqs[i];
+            if (q->phase != SCHED_DECODING || q->tier != SCHED_TIER_CPU) continue;
+            int64_t nb = blocks_for(q->ctx_len + 1, bt);
+            if ((double)(gtot - gfree + nb) > NEO_SWAP_IN_FRAC * (double)gtot) break;
+            pl->action[i] = SCHED_ACT_TO_GPU;
+            pl->n_to_gpu++;
+            gfree -= nb;
+            hfree += nb;
+        }
+
+    /* budgets: requests in the batch, and its width (NEO's max_tokens_in_batch) */
+    int64_t seats = cfg->max_batch, width = cfg->prefill_budget;
+    for (int i = 0; i < n; i++)
+        if (pl->action[i] == SCHED_ACT_DECODE_GPU) { seats--; width--; }
+
+    /* 3. prefills: a continuing one first (a prompt longer than the width
+     * budget is chunked), then admissions, whole prompts, FCFS */
+    int32_t *pref = pol->scratch.idx; /* admitted prefills, in order */
+    int np = 0, to_host = 0;
+    int64_t itm = 0;
+    neo_sb b[2], seq;
+    memset(b, 0, sizeof b);
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        if (q->phase != SCHED_PREFILLING || q->prompt_left <= 0 || seats < 1 || width < 1) continue;
+        int32_t c = q->prompt_left < width ? q->prompt_left : (int32_t)width;
+        pl->action[i] = q->tier == SCHED_TIER_GPU ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
+        pl->chunk[i] = c;
+        add_pref(&b[0], c);
+        seats--;
+        width -= c;
+    }
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        if (q->phase != SCHED_WAITING) continue;
+        int64_t nb = blocks_for(q->ctx_len + q->prompt_left + 1, bt);
+        int32_t c = q->prompt_left;
+        if (c > cfg->prefill_budget && np == 0) c = (int32_t)width; /* never fits whole */
+        if (seats < 1 || c < 1 || c > width) break;
+        int gpu = !to_host && gfree >= nb;
+        if (!gpu && (itm + nb > gtot || hfree - gtot < nb)) break;
+        if (gpu) gfree -= nb;
+        else { hfree -= nb; itm += nb; to_host = 1; }
+        pl->action[i] = gpu ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
+        pl->chunk[i] = c;
+        pref[np++] = i;
+        add_pref(&b[0], c);
+        seats--;
+        width -= c;
+    }
+
+    /* 4. sub-batch 0: every prefill and GPU decode */
+    for (int i = 0; i < n; i++)
+        if (pl->action[i] == SCHED_ACT_DECODE_GPU) {
+            b[0].x++;
+            b[0].s++;
+            b[0].gdec_tok += st->seqs[i].ctx_len + 1;
+        }
+    seq = b[0];
+    /* the sequential candidate drops host-bound prefills while wide enough */
+    int np_seq = np;
+    while (np_seq > 0 && pl->action[pref[np_seq - 1]] == SCHED_ACT_PREFILL_HOST &&
+           seq.s - pl->chunk[pref[np_seq - 1]] >= NEO_WIDTH_MIN)
+        sub_pref(&seq, pl->chunk[pref[--np_seq]]);
+
+    /* CPU decodes dealt between the sub-batches. With nothing on the GPU
+     * (no prefill, no GPU decode) NEO's rule would stall them all until a
+     * swap-in, which never comes for a context over 95 % of the pool; they
+     * then run as NEO runs with no GPU pool: every one, without the slack
+     * test. */
+    int all_cpu = b[0].x == 0;
+    int next = 1;
+    double min_out = INFINITY;
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        if (q->phase != SCHED_DECODING || q->tier != SCHED_TIER_CPU ||
+            pl->action[i] != SCHED_ACT_IDLE)
+            continue;
+        if (seats < 1 || width < 1) break;
+        double len = q->ctx_len + 1;
+        if (len >= min_out) continue;
+        neo_sb *t = &b[next];
+        t->x++; t->s++; t->xc++; t->nc += len;
+        double r0 = slack(&m, b, 0), r1 = slack(&m, b, 1);
+        if (!all_cpu && (r0 < 0 || r1 < 0)) {
+            t->x--; t->s--; t->xc--; t->nc -= len;
+            min_out = len;
+            continue;
+        }
+        pl->action[i] = next == 1 ? NEO_CDEC_SB1 : NEO_CDEC_SB0;
+        seats--;
+        width--;
+        next = r1 > r0;
+    }
+
+    int pipe = all_cpu && b[1].x > 0, np_all = np;
+    if (b[1].x > 0 && !all_cpu) {
+        /* 5. drop host-bound prefills from sub-batch 0 while the CPU keeps up */
+        while (np > 0 && pl->action[pref[np - 1]] == SCHED_ACT_PREFILL_HOST) {
+            double c = pl->chunk[pref[np - 1]];
+            sub_pref(&b[0], c);
+            if (b[0].s < NEO_WIDTH_MIN || min_slack(&m, b) < 0) { add_pref(&b[0], c); break; }
+            np--;
+        }
+        /* 6. pipelined if its rate beats the sequential candidate's */
+        double t_seq = gpu_time(&m, &seq), t_pipe = gpu_time(&m, &b[0]) + gpu_time(&m, &b[1]);
+        pipe = t_pipe > 0 && (t_seq <= 0 || seq.x / t_seq < (b[0].x + b[1].x) / t_pipe);
+    }
+    int launched = pipe ? np : np_seq; /* prefills run: the first `launched` */
+    for (int k = launched; k < np_all; k++) {
+        pl->action[pref[k]] = SCHED_ACT_IDLE;
+        pl->chunk[pref[k]] = 0;
+    }
+    sub_batch s1 = {0, 0, 0, 0, 0};
+    for (int i = 0; i < n; i++) {
+        if (pl->action[i] != NEO_CDEC_SB1 && pl->action[i] != NEO_CDEC_SB0) continue;
+        if (pipe && pl->action[i] == NEO_CDEC_SB1) {
+            s1.cpu_seqs++;
+            s1.cpu_tokens += st->seqs[i].ctx_len + 1;
+        }
+        pl->action[i] = pipe ? SCHED_ACT_DECODE_CPU : SCHED_ACT_IDLE;
+    }
+    pl->n_prefill = 0;
+    pl->n_admit = 0;
+    for (int i = 0; i < n; i++)
+        if (pl->action[i] == SCHED_ACT_PREFILL_GPU || pl->action[i] == SCHED_ACT_PREFILL_HOST) {
+            pl->n_prefill++;
+            if (st->seqs[i].phase == SCHED_WAITING) pl->n_admit++;
+        }
+    pl->strategy = pipe ? SCHED_PIPELINE : SCHED_GPU_ONLY;
+    pol->sb1 = s1;
+    return pipe ? EX_TWO : EX_GPU_ONLY;
+}
