@@ -36,7 +36,7 @@ static void usage(FILE *f) {
             "  --host-bw-gbs X   host's theoretical DRAM bandwidth in GB/s (default: the\n"
             "                    preset's); the CPU model draws min(cores x 12, 0.65 x X)\n"
             "  --gpu-kv-tokens N GPU KV pool in tokens (default: derived from GPU memory)\n"
-            "  --json            one JSON object (per policy) on stdout\n");
+            "  --json            one JSON object on stdout (an array of them for --policy all)\n");
 }
 
 /* Default latency target, derived from the model (never from a simulated
@@ -86,7 +86,7 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
            "\"tpot_target_ms\": %.3f, \"tpot_target_source\": \"%s\", \"gpu_kv_tokens\": %lld, \"host_kv_tokens\": %lld, "
            "\"correction_catt\": %.4f, \"correction_lin\": %.4f, "
            "\"host_cores\": %d, \"host_bw_gbs\": %.1f, \"steady_req_s\": %.4f, "
-           "\"pred_over_true\": [%.3f, %.3f, %.3f, %.3f]}\n",
+           "\"pred_over_true\": [%.3f, %.3f, %.3f, %.3f]}",
            h->name, wname, policy_name(k), wl->closed ? "closed" : "poisson", wl->n_requests,
            r->n_done, r->throughput_tok_s, r->req_s, r->ttft_p50_ms, r->ttft_p99_ms,
            r->tpot_p50_ms, r->tpot_p99_ms, r->gpu_busy_frac, r->duration_s,
@@ -166,7 +166,11 @@ int main(int argc, char **argv) {
         int s = sim_run(&h, ks[i], &wl, target, max_batch, budget, &r);
         if (s < 0) { fprintf(stderr, "apex-sim: out of memory\n"); return 1; }
         if (s > 0) rc = 1;
-        if (json) print_json(&h, wname, ks[i], &wl, target, &r);
+        if (json) { /* one JSON document: an object, or an array of them for several policies */
+            if (nk > 1) fputs(i ? ",\n " : "[", stdout);
+            print_json(&h, wname, ks[i], &wl, target, &r);
+            if (nk == 1 || i == nk - 1) fputs(nk > 1 ? "]\n" : "\n", stdout);
+        }
         else
             printf("%-14s %-14s %-10s tput %9.1f tok/s  ttft p50 %9.1f p99 %9.1f ms  "
                    "tpot p50 %7.1f p99 %7.1f ms  gpu %.2f  batch %.1f (cpu %.1f)\n",
