@@ -1,3 +1,5 @@
+/* config.c - apex_config: defaults, the APEX_* environment read once at
+ * apex_config_init, validation of every field, host-tier sizing. */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -6,7 +8,7 @@
 
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
-#include "plugin/src/config.h"
+#include "csrc/config.h"
 
 #define DEFAULT_HOST_KV_GB 2.0
 
@@ -151,5 +153,21 @@ apex_status apex_config_validate(const apex_config *c) {
     if (c->n_threads < 0 || c->n_threads > 1024)
         return apex_fail(APEX_ERR_INVALID_ARG, "n_threads %d out of range [0, 1024]",
                          c->n_threads);
+    return APEX_OK;
+}
+
+apex_status apex_attn_opts_resolve(const apex_config *cfg, const char *fn,
+                                   const apex_attn_opts *opts, apex_attn_opts *o) {
+    *o = opts ? *opts
+              : (apex_attn_opts){.q_dtype = cfg->act_dtype, .out_dtype = cfg->act_dtype};
+    if (!apex_dtype_valid(o->q_dtype) || !apex_dtype_valid(o->out_dtype))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: q_dtype %d / out_dtype %d: not an apex_dtype",
+                         fn, (int)o->q_dtype, (int)o->out_dtype);
+    if (!isfinite(o->scale) || o->scale < 0 || !isfinite(o->softcap) || o->softcap < 0 ||
+        o->window < 0)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: scale %g, softcap %g and window %d must be finite and >= 0", fn,
+                         o->scale, o->softcap, o->window);
+    if (o->scale == 0) o->scale = 1.0f / sqrtf((float)cfg->head_dim);
     return APEX_OK;
 }
