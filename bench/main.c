@@ -15,9 +15,7 @@ typedef struct {
 static const bench_cmd commands[] = {
     {"attn", bench_attn_main, "CPU decode attention vs a same-run STREAM read"},
     {"pipeline", bench_pipeline_main, "hybrid pipeline: CPU cohort hidden under the device's"},
-#ifdef APEX_BENCH_SCHED
     {"sched", bench_sched_main, "scheduler decision cost"},
-#endif
 #ifdef APEX_BENCH_VS_GGML
     {"vs-ggml", bench_vs_ggml_main, "APEX CPU kernels vs ggml-cpu FLASH_ATTN_EXT, same data"},
 #endif

@@ -1,6 +1,5 @@
 # Scheduler benchmark (apex-bench sched) and the serving simulator (apex-sim).
 target_sources(apex-bench PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/bench_sched.c)
-target_compile_definitions(apex-bench PRIVATE APEX_BENCH_SCHED)
 
 add_executable(apex-sim
   ${CMAKE_CURRENT_SOURCE_DIR}/sim/sim_main.c

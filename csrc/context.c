@@ -6,7 +6,7 @@
 
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
-#include "plugin/src/config.h"
+#include "csrc/config.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the

@@ -1,6 +1,6 @@
 /*
  * device.h - the accelerator APEX drives, as a small table of functions
- * (one implementation per file: device_emulated.c here, cuda/device_cuda.c
+ * (one implementation per file, both here: device_emulated.c, device_cuda.c
  * for real GPUs). The runtime only ever talks to a device through this table,
  * so the same hybrid control flow runs on a GPU and on the emulated device.
  *

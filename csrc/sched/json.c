@@ -220,13 +220,6 @@ const jnode *json_get(const jnode *obj, const char *key) {
     return NULL;
 }
 
-const jnode *json_at(const jnode *arr, int i) {
-    if (!arr || arr->type != J_ARR || i < 0) return NULL;
-    const jnode *c = arr->child;
-    while (c && i--) c = c->next;
-    return c;
-}
-
 /* ------------------------------------------------------------- writer */
 
 static void jb_reserve(jbuf *b, size_t more) {

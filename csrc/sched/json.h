@@ -24,7 +24,6 @@ typedef struct jnode {
 jnode *json_parse(const char *text, size_t len, char *err, size_t errn);
 void json_free(jnode *n);
 const jnode *json_get(const jnode *obj, const char *key); /* NULL if absent */
-const jnode *json_at(const jnode *arr, int i);
 
 typedef struct jbuf {
     char *p;

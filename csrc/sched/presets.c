@@ -42,11 +42,6 @@ static const apex_hw_preset presets[] = {
      "PCIe 5.0 host link; DGX H100 user guide: 2x 8480C, 8 GPUs"},
 };
 
-const apex_hw_preset *apex_hw_preset_at(int i) {
-    if (i < 0 || i >= (int)(sizeof presets / sizeof presets[0])) return NULL;
-    return &presets[i];
-}
-
 const apex_hw_preset *apex_hw_preset_find(const char *name) {
     if (!name) return NULL;
     for (const apex_hw_preset *h = presets; h < presets + sizeof presets / sizeof presets[0]; h++)

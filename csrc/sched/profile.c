@@ -24,19 +24,6 @@ sched_status sched_fail(sched_status s, const char *fmt, ...) {
     return s;
 }
 
-const char *sched_status_name(sched_status s) {
-    switch (s) {
-    case SCHED_OK: return "SCHED_OK";
-    case SCHED_ERR_INVALID: return "SCHED_ERR_INVALID";
-    case SCHED_ERR_PARSE: return "SCHED_ERR_PARSE";
-    case SCHED_ERR_IO: return "SCHED_ERR_IO";
-    case SCHED_ERR_NO_MEMORY: return "SCHED_ERR_NO_MEMORY";
-    case SCHED_ERR_MISMATCH: return "SCHED_ERR_MISMATCH";
-    case SCHED_ERR_NOT_FOUND: return "SCHED_ERR_NOT_FOUND";
-    }
-    return "SCHED_ERR_UNKNOWN";
-}
-
 /* -------------------------------------------------------------- evaluation */
 
 double apex_curve_eval(const apex_curve *c, double x) {

@@ -45,7 +45,6 @@ typedef enum sched_status {
     SCHED_ERR_NOT_FOUND = 6    /* unknown preset name                         */
 } sched_status;
 
-const char *sched_status_name(sched_status s);
 const char *sched_last_error(void);
 /* Sets the thread-local message (printf format) and returns s. */
 sched_status sched_fail(sched_status s, const char *fmt, ...)
@@ -148,7 +147,6 @@ typedef struct apex_hw_preset {
 #define APEX_ROOF_PCIE_EFF 0.80     /* pinned async copies / theoretical     */
 
 const apex_hw_preset *apex_hw_preset_find(const char *name);
-const apex_hw_preset *apex_hw_preset_at(int i); /* NULL past the end */
 
 /* Model geometries by name: "llama2-7b", "llama3-8b". */
 sched_status apex_model_preset(const char *name, apex_model_geom *g,

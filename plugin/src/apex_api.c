@@ -9,7 +9,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
-#include "plugin/src/config.h"
+#include "csrc/config.h"
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -192,21 +192,6 @@ APEX_API apex_attn_opts apex_attn_opts_default(const apex_context *ctx) {
                             .out_dtype = act};
 }
 
-apex_status apex_attn_opts_resolve(const apex_context *ctx, const char *fn,
-                                   const apex_attn_opts *opts, apex_attn_opts *o) {
-    *o = opts ? *opts : apex_attn_opts_default(ctx);
-    if (!apex_dtype_valid(o->q_dtype) || !apex_dtype_valid(o->out_dtype))
-        return apex_fail(APEX_ERR_INVALID_ARG, "%s: q_dtype %d / out_dtype %d: not an apex_dtype",
-                         fn, (int)o->q_dtype, (int)o->out_dtype);
-    if (!isfinite(o->scale) || o->scale < 0 || !isfinite(o->softcap) || o->softcap < 0 ||
-        o->window < 0)
-        return apex_fail(APEX_ERR_INVALID_ARG,
-                         "%s: scale %g, softcap %g and window %d must be finite and >= 0", fn,
-                         o->scale, o->softcap, o->window);
-    if (o->scale == 0) o->scale = 1.0f / sqrtf((float)ctx->cfg.head_dim);
-    return APEX_OK;
-}
-
 /* Checks an attention batch and resolves its options into *o. */
 static apex_status check_attention(apex_context *ctx, const char *fn, int32_t layer, int32_t n,
                                    const int32_t *seqs, const void *q, void *out,
@@ -220,7 +205,7 @@ static apex_status check_attention(apex_context *ctx, const char *fn, int32_t la
                          ctx->cfg.max_batch);
     if (!seqs || !q || !out)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: seqs, q and out must not be NULL", fn);
-    apex_status st = apex_attn_opts_resolve(ctx, fn, opts, o);
+    apex_status st = apex_attn_opts_resolve(&ctx->cfg, fn, opts, o);
     if (st) return st;
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = seq_table_get(&ctx->seqs, seqs[i]);

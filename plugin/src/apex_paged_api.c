@@ -12,7 +12,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
-#include "plugin/src/config.h"
+#include "csrc/config.h"
 
 static double paged_now(void) {
     struct timespec ts;
@@ -296,7 +296,7 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
                          ctx->cfg.n_layers);
     if (n_seqs < 0 || !qsl || (n_seqs > 0 && (!seq_lens || !block_table)))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: n_seqs %d < 0 or a NULL array", fn, n_seqs);
-    apex_status st = apex_attn_opts_resolve(ctx, fn, opts, o);
+    apex_status st = apex_attn_opts_resolve(&ctx->cfg, fn, opts, o);
     if (st) return st;
     if (qsl[0] != 0)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc[0] is %d, not 0", fn, qsl[0]);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cpu_attn/dtype_convert.h"
+#include "apex/apex_paged.h"
 #include "test_util.h"
 
 enum { L = 2, HQ = 8, HK = 2, D = 64, BT = 16, SLOTS = 6, MAXB = 4, MAXLEN = 300 };
@@ -369,9 +370,51 @@ static void test_version_and_isa(void **state) {
     apex_context_destroy(ctx);
 }
 
+/* apex_limits_get is the list apex_context_create checks against: every
+ * listed head_dim and block size is accepted, a value between them is
+ * refused with a message naming the list. */
+static void test_limits(void **state) {
+    (void)state;
+    assert_int_equal(apex_limits_get(NULL), APEX_ERR_INVALID_ARG);
+    apex_limits l;
+    assert_ok(apex_limits_get(&l));
+    assert_int_equal(l.kv_dtypes, (1u << APEX_DTYPE_F32) | (1u << APEX_DTYPE_F16) |
+                                      (1u << APEX_DTYPE_BF16));
+    assert_int_equal(l.host_kv_align, APEX_PAGED_HOST_KV_ALIGN);
+    int nd = 0, nb = 0;
+    for (; nd < 8 && l.head_dims[nd]; nd++) {
+        apex_config c = small_config();
+        c.head_dim = l.head_dims[nd];
+        apex_context *ctx;
+        assert_ok(apex_context_create(&c, &ctx));
+        apex_context_destroy(ctx);
+        if (nd) assert_true(l.head_dims[nd] > l.head_dims[nd - 1]);
+    }
+    for (; nb < 8 && l.block_tokens[nb]; nb++) {
+        apex_config c = small_config();
+        c.block_tokens = l.block_tokens[nb];
+        apex_context *ctx;
+        assert_ok(apex_context_create(&c, &ctx));
+        apex_context_destroy(ctx);
+    }
+    assert_true(nd >= 1 && nd < 8 && nb >= 1 && nb < 8);
+    apex_config c = small_config();
+    c.head_dim = l.head_dims[0] + 8; /* between two listed values */
+    apex_context *ctx = (apex_context *)&c;
+    assert_int_equal(apex_context_create(&c, &ctx), APEX_ERR_UNSUPPORTED);
+    assert_null(ctx);
+    char want[32];
+    snprintf(want, sizeof want, "(%d, %d", l.head_dims[0], l.head_dims[1]);
+    assert_non_null(strstr(apex_last_error(), want));
+    c = small_config();
+    c.max_seq_len = l.max_seq_len + 1;
+    assert_int_equal(apex_context_create(&c, &ctx), APEX_ERR_INVALID_ARG);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_version_and_isa),
+        cmocka_unit_test(test_limits),
         cmocka_unit_test(test_attention_matches_naive),
         cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_bad_sequences),

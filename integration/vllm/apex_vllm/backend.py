@@ -31,8 +31,6 @@ except ImportError:  # older vLLM: get_kv_cache_shape instead; not matched here
 
 logger = init_logger("vllm.apex_vllm")  # under "vllm": vLLM's log handlers and level apply
 
-APEX_HEAD_SIZES = [64, 80, 96, 128, 256]
-APEX_BLOCK_SIZES = [8, 16, 32, 64, 128, 256]
 
 
 def vllm_layer_kv_tensors(names):
@@ -175,11 +173,11 @@ class ApexAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
-        return list(APEX_BLOCK_SIZES)
+        return ops.limits()["block_tokens"]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return list(APEX_HEAD_SIZES)
+        return ops.limits()["head_dims"]
 
     @staticmethod
     def get_name() -> str:
@@ -215,9 +213,9 @@ class ApexMetadata:
 class ApexMetadataBuilder(AttentionMetadataBuilder[ApexMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if kv_cache_spec.block_size not in APEX_BLOCK_SIZES:
-            raise ValueError(f"APEX: block size {kv_cache_spec.block_size} not in "
-                             f"{APEX_BLOCK_SIZES}")
+        sizes = ops.limits()["block_tokens"]
+        if kv_cache_spec.block_size not in sizes:
+            raise ValueError(f"APEX: block size {kv_cache_spec.block_size} not in {sizes}")
         RUNTIME.add_layers(layer_names, kv_cache_spec.block_size,
                            vllm_config.model_config.max_model_len)
 

@@ -42,6 +42,30 @@ def load():
     return torch.ops.apex
 
 
+class _Limits(ctypes.Structure):  # apex_limits (apex.h)
+    _fields_ = [("head_dims", ctypes.c_int32 * 8), ("block_tokens", ctypes.c_int32 * 8),
+                ("kv_dtypes", ctypes.c_uint32), ("act_dtypes", ctypes.c_uint32),
+                ("max_layers", ctypes.c_int32), ("max_kv_heads", ctypes.c_int32),
+                ("max_q_heads", ctypes.c_int32), ("max_seqs", ctypes.c_int32),
+                ("max_seq_len", ctypes.c_int32), ("host_kv_align", ctypes.c_int32)]
+
+
+_limits = None
+
+
+def limits() -> dict:
+    """What libapex accepts (apex_limits_get): head_dims and block_tokens as
+    lists, the rest as numbers. Asked once; never a copy of libapex's lists."""
+    global _limits
+    if _limits is None:
+        load()
+        lim = _Limits()
+        check(_libapex.apex_limits_get(ctypes.byref(lim)), "apex_limits_get")
+        _limits = {name: ([v for v in getattr(lim, name) if v] if name in ("head_dims", "block_tokens")
+                          else getattr(lim, name)) for name, _ in _Limits._fields_}
+    return _limits
+
+
 def check(status: int, what: str) -> None:
     if status != 0:
         name = _libapex.apex_status_name(status).decode()

@@ -173,6 +173,19 @@ APEX_API int apex_context_host_mode(const apex_context *ctx);
  * Chosen once from cpuid; APEX_ISA=avx512|avx2|scalar forces one. */
 APEX_API const char *apex_cpu_isa(void);
 
+/* What this build accepts, for engines to ask instead of keeping lists
+ * (apex_config_validate and every adapter use these same tables). The lists
+ * are ascending and end at the first 0. */
+typedef struct apex_limits {
+    int32_t head_dims[8];     /* supported head_dim values                  */
+    int32_t block_tokens[8];  /* supported block sizes (tokens)             */
+    uint32_t kv_dtypes;       /* bit (1u << apex_dtype) per KV dtype        */
+    uint32_t act_dtypes;      /* likewise for q/k/v/out activations         */
+    int32_t max_layers, max_kv_heads, max_q_heads, max_seqs, max_seq_len;
+    int32_t host_kv_align;    /* bytes: engine memory for apex_paged_context_create */
+} apex_limits;
+APEX_API apex_status apex_limits_get(apex_limits *out);
+
 /* ------------------------------------------------------------- sequences */
 
 typedef struct apex_seq_info {

@@ -1,7 +1,7 @@
 /* config.h - validation and resolution of apex_config and of attention
  * options (internal). */
-#ifndef APEX_PLUGIN_CONFIG_H
-#define APEX_PLUGIN_CONFIG_H
+#ifndef APEX_CSRC_CONFIG_H
+#define APEX_CSRC_CONFIG_H
 
 #include "apex/apex.h"
 
@@ -16,11 +16,11 @@ apex_status apex_config_validate(const apex_config *c);
  * 2 GiB of KV over all layers); returns the block count to use. */
 int64_t apex_config_host_blocks(const apex_config *c);
 
-/* Attention options (internal, shared by apex_attention and the paged
- * ABI): opts or the context's defaults into *o, checked (dtypes, finite
- * non-negative scale/softcap/window), scale 0 resolved to 1/sqrt(head_dim).
- * fn names the caller in the message. */
-apex_status apex_attn_opts_resolve(const apex_context *ctx, const char *fn,
+/* Attention options (shared by apex_attention and the paged ABI): opts, or
+ * the defaults of a context of this (resolved) config, into *o, checked
+ * (dtypes, finite non-negative scale/softcap/window), scale 0 resolved to
+ * 1/sqrt(head_dim). fn names the caller in the message. */
+apex_status apex_attn_opts_resolve(const apex_config *cfg, const char *fn,
                                    const apex_attn_opts *opts, apex_attn_opts *o);
 
 #endif

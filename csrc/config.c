@@ -1,14 +1,59 @@
+/* config.c - apex_config: defaults, the APEX_* environment read once at
+ * apex_config_init, validation of every field, host-tier sizing. */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
-#include "plugin/src/config.h"
+#include "csrc/config.h"
+#include "apex/apex_paged.h" /* APEX_PAGED_HOST_KV_ALIGN */
 
 #define DEFAULT_HOST_KV_GB 2.0
+
+/* The geometry this build runs: the one list of it (apex_limits_get hands it
+ * to engines). A head_dim here needs its kernels instantiated: the CPU
+ * kernels take any, the CUDA launchers switch over these (cuda/paged_decode.cu,
+ * cuda/prefill.cu). Each list ends at 0. */
+static const int32_t k_head_dims[] = {64, 80, 96, 128, 256, 0};
+static const int32_t k_block_tokens[] = {8, 16, 32, 64, 128, 256, 0};
+enum { MAX_LAYERS = 4096, MAX_KV_HEADS = 1024, MAX_Q_HEADS = 4096, MAX_SEQS = 1 << 20,
+       MAX_SEQ_LEN = 1 << 24 };
+
+static int in_list(const int32_t *l, int32_t v) {
+    for (; *l; l++)
+        if (*l == v) return 1;
+    return 0;
+}
+
+static const char *list_text(const int32_t *l, char *buf, size_t n) {
+    size_t at = 0;
+    buf[0] = 0;
+    for (int i = 0; l[i] && at < n; i++)
+        at += (size_t)snprintf(buf + at, n - at, "%s%d", i ? ", " : "", l[i]);
+    return buf;
+}
+
+APEX_API apex_status apex_limits_get(apex_limits *out) {
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_limits_get: out is NULL");
+    apex_limits l = {.max_layers = MAX_LAYERS, .max_kv_heads = MAX_KV_HEADS,
+                     .max_q_heads = MAX_Q_HEADS, .max_seqs = MAX_SEQS, .max_seq_len = MAX_SEQ_LEN,
+                     .host_kv_align = APEX_PAGED_HOST_KV_ALIGN};
+    _Static_assert(sizeof k_head_dims <= sizeof l.head_dims, "apex_limits.head_dims too small");
+    _Static_assert(sizeof k_block_tokens <= sizeof l.block_tokens, "apex_limits.block_tokens too small");
+    memcpy(l.head_dims, k_head_dims, sizeof k_head_dims);
+    memcpy(l.block_tokens, k_block_tokens, sizeof k_block_tokens);
+    for (int t = APEX_DTYPE_F32; t <= APEX_DTYPE_BF16; t++)
+        if (apex_dtype_valid(t)) {
+            l.kv_dtypes |= 1u << t;
+            l.act_dtypes |= 1u << t;
+        }
+    *out = l;
+    return APEX_OK;
+}
 
 /* Reads integer variable name into *out if it is set; error if malformed. */
 static apex_status env_int(const char *name, int64_t lo, int64_t hi, int64_t *out,
@@ -52,9 +97,9 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
         {"APEX_DEVICE_BLOCKS", 0, INT32_MAX, offsetof(apex_config, device_blocks), 1},
         {"APEX_THREADS", 0, 1024, offsetof(apex_config, n_threads), 0},
         {"APEX_BLOCK_TOKENS", 1, 4096, offsetof(apex_config, block_tokens), 0},
-        {"APEX_MAX_SEQS", 1, 1 << 20, offsetof(apex_config, max_seqs), 0},
-        {"APEX_MAX_BATCH", 1, 1 << 20, offsetof(apex_config, max_batch), 0},
-        {"APEX_MAX_SEQ_LEN", 1, 1 << 24, offsetof(apex_config, max_seq_len), 0},
+        {"APEX_MAX_SEQS", 1, MAX_SEQS, offsetof(apex_config, max_seqs), 0},
+        {"APEX_MAX_BATCH", 1, MAX_SEQS, offsetof(apex_config, max_batch), 0},
+        {"APEX_MAX_SEQ_LEN", 1, MAX_SEQ_LEN, offsetof(apex_config, max_seq_len), 0},
     };
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
         int64_t v;
@@ -107,42 +152,37 @@ int64_t apex_config_host_blocks(const apex_config *c) {
 
 apex_status apex_config_validate(const apex_config *c) {
     if (!c) return apex_fail(APEX_ERR_INVALID_ARG, "config is NULL");
-    if (c->n_layers < 1 || c->n_layers > 4096)
-        return apex_fail(APEX_ERR_INVALID_ARG, "n_layers %d out of range [1, 4096]", c->n_layers);
-    if (c->n_kv_heads < 1 || c->n_kv_heads > 1024)
-        return apex_fail(APEX_ERR_INVALID_ARG, "n_kv_heads %d out of range [1, 1024]",
-                         c->n_kv_heads);
-    if (c->n_q_heads < 1 || c->n_q_heads > 4096 || c->n_q_heads % c->n_kv_heads)
+    if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
+        return apex_fail(APEX_ERR_INVALID_ARG, "n_layers %d out of range [1, %d]", c->n_layers,
+                         MAX_LAYERS);
+    if (c->n_kv_heads < 1 || c->n_kv_heads > MAX_KV_HEADS)
+        return apex_fail(APEX_ERR_INVALID_ARG, "n_kv_heads %d out of range [1, %d]",
+                         c->n_kv_heads, MAX_KV_HEADS);
+    if (c->n_q_heads < 1 || c->n_q_heads > MAX_Q_HEADS || c->n_q_heads % c->n_kv_heads)
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "n_q_heads %d must be a positive multiple of n_kv_heads %d",
                          c->n_q_heads, c->n_kv_heads);
-    switch (c->head_dim) {
-    case 64: case 80: case 96: case 128: case 256: break;
-    default:
-        return apex_fail(APEX_ERR_UNSUPPORTED,
-                         "head_dim %d is not supported (64, 80, 96, 128, 256)", c->head_dim);
-    }
+    char list[64];
+    if (!in_list(k_head_dims, c->head_dim))
+        return apex_fail(APEX_ERR_UNSUPPORTED, "head_dim %d is not supported (%s)", c->head_dim,
+                         list_text(k_head_dims, list, sizeof list));
     if (!apex_dtype_valid(c->kv_dtype) || !apex_dtype_valid(c->act_dtype))
         return apex_fail(APEX_ERR_INVALID_ARG, "kv_dtype %d / act_dtype %d: not an apex_dtype",
                          (int)c->kv_dtype, (int)c->act_dtype);
-    switch (c->block_tokens) {
-    case 8: case 16: case 32: case 64: case 128: case 256: break;
-    default:
-        return apex_fail(APEX_ERR_UNSUPPORTED,
-                         "block_tokens %d is not supported (8, 16, 32, 64, 128, 256)",
-                         c->block_tokens);
-    }
+    if (!in_list(k_block_tokens, c->block_tokens))
+        return apex_fail(APEX_ERR_UNSUPPORTED, "block_tokens %d is not supported (%s)",
+                         c->block_tokens, list_text(k_block_tokens, list, sizeof list));
     if (c->device_blocks < 0 || c->device_blocks > INT32_MAX || c->host_blocks < 0 ||
         c->host_blocks > INT32_MAX)
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "device_blocks %lld / host_blocks %lld out of range [0, 2^31)",
                          (long long)c->device_blocks, (long long)c->host_blocks);
-    if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
+    if (c->max_seqs < 1 || c->max_seqs > MAX_SEQS)
         return apex_fail(APEX_ERR_INVALID_ARG, "max_seqs %d out of range [1, 2^20]", c->max_seqs);
     if (c->max_batch < 1 || c->max_batch > c->max_seqs)
         return apex_fail(APEX_ERR_INVALID_ARG, "max_batch %d out of range [1, max_seqs %d]",
                          c->max_batch, c->max_seqs);
-    if (c->max_seq_len < 1 || c->max_seq_len > (1 << 24))
+    if (c->max_seq_len < 1 || c->max_seq_len > MAX_SEQ_LEN)
         return apex_fail(APEX_ERR_INVALID_ARG, "max_seq_len %d out of range [1, 2^24]",
                          c->max_seq_len);
     if (c->device < APEX_DEVICE_AUTO || c->device > APEX_DEVICE_CUDA)
@@ -151,5 +191,21 @@ apex_status apex_config_validate(const apex_config *c) {
     if (c->n_threads < 0 || c->n_threads > 1024)
         return apex_fail(APEX_ERR_INVALID_ARG, "n_threads %d out of range [0, 1024]",
                          c->n_threads);
+    return APEX_OK;
+}
+
+apex_status apex_attn_opts_resolve(const apex_config *cfg, const char *fn,
+                                   const apex_attn_opts *opts, apex_attn_opts *o) {
+    *o = opts ? *opts
+              : (apex_attn_opts){.q_dtype = cfg->act_dtype, .out_dtype = cfg->act_dtype};
+    if (!apex_dtype_valid(o->q_dtype) || !apex_dtype_valid(o->out_dtype))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: q_dtype %d / out_dtype %d: not an apex_dtype",
+                         fn, (int)o->q_dtype, (int)o->out_dtype);
+    if (!isfinite(o->scale) || o->scale < 0 || !isfinite(o->softcap) || o->softcap < 0 ||
+        o->window < 0)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: scale %g, softcap %g and window %d must be finite and >= 0", fn,
+                         o->scale, o->softcap, o->window);
+    if (o->scale == 0) o->scale = 1.0f / sqrtf((float)cfg->head_dim);
     return APEX_OK;
 }
