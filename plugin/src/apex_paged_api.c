@@ -12,6 +12,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
+#include "csrc/trace.h"
 #include "plugin/src/config.h"
 
 static double paged_now(void) {
@@ -220,6 +221,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                          int64_t v_row_stride, apex_dtype src_dtype) {
     static const char fn[] = "apex_paged_kv_write";
     PAGED_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL, "apex_paged_kv_write", layer);
     double t0 = paged_now();
     int32_t bt = ctx->cfg.block_tokens;
     int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
@@ -262,10 +264,12 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
     pipeline_sync(ctx);
     /* Device rows first: a device error then leaves the host tier as it was. */
     if (on_device) {
+        TRACE_SCOPE(APEX_TRACE_COPY, "device rows", layer);
         apex_status st = paged_write_device(ctx, layer, n, slots, k, k_row_stride, v,
                                             v_row_stride, src_dtype);
         if (st) return paged_counted(ctx, st);
     }
+    TRACE_BEGIN(APEX_TRACE_COPY, "host rows", layer);
     for (int64_t i = 0; written > on_device && i < n; i++) {
         if (slots[i] < 0) continue;
         apex_tier tier = APEX_TIER_HOST;
@@ -277,6 +281,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                            row_at(k, src_dtype, k_row_stride, i),
                            row_at(v, src_dtype, v_row_stride, i), src_dtype);
     }
+    TRACE_END();
     ctx->stats.kv_rows_written += written;
     ctx->stats.kv_write_seconds += paged_now() - t0;
     return APEX_OK;
@@ -365,6 +370,7 @@ typedef struct paged_cpu {
 static apex_status paged_cpu_flush(apex_context *ctx, paged_cpu *p, const void *q, void *out,
                                    const apex_attn_opts *o) {
     if (!p->filled) return APEX_OK;
+    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", -1);
     size_t hd = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
     cpu_attn_batch b = {
         .n_seqs = p->filled,
@@ -461,6 +467,7 @@ static apex_status paged_dev_launch(apex_context *ctx, int32_t layer, paged_dev 
 static apex_status paged_dev_finish(apex_context *ctx, paged_dev *p, void *out,
                                     const apex_attn_opts *o) {
     if (!p->launched) return APEX_OK;
+    TRACE_SCOPE(APEX_TRACE_WAIT, "device batch", -1);
     stage_slot *sl = paged_stage(ctx);
     size_t orow = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim * apex_dtype_size(o->out_dtype);
     apex_status st = ctx->dev->iface->stream_sync(ctx->dev, ctx->pipe.own_stream);
@@ -594,6 +601,7 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                           int32_t block_table_stride, const void *q, void *out,
                                           const apex_attn_opts *opts) {
     PAGED_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_paged_attention", layer);
     double t0 = paged_now();
     apex_attn_opts o;
     apex_status st = paged_check_attention(ctx, layer, n_seqs, query_start_loc, seq_lens,
