@@ -169,7 +169,7 @@ void trace_begin_(apex_trace_kind kind, const char *name, int32_t layer) {
     const int call = kind == APEX_TRACE_CALL || kind == APEX_TRACE_CALL_ATTN;
     o->engine_call = call && t->depth == 0;
     o->step = o->engine_call ? engine_call_begin(t, kind, layer, now) : __atomic_load_n(&s_steps, __ATOMIC_RELAXED);
-    o->t0 = trace_now_ns();
+    o->t0 = now;
     o->child_ns = 0;
     o->name = name;
     o->layer = layer;
