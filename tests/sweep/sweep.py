@@ -45,7 +45,7 @@ def log(msg):
 
 def run_one(args, name, np_, fill, apex_env, extra):
     env = dict(os.environ)
-    for k in ("GGML_BACKEND_PATH", "LD_PRELOAD", "APEX_STATS_FILE", "APEX_TRACE"):
+    for k in ("GGML_BACKEND_PATH", "LD_PRELOAD", "APEX_STATS_FILE", "APEX_TRACE", "APEX_TRACE_SUMMARY"):
         env.pop(k, None)
     env.update(apex_env)
     cmd = [args.run, "-m", args.model, "-np", str(np_), "-n", str(args.tokens), "-t", str(args.threads),
@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--geom", required=True, help="L,HQ,HK,D of the model (the prediction's geometry)")
     ap.add_argument("--exact", default="0", help="APEX_GGML_EXACT for the hybrid runs")
     ap.add_argument("--run-timeout", type=int, default=300)
+    ap.add_argument("--trace-point", default=None,
+                    help="b<B>_n<N>_ctx<CTX>: that point's hybrid run also writes DIR/<point>.trace.json (APEX_TRACE)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for p in (args.run, args.shim, args.lib, args.predict, args.model):
@@ -137,7 +139,9 @@ def main():
                     "native_all": run_one(args, tag + "_native_all", n, fill, {}, gpu),
                     "native_nkvo": run_one(args, tag + "_native_nkvo", n, fill, {}, gpu + ["-nkvo"]),
                     "apex_hybrid": run_one(args, tag + "_apex_hybrid", n, fill,
-                                           dict(apex_env, APEX_GGML_GPU_SEQS=str(b)), gpu),
+                                           dict(apex_env, APEX_GGML_GPU_SEQS=str(b),
+                                                **({"APEX_TRACE": os.path.join(args.out, tag + ".trace.json")}
+                                                   if tag == args.trace_point else {})), gpu),
                 }
                 points.append({"b": b, "n": n, "ctx": ctx, "runs": runs})
 
