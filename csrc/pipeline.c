@@ -128,6 +128,8 @@ void pipeline_destroy(apex_context *ctx) {
     if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
     if (pl->d_sync) f->mem_free(dev, pl->d_sync);
     if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
+    if (pl->tm_start) f->event_destroy(dev, pl->tm_start);
+    if (pl->tm_end) f->event_destroy(dev, pl->tm_end);
     if (pl->copy_stream) f->stream_destroy(dev, pl->copy_stream);
     if (pl->own_stream) f->stream_destroy(dev, pl->own_stream);
     memset(pl, 0, sizeof *pl);

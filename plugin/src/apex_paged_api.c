@@ -426,7 +426,19 @@ static apex_status paged_cpu_seq(apex_context *ctx, paged_cpu *p, const uint8_t 
  * r. launched: the batch is on the context's own stream, not yet waited for. */
 typedef struct paged_dev {
     int32_t filled, max_len, launched;
+    int32_t layer, timed; /* timed: the kernel is between the timing events */
 } paged_dev;
+
+/* The tracer's GPU span of the device batch: timing events around the
+ * kernel when tracing is on and the device has them (CUDA). */
+static int paged_timer(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    const device_iface *f = ctx->dev->iface;
+    if (!trace_on() || !f->timer_create || !f->event_elapsed_ms) return 0;
+    if (!pl->tm_start && f->timer_create(ctx->dev, &pl->tm_start)) return 0;
+    if (!pl->tm_end && f->timer_create(ctx->dev, &pl->tm_end)) return 0;
+    return 1;
+}
 
 /* Enqueues the packed device batch on the context's own stream: q, lengths
  * and tables up, paged_decode, outputs down into the staging slot. */
@@ -453,10 +465,14 @@ static apex_status paged_dev_launch(apex_context *ctx, int32_t layer, paged_dev 
         .workspace_bytes = pl->decode_ws_bytes,
     };
     apex_status st;
+    p->layer = layer;
+    p->timed = paged_timer(ctx);
     if ((st = f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)m * 4, s)) ||
         (st = f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)m * mb * 4, s)) ||
         (st = f->memcpy_async(dev, sl->d_q_g, sl->h_q, (size_t)m * qrow, s)) ||
+        (p->timed && (st = f->event_record(dev, pl->tm_start, s))) ||
         (st = f->paged_decode(dev, &a, s)) ||
+        (p->timed && (st = f->event_record(dev, pl->tm_end, s))) ||
         (st = f->memcpy_async(dev, sl->h_out, sl->d_out_g, (size_t)m * orow, s)))
         return st;
     p->launched = 1;
@@ -472,6 +488,14 @@ static apex_status paged_dev_finish(apex_context *ctx, paged_dev *p, void *out,
     size_t orow = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim * apex_dtype_size(o->out_dtype);
     apex_status st = ctx->dev->iface->stream_sync(ctx->dev, ctx->pipe.own_stream);
     if (st) return st;
+    float ms = 0;
+    if (p->timed &&
+        ctx->dev->iface->event_elapsed_ms(ctx->dev, ctx->pipe.tm_start, ctx->pipe.tm_end, &ms) == APEX_OK) {
+        /* Device time from the events; placed on the timeline to end when
+         * the host saw the batch finish (the output copy follows it). */
+        const uint64_t dur = (uint64_t)((double)ms * 1e6), end = trace_now_ns();
+        trace_device_span_("GPU (CUDA events)", "paged_decode", p->layer, end > dur ? end - dur : 0, dur);
+    }
     for (int32_t r = 0; r < p->filled; r++)
         memcpy((uint8_t *)out + (size_t)sl->h_idx_g[r] * orow, (uint8_t *)sl->h_out + r * orow,
                orow);
