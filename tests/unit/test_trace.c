@@ -129,9 +129,10 @@ static void test_client_spans(void **state) {
         pthread_t th;
         assert_int_equal(pthread_create(&th, NULL, gpu_worker, NULL), 0);
         apex_trace_begin(APEX_TRACE_CPU_ATTN, "client cpu kernel", 0);
-        spin_us(200);
+        /* Nearly all of the outer span: counted twice, CPU attention would
+         * exceed the call that holds it. */
         apex_trace_begin(APEX_TRACE_CPU_ATTN, "deeper: not summed", 0);
-        spin_us(100);
+        spin_us(300);
         apex_trace_end();
         apex_trace_end();
         apex_trace_begin(APEX_TRACE_WAIT, "client wait", 0);
@@ -142,14 +143,12 @@ static void test_client_spans(void **state) {
     }
     apex_step_summary s;
     assert_ok(apex_step_summary_get(&s));
+    /* The worker's nested libapex-style call is not an engine call. */
     assert_int_equal(s.steps, 2);
     assert_int_equal(s.layer_steps, 2);
     assert_int_equal(s.calls, 2);
-    /* The CPU span once (300 us with its nested one), the worker's GPU span
-     * (400 us with its nested call) once, the nested call not as a call. */
-    assert_true(s.cpu_attn_us >= 300 && s.cpu_attn_us < 600);
-    assert_true(s.gpu_attn_us >= 400 && s.gpu_attn_us < 800);
-    assert_true(s.wait_us > 0);
+    assert_true(s.cpu_attn_us >= 300 && s.gpu_attn_us >= 400 && s.wait_us > 0);
+    assert_true(s.cpu_attn_us <= s.apex_us - s.wait_us + 1e-3);
     assert_true(fabs(s.apex_us - (s.apex_overhead_us + s.cpu_attn_us + s.wait_us)) < 1e-3);
     assert_true(s.engine_us == 0 && s.step_gap_us >= 100);
 }
