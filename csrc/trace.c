@@ -62,7 +62,8 @@ static _Thread_local tthread *t_self;
 enum { S_APEX, S_OVERHEAD, S_CPU, S_GPU, S_GPU_KERNEL, S_COPY, S_WAIT, S_ENGINE, S_STEP_GAP, N_SUM };
 static uint64_t s_ns[N_SUM], s_calls, s_attn_calls;
 static pthread_mutex_t g_step_mu = PTHREAD_MUTEX_INITIALIZER;
-static uint32_t s_steps;
+static uint32_t s_steps;   /* steps counted by the summary (reset with it) */
+static uint32_t s_step_id; /* the timeline's step numbers (never reset)    */
 static uint64_t s_last_end; /* end of the last engine call; 0: none yet */
 static uint64_t s_seen[2][MAX_LAYERS / 64]; /* (kind, layer) seen this step */
 
@@ -145,8 +146,8 @@ static uint32_t engine_call_begin(tthread *t, apex_trace_kind kind, int32_t laye
         }
         s_seen[a][layer / 64] |= bit;
     }
-    if (new_step) s_steps++;
-    const uint32_t step = s_steps;
+    if (new_step) s_steps++, __atomic_fetch_add(&s_step_id, 1, __ATOMIC_RELAXED);
+    const uint32_t step = __atomic_load_n(&s_step_id, __ATOMIC_RELAXED);
     const uint64_t last = s_last_end;
     pthread_mutex_unlock(&g_step_mu);
     if (last && now > last) {
@@ -168,7 +169,7 @@ void trace_begin_(apex_trace_kind kind, const char *name, int32_t layer) {
     open_span *o = &t->open[t->depth];
     const int call = kind == APEX_TRACE_CALL || kind == APEX_TRACE_CALL_ATTN;
     o->engine_call = call && t->depth == 0;
-    o->step = o->engine_call ? engine_call_begin(t, kind, layer, now) : __atomic_load_n(&s_steps, __ATOMIC_RELAXED);
+    o->step = o->engine_call ? engine_call_begin(t, kind, layer, now) : __atomic_load_n(&s_step_id, __ATOMIC_RELAXED);
     o->t0 = now;
     o->child_ns = 0;
     o->name = name;
@@ -231,7 +232,7 @@ void trace_device_span_(const char *track, const char *name, int32_t layer, uint
             }
         }
     }
-    record(t, EV_DEVICE, name, layer, __atomic_load_n(&s_steps, __ATOMIC_RELAXED), t0_ns, dur_ns);
+    record(t, EV_DEVICE, name, layer, __atomic_load_n(&s_step_id, __ATOMIC_RELAXED), t0_ns, dur_ns);
     pthread_mutex_unlock(&g_mu);
 }
 
