@@ -2,7 +2,7 @@
 # tests/sweep/run_emulated.sh [OUTDIR] - the hybrid sweep's CPU twin (./apex
 # test): the CPU build of llama.cpp, APEX's GPU tier on the emulated device,
 # the default model (SmolLM2-135M), small sizes (B = 2; N = 4, 6; contexts
-# 128 and 512; 16 tokens). Writes OUTDIR/sweep.json and sweep.png (default
+# 64 and 256; 8 tokens). Writes OUTDIR/sweep.json and sweep.png (default
 # build/sweep-emulated) and checks the report is whole: every run ran, every
 # point has its measured and predicted ratios and the trace summary.
 set -euo pipefail
@@ -16,8 +16,8 @@ run=$(get APEX_LLAMA_RUN)
 t0=$(date +%s)
 python3 tests/sweep/sweep.py --emulated --run "$run" --shim "$(get APEX_GGML_LIB)" \
   --lib "$PWD/build/lib/libapex.so.1" --predict "$PWD/build/bin/apex-sweep-predict" --model "$(get MODEL)" \
-  --out "$OUT" --b 2 --n-mult 2,3 --ctx 128,512 --tokens 16 --threads "${THREADS:-$(nproc)}" \
-  --geom 30,9,3,64 --trace-point b2_n4_ctx512 >/dev/null
+  --out "$OUT" --b 2 --n-mult 2,3 --ctx 64,256 --tokens 8 --threads "${THREADS:-$(nproc)}" \
+  --geom 30,9,3,64 --trace-point b2_n4_ctx256 >/dev/null
 python3 - "$OUT/sweep.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -41,5 +41,5 @@ print("run_emulated: %d points, every run ran, predicted and measured ratios and
       % len(r["points"]))
 PY
 [ -s "$OUT/sweep.png" ] || { echo "run_emulated: no plot" >&2; exit 1; }
-[ -s "$OUT/b2_n4_ctx512.trace.json" ] || { echo "run_emulated: no trace file" >&2; exit 1; }
+[ -s "$OUT/b2_n4_ctx256.trace.json" ] || { echo "run_emulated: no trace file" >&2; exit 1; }
 echo "run_emulated: done in $(( $(date +%s) - t0 )) s ($OUT/sweep.json, sweep.png)"

@@ -42,14 +42,21 @@ def main():
                                                                              if (e["pid"], e["tid"]) == k))
     row = {k: i for i, k in enumerate(threads)}
     fig, ax = plt.subplots(figsize=(14, 1.2 + 0.9 * len(threads)))
-    # Outer spans first, nested ones drawn thinner on top.
-    sel.sort(key=lambda e: -e["dur"])
-    seen = set()
+    # Outer spans first; a nested span is drawn thinner, on top of its parent.
+    sel.sort(key=lambda e: (e["ts"], -e["dur"]))
+    depth, open_ = {}, {}
     for e in sel:
+        k = (e["pid"], e["tid"])
+        stack = open_.setdefault(k, [])
+        while stack and stack[-1] <= e["ts"]:
+            stack.pop()
+        depth[id(e)] = len(stack)
+        stack.append(e["ts"] + e["dur"])
+    seen = set()
+    for e in sorted(sel, key=lambda e: depth[id(e)]):
         y = row[(e["pid"], e["tid"])]
         c = e.get("cat", "info")
-        inner = c in ("cpu_attn", "gpu_attn", "copy", "wait", "info", "gpu") and c not in ("call", "attn_call")
-        h = 0.5 if inner else 0.8
+        h = 0.8 * 0.65 ** depth[id(e)]
         ax.broken_barh([((e["ts"] - t0) / 1000.0, e["dur"] / 1000.0)], (y - h / 2, h),
                        facecolors=COLORS.get(c, "#cccccc"), edgecolor="none", label=c if c not in seen else None)
         seen.add(c)
