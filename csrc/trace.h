@@ -56,7 +56,7 @@ static inline void trace_scope_end_(const int *on) {
     if (*on) trace_end_();
 }
 #define TRACE_SCOPE(kind, name, layer)                                   \
-    __attribute__((cleanup(trace_scope_end_))) const int trace_scope_ = \
+    __attribute__((cleanup(trace_scope_end_), unused)) const int trace_scope_ = \
         trace_on() ? (trace_begin_((kind), (name), (layer)), 1) : 0
 
 #endif
