@@ -369,10 +369,14 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
     int n_plan = 0;
+    const int layer = kv_layer(k);
+    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: plan", layer);
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
-    const int layer = kv_layer(k);
+    SHIM_TRACE_END();
+    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: start", layer);
     if (n_plan) gpu_tier_start(tier);
+    SHIM_TRACE_END();
     SHIM_TRACE_BEGIN(APEX_TRACE_CPU_ATTN, "CPU kernel (cpu_attn_strided)", layer);
     int ok = run_streams(&d, gpu, 0, n_plan && n_threads > 2 ? n_threads - 1 : n_threads);
     SHIM_TRACE_END();
