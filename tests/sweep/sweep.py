@@ -137,12 +137,16 @@ def main():
                 runs = {
                     "native_fit": run_one(args, tag + "_native_fit", b, fill, {}, gpu),
                     "native_all": run_one(args, tag + "_native_all", n, fill, {}, gpu),
-                    "native_nkvo": run_one(args, tag + "_native_nkvo", n, fill, {}, gpu + ["-nkvo"]),
+                    # A CPU build keeps the KV on the host anyway: -nkvo is native_all there.
+                    "native_nkvo": None if args.emulated else run_one(args, tag + "_native_nkvo", n, fill, {},
+                                                                      gpu + ["-nkvo"]),
                     "apex_hybrid": run_one(args, tag + "_apex_hybrid", n, fill,
                                            dict(apex_env, APEX_GGML_GPU_SEQS=str(b),
                                                 **({"APEX_TRACE": os.path.join(args.out, tag + ".trace.json")}
                                                    if tag == args.trace_point else {})), gpu),
                 }
+                if args.emulated:
+                    runs["native_nkvo"] = runs["native_all"]
                 points.append({"b": b, "n": n, "ctx": ctx, "runs": runs})
 
     # The prediction: one call, every point whose runs all ran.
