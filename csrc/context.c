@@ -7,6 +7,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
+#include "csrc/trace.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the
@@ -331,6 +332,7 @@ apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const 
         pipeline_sync(ctx);
         return APEX_OK;
     }
+    TRACE_SCOPE(APEX_TRACE_COPY, "kv rows", layer);
     for (int32_t i = 0; i < n; i++) {
         int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
         size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
@@ -424,6 +426,7 @@ apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
         .window = opts->window,
     };
     cpu_workers_pin(&ctx->workers);
+    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", layer);
     if (cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads) != 0)
         return apex_fail(APEX_ERR_INTERNAL, "CPU attention kernel failed");
     ctx->stats.seqs_attended_host += (uint64_t)n;

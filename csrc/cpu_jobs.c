@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "csrc/error.h"
+#include "csrc/trace.h"
 
 static void *worker_main(void *p) {
     cpu_jobs *j = p;
@@ -18,7 +19,12 @@ static void *worker_main(void *p) {
         if (j->finished == j->submitted) break; /* stop, and nothing left */
         cpu_job job = j->ring[j->finished % CPU_JOBS_CAPACITY];
         pthread_mutex_unlock(&j->mu);
-        if (job.wait) j->dev->iface->event_sync(j->dev, job.wait);
+        if (job.wait) {
+            /* The worker's own wait for its inputs: shown, not summed. */
+            TRACE_BEGIN(APEX_TRACE_INFO, "wait for inputs", -1);
+            j->dev->iface->event_sync(j->dev, job.wait);
+            TRACE_END();
+        }
         unsigned delay = __atomic_load_n(&j->delay_us, __ATOMIC_RELAXED);
         if (delay) usleep(delay);
         job.run(job.arg);

@@ -86,6 +86,13 @@ typedef struct device_iface {
                                const int32_t *idx, int32_t n_rows, device_stream *s);
     apex_status (*scatter_rows)(apex_device *dev, const apex_cuda_rows *t, int n_tensors,
                                 const int32_t *idx, int32_t n_rows, device_stream *s);
+
+    /* Optional (NULL: none): an event that also records the device's time,
+     * and the milliseconds between two such events once both completed
+     * (the tracer's GPU durations, csrc/trace.h). */
+    apex_status (*timer_create)(apex_device *dev, device_event **out);
+    apex_status (*event_elapsed_ms)(apex_device *dev, device_event *start, device_event *end,
+                                    float *ms);
 } device_iface;
 
 /* Every backend's device struct starts with this. */

@@ -176,6 +176,29 @@ static apex_status cu_event_create(apex_device *dev, device_event **out) {
     return APEX_OK;
 }
 
+/* An event with timing (the tracer's GPU spans); the pipeline's own events
+ * disable it, which makes them cheaper. */
+static apex_status cu_timer_create(apex_device *dev, device_event **out) {
+    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "cuda timer_create: out is NULL");
+    *out = NULL;
+    device_event *e = malloc(sizeof *e);
+    if (!e) return apex_fail(APEX_ERR_NO_MEMORY, "cuda timer_create: out of host memory");
+    int prev = enter(dev);
+    apex_status st = rt(cudaEventCreateWithFlags(&e->e, cudaEventDefault), "timer_create");
+    leave(dev, prev);
+    if (st) {
+        free(e);
+        return st;
+    }
+    *out = e;
+    return APEX_OK;
+}
+
+static apex_status cu_event_elapsed_ms(apex_device *dev, device_event *a, device_event *b, float *ms) {
+    if (!a || !b || !ms) return apex_fail(APEX_ERR_INVALID_ARG, "cuda event_elapsed_ms: NULL argument");
+    return rt(cudaEventElapsedTime(ms, a->e, b->e), "event_elapsed_ms");
+}
+
 static void cu_event_destroy(apex_device *dev, device_event *e) {
     if (!e) return;
     int prev = enter(dev);
@@ -305,6 +328,8 @@ static const device_iface cuda_iface = {
     .host_unregister = cu_host_unregister,
     .pci_bus_id = cu_pci_bus_id,
     .prefill = cu_prefill,
+    .timer_create = cu_timer_create,
+    .event_elapsed_ms = cu_event_elapsed_ms,
 };
 
 apex_status device_cuda_create(int ordinal, apex_device **out) {

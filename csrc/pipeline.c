@@ -7,6 +7,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
+#include "csrc/trace.h"
 
 #define ALIGN 256
 
@@ -127,6 +128,8 @@ void pipeline_destroy(apex_context *ctx) {
     if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
     if (pl->d_sync) f->mem_free(dev, pl->d_sync);
     if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
+    if (pl->tm_start) f->event_destroy(dev, pl->tm_start);
+    if (pl->tm_end) f->event_destroy(dev, pl->tm_end);
     if (pl->copy_stream) f->stream_destroy(dev, pl->copy_stream);
     if (pl->own_stream) f->stream_destroy(dev, pl->own_stream);
     memset(pl, 0, sizeof *pl);
@@ -135,6 +138,7 @@ void pipeline_destroy(apex_context *ctx) {
 void pipeline_sync(apex_context *ctx) {
     pipeline *pl = &ctx->pipe;
     if (!pl->dev) return;
+    TRACE_SCOPE(APEX_TRACE_WAIT, "pipeline_sync", -1);
     cpu_jobs_drain(&pl->jobs);
     if (pl->last_done) pl->dev->iface->event_sync(pl->dev, pl->last_done);
     if (pl->copy_stream) pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
@@ -147,6 +151,7 @@ void pipeline_sync(apex_context *ctx) {
 static stage_slot *acquire(pipeline *pl) {
     stage_slot *sl = &pl->slots[pl->next_slot];
     pl->next_slot = (pl->next_slot + 1) % pl->n_slots;
+    TRACE_SCOPE(APEX_TRACE_WAIT, "staging slot", -1);
     if (sl->used) pl->dev->iface->event_sync(pl->dev, sl->done);
     if (sl->job) cpu_jobs_wait(&pl->jobs, sl->job);
     sl->job = 0;
@@ -163,6 +168,7 @@ static void finish(pipeline *pl, stage_slot *sl, device_stream *s) {
 
 static void job_kv_write(void *arg) {
     stage_slot *sl = arg;
+    TRACE_SCOPE(APEX_TRACE_COPY, "host kv rows", sl->layer);
     context_write_rows(sl->ctx, APEX_TIER_HOST, sl->layer, sl->n_c, sl->c_slots, sl->h_k,
                        sl->h_v, sl->dtype_in);
 }
@@ -186,6 +192,7 @@ static void job_attention(void *arg) {
         .window = sl->window,
     };
     cpu_workers_pin(&ctx->workers);
+    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", sl->layer);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads);

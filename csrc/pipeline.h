@@ -57,6 +57,8 @@ typedef struct pipeline {
     size_t decode_ws_bytes;
     device_event *ev_copies;    /* recorded after own-stream block copies */
     device_event *last_done;    /* latest done event; implies all earlier */
+    device_event *tm_start, *tm_end; /* timing events of the tracer's GPU spans
+                                        (made when tracing, if the device can) */
     size_t row_q_bytes, row_kv_bytes;
     uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
     int32_t *chunk_seqs, *chunk_pos; /* [max_batch]: prefill's KV chunks */

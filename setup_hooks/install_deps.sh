@@ -5,9 +5,10 @@ set -euo pipefail
 
 # clang + libomp-dev + libclang-rt: the ThreadSanitizer build (LLVM OpenMP with Archer).
 # patch: APEX's llama.cpp patch; python3 + pip + venv: the sdists from PyPI
-# (llama.cpp, the model) and the vLLM venv.
+# (llama.cpp, the model) and the vLLM venv. python3-matplotlib: the sweep's and
+# the trace's plots (tests/sweep/).
 pkgs=(build-essential cmake pkg-config libhwloc-dev libcmocka-dev clang libomp-dev libclang-rt-14-dev
-      patch python3 python3-pip python3-venv)
+      patch python3 python3-pip python3-venv python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -31,6 +31,7 @@
 #include "csrc/host_mem.h"
 #include "shim/ggml_apex.h"
 #include "shim/ggml_apex_tier.h"
+#include "shim/ggml_apex_trace.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -38,6 +39,7 @@ EXPORT ggml_backend_reg_t ggml_backend_init(void);
 EXPORT ggml_backend_reg_t ggml_apex_reg(void);
 EXPORT int ggml_apex_mark_preloaded(void);
 EXPORT void apex_ggml_stats_get(apex_ggml_stats *out);
+EXPORT int apex_ggml_step_summary(apex_step_summary *out, int reset);
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static apex_ggml_stats g_stats = {.max_stream = -1};
@@ -253,6 +255,13 @@ static int supports_fa(const struct ggml_tensor *op) {
     return 1;
 }
 
+/* The model layer of a KV tensor (llama.cpp's "cache_k_l<il>"), or -1. */
+static int kv_layer(const struct ggml_tensor *t) {
+    int il;
+    char kind;
+    return sscanf(root_of(t)->name, "cache_%c_l%d", &kind, &il) == 2 ? il : -1;
+}
+
 static int64_t row_index(const struct ggml_tensor *idx, int64_t i) {
     return idx->type == GGML_TYPE_I64 ? ((const int64_t *)idx->data)[i] : ((const int32_t *)idx->data)[i];
 }
@@ -272,6 +281,7 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op, int n_threads) {
             return GGML_STATUS_FAILED;
         }
     }
+    SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "KV rows (SET_ROWS)", kv_layer(op));
     const int par = n * w >= (1 << 16) ? n_threads : 1;
 #pragma omp parallel for num_threads(par) schedule(static)
     for (int64_t i = 0; i < n; i++) {
@@ -288,6 +298,7 @@ static enum ggml_status run_set_rows(struct ggml_tensor *op, int n_threads) {
         gpu_tier_written(tier, root, (size_t)((const char *)op->data - (const char *)root->data) +
                                          (size_t)row_index(idx, i) * op->nb[1],
                          (size_t)w * ggml_type_size(op->type));
+    SHIM_TRACE_END();
     const double dt = now_s() - t0;
     pthread_mutex_lock(&g_lock);
     g_stats.kv_write_calls++;
@@ -358,12 +369,21 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
     int n_plan = 0;
+    const int layer = kv_layer(k);
+    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: plan", layer);
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
+    SHIM_TRACE_END();
+    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: start", layer);
     if (n_plan) gpu_tier_start(tier);
+    SHIM_TRACE_END();
+    SHIM_TRACE_BEGIN(APEX_TRACE_CPU_ATTN, "CPU kernel (cpu_attn_strided)", layer);
     int ok = run_streams(&d, gpu, 0, n_plan && n_threads > 2 ? n_threads - 1 : n_threads);
+    SHIM_TRACE_END();
     if (n_plan) {
+        SHIM_TRACE_BEGIN(APEX_TRACE_WAIT, "wait for the GPU tier", layer);
         const int tier_ok = gpu_tier_wait(tier) == 0;
+        SHIM_TRACE_END();
         /* APEX_GGML_TIER_CHECK=1: the CPU kernel recomputes the tier's
          * streams, its results are kept, and the largest difference counted. */
         float *gpu_out = tier_ok && env_on("APEX_GGML_TIER_CHECK") ? malloc(ggml_nbytes(op)) : NULL;
@@ -463,8 +483,10 @@ static enum ggml_status run_hybrid_write(backend_ctx *c, struct ggml_tensor *op)
     }
     ggml_graph_clear(c->g1);
     ggml_graph_add_node(c->g1, op);
+    SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "ggml-cpu op into hybrid KV", kv_layer(op));
     const enum ggml_status st = ggml_backend_graph_compute(c->cpu, c->g1);
     kv_written(op, 0, ggml_nbytes(op));
+    SHIM_TRACE_END();
     return st;
 }
 
@@ -481,8 +503,7 @@ static void be_free(ggml_backend_t b) {
     free(b);
 }
 
-static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g) {
-    backend_ctx *c = (backend_ctx *)b->context;
+static enum ggml_status compute_nodes(backend_ctx *c, struct ggml_cgraph *g) {
     const int n = ggml_graph_n_nodes(g);
     for (int i = 0; i < n; i++) {
         struct ggml_tensor *node = ggml_graph_node(g, i);
@@ -511,6 +532,24 @@ static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g
         if (st != GGML_STATUS_SUCCESS) return st;
     }
     return GGML_STATUS_SUCCESS;
+}
+
+/* One graph split given to APEX is one engine call into APEX (the time
+ * between two is the engine's): an attention call when it holds the
+ * layer's FLASH_ATTN_EXT, else a KV write. */
+static enum ggml_status be_graph_compute(ggml_backend_t b, struct ggml_cgraph *g) {
+    apex_trace_kind kind = APEX_TRACE_CALL;
+    int layer = -1;
+    for (int i = 0; shim_trace_active() && i < ggml_graph_n_nodes(g); i++) {
+        const struct ggml_tensor *node = ggml_graph_node(g, i);
+        if (node->op == GGML_OP_FLASH_ATTN_EXT) kind = APEX_TRACE_CALL_ATTN, layer = kv_layer(node->src[1]);
+        else if (node->op == GGML_OP_SET_ROWS && layer < 0) layer = kv_layer(node);
+    }
+    SHIM_TRACE_BEGIN(kind, kind == APEX_TRACE_CALL_ATTN ? "APEX attention (ggml split)" : "APEX KV write (ggml split)",
+                     layer);
+    const enum ggml_status st = compute_nodes((backend_ctx *)b->context, g);
+    SHIM_TRACE_END();
+    return st;
 }
 
 static const struct ggml_backend_i g_backend_iface = {
@@ -554,6 +593,7 @@ static ggml_backend_t dev_init_backend(ggml_backend_dev_t dev, const char *param
         return NULL;
     }
     c->n_threads = omp_get_max_threads();
+    shim_trace_init();
     b->guid = &g_guid;
     b->iface = g_backend_iface;
     b->device = dev;
@@ -936,6 +976,7 @@ static void *reg_proc(ggml_backend_reg_t r, const char *name) {
     (void)r;
     if (strcmp(name, "ggml_backend_set_n_threads") == 0) return (void *)set_n_threads;
     if (strcmp(name, APEX_GGML_STATS_GET) == 0) return (void *)apex_ggml_stats_get;
+    if (strcmp(name, APEX_GGML_STEP_SUMMARY) == 0) return (void *)apex_ggml_step_summary;
     if (strcmp(name, "ggml_backend_kv_cache_buffer_type") == 0) return (void *)kv_cache_buffer_type;
     return NULL;
 }
@@ -986,6 +1027,16 @@ void apex_ggml_stats_get(apex_ggml_stats *out) {
     pthread_mutex_unlock(&g_lock);
 }
 
+/* libapex's per-step summary (the backend's spans with libapex's): see
+ * ggml_apex.h. */
+int apex_ggml_step_summary(apex_step_summary *out, int reset) {
+    if (!shim_trace_active()) return 0;
+    apex_step_summary s;
+    const int ok = shim_trace_.summary(out ? out : &s) == APEX_OK;
+    if (reset) shim_trace_.summary_reset();
+    return ok;
+}
+
 /* At exit: where each sequence's attention ran, and the counters as JSON. */
 __attribute__((destructor)) static void report(void) {
     apex_ggml_stats s;
@@ -1015,7 +1066,18 @@ __attribute__((destructor)) static void report(void) {
             fprintf(f, "], \"stream_gpu\": [");
             for (int i = 0; i <= s.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
                 fprintf(f, "%s%llu", i ? ", " : "", (unsigned long long)s.stream_gpu[i]);
-            fprintf(f, "]}\n");
+            fprintf(f, "]");
+            apex_step_summary ss;
+            if (apex_ggml_step_summary(&ss, 0))
+                fprintf(f,
+                        ", \"step_summary\": {\"steps\": %llu, \"layer_steps\": %llu, \"engine_us_per_layer\": %.3f, "
+                        "\"apex_us_per_layer\": %.3f, \"cpu_attn_us_per_layer\": %.3f, \"gpu_attn_us_per_layer\": %.3f, "
+                        "\"gpu_kernel_us_per_layer\": %.3f, \"copy_us_per_layer\": %.3f, \"wait_us_per_layer\": %.3f, "
+                        "\"apex_overhead_us_per_layer\": %.3f, \"step_gap_us\": %.3f}",
+                        (unsigned long long)ss.steps, (unsigned long long)ss.layer_steps, ss.engine_us, ss.apex_us,
+                        ss.cpu_attn_us, ss.gpu_attn_us, ss.gpu_kernel_us, ss.copy_us, ss.wait_us,
+                        ss.apex_overhead_us, ss.step_gap_us);
+            fprintf(f, "}\n");
             fclose(f);
         }
     }
@@ -1039,4 +1101,11 @@ __attribute__((destructor)) static void report(void) {
     else
         fprintf(stderr, "; KV cache in llama.cpp's own buffers");
     fprintf(stderr, "\n");
+    apex_step_summary ss;
+    if (apex_ggml_step_summary(&ss, 0) && ss.layer_steps)
+        fprintf(stderr,
+                "APEX: per layer per step (%llu steps): engine %.1f us, APEX %.1f us (CPU attention %.1f, copies %.1f, "
+                "waits %.1f, overhead %.1f); GPU tier attention %.1f us beside it\n",
+                (unsigned long long)ss.steps, ss.engine_us, ss.apex_us, ss.cpu_attn_us, ss.copy_us, ss.wait_us,
+                ss.apex_overhead_us, ss.gpu_attn_us);
 }

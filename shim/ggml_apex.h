@@ -82,6 +82,15 @@ typedef struct apex_ggml_stats {
 typedef void (*apex_ggml_stats_get_t)(apex_ggml_stats *out);
 #define APEX_GGML_STATS_GET "apex_ggml_stats_get"
 
+/* libapex's per-step summary (apex.h) of this process, the backend's spans
+ * included: 1 and *out (when out is not NULL), then a fresh start when
+ * reset is not 0 (a driver measures only its decode loop); 0 when tracing
+ * is off (APEX_TRACE, APEX_TRACE_SUMMARY=1 or APEX_STATS_FILE turn it on;
+ * ggml_apex_trace.h). */
+struct apex_step_summary;
+typedef int (*apex_ggml_step_summary_t)(struct apex_step_summary *out, int reset);
+#define APEX_GGML_STEP_SUMMARY "apex_ggml_step_summary"
+
 #ifdef __cplusplus
 }
 #endif

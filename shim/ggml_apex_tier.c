@@ -16,6 +16,7 @@
 #include "apex/apex.h"
 #include "apex/apex_paged.h"
 #include "cpu_attn/dtype_convert.h"
+#include "shim/ggml_apex_trace.h"
 
 #define TIER_MAX_LAYERS 1024
 #define TIER_MAX_STREAMS 256
@@ -414,7 +415,12 @@ static void run_planned(gpu_tier *t) {
     const struct ggml_tensor *op = t->op, *q = op->src[0];
     const int n = t->n;
     int rc = -1;
-    if (scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_lens, n) == 0) {
+    const int layer = t->layers[t->li].il;
+    SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "GPU tier: store stale rows", layer);
+    const int stored = scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_lens, n) == 0;
+    SHIM_TRACE_END();
+    SHIM_TRACE_BEGIN(APEX_TRACE_GPU_ATTN, "GPU tier: attention", layer);
+    if (stored) {
         /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
         const size_t hd = (size_t)t->head_dim;
         const int q16 = t->kv_dtype == APEX_DTYPE_F16;
@@ -447,6 +453,7 @@ static void run_planned(gpu_tier *t) {
             rc = 0;
         }
     }
+    SHIM_TRACE_END();
     if (rc < 0) {
         static int logged;
         if (!logged)
@@ -458,6 +465,7 @@ static void run_planned(gpu_tier *t) {
 
 static void *worker_main(void *arg) {
     gpu_tier *t = arg;
+    if (shim_trace_active()) shim_trace_.thread_name("apex-gpu-tier");
     pthread_mutex_lock(&t->lock);
     for (;;) {
         while (!t->job && !t->quit) pthread_cond_wait(&t->cv, &t->lock);

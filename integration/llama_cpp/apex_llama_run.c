@@ -35,6 +35,7 @@
 
 #include "ggml-backend.h"
 #include "llama.h"
+#include "apex/apex.h"
 #include "shim/ggml_apex.h"
 
 static const char *k_prompts[] = {
@@ -220,6 +221,12 @@ int main(int argc, char **argv) {
     const double t_prefill = now_s() - t0;
     for (int p = 0; p < n_prompts; p++) pos[p] = plen[p];
 
+    /* APEX's per-step summary (when tracing is on) covers the decode loop. */
+    apex_ggml_step_summary_t summary = NULL;
+    ggml_backend_reg_t apex_reg = ggml_backend_reg_by_name("APEX");
+    if (apex_reg)
+        summary = (apex_ggml_step_summary_t)ggml_backend_reg_get_proc_address(apex_reg, APEX_GGML_STEP_SUMMARY);
+    if (summary) summary(NULL, 1);
     const double t1 = now_s();
     for (int step = 0; step < n_gen; step++) {
         for (int p = 0; p < n_prompts; p++) {
@@ -243,6 +250,8 @@ int main(int argc, char **argv) {
         if (llama_decode(ctx, batch) != 0) die("llama_decode failed while generating");
     }
     const double t_gen = now_s() - t1;
+    apex_step_summary sum;
+    const int have_sum = summary && summary(&sum, 0);
     if (lf) fclose(lf);
 
     /* KV moved outside the graph: state save/load and a cross-stream copy. */
@@ -372,6 +381,17 @@ int main(int argc, char **argv) {
     } else {
         fprintf(o, "null");
     }
+    fprintf(o, ", \"apex_summary\": ");
+    if (have_sum)
+        fprintf(o, "{\"steps\": %llu, \"layer_steps\": %llu, \"engine_us_per_layer\": %.3f, "
+                   "\"apex_us_per_layer\": %.3f, \"cpu_attn_us_per_layer\": %.3f, \"gpu_attn_us_per_layer\": %.3f, "
+                   "\"gpu_kernel_us_per_layer\": %.3f, \"copy_us_per_layer\": %.3f, \"wait_us_per_layer\": %.3f, "
+                   "\"apex_overhead_us_per_layer\": %.3f, \"step_gap_us\": %.3f}",
+                (unsigned long long)sum.steps, (unsigned long long)sum.layer_steps, sum.engine_us, sum.apex_us,
+                sum.cpu_attn_us, sum.gpu_attn_us, sum.gpu_kernel_us, sum.copy_us, sum.wait_us, sum.apex_overhead_us,
+                sum.step_gap_us);
+    else
+        fprintf(o, "null");
     fprintf(o, "}\n");
 
     llama_batch_free(batch);

@@ -10,6 +10,7 @@
 #include "csrc/context.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
+#include "csrc/trace.h"
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -155,6 +156,7 @@ APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
                                    const int32_t *seqs, const int32_t *pos, const void *k,
                                    const void *v, apex_dtype src_dtype) {
     CHECK_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL, "apex_kv_write", layer);
     double t0 = now_seconds();
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
     if (st) return counted(ctx, st);
@@ -221,6 +223,7 @@ APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
                                     const int32_t *seqs, const void *q, void *out,
                                     const apex_attn_opts *opts) {
     CHECK_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_attention", layer);
     double t0 = now_seconds();
     apex_attn_opts o;
     apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
@@ -296,6 +299,7 @@ APEX_API apex_status apex_kv_write_async(apex_context *ctx, int32_t layer, int32
                                          const void *k, const void *v, apex_dtype src_dtype,
                                          apex_stream s) {
     CHECK_DEV(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL, "apex_kv_write_async", layer);
     double t0 = now_seconds();
     if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
@@ -312,6 +316,7 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seqs, const void *q, void *out,
                                           const apex_attn_opts *opts, apex_stream s) {
     CHECK_DEV(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_attention_async", layer);
     double t0 = now_seconds();
     if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
     apex_attn_opts o;

@@ -13,6 +13,7 @@
 #include "csrc/context.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
+#include "csrc/trace.h"
 
 static double paged_now(void) {
     struct timespec ts;
@@ -220,6 +221,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                          int64_t v_row_stride, apex_dtype src_dtype) {
     static const char fn[] = "apex_paged_kv_write";
     PAGED_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL, "apex_paged_kv_write", layer);
     double t0 = paged_now();
     int32_t bt = ctx->cfg.block_tokens;
     int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
@@ -262,10 +264,12 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
     pipeline_sync(ctx);
     /* Device rows first: a device error then leaves the host tier as it was. */
     if (on_device) {
+        TRACE_SCOPE(APEX_TRACE_COPY, "device rows", layer);
         apex_status st = paged_write_device(ctx, layer, n, slots, k, k_row_stride, v,
                                             v_row_stride, src_dtype);
         if (st) return paged_counted(ctx, st);
     }
+    TRACE_BEGIN(APEX_TRACE_COPY, "host rows", layer);
     for (int64_t i = 0; written > on_device && i < n; i++) {
         if (slots[i] < 0) continue;
         apex_tier tier = APEX_TIER_HOST;
@@ -277,6 +281,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                            row_at(k, src_dtype, k_row_stride, i),
                            row_at(v, src_dtype, v_row_stride, i), src_dtype);
     }
+    TRACE_END();
     ctx->stats.kv_rows_written += written;
     ctx->stats.kv_write_seconds += paged_now() - t0;
     return APEX_OK;
@@ -365,6 +370,7 @@ typedef struct paged_cpu {
 static apex_status paged_cpu_flush(apex_context *ctx, paged_cpu *p, const void *q, void *out,
                                    const apex_attn_opts *o) {
     if (!p->filled) return APEX_OK;
+    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", -1);
     size_t hd = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
     cpu_attn_batch b = {
         .n_seqs = p->filled,
@@ -420,7 +426,19 @@ static apex_status paged_cpu_seq(apex_context *ctx, paged_cpu *p, const uint8_t 
  * r. launched: the batch is on the context's own stream, not yet waited for. */
 typedef struct paged_dev {
     int32_t filled, max_len, launched;
+    int32_t layer, timed; /* timed: the kernel is between the timing events */
 } paged_dev;
+
+/* The tracer's GPU span of the device batch: timing events around the
+ * kernel when tracing is on and the device has them (CUDA). */
+static int paged_timer(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    const device_iface *f = ctx->dev->iface;
+    if (!trace_on() || !f->timer_create || !f->event_elapsed_ms) return 0;
+    if (!pl->tm_start && f->timer_create(ctx->dev, &pl->tm_start)) return 0;
+    if (!pl->tm_end && f->timer_create(ctx->dev, &pl->tm_end)) return 0;
+    return 1;
+}
 
 /* Enqueues the packed device batch on the context's own stream: q, lengths
  * and tables up, paged_decode, outputs down into the staging slot. */
@@ -447,10 +465,14 @@ static apex_status paged_dev_launch(apex_context *ctx, int32_t layer, paged_dev 
         .workspace_bytes = pl->decode_ws_bytes,
     };
     apex_status st;
+    p->layer = layer;
+    p->timed = paged_timer(ctx);
     if ((st = f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)m * 4, s)) ||
         (st = f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)m * mb * 4, s)) ||
         (st = f->memcpy_async(dev, sl->d_q_g, sl->h_q, (size_t)m * qrow, s)) ||
+        (p->timed && (st = f->event_record(dev, pl->tm_start, s))) ||
         (st = f->paged_decode(dev, &a, s)) ||
+        (p->timed && (st = f->event_record(dev, pl->tm_end, s))) ||
         (st = f->memcpy_async(dev, sl->h_out, sl->d_out_g, (size_t)m * orow, s)))
         return st;
     p->launched = 1;
@@ -461,10 +483,19 @@ static apex_status paged_dev_launch(apex_context *ctx, int32_t layer, paged_dev 
 static apex_status paged_dev_finish(apex_context *ctx, paged_dev *p, void *out,
                                     const apex_attn_opts *o) {
     if (!p->launched) return APEX_OK;
+    TRACE_SCOPE(APEX_TRACE_WAIT, "device batch", -1);
     stage_slot *sl = paged_stage(ctx);
     size_t orow = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim * apex_dtype_size(o->out_dtype);
     apex_status st = ctx->dev->iface->stream_sync(ctx->dev, ctx->pipe.own_stream);
     if (st) return st;
+    float ms = 0;
+    if (p->timed &&
+        ctx->dev->iface->event_elapsed_ms(ctx->dev, ctx->pipe.tm_start, ctx->pipe.tm_end, &ms) == APEX_OK) {
+        /* Device time from the events; placed on the timeline to end when
+         * the host saw the batch finish (the output copy follows it). */
+        const uint64_t dur = (uint64_t)((double)ms * 1e6), end = trace_now_ns();
+        trace_device_span_("GPU (CUDA events)", "paged_decode", p->layer, end > dur ? end - dur : 0, dur);
+    }
     for (int32_t r = 0; r < p->filled; r++)
         memcpy((uint8_t *)out + (size_t)sl->h_idx_g[r] * orow, (uint8_t *)sl->h_out + r * orow,
                orow);
@@ -594,6 +625,7 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                           int32_t block_table_stride, const void *q, void *out,
                                           const apex_attn_opts *opts) {
     PAGED_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_paged_attention", layer);
     double t0 = paged_now();
     apex_attn_opts o;
     apex_status st = paged_check_attention(ctx, layer, n_seqs, query_start_loc, seq_lens,

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# tests/gpu/run_llama_hybrid.sh OUTDIR - llama.cpp's CUDA build with APEX's GPU
-# tier on a device machine: native llama.cpp (all KV on the GPU; only the
-# sequences that fit the budget; -nkvo) against APEX hybrid (the sequences
-# within the budget on the GPU tier, the others on the CPU), tokens/s and
-# per-step latency, on the default model and on a random-weight model of
-# Llama-3.1-8B geometry (apex-random-model, 4 layers).
+# tests/gpu/run_llama_hybrid.sh OUTDIR - the hybrid sweep on a device machine
+# (tests/sweep/sweep.py --cuda): llama.cpp's CUDA build, a random-weight
+# model of Llama-3.1-8B geometry with all 32 layers (apex-random-model, made
+# here), a GPU KV budget of B sequences (B = 4, 8), 2B and 3B sequences,
+# contexts 256, 1024, 4096. Per point: native with the B that fit, native
+# with all (the ceiling), native -nkvo, APEX hybrid (B on the GPU tier, the
+# rest on the CPU), tokens/s, ms/step, the trace summary, and the model's
+# predicted hybrid/native-fit ratio from a profile measured here (CPU kernel
+# timed here, GPU attention measured by the tier; apex-sweep-predict).
+# Sized for 8 minutes of an H100 with the build (APEX_SWEEP_* to shrink it).
 #
 # The device machine has no network, so its inputs travel with the tree:
 #   APEX_LLAMA_CUDA_TAR  llama.cpp's CUDA build and headers
 #                        (tests/gpu/pack_llama_cuda.sh makes it; default
 #                        .carry/llama-cuda.tar.gz)
-#   APEX_GPU_MODEL       the default model's .gguf (optional: skipped if unset)
 #   APEX_GPU_VOCAB       a vocab-only .gguf for the random model (default
 #                        .carry/vocab.gguf)
-#   APEX_GPU_MODELS      "smollm2 llama8b" (default), or one of them
-# Writes OUTDIR/llama_hybrid.json (every run's figures and the comparisons)
-# and OUTDIR/llama_hybrid.log.
+# Writes OUTDIR/sweep.json, OUTDIR/sweep.png (when matplotlib is there; else
+# tests/sweep/plot_sweep.py makes it from the JSON afterwards), one trace
+# (OUTDIR/b8_n16_ctx1024.trace.json), each run's log, and
+# OUTDIR/llama_hybrid.log.
 set -u
 OUT=${1:?usage: tests/gpu/run_llama_hybrid.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -27,11 +31,11 @@ say() { echo "[llama_hybrid] $*" | tee -a "$LOG" >&2; }
 STAGE=${APEX_GPU_STAGE:-/tmp/apex-llama-gpu}
 TAR=${APEX_LLAMA_CUDA_TAR:-$ROOT/.carry/llama-cuda.tar.gz}
 VOCAB=${APEX_GPU_VOCAB:-$ROOT/.carry/vocab.gguf}
-MODEL=${APEX_GPU_MODEL:-}
-N=${APEX_GPU_SEQS_TOTAL:-16}   # sequences in the batch
-G=${APEX_GPU_SEQS_FIT:-8}      # of them, those the GPU budget holds
-T=${APEX_GPU_TOKENS:-64}       # generated tokens per sequence
-WANT=" ${APEX_GPU_MODELS:-smollm2 llama8b} "  # which models to run
+B=${APEX_SWEEP_B:-4,8}              # sequences the GPU KV budget holds
+MULT=${APEX_SWEEP_N_MULT:-2,3}      # N = B x these
+CTX=${APEX_SWEEP_CTX:-256,1024,4096}
+T=${APEX_SWEEP_TOKENS:-24}          # generated tokens per sequence
+LAYERS=${APEX_SWEEP_LAYERS:-32}
 mkdir -p "$STAGE"
 
 . "$ROOT/tests/gpu/sysroot.sh"
@@ -45,7 +49,7 @@ rm -rf "$STAGE/llama-cuda" && tar -xzf "$TAR" -C "$STAGE" || { say "cannot unpac
 LB=$STAGE/llama-cuda
 if cmake -S . -B build-gpu-llama -DAPEX_CUDA=ON -DAPEX_CUDA_ARCHS="${APEX_CUDA_ARCHS:-90}" \
         -DAPEX_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release >>"$LOG" 2>&1 &&
-   cmake --build build-gpu-llama -j"$(nproc)" --target apex >>"$LOG" 2>&1 &&
+   cmake --build build-gpu-llama -j"$(nproc)" --target apex apex-sweep-predict >>"$LOG" 2>&1 &&
    cmake -S integration/llama_cpp -B build-llama-gpu -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined \
         -DLLAMA_CPP_SRC="$LB/src" -DLLAMA_CPP_BUILD="$LB" >>"$LOG" 2>&1 &&
@@ -65,92 +69,25 @@ grep -qw avx512f /proc/cpuinfo || EXACT=0
 say "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $THREADS threads, APEX_GGML_EXACT=$EXACT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
 
-# ---- the random-weight model of Llama-3.1-8B geometry
-RAND=$STAGE/random-llama8b-4l.gguf
-if [[ $WANT == *" llama8b "* ]] && [ -f "$VOCAB" ] && "$ROOT/build-llama-gpu/bin/apex-random-model" --vocab "$VOCAB" --out "$RAND" \
-        --layers 4 >>"$LOG" 2>&1; then
-    say "random model: $(du -h "$RAND" | cut -f1)"
-else
-    say "no random model (vocab $VOCAB)"; RAND=
-fi
+# ---- the random-weight model of Llama-3.1-8B geometry, all layers
+RAND=$STAGE/random-llama8b-${LAYERS}l.gguf
+t1=$(date +%s)
+[ -f "$VOCAB" ] || { say "missing $VOCAB (tests/gpu/pack_llama_cuda.sh)"; exit 2; }
+"$ROOT/build-llama-gpu/bin/apex-random-model" --vocab "$VOCAB" --out "$RAND" --layers "$LAYERS" >>"$LOG" 2>&1 ||
+    { say "apex-random-model failed"; exit 1; }
+say "random model: $(du -h "$RAND" | cut -f1) in $(( $(date +%s) - t1 )) s"
 
-# One run: name, then env assignments, then --, then apex-llama-run's args.
-run() {
-    local name=$1; shift
-    local envs=()
-    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
-    shift
-    say "run $name: ${envs[*]} $*"
-    env -u GGML_BACKEND_PATH "${envs[@]}" timeout 300 "$RUN" -t "$THREADS" --logit-steps 0 --no-checks "$@" \
-        >"$OUT/$name.json" 2>>"$LOG"
-    local rc=$?
-    [ "$rc" = 0 ] || { say "$name failed ($rc)"; echo null >"$OUT/$name.json"; }
-}
+# ---- a short correctness check: the GPU tier's outputs against the CPU
+# kernel on the same operands (APEX_GGML_TIER_CHECK, fp32 mode)
+env -u GGML_BACKEND_PATH GGML_BACKEND_PATH="$SHIM" APEX_GGML_GPU_SEQS=4 APEX_DEVICE=cuda APEX_GGML_TIER_CHECK=1 \
+    APEX_GGML_EXACT=0 timeout 120 "$RUN" -m "$RAND" -np 8 -n 4 -t "$THREADS" -ngl 99 --fill 240 --logit-steps 0 \
+    --no-checks >"$OUT/tier_check.json" 2>>"$LOG" || say "tier check run failed"
 
-# A model's five runs: native with every sequence on the GPU (the reference
-# tokens), native with only the sequences that fit, native -nkvo, APEX
-# hybrid with G of N sequences on the GPU tier, and a short APEX run that
-# also computes the GPU tier's sequences on the CPU and reports the largest
-# difference (APEX_GGML_TIER_CHECK, fp32 mode).
-model_runs() {
-    local tag=$1 m=$2 fill=$3
-    local apex=(GGML_BACKEND_PATH="$SHIM" APEX_GGML_GPU_SEQS="$G" APEX_DEVICE=cuda APEX_GGML_EXACT="$EXACT")
-    run "${tag}_native_all" -- -m "$m" -np "$N" -n "$T" -ngl 99 --fill "$fill"
-    run "${tag}_native_fit" -- -m "$m" -np "$G" -n "$T" -ngl 99 --fill "$fill"
-    run "${tag}_native_nkvo" -- -m "$m" -np "$N" -n "$T" -ngl 99 -nkvo --fill "$fill"
-    run "${tag}_apex_hybrid" "${apex[@]}" APEX_STATS_FILE="$OUT/${tag}_apex_stats.json" -- \
-        -m "$m" -np "$N" -n "$T" -ngl 99 --fill "$fill"
-    run "${tag}_apex_check" "${apex[@]}" APEX_GGML_TIER_CHECK=1 APEX_GGML_EXACT=0 -- \
-        -m "$m" -np "$N" -n 8 -ngl 99 --fill "$fill"
-}
-[[ $WANT == *" smollm2 "* ]] && [ -n "$MODEL" ] && [ -f "$MODEL" ] && model_runs smollm2 "$MODEL" "${APEX_GPU_FILL_SMALL:-1024}"
-[ -n "$RAND" ] && model_runs llama8b "$RAND" "${APEX_GPU_FILL_8B:-2048}"
-
-# ---- report
-python3 - "$OUT" "$N" "$G" "$T" "$EXACT" <<'EOF' | tee "$OUT/llama_hybrid.json"
-import json, os, sys
-out, n, g, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def load(name):
-    try:
-        return json.loads(open(os.path.join(out, name + ".json"), "rb").read().decode("utf-8", "replace"))
-    except Exception:
-        return None
-rep = {"report": "llama.cpp CUDA: native vs APEX hybrid", "sequences": n, "gpu_budget_sequences": g,
-       "tokens": t, "apex_exact_mode": sys.argv[5] == "1", "models": {}}
-for tag in ("smollm2", "llama8b"):
-    runs = {k: load(f"{tag}_{k}") for k in ("native_all", "native_fit", "native_nkvo", "apex_hybrid", "apex_check")}
-    if all(v is None for v in runs.values()):
-        continue
-    m = {}
-    for k, v in runs.items():
-        if v is None:
-            m[k] = None
-            continue
-        a = v.get("apex") or {}
-        m[k] = {"tok_s": v["tok_s"], "ms_per_step": v["ms_per_step"], "sequences": v["prompts"],
-                "prefill_tokens": v["prefill_tokens"], "t_prefill": v["t_prefill"]}
-        if a:
-            m[k].update({"apex_attention_calls": a.get("attention_calls"), "gpu_attn": a.get("gpu_attn"),
-                         "stream_gpu": a.get("stream_gpu"), "stream_attn": a.get("stream_attn"),
-                         "tier_check_max_diff": a.get("tier_check_max_diff")})
-    ref, hyb = runs["native_all"], runs["apex_hybrid"]
-    if ref and hyb:
-        same = [a == b for a, b in zip(ref["tokens"], hyb["tokens"])]
-        first = None
-        for p, (a, b) in enumerate(zip(ref["tokens"], hyb["tokens"])):
-            d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-            if d is not None:
-                first = {"prompt": p, "token": d}
-                break
-        m["hybrid_vs_native_all"] = {"prompts_identical": sum(same), "of": len(same), "first_difference": first}
-        m["texts"] = {"native_all": ref["texts"][:2], "apex_hybrid": hyb["texts"][:2]}
-        sg = (hyb.get("apex") or {}).get("stream_gpu") or []
-        m["placement"] = {"gpu_seqs": [i for i, c in enumerate(sg) if c > 0],
-                          "cpu_seqs": [i for i in range(n) if i >= len(sg) or sg[i] == 0]}
-    for k in ("native_fit", "native_nkvo"):
-        if hyb and runs[k]:
-            m[f"hybrid_vs_{k}_tok_s"] = round(hyb["tok_s"] / runs[k]["tok_s"], 3)
-    rep["models"][tag] = m
-print(json.dumps(rep))
-EOF
-say "done in $(( $(date +%s) - t0 )) s"
+# ---- the sweep
+python3 "$ROOT/tests/sweep/sweep.py" --cuda --run "$RUN" --shim "$SHIM" --lib "$APEX_LIB" \
+    --predict "$ROOT/build-gpu-llama/bin/apex-sweep-predict" --model "$RAND" --out "$OUT" \
+    --b "$B" --n-mult "$MULT" --ctx "$CTX" --tokens "$T" --threads "$THREADS" --geom "$LAYERS,32,8,128" \
+    --exact "$EXACT" --trace-point b8_n16_ctx1024 --run-timeout 120 2>>"$LOG" | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "sweep rc=$rc; done in $(( $(date +%s) - t0 )) s"
+exit "$rc"

@@ -37,6 +37,12 @@ def register():
     _cpu_platform_honours_custom()
     # Host KV capacity: on vLLM's CPU platform the block pool is sized by
     # VLLM_CPU_KVCACHE_SPACE (GiB); APEX_HOST_KV_GB sets it when it is unset.
+    # APEX_TRACE=FILE: vLLM runs several processes, each loading libapex;
+    # "%p" (the process id) keeps their timelines apart.
+    trace = os.environ.get("APEX_TRACE")
+    if trace and "%p" not in trace:
+        root, ext = os.path.splitext(trace)
+        os.environ["APEX_TRACE"] = root + ".%p" + (ext or ".json")
     gb = os.environ.get("APEX_HOST_KV_GB")
     if gb and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = gb

@@ -1,5 +1,6 @@
 """Loads APEX's torch ops (shim/torch, registered from C) and raises on a
 failed status with APEX's own message."""
+import atexit
 import ctypes
 import glob
 import os
@@ -39,6 +40,10 @@ def load():
         _libapex = ctypes.CDLL(os.path.join(os.path.dirname(path), "libapex.so.1"))
         _libapex.apex_last_error.restype = ctypes.c_char_p
         _libapex.apex_status_name.restype = ctypes.c_char_p
+        if os.environ.get("APEX_TRACE"):
+            # APEX_TRACE's timeline is written by libapex at exit; vLLM ends
+            # its engine processes through Python, so flush from there too.
+            atexit.register(_libapex.apex_trace_flush)
     return torch.ops.apex
 
 

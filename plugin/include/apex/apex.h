@@ -405,6 +405,60 @@ APEX_API apex_status apex_stats_get(const apex_context *ctx,
                                     apex_stats *out);
 APEX_API apex_status apex_stats_reset(apex_context *ctx); /* counters only */
 
+/* ----------------------------------------------------------------- trace */
+
+/* A per-step timeline of every process that loads APEX (csrc/trace.h).
+ * APEX_TRACE=FILE writes Chrome trace-event JSON (Perfetto,
+ * chrome://tracing) at exit, "%p" in FILE standing for the process id;
+ * APEX_TRACE_SUMMARY=1 keeps only the per-step summary. Off by default: a
+ * hook then costs one branch. Process-wide: every context and every client
+ * (the ggml backend, the vLLM plugin) records into the same tracer, so an
+ * engine adapter records its own spans through these calls. */
+typedef enum apex_trace_kind {
+    APEX_TRACE_CALL = 0,      /* an engine's call into APEX (e.g. a KV write)       */
+    APEX_TRACE_CALL_ATTN = 1, /* an engine's attention call: one per layer per step */
+    APEX_TRACE_CPU_ATTN = 2,  /* the CPU attention kernel                           */
+    APEX_TRACE_GPU_ATTN = 3,  /* the GPU tier's attention (host side)               */
+    APEX_TRACE_COPY = 4,      /* KV row stores, conversions, copies                 */
+    APEX_TRACE_WAIT = 5,      /* the engine's thread waiting for APEX's other work  */
+    APEX_TRACE_INFO = 6       /* shown in the timeline, not summed                  */
+} apex_trace_kind;
+
+/* 0 off, 1 summary only, 2 summary and the event file. */
+APEX_API int apex_trace_level(void);
+/* Turns tracing on from a client (level 1 or 2; 2 needs APEX_TRACE for the
+ * file name). Never turns it off: spans may be open on other threads. */
+APEX_API apex_status apex_trace_enable(int level);
+/* A span on the calling thread; spans nest. name: a string with static
+ * storage (kept until the flush). layer: the model layer, or -1. */
+APEX_API void apex_trace_begin(apex_trace_kind kind, const char *name, int32_t layer);
+APEX_API void apex_trace_end(void);
+/* Names the calling thread in the timeline (copied). */
+APEX_API void apex_trace_thread_name(const char *name);
+/* Writes the event file now (also done at exit); APEX_OK when off. */
+APEX_API apex_status apex_trace_flush(void);
+
+/* The per-step summary, from the trace's timestamps: times are microseconds
+ * per layer per step (means over layer_steps), except step_gap_us (per step). */
+typedef struct apex_step_summary {
+    uint64_t steps;        /* steps seen                                          */
+    uint64_t layer_steps;  /* engine attention calls (layers x steps)             */
+    uint64_t calls;        /* engine calls into APEX                              */
+    double engine_us;      /* the engine's own time between APEX's calls in a step */
+    double apex_us;        /* wall time of APEX's calls on the engine's thread     */
+    double cpu_attn_us;    /* CPU attention kernel (any thread)                    */
+    double gpu_attn_us;    /* GPU tier attention, host side (any thread)           */
+    double gpu_kernel_us;  /* GPU time from device events (a CUDA build)           */
+    double copy_us;        /* KV row stores and copies (any thread)                */
+    double wait_us;        /* the engine's thread waiting inside APEX's calls      */
+    double apex_overhead_us; /* APEX's calls less their CPU attention, copies, waits */
+    double step_gap_us;    /* per step: between the last call of a step and the next */
+} apex_step_summary;
+
+/* APEX_ERR_UNSUPPORTED when tracing is off (nothing was measured). */
+APEX_API apex_status apex_step_summary_get(apex_step_summary *out);
+APEX_API apex_status apex_step_summary_reset(void);
+
 #ifdef __cplusplus
 }
 #endif
