@@ -175,6 +175,9 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     const int32_t hper = (H + splits - 1) / splits;
     splits = (H + hper - 1) / hper;
     const int32_t n_items = n_chunks * splits;
+    /* q is scaled here unless the kernel scales the scores itself. */
+    const int raw_q = kern->raw_q_bf16_kv && g->kv_dtype == APEX_DTYPE_BF16;
+    const float qmul = raw_q ? 1.0f : b->scale;
 
 #pragma omp parallel num_threads(n_threads)
     {
@@ -192,9 +195,10 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
             const size_t nq = (size_t)nh * (size_t)G; /* q heads of this item */
             const size_t qbase = ((size_t)i * (size_t)HQ + (size_t)h0 * (size_t)G) * (size_t)D;
             for (size_t x = 0; x < nq * (size_t)D; x++)
-                q[x] = apex_load_f32(b->q, b->q_dtype, qbase + x) * b->scale;
+                q[x] = apex_load_f32(b->q, b->q_dtype, qbase + x) * qmul;
             const cpu_attn_span sp = {
                 .q = q,
+                .q_scale = raw_q ? b->scale : 1.0f,
                 .kv = b->kv,
                 .blocks = b->block_table + (size_t)i * (size_t)b->block_table_stride,
                 .block_bytes = b->block_bytes,
