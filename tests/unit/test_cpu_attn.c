@@ -18,7 +18,8 @@
  *   q: each score moves by <= D = 2^-9 scale sum_d |q_d k_d| (softcap only
  *      shrinks it), which moves each normalised weight by a factor within
  *      e^(+-2D): the output moves by <= max|v| (e^(2D) - 1).
- * Both are bounds; the errors seen are far smaller (printed per test). */
+ * Both are bounds, reached only by short rows (a few tokens, a window);
+ * the worst error seen is printed by test_grid. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
