@@ -350,8 +350,29 @@ static void test_workspace(void **state) {
     cpu_attn_ws_destroy(NULL);
 }
 
+/* With APEX_ISA_EXPECT set (ctest runs this binary so, beside APEX_ISA):
+ * the variant chosen at start-up must be the expected one where the CPU
+ * has it, else the best one it has (APEX_ISA naming a missing or unknown
+ * variant falls back). Returns the process status. */
+static int check_isa_env(const char *expect) {
+    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_AVX512BF16, CPU_ATTN_ISA_AVX512,
+                                       CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_SCALAR};
+    const char *sel = cpu_attn_isa_name(cpu_attn_isa_selected()); /* decided from APEX_ISA */
+    const char *want = NULL, *best = NULL;
+    for (int k = 0; k < 4; k++) {
+        if (cpu_attn_isa_force(all[k])) continue; /* the CPU lacks it */
+        if (!best) best = cpu_attn_isa_name(all[k]);
+        if (!strcmp(expect, cpu_attn_isa_name(all[k]))) want = expect;
+    }
+    if (!want) want = best;
+    fprintf(stderr, "APEX_ISA=%s: selected %s, expected %s\n", getenv("APEX_ISA"), sel, want);
+    return strcmp(sel, want) != 0;
+}
+
 int main(void) {
     rng_state = 0x5eed;
+    const char *expect = getenv("APEX_ISA_EXPECT");
+    if (expect) return check_isa_env(expect);
     /* Variants this CPU runs; forcing each is part of the test. */
     static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512,
                                        CPU_ATTN_ISA_AVX512BF16};
