@@ -176,4 +176,15 @@ void cpu_attn_store_avx512(void *out, apex_dtype dt, const float *src, float mul
     for (; i < n; i++) apex_store_f32(out, dt, (size_t)i, src[i] * mul);
 }
 
-const cpu_attn_kernel cpu_attn_kernel_avx512 = {cpu_attn_span_avx512, cpu_attn_store_avx512, 0};
+/* Also the avx512bf16 kernel's q load. */
+void cpu_attn_load_avx512(float *dst, const void *src, apex_dtype dt, size_t n, float mul) {
+    const __m512 mv = _mm512_set1_ps(mul);
+    const size_t esz = apex_dtype_size(dt);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(avx512_ld16((const uint8_t *)src + i * esz, dt), mv));
+    for (; i < n; i++) dst[i] = apex_load_f32(src, dt, i) * mul;
+}
+
+const cpu_attn_kernel cpu_attn_kernel_avx512 = {cpu_attn_span_avx512, cpu_attn_store_avx512,
+                                                cpu_attn_load_avx512, 0};

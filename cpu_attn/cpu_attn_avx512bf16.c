@@ -264,4 +264,5 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
     avx512_span_run(sp, m, l, acc, scratch, qk_bf16, pv_bf16, &cx);
 }
 
-const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512, 1};
+const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,
+                                                    cpu_attn_load_avx512, 1};

@@ -62,6 +62,9 @@ typedef struct cpu_attn_kernel {
                  float *scratch);
     /* out[i] = src[i] * mul, i < n, stored as dt. */
     void (*store)(void *out, apex_dtype dt, const float *src, float mul, int32_t n);
+    /* dst[i] = src[i] * mul, i < n, src of type dt (q rows into fp32);
+     * NULL: a plain loop. */
+    void (*load)(float *dst, const void *src, apex_dtype dt, size_t n, float mul);
     /* Nonzero: for bf16 KV, span() takes q unscaled (its bf16 rounding is
      * then exact for bf16 q) and applies q_scale to the scores itself. */
     int raw_q_bf16_kv;
@@ -74,6 +77,7 @@ extern const cpu_attn_kernel cpu_attn_kernel_avx512bf16;
 /* The avx512 kernel's stages, which avx512bf16 reuses for f16/f32 KV. */
 void cpu_attn_span_avx512(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch);
 void cpu_attn_store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n);
+void cpu_attn_load_avx512(float *dst, const void *src, apex_dtype dt, size_t n, float mul);
 /* Whether the CPU has AVX512-BF16 (the avx512 kernel uses it for bf16 out). */
 int cpu_attn_have_avx512bf16(void);
 
