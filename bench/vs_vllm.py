@@ -16,9 +16,9 @@ its times include the ABI's checks.
         visited in turn, so each call reads KV from DRAM;
   hot:  one copy re-read; only cases whose KV is <= --hot-mb per engine (it
         then stays in L2/L3 across a run of calls).
-Timing alternates the engines: cold, call by call (A on layer l, B on layer
-l, ...); hot, in runs of --hot-run calls (the first of each run, which
-refills the cache after the other engine, not counted). Each timed call is
+Timing alternates the engines (which goes first alternates too): cold, call
+by call on the next layer; hot, in runs of --hot-run calls after one untimed
+call that refills the cache after the other engine. Each timed call is
 preceded by an idle gap (--gap-ms) so neither OpenMP runtime (libapex's and
 torch's are separate) is still spinning on the two cores when the other's
 call starts. Reported: medians; speedup = vllm / apex time.
@@ -206,23 +206,21 @@ def run_case(torch, ops, apex, a, dtype_name, geom, batch, ctx, hot):
             apex_call(l)
             vllm_call(l)
         t_end = time.perf_counter() + a.min_seconds
-        reps = 0
-        while reps < a.reps or (time.perf_counter() < t_end and reps < 20 * a.reps):
+        i = 0
+        while len(ta) < a.samples or time.perf_counter() < t_end:
+            first, second = ((apex_call, ta), (vllm_call, tv)) if i % 2 == 0 else \
+                ((vllm_call, tv), (apex_call, ta))
             if hot:
-                for f, sink in ((apex_call, ta), (vllm_call, tv)) if reps % 2 == 0 else \
-                        ((vllm_call, tv), (apex_call, ta)):
+                for f, sink in (first, second):
                     f(0)  # refill the cache after the other engine
                     for _ in range(a.hot_run):
                         timed(f, 0, sink)
             else:
-                for l in range(layers):
-                    if (reps + l) % 2 == 0:
-                        timed(apex_call, l, ta)
-                        timed(vllm_call, l, tv)
-                    else:
-                        timed(vllm_call, l, tv)
-                        timed(apex_call, l, ta)
-            reps += 1
+                for f, sink in (first, second):
+                    timed(f, i % layers, sink)
+            i += 1
+            if len(ta) >= 20 * a.samples:
+                break
         ma, mv = statistics.median(ta), statistics.median(tv)
         return {
             "kv_dtype": dtype_name, "geometry": geom, "q_heads": HQ, "kv_heads": H,
@@ -250,11 +248,15 @@ def main():
     p.add_argument("--cold-mb", type=int, default=512)
     p.add_argument("--hot-mb", type=int, default=16)
     p.add_argument("--hot-run", type=int, default=5)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=30, help="timed calls per engine, at least")
+    p.add_argument("--min-seconds", type=float, default=0.5)
     p.add_argument("--gap-ms", type=float, default=5.0)
     a = p.parse_args()
     import os
+    # stdout carries the result alone: whatever vLLM, torch or libapex print
+    # (vLLM's logger writes to stdout) goes to stderr until then.
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
     if a.threads <= 0:
         a.threads = len(os.sched_getaffinity(0))
     import torch
@@ -287,6 +289,8 @@ def main():
     head["cases"] = cases
     sp = {c: [r["speedup"] for r in cases if r["cache"] == c] for c in ("cold", "hot")}
     head["summary"] = {f"{c}_min_speedup": min(v) if v else None for c, v in sp.items()}
+    sys.stdout.flush()
+    os.dup2(real_stdout, 1)
     if a.json:
         print(json.dumps(head))
     else:
