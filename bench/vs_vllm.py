@@ -29,6 +29,7 @@ import argparse
 import ctypes as C
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ GEOMS = {  # name: (q heads, kv heads, head_dim)
     "smollm2-135m": (9, 3, 64),
 }
 APEX_DT = {"f32": 0, "f16": 1, "bf16": 2}
+REAL_STDOUT = None  # fd of the real stdout while fd 1 points at stderr
 
 
 def log(*a):
@@ -135,8 +137,10 @@ def run_case(torch, ops, apex, a, dtype_name, geom, batch, ctx, hot):
     scale = D ** -0.5
     isa = vllm_isa(torch, ops, tdt, bt, D)
 
-    # vLLM: its backend's cache shape (2, blocks, kv heads, block, head_dim).
-    v_caches = [torch.zeros(2, n_blocks, H, bt, D, dtype=tdt) for _ in range(layers)]
+    # vLLM: its CPU backend's layer tensor [blocks, kv heads, 2 * block,
+    # head_dim], K rows then V rows per (block, head), split as it does.
+    v_caches = [torch.zeros(n_blocks, H, 2 * bt, D, dtype=tdt).chunk(2, dim=2)
+                for _ in range(layers)]
     # APEX: one region per layer, its block layout, 64-byte aligned.
     a_regions = [torch.zeros(layer_bytes + 64, dtype=torch.uint8) for _ in range(layers)]
     ptrs = (C.c_void_p * layers)(*[((r.data_ptr() + 63) & ~63) for r in a_regions])
@@ -156,7 +160,7 @@ def run_case(torch, ops, apex, a, dtype_name, geom, batch, ctx, hot):
         for l in range(layers):
             k = (torch.rand(batch * ctx, H, D, generator=g) * 2 - 1).to(tdt)
             v = (torch.rand(batch * ctx, H, D, generator=g) * 2 - 1).to(tdt)
-            kc, vc = v_caches[l].unbind(0)
+            kc, vc = v_caches[l]
             call_kw(ops.cpu_attn_reshape_and_cache, key=k, value=v, key_cache=kc, value_cache=vc,
                     slot_mapping=flat_slots, isa=isa, kv_cache_dtype="auto")
             apex.check(apex.lib.apex_paged_kv_write(
@@ -178,13 +182,18 @@ def run_case(torch, ops, apex, a, dtype_name, geom, batch, ctx, hot):
             if st:
                 apex.check(st, "apex_paged_attention")
 
+        # No window: an int -1 in vLLM 0.32, a (left, right) pair elsewhere.
+        sw_ann = str(inspect.signature(ops.cpu_attention_with_kv_cache).parameters.get(
+            "sliding_window", inspect.Parameter("x", inspect.Parameter.KEYWORD_ONLY)).annotation)
+        no_window = (-1, -1) if "tuple" in sw_ann else -1
+
         def vllm_call(l):
-            kc, vc = v_caches[l].unbind(0)
+            kc, vc = v_caches[l]
             call_kw(ops.cpu_attention_with_kv_cache, query=q, key_cache=kc, value_cache=vc,
                     output=out_v, query_start_loc=qsl, seq_lens=lens, scale=scale, causal=True,
-                    alibi_slopes=None, sliding_window=(-1, -1), sliding_window_left=-1,
+                    alibi_slopes=None, sliding_window=no_window, sliding_window_left=-1,
                     sliding_window_right=-1, block_table=table, softcap=0.0,
-                    scheduler_metadata=meta, s_aux=None)
+                    scheduler_metadata=meta, s_aux=None, kv_cache_dtype="auto")
 
         # Same answer first (bf16/f16 outputs: a few units of the last place).
         apex_call(0)
@@ -252,10 +261,10 @@ def main():
     p.add_argument("--min-seconds", type=float, default=0.5)
     p.add_argument("--gap-ms", type=float, default=5.0)
     a = p.parse_args()
-    import os
+    global REAL_STDOUT
     # stdout carries the result alone: whatever vLLM, torch or libapex print
     # (vLLM's logger writes to stdout) goes to stderr until then.
-    real_stdout = os.dup(1)
+    REAL_STDOUT = os.dup(1)
     os.dup2(2, 1)
     if a.threads <= 0:
         a.threads = len(os.sched_getaffinity(0))
@@ -290,7 +299,7 @@ def main():
     sp = {c: [r["speedup"] for r in cases if r["cache"] == c] for c in ("cold", "hot")}
     head["summary"] = {f"{c}_min_speedup": min(v) if v else None for c, v in sp.items()}
     sys.stdout.flush()
-    os.dup2(real_stdout, 1)
+    os.dup2(REAL_STDOUT, 1)
     if a.json:
         print(json.dumps(head))
     else:
@@ -304,4 +313,13 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001 - the trace on stderr, one JSON object on stdout
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        if REAL_STDOUT is not None:
+            os.dup2(REAL_STDOUT, 1)
+        print(json.dumps({"bench": "vs-vllm", "error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)
