@@ -16,14 +16,14 @@ its times include the ABI's checks.
         visited in turn, so each call reads KV from DRAM;
   hot:  one copy re-read; only cases whose KV is <= --hot-mb per engine (it
         then stays in L2/L3 across a run of calls).
-Timing alternates the engines (which goes first alternates too): cold, call
-by call on the next layer; hot, in runs of --hot-run calls after one untimed
-call that refills the cache after the other engine. Each timed call is
-preceded by an idle gap (--gap-ms) so neither OpenMP runtime (libapex's and
-torch's are separate) is still spinning on the two cores when the other's
-call starts. Reported: medians; speedup = vllm / apex time.
+Timing: runs of --run-calls calls of one engine (cold: on successive layers),
+the engines alternating run by run (and which goes first); each run opens
+with --warm-calls untimed calls (they wake its OpenMP team and, hot, refill
+the cache after the other engine) after a --settle-ms pause, so that the
+other runtime's threads (libapex's OpenMP and torch's are separate) have
+stopped spinning on the cores. Reported: medians; speedup = vllm / apex.
 The bandwidth reference (same run, before the cases): torch.sum over a
-1 GiB fp32 tensor with the same threads, best of 5.
+1 GiB fp32 tensor with the same threads, best of 6.
 """
 import argparse
 import ctypes as C
@@ -202,31 +202,29 @@ def run_case(torch, ops, apex, a, dtype_name, geom, batch, ctx, hot):
         if not max_diff <= 2e-2:
             raise RuntimeError(f"outputs differ by {max_diff}")
 
-        gap = a.gap_ms / 1e3
         ta, tv = [], []
-
-        def timed(f, l, sink):
-            time.sleep(gap)
-            t0 = time.perf_counter()
-            f(l)
-            sink.append(time.perf_counter() - t0)
-
         for l in range(layers):  # warm-up: page tables, both OpenMP teams
             apex_call(l)
             vllm_call(l)
+        # Runs of calls per engine, engines alternating (and which goes
+        # first): a settle pause before each run lets the other engine's
+        # OpenMP threads stop spinning, its first --warm-calls are untimed
+        # (they wake the team and, hot, refill the cache).
         t_end = time.perf_counter() + a.min_seconds
+        nxt = 0  # next layer, cold
         i = 0
         while len(ta) < a.samples or time.perf_counter() < t_end:
-            first, second = ((apex_call, ta), (vllm_call, tv)) if i % 2 == 0 else \
+            order = ((apex_call, ta), (vllm_call, tv)) if i % 2 == 0 else \
                 ((vllm_call, tv), (apex_call, ta))
-            if hot:
-                for f, sink in (first, second):
-                    f(0)  # refill the cache after the other engine
-                    for _ in range(a.hot_run):
-                        timed(f, 0, sink)
-            else:
-                for f, sink in (first, second):
-                    timed(f, i % layers, sink)
+            for f, sink in order:
+                time.sleep(a.settle_ms / 1e3)
+                for c in range(a.warm_calls + a.run_calls):
+                    l = 0 if hot else (nxt + c) % layers
+                    t0 = time.perf_counter()
+                    f(l)
+                    if c >= a.warm_calls:
+                        sink.append(time.perf_counter() - t0)
+            nxt = (nxt + a.warm_calls + a.run_calls) % layers
             i += 1
             if len(ta) >= 20 * a.samples:
                 break
@@ -256,10 +254,11 @@ def main():
     p.add_argument("--cache", default="cold,hot")
     p.add_argument("--cold-mb", type=int, default=512)
     p.add_argument("--hot-mb", type=int, default=16)
-    p.add_argument("--hot-run", type=int, default=5)
+    p.add_argument("--run-calls", type=int, default=10, help="timed calls per run")
+    p.add_argument("--warm-calls", type=int, default=2, help="untimed calls opening a run")
+    p.add_argument("--settle-ms", type=float, default=30.0, help="pause before each run")
     p.add_argument("--samples", type=int, default=30, help="timed calls per engine, at least")
     p.add_argument("--min-seconds", type=float, default=0.5)
-    p.add_argument("--gap-ms", type=float, default=5.0)
     a = p.parse_args()
     global REAL_STDOUT
     # stdout carries the result alone: whatever vLLM, torch or libapex print
@@ -276,7 +275,9 @@ def main():
     apex = Apex(a.lib)
     head = {"bench": "vs-vllm", "vllm_version": vllm.__version__, "torch_version": torch.__version__,
             "apex_isa": apex.lib.apex_cpu_isa().decode(), "threads": a.threads,
-            "timing": f"median of alternating calls, {a.gap_ms} ms idle before each",
+            "timing": f"median of runs of {a.run_calls} calls per engine, engines alternating, "
+                      f"{a.warm_calls} untimed calls opening each run, {a.settle_ms} ms pause "
+                      "before each",
             "bandwidth_ref": "torch.sum over 1 GiB fp32, best of 6"}
     head["bandwidth_ref_gbps"] = bandwidth_gbps(torch)
     log(json.dumps(head))
