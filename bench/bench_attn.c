@@ -74,7 +74,7 @@ static void usage(FILE *f) {
             "--iters caps the timed iterations (default: as many as fit in\n"
             "--min-seconds, 0.5, at least 5). KV memory comes from the host pool's\n"
             "allocator (transparent huge pages); --small-pages uses 4 KiB pages.\n"
-            "APEX_ISA=avx512|avx2|scalar\n"
+            "APEX_ISA=avx512bf16|avx512|avx2|scalar\n"
             "picks the kernel.\n");
 }
 

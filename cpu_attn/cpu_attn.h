@@ -14,7 +14,7 @@
  *                       so one long sequence uses every thread; each item
  *                       produces a partial (max, sum, acc) merged by
  *                       log-sum-exp; inner loops dispatched once at start to
- *                       AVX-512(+BF16) / AVX2+FMA+F16C / scalar.
+ *                       AVX512-BF16 / AVX-512 / AVX2+FMA+F16C / scalar.
  */
 #ifndef APEX_CPU_ATTN_H
 #define APEX_CPU_ATTN_H
@@ -55,7 +55,10 @@ typedef struct cpu_attn_batch {
 typedef enum cpu_attn_isa {
     CPU_ATTN_ISA_SCALAR = 0,
     CPU_ATTN_ISA_AVX2 = 1,
-    CPU_ATTN_ISA_AVX512 = 2
+    CPU_ATTN_ISA_AVX512 = 2,
+    /* AVX512 + AVX512-BF16: bf16 KV dotted with vdpbf16ps (q and P rounded
+     * to bf16, fp32 accumulation); f16/f32 KV as avx512. */
+    CPU_ATTN_ISA_AVX512BF16 = 3
 } cpu_attn_isa;
 
 /* The variant picked from cpuid (or APEX_ISA), decided once, thread-safe. */

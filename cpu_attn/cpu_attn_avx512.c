@@ -1,106 +1,23 @@
 /* AVX-512 inner kernel (F/BW/VL/DQ; BF16 only for bf16 output, behind a
  * runtime check). Built with AVX-512 flags; run only where cpuid says so.
- *
- * Per span, tokens go in groups of >= 64 (whole blocks). For each group:
+ * The span driver (groups, prefetch, online softmax) is avx512_span.h's;
+ * this file's two stages:
  *  QK  tiles of TT tokens x HT heads (TT*HT <= 16 accumulators), q from L1,
- *      K converted once per tile; the 16 accumulators are summed by one
- *      transpose-reduce into one vector of 16 scores.
- *  softmax  per head: max, rescale of the running sums if it grew, a
- *      polynomial exp over the row of scores.
+ *      K converted to fp32 once per tile; the 16 accumulators are summed by
+ *      one transpose-reduce into one vector of 16 scores.
  *  PV  per KV head and 16-wide slice of head_dim over the whole group, all
  *      q heads' accumulators in registers, V converted once per (token,
- *      slice), p broadcast from memory.
- * The next group's K is prefetched during this group's QK and its V during
- * the PV, a few lines between tiles, since blocks are scattered and the
- * hardware prefetcher cannot guess the next one; without it the kernel ran
- * at about half the speed, and with the lines issued in bursts (or one
- * cursor step per line) about 20% slower than now. */
+ *      slice), p broadcast from memory. */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
+#include "cpu_attn/avx512_span.h"
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/dtype_convert.h"
 #include "cpu_attn/simd_avx512.h"
 
 #define INL static inline __attribute__((always_inline))
-/* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
- * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
-#define PF_HINT _MM_HINT_T1
-
-/* ---------------------------------------------------------------- prefetch */
-
-/* A piece of a group: rows [off / rowb, + n) of one block, whose scores
- * sit at column so of the score rows. */
-typedef struct {
-    const uint8_t *blk;
-    size_t off;
-    int n, so;
-} piece;
-
-/* Lines to prefetch: one contiguous run... */
-typedef struct {
-    const char *p;
-    int left;
-} pf_run;
-
-INL void pf_run_some(pf_run *r, int lines) {
-    if (lines > r->left) lines = r->left;
-    for (int i = 0; i < lines; i++) _mm_prefetch(r->p + (size_t)i * 64, PF_HINT);
-    r->p += (size_t)lines * 64;
-    r->left -= lines;
-}
-
-/* ...and the K (or V) rows of every head of a group's pieces, in address
- * order (a whole block's K heads are one run), handed out a few lines at a
- * time between the tiles of the current group: issued in one burst they
- * stall the core when the miss queue fills, and a per-line cursor costs as
- * much as the prefetches save. */
-typedef struct {
-    const cpu_attn_span *sp;
-    const piece *p;
-    size_t panel_off, rowb;
-    int np, x, hh;
-    pf_run r;
-} pf_list;
-
-static pf_run piece_lines(const cpu_attn_span *sp, const piece *p, size_t panel_off, int hh,
-                          size_t rowb) {
-    const uintptr_t a = (uintptr_t)(p->blk + panel_off + (size_t)hh * sp->panel + p->off);
-    const uintptr_t b = a + (size_t)p->n * rowb;
-    const uintptr_t a0 = a & ~(uintptr_t)63;
-    return (pf_run){(const char *)a0, (int)((((b + 63) & ~(uintptr_t)63) - a0) / 64)};
-}
-
-/* Returns the number of lines in the list. */
-static int pf_list_init(pf_list *l, const cpu_attn_span *sp, const piece *p, int np,
-                        size_t panel_off, size_t rowb) {
-    *l = (pf_list){sp, p, panel_off, rowb, np, 0, 0, {NULL, 0}};
-    int total = 0;
-    for (int x = 0; x < np; x++)
-        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], panel_off, hh, rowb).left;
-    if (np > 0) l->r = piece_lines(sp, &p[0], panel_off, 0, rowb);
-    return total;
-}
-
-INL void pf_list_some(pf_list *l, int lines) {
-    while (lines > 0 && l->r.left > 0) {
-        const int take = lines < l->r.left ? lines : l->r.left;
-        pf_run_some(&l->r, take);
-        lines -= take;
-        if (l->r.left == 0) {
-            if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
-            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->panel_off, l->hh, l->rowb);
-        }
-    }
-}
-
-/* A share of a call's lines: *left of them, split evenly over parts. */
-INL void pf_share(pf_list *l, int *left, int per) {
-    const int take = per < *left ? per : *left;
-    pf_list_some(l, take);
-    *left -= take;
-}
 
 /* ---------------------------------------------------------------- QK */
 
@@ -150,13 +67,6 @@ static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n
 }
 
 /* ---------------------------------------------------------------- PV */
-
-/* One piece of a group: n rows of one block's V panel, their probabilities
- * at column so of the score rows. */
-typedef struct {
-    const uint8_t *v;
-    int n, so;
-} pv_piece;
 
 /* acc[h][c..c+16) += sum_t p[h][t] v[t][c..c+16) for HP heads, all pieces,
  * a share of the prefetch list after each. */
@@ -209,119 +119,30 @@ static void pv_group(const pv_piece *pc, int npc, size_t rowb, const float *s, f
 
 /* ---------------------------------------------------------------- span */
 
-static int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_t rowb, piece *pc) {
-    int npc = 0;
-    for (int32_t t = gs; t < ge;) {
-        const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
-        pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
-        pc[npc].off = (size_t)(t % sp->bt) * rowb;
-        pc[npc].n = e - t;
-        pc[npc++].so = t - gs;
-        t = e;
-    }
-    return npc;
+typedef struct {
+    const float *q; /* [NH*G][D], prescaled */
+    int D, G, dt;
+    size_t rowb;
+} fma_ctx;
+
+static void qk_fma(const void *ctx, int hh, const uint8_t *k, int n, float *s, pf_list *pf,
+                   int pf_lines) {
+    const fma_ctx *c = ctx;
+    qk_block(c->q + (size_t)hh * c->G * c->D, c->D, k, c->rowb, n, s, c->dt, c->G, pf, pf_lines);
 }
 
-static void span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
-    const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt, dt = (int)sp->kv_dtype;
-    const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
-    /* Group: whole blocks, at most 256 KiB of K+V (stays in L2 between QK
-     * and PV) and 64 tokens, or one block if blocks are bigger. */
-    const size_t tok_bytes = 2 * (size_t)NH * rowb;
-    int32_t nblk = (int32_t)(262144 / ((size_t)bt * tok_bytes));
-    if (nblk > CPU_ATTN_GROUP_TOKENS / bt) nblk = CPU_ATTN_GROUP_TOKENS / bt;
-    if (nblk < 1) nblk = 1;
-    const int32_t gt = nblk * bt;
-    float *sc = scratch + CPU_ATTN_SPAD; /* row h at sc + h*SROW, pad either side */
-    for (int h = 0; h < NQ; h++) m[h] = -INFINITY, l[h] = 0.0f;
-    memset(acc, 0, (size_t)NQ * (size_t)D * sizeof(float));
-    const float cap = sp->softcap;
-    const __m512 capv = _mm512_set1_ps(cap), inv_capv = _mm512_set1_ps(cap > 0.0f ? 1.0f / cap : 0.0f);
-    piece pieces[2][CPU_ATTN_GROUP_TOKENS / 8 + 1];
-    int cur = 0;
-    int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
-    if (ge > sp->t1) ge = sp->t1;
-    int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
-    {
-        pf_list k, v;
-        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
-        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
-    }
+static void pv_fma(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p, float *acc,
+                   pf_list *pf, int pf_lines) {
+    const fma_ctx *c = ctx;
+    (void)hh;
+    pv_group(pc, npc, c->rowb, p, acc, c->D, c->dt, c->G, pf, pf_lines);
+}
 
-    while (gs < sp->t1) {
-        const piece *pc = pieces[cur];
-        const int n = ge - gs;
-        /* The next group's K lines are prefetched during this one's QK,
-         * its V lines during the PV, in address order; one group ahead is
-         * 256 KiB, what L2 holds beside this one. */
-        const int32_t ns = ge, ne = ns + gt < sp->t1 ? ns + gt : sp->t1;
-        piece *pn = pieces[cur ^ 1];
-        const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pn) : 0;
-        pf_list pfk, pfv;
-        const int k_lines = pf_list_init(&pfk, sp, pn, npn, sp->k_off, rowb);
-        const int v_lines = pf_list_init(&pfv, sp, pn, npn, sp->v_off, rowb);
-        const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
-
-        for (int x = 0; x < npc; x++)
-            for (int hh = 0; hh < NH; hh++)
-                qk_block(sp->q + (size_t)hh * G * D, D,
-                         pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, rowb, pc[x].n,
-                         sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, dt, G, &pfk, k_per);
-        pf_list_some(&pfk, k_lines);
-
-        const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
-        for (int h = 0; h < NQ; h++) {
-            float *row = sc + (size_t)h * CPU_ATTN_SROW;
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
-            int j = 0;
-            for (; j < n; j += 16) {
-                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
-                __m512 x = _mm512_maskz_loadu_ps(k, row + j);
-                if (cap > 0.0f) {
-                    x = _mm512_mul_ps(capv, avx512_tanh16(_mm512_mul_ps(x, inv_capv)));
-                    _mm512_mask_storeu_ps(row + j, k, x);
-                }
-                vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-            }
-            const float mx = _mm512_reduce_max_ps(vmax);
-            if (mx > m[h]) {
-                /* The running max grew: rescale what was summed so far. */
-                const float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - mx);
-                l[h] *= alpha;
-                const __m512 av = _mm512_set1_ps(alpha);
-                float *ah = acc + (size_t)h * D;
-                for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(ah + d, _mm512_mul_ps(av, _mm512_loadu_ps(ah + d)));
-                m[h] = mx;
-            }
-            const __m512 mv = _mm512_set1_ps(m[h]);
-            __m512 vsum = _mm512_setzero_ps();
-            for (j = 0; j < n; j += 16) {
-                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
-                const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
-                _mm512_mask_storeu_ps(row + j, k, p);
-                vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
-            }
-            l[h] += _mm512_reduce_add_ps(vsum);
-        }
-
-        /* Per KV head, all pieces of the group at once: the accumulators
-         * stay in registers over the group's tokens. */
-        const int v_per = (v_lines + NH - 1) / NH;
-        for (int hh = 0; hh < NH; hh++) {
-            pv_piece all[CPU_ATTN_GROUP_TOKENS / 8 + 1];
-            for (int x = 0; x < npc; x++)
-                all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
-                                    pc[x].n, pc[x].so};
-            pv_group(all, npc, rowb, sc + (size_t)hh * G * CPU_ATTN_SROW, acc + (size_t)hh * G * D,
-                     D, dt, G, &pfv, v_per);
-        }
-        pf_list_some(&pfv, v_lines);
-        gs = ns;
-        ge = ne;
-        npc = npn;
-        cur ^= 1;
-    }
+/* Also the avx512bf16 kernel's path for f16 and f32 KV. */
+void cpu_attn_span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
+    const fma_ctx c = {sp->q, sp->D, sp->G, (int)sp->kv_dtype,
+                       (size_t)sp->D * apex_dtype_size(sp->kv_dtype)};
+    avx512_span_run(sp, m, l, acc, scratch, qk_fma, pv_fma, &c);
 }
 
 /* ---------------------------------------------------------------- store */
@@ -336,7 +157,8 @@ __attribute__((target("avx512bf16"))) static void store_bf16_native(uint16_t *o,
     for (; i < n; i++) o[i] = apex_f32_to_bf16(src[i] * mul);
 }
 
-static void store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n) {
+/* Also the avx512bf16 kernel's store. */
+void cpu_attn_store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n) {
     const __m512 mv = _mm512_set1_ps(mul);
     int32_t i = 0;
     if (dt == APEX_DTYPE_F32) {
@@ -354,4 +176,15 @@ static void store_avx512(void *out, apex_dtype dt, const float *src, float mul, 
     for (; i < n; i++) apex_store_f32(out, dt, (size_t)i, src[i] * mul);
 }
 
-const cpu_attn_kernel cpu_attn_kernel_avx512 = {span_avx512, store_avx512};
+/* Also the avx512bf16 kernel's q load. */
+void cpu_attn_load_avx512(float *dst, const void *src, apex_dtype dt, size_t n, float mul) {
+    const __m512 mv = _mm512_set1_ps(mul);
+    const size_t esz = apex_dtype_size(dt);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(avx512_ld16((const uint8_t *)src + i * esz, dt), mv));
+    for (; i < n; i++) dst[i] = apex_load_f32(src, dt, i) * mul;
+}
+
+const cpu_attn_kernel cpu_attn_kernel_avx512 = {cpu_attn_span_avx512, cpu_attn_store_avx512,
+                                                cpu_attn_load_avx512, 0};

@@ -30,7 +30,10 @@
 #define CPU_ATTN_SROW (CPU_ATTN_MAX_BT + 2 * CPU_ATTN_SPAD)
 
 typedef struct cpu_attn_span {
-    const float *q;          /* [NH*G][D] fp32, already multiplied by scale  */
+    const float *q;          /* [NH*G][D] fp32, multiplied by the softmax
+                              * scale unless the kernel takes raw q (below) */
+    float q_scale;           /* scores are q.k * q_scale: 1, or the softmax
+                              * scale where q is raw                         */
     const uint8_t *kv;       /* layer slab                                   */
     const int32_t *blocks;   /* the sequence's block ids                     */
     size_t block_bytes;
@@ -45,9 +48,10 @@ typedef struct cpu_attn_span {
 } cpu_attn_span;
 
 /* Floats of per-thread scratch a kernel's span() needs for nq = NH*G q
- * heads (64-byte aligned). */
+ * heads (64-byte aligned): score rows, then (avx512bf16) the same rows of
+ * P in bf16 and q in bf16 padded to a multiple of 32 columns. */
 static inline size_t cpu_attn_scratch_floats(int32_t nq, int32_t D) {
-    return (size_t)nq * CPU_ATTN_SROW + (size_t)D + 64;
+    return (size_t)nq * CPU_ATTN_SROW * 3 / 2 + (size_t)nq * ((size_t)D + 32) / 2 + (size_t)D + 64;
 }
 
 typedef struct cpu_attn_kernel {
@@ -58,11 +62,22 @@ typedef struct cpu_attn_kernel {
                  float *scratch);
     /* out[i] = src[i] * mul, i < n, stored as dt. */
     void (*store)(void *out, apex_dtype dt, const float *src, float mul, int32_t n);
+    /* dst[i] = src[i] * mul, i < n, src of type dt (q rows into fp32);
+     * NULL: a plain loop. */
+    void (*load)(float *dst, const void *src, apex_dtype dt, size_t n, float mul);
+    /* Nonzero: for bf16 KV, span() takes q unscaled (its bf16 rounding is
+     * then exact for bf16 q) and applies q_scale to the scores itself. */
+    int raw_q_bf16_kv;
 } cpu_attn_kernel;
 
 extern const cpu_attn_kernel cpu_attn_kernel_scalar;
 extern const cpu_attn_kernel cpu_attn_kernel_avx2;
 extern const cpu_attn_kernel cpu_attn_kernel_avx512;
+extern const cpu_attn_kernel cpu_attn_kernel_avx512bf16;
+/* The avx512 kernel's stages, which avx512bf16 reuses for f16/f32 KV. */
+void cpu_attn_span_avx512(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch);
+void cpu_attn_store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n);
+void cpu_attn_load_avx512(float *dst, const void *src, apex_dtype dt, size_t n, float mul);
 /* Whether the CPU has AVX512-BF16 (the avx512 kernel uses it for bf16 out). */
 int cpu_attn_have_avx512bf16(void);
 

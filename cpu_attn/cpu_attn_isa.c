@@ -60,6 +60,7 @@ static int supported(cpu_attn_isa isa) {
     case CPU_ATTN_ISA_SCALAR: return 1;
     case CPU_ATTN_ISA_AVX2: return c.avx2;
     case CPU_ATTN_ISA_AVX512: return c.avx512;
+    case CPU_ATTN_ISA_AVX512BF16: return c.avx512 && c.avx512bf16;
     }
     return 0;
 }
@@ -70,6 +71,7 @@ int cpu_attn_have_avx512bf16(void) { return caps().avx512bf16; }
 static _Atomic int selected = -1;
 
 static cpu_attn_isa best(void) {
+    if (supported(CPU_ATTN_ISA_AVX512BF16)) return CPU_ATTN_ISA_AVX512BF16;
     if (supported(CPU_ATTN_ISA_AVX512)) return CPU_ATTN_ISA_AVX512;
     if (supported(CPU_ATTN_ISA_AVX2)) return CPU_ATTN_ISA_AVX2;
     return CPU_ATTN_ISA_SCALAR;
@@ -80,11 +82,12 @@ static cpu_attn_isa decide(void) {
     const char *env = getenv("APEX_ISA");
     if (env && *env) {
         cpu_attn_isa want;
-        if (!strcmp(env, "avx512")) want = CPU_ATTN_ISA_AVX512;
+        if (!strcmp(env, "avx512bf16")) want = CPU_ATTN_ISA_AVX512BF16;
+        else if (!strcmp(env, "avx512")) want = CPU_ATTN_ISA_AVX512;
         else if (!strcmp(env, "avx2")) want = CPU_ATTN_ISA_AVX2;
         else if (!strcmp(env, "scalar")) want = CPU_ATTN_ISA_SCALAR;
         else {
-            fprintf(stderr, "apex: APEX_ISA=%s is not avx512|avx2|scalar; using %s\n", env,
+            fprintf(stderr, "apex: APEX_ISA=%s is not avx512bf16|avx512|avx2|scalar; using %s\n", env,
                     cpu_attn_isa_name(pick));
             return pick;
         }
@@ -109,12 +112,14 @@ const char *cpu_attn_isa_name(cpu_attn_isa isa) {
     case CPU_ATTN_ISA_SCALAR: return "scalar";
     case CPU_ATTN_ISA_AVX2: return "avx2";
     case CPU_ATTN_ISA_AVX512: return "avx512";
+    case CPU_ATTN_ISA_AVX512BF16: return "avx512bf16";
     }
     return "unknown";
 }
 
 int cpu_attn_isa_force(cpu_attn_isa isa) {
-    if (isa != CPU_ATTN_ISA_SCALAR && isa != CPU_ATTN_ISA_AVX2 && isa != CPU_ATTN_ISA_AVX512)
+    if (isa != CPU_ATTN_ISA_SCALAR && isa != CPU_ATTN_ISA_AVX2 && isa != CPU_ATTN_ISA_AVX512 &&
+        isa != CPU_ATTN_ISA_AVX512BF16)
         return -1;
     if (!supported(isa)) return -1;
     atomic_store_explicit(&selected, (int)isa, memory_order_release);
@@ -123,6 +128,7 @@ int cpu_attn_isa_force(cpu_attn_isa isa) {
 
 const cpu_attn_kernel *cpu_attn_kernel_get(cpu_attn_isa isa) {
     switch (isa) {
+    case CPU_ATTN_ISA_AVX512BF16: return &cpu_attn_kernel_avx512bf16;
     case CPU_ATTN_ISA_AVX512: return &cpu_attn_kernel_avx512;
     case CPU_ATTN_ISA_AVX2: return &cpu_attn_kernel_avx2;
     default: return &cpu_attn_kernel_scalar;

@@ -356,7 +356,8 @@ static void test_version_and_isa(void **state) {
     assert_int_equal(apex_abi_version(), APEX_ABI_VERSION);
     assert_string_equal(apex_version(), APEX_VERSION_STRING);
     const char *isa = apex_cpu_isa();
-    assert_true(!strcmp(isa, "avx512") || !strcmp(isa, "avx2") || !strcmp(isa, "scalar"));
+    assert_true(!strcmp(isa, "avx512bf16") || !strcmp(isa, "avx512") || !strcmp(isa, "avx2") ||
+                !strcmp(isa, "scalar"));
     assert_string_equal(apex_status_name(APEX_ERR_OUT_OF_BLOCKS), "APEX_ERR_OUT_OF_BLOCKS");
     apex_config c = small_config();
     c.device_blocks = 10; /* no GPU tier here: host mode, device tier empty */

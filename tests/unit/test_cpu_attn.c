@@ -9,7 +9,17 @@
  *              exp (~1e-7 relative) against the double reference;
  *   rtol fp32 0, fp16 2^-10, bf16 2^-7: one unit of the output type's
  *              rounding (the kernel and the reference may round to either
- *              side of a midpoint). */
+ *              side of a midpoint).
+ * The avx512bf16 variant on bf16 KV rounds P (and q, when q is not bf16)
+ * to bf16 before its dot products, as a GPU flash-attention kernel rounds
+ * P before P.V; it is held to that rounding's bound on top (bf16_extra):
+ *   P: each weight p_t is off by <= 2^-9 p_t while the sum l is exact, so
+ *      |sum (p~ - p) v| / l <= 2^-9 max|v|;
+ *   q: each score moves by <= D = 2^-9 scale sum_d |q_d k_d| (softcap only
+ *      shrinks it), which moves each normalised weight by a factor within
+ *      e^(+-2D): the output moves by <= max|v| (e^(2D) - 1).
+ * Both are bounds, reached only by short rows (a few tokens, a window);
+ * the worst error seen is printed by test_grid. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -50,10 +60,30 @@ typedef struct {
     float softcap;
     int32_t window;
     float q_mag; /* scales q: large values make the softmax peaky */
+    int few_threads; /* 1 and 2 threads only (the sweep covers 3) */
 } tcase;
 
+/* The bound above for one case: V in [-1, 1], K in [-1, 1]. */
+static double bf16_extra(const tcase *c, const void *q) {
+    double qmax = 0.0;
+    if (c->q != APEX_DTYPE_BF16) {
+        const size_t rows = (size_t)c->n_seqs * (size_t)c->hq;
+        for (size_t r = 0; r < rows; r++) {
+            double l1 = 0.0;
+            for (int32_t d = 0; d < c->d; d++) l1 += fabs(apex_load_f32(q, c->q, r * c->d + d));
+            if (l1 > qmax) qmax = l1;
+        }
+    }
+    const double dmax = ldexp(1.0, -9) * qmax / sqrt((double)c->d);
+    return ldexp(1.0, -9) + expm1(2.0 * dmax);
+}
+
 static int n_isas;
-static cpu_attn_isa isas[3];
+static cpu_attn_isa isas[4];
+
+/* Largest fp32-output error of the avx512bf16 variant on bf16 KV with bf16
+ * q (P's rounding alone). */
+static double worst_bf16;
 
 /* Builds the case (blocks in shuffled order), runs the reference and the
  * kernel under every ISA and thread count, asserts the tolerance. */
@@ -104,9 +134,12 @@ static void run_case(const tcase *c, double *worst) {
     cpu_attn_ws *ws = cpu_attn_ws_create(&g, c->n_seqs, max_len, 3);
     assert_non_null(ws);
     static const int32_t threads[] = {1, 2, 3};
+    const int n_threads = c->few_threads ? 2 : 3;
     for (int k = 0; k < n_isas; k++) {
         assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
-        for (int ti = 0; ti < 3; ti++) {
+        const int bf = isas[k] == CPU_ATTN_ISA_AVX512BF16 && c->kv == APEX_DTYPE_BF16;
+        const double extra = bf ? bf16_extra(c, q) : 0.0;
+        for (int ti = 0; ti < n_threads; ti++) {
             memset(out, 0xff, n_q * 4); /* NaN everywhere: every output must be written */
             assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
             double err = 0.0;
@@ -114,7 +147,7 @@ static void run_case(const tcase *c, double *worst) {
             for (size_t x = 0; x < n_q; x++) {
                 double r = ref[x], v = apex_load_f32(out, c->out, x);
                 double e = fabs(v - r);
-                if (!(e <= ATOL + rtol(c->out) * fabs(r)) && bad == SIZE_MAX) bad = x;
+                if (!(e <= ATOL + extra + rtol(c->out) * fabs(r)) && bad == SIZE_MAX) bad = x;
                 if (!(e <= err)) err = e;
             }
             if (bad != SIZE_MAX) {
@@ -126,7 +159,9 @@ static void run_case(const tcase *c, double *worst) {
                         apex_load_f32(out, c->out, bad));
                 fail();
             }
-            if (c->out == APEX_DTYPE_F32 && worst && err > *worst) *worst = err;
+            if (c->out == APEX_DTYPE_F32 && worst && !bf && err > *worst) *worst = err;
+            if (c->out == APEX_DTYPE_F32 && bf && c->q == APEX_DTYPE_BF16 && err > worst_bf16)
+                worst_bf16 = err;
         }
     }
     cpu_attn_ws_destroy(ws);
@@ -194,7 +229,8 @@ static void test_isa_dispatch(void **state) {
     (void)state;
     cpu_attn_isa sel = cpu_attn_isa_selected();
     assert_true(sel == CPU_ATTN_ISA_SCALAR || sel == CPU_ATTN_ISA_AVX2 ||
-                sel == CPU_ATTN_ISA_AVX512);
+                sel == CPU_ATTN_ISA_AVX512 || sel == CPU_ATTN_ISA_AVX512BF16);
+    assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX512BF16), "avx512bf16");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX512), "avx512");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX2), "avx2");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_SCALAR), "scalar");
@@ -234,6 +270,35 @@ static void test_sweep(void **state) {
     fprintf(stderr, "sweep: %d cases, worst fp32 abs error %.3g\n", n, worst);
 }
 
+/* The wide grid: GQA 1-16, every head_dim, blocks 8-256, ragged lengths
+ * (partial first and last blocks), windows and soft-caps rotating, every
+ * kv dtype (bf16 twice as often: it has its own variant). */
+static void test_grid(void **state) {
+    (void)state;
+    static const int32_t lens[] = {1, 300, 77, 640, 129};
+    static const int32_t gqa[][2] = {{1, 2}, {2, 2}, {4, 2}, {8, 1}, {16, 1}}; /* {G, hkv} */
+    static const int32_t dims[] = {64, 80, 96, 128, 256};
+    static const int32_t bts[] = {8, 64, 128, 256};
+    static const int32_t windows[] = {0, 0, 50, 333};
+    static const float caps[] = {0.0f, 0.0f, 0.0f, 30.0f, 5.0f};
+    static const apex_dtype kvs[] = {APEX_DTYPE_BF16, APEX_DTYPE_F16, APEX_DTYPE_BF16, APEX_DTYPE_F32};
+    double worst = 0.0;
+    int n = 0;
+    for (int gi = 0; gi < 5; gi++)
+        for (int di = 0; di < 5; di++)
+            for (int bi = 0; bi < 4; bi++, n++) {
+                tcase c = {
+                    .hq = gqa[gi][0] * gqa[gi][1], .hkv = gqa[gi][1], .d = dims[di], .bt = bts[bi],
+                    .kv = kvs[n % 4], .q = (apex_dtype)((n / 4) % 3), .out = APEX_DTYPE_F32,
+                    .n_seqs = 5, .lens = lens, .softcap = caps[n % 5], .window = windows[n % 4],
+                    .q_mag = n % 3 == 0 ? 8.0f : 1.0f, .few_threads = 1,
+                };
+                run_case(&c, &worst);
+            }
+    fprintf(stderr, "grid: %d cases, worst fp32 abs error %.3g (avx512bf16, bf16 KV and q: %.3g)\n", n,
+            worst, worst_bf16);
+}
+
 /* Longer sequences, a peaky softmax whose max moves, chunked over threads. */
 static void test_long(void **state) {
     (void)state;
@@ -241,13 +306,13 @@ static void test_long(void **state) {
     static const int32_t lens_b[] = {4099, 2048, 1};
     double worst = 0.0;
     tcase a = {32, 8, 128, 16, APEX_DTYPE_F16, APEX_DTYPE_F32, APEX_DTYPE_F32, 3, lens_a,
-               0.0f, 0, 4.0f};
+               0.0f, 0, 4.0f, 0};
     run_case(&a, &worst);
     tcase b = {8, 1, 64, 32, APEX_DTYPE_BF16, APEX_DTYPE_BF16, APEX_DTYPE_F32, 3, lens_b,
-               0.0f, 0, 20.0f};
+               0.0f, 0, 20.0f, 0};
     run_case(&b, &worst);
     tcase c = {7, 1, 256, 8, APEX_DTYPE_F32, APEX_DTYPE_F16, APEX_DTYPE_F32, 3, lens_b,
-               0.0f, 0, 1.0f};
+               0.0f, 0, 1.0f, 0};
     run_case(&c, &worst);
     fprintf(stderr, "long: worst fp32 abs error %.3g\n", worst);
 }
@@ -267,7 +332,7 @@ static void test_window_softcap(void **state) {
             const int32_t *gg = geo[n % 4];
             tcase c = {gg[0], gg[1], gg[2], n % 2 ? 16 : 32, (apex_dtype)(n % 3),
                        (apex_dtype)((n / 3) % 3), APEX_DTYPE_F32, 6, lens, caps[ci], windows[wi],
-                       n % 2 ? 10.0f : 1.0f};
+                       n % 2 ? 10.0f : 1.0f, 0};
             run_case(&c, &worst);
         }
     fprintf(stderr, "window/softcap: %d cases, worst fp32 abs error %.3g\n", n, worst);
@@ -287,12 +352,34 @@ static void test_workspace(void **state) {
     cpu_attn_ws_destroy(NULL);
 }
 
+/* With APEX_ISA_EXPECT set (ctest runs this binary so, beside APEX_ISA):
+ * the variant chosen at start-up must be the expected one where the CPU
+ * has it, else the best one it has (APEX_ISA naming a missing or unknown
+ * variant falls back). Returns the process status. */
+static int check_isa_env(const char *expect) {
+    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_AVX512BF16, CPU_ATTN_ISA_AVX512,
+                                       CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_SCALAR};
+    const char *sel = cpu_attn_isa_name(cpu_attn_isa_selected()); /* decided from APEX_ISA */
+    const char *want = NULL, *best = NULL;
+    for (int k = 0; k < 4; k++) {
+        if (cpu_attn_isa_force(all[k])) continue; /* the CPU lacks it */
+        if (!best) best = cpu_attn_isa_name(all[k]);
+        if (!strcmp(expect, cpu_attn_isa_name(all[k]))) want = expect;
+    }
+    if (!want) want = best;
+    fprintf(stderr, "APEX_ISA=%s: selected %s, expected %s\n", getenv("APEX_ISA"), sel, want);
+    return strcmp(sel, want) != 0;
+}
+
 int main(void) {
     rng_state = 0x5eed;
+    const char *expect = getenv("APEX_ISA_EXPECT");
+    if (expect) return check_isa_env(expect);
     /* Variants this CPU runs; forcing each is part of the test. */
-    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512};
+    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512,
+                                       CPU_ATTN_ISA_AVX512BF16};
     cpu_attn_isa sel = cpu_attn_isa_selected();
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         if (cpu_attn_isa_force(all[k]) == 0) isas[n_isas++] = all[k];
     cpu_attn_isa_force(sel);
     fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);
@@ -300,6 +387,7 @@ int main(void) {
         cmocka_unit_test(test_reference_hand),
         cmocka_unit_test(test_isa_dispatch),
         cmocka_unit_test(test_sweep),
+        cmocka_unit_test(test_grid),
         cmocka_unit_test(test_long),
         cmocka_unit_test(test_window_softcap),
         cmocka_unit_test(test_workspace),

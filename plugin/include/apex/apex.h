@@ -169,8 +169,9 @@ APEX_API apex_status apex_context_config(const apex_context *ctx,
                                          apex_config *out);
 APEX_API int apex_context_host_mode(const apex_context *ctx);
 
-/* Name of the CPU kernel variant in use: "avx512", "avx2" or "scalar".
- * Chosen once from cpuid; APEX_ISA=avx512|avx2|scalar forces one. */
+/* Name of the CPU kernel variant in use: "avx512bf16", "avx512", "avx2" or
+ * "scalar". Chosen once from cpuid; APEX_ISA=avx512bf16|avx512|avx2|scalar
+ * forces one. */
 APEX_API const char *apex_cpu_isa(void);
 
 /* What this build accepts, for engines to ask instead of keeping lists

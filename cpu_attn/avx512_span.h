@@ -1,0 +1,262 @@
+/*
+ * avx512_span.h - the span driver both AVX-512 paged kernels share
+ * (cpu_attn_avx512.c: fp32 FMA on converted K/V; cpu_attn_avx512bf16.c:
+ * vdpbf16ps on bf16 K/V). Include only from a file compiled with AVX-512
+ * flags. The driver owns the token groups, the software prefetch of the
+ * next group and the online softmax; the including kernel supplies the two
+ * dot-product stages (QK, PV) as callbacks with its own context.
+ *
+ * Per span, tokens go in groups of >= 64 (whole blocks). For each group:
+ *  QK  the kernel's qk() per (piece, KV head) writes scores into rows of
+ *      CPU_ATTN_SROW floats, one row per q head.
+ *  softmax  per head: max, rescale of the running sums if it grew, a
+ *      polynomial exp over the row of scores (the row then holds P).
+ *  PV  the kernel's pv() per KV head over all pieces of the group.
+ * The next group's K is prefetched during this group's QK and its V during
+ * the PV, a few lines between tiles, since blocks are scattered and the
+ * hardware prefetcher cannot guess the next one; without it the kernel ran
+ * at about half the speed, and with the lines issued in bursts (or one
+ * cursor step per line) about 20% slower than now.
+ */
+#ifndef APEX_AVX512_SPAN_H
+#define APEX_AVX512_SPAN_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "cpu_attn/cpu_attn_impl.h"
+#include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/simd_avx512.h"
+
+#define SPAN_INL static inline __attribute__((always_inline))
+/* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
+ * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
+#define SPAN_PF_HINT _MM_HINT_T1
+/* Pieces of one group: a group of <= 64 tokens spans at most 64/8 + 1
+ * blocks (a group starting mid-block). */
+#define SPAN_MAX_PIECES (CPU_ATTN_GROUP_TOKENS / 8 + 1)
+
+/* ---------------------------------------------------------------- prefetch */
+
+/* A piece of a group: rows [off / rowb, + n) of one block, whose scores
+ * sit at column so of the score rows. */
+typedef struct {
+    const uint8_t *blk;
+    size_t off;
+    int n, so;
+} span_piece;
+
+/* Lines to prefetch: one contiguous run... */
+typedef struct {
+    const char *p;
+    int left;
+} pf_run;
+
+SPAN_INL void pf_run_some(pf_run *r, int lines) {
+    if (lines > r->left) lines = r->left;
+    for (int i = 0; i < lines; i++) _mm_prefetch(r->p + (size_t)i * 64, SPAN_PF_HINT);
+    r->p += (size_t)lines * 64;
+    r->left -= lines;
+}
+
+/* ...and the K (or V) rows of every head of a group's pieces, in address
+ * order (a whole block's K heads are one run), handed out a few lines at a
+ * time between the tiles of the current group: issued in one burst they
+ * stall the core when the miss queue fills, and a per-line cursor costs as
+ * much as the prefetches save. */
+typedef struct {
+    const cpu_attn_span *sp;
+    const span_piece *p;
+    size_t panel_off, rowb;
+    int np, x, hh;
+    pf_run r;
+} pf_list;
+
+static inline pf_run piece_lines(const cpu_attn_span *sp, const span_piece *p, size_t panel_off,
+                                 int hh, size_t rowb) {
+    const uintptr_t a = (uintptr_t)(p->blk + panel_off + (size_t)hh * sp->panel + p->off);
+    const uintptr_t b = a + (size_t)p->n * rowb;
+    const uintptr_t a0 = a & ~(uintptr_t)63;
+    return (pf_run){(const char *)a0, (int)((((b + 63) & ~(uintptr_t)63) - a0) / 64)};
+}
+
+/* Returns the number of lines in the list. */
+static inline int pf_list_init(pf_list *l, const cpu_attn_span *sp, const span_piece *p, int np,
+                               size_t panel_off, size_t rowb) {
+    *l = (pf_list){sp, p, panel_off, rowb, np, 0, 0, {NULL, 0}};
+    int total = 0;
+    for (int x = 0; x < np; x++)
+        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], panel_off, hh, rowb).left;
+    if (np > 0) l->r = piece_lines(sp, &p[0], panel_off, 0, rowb);
+    return total;
+}
+
+SPAN_INL void pf_list_some(pf_list *l, int lines) {
+    while (lines > 0 && l->r.left > 0) {
+        const int take = lines < l->r.left ? lines : l->r.left;
+        pf_run_some(&l->r, take);
+        lines -= take;
+        if (l->r.left == 0) {
+            if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
+            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->panel_off, l->hh, l->rowb);
+        }
+    }
+}
+
+/* A share of a call's lines: *left of them, split evenly over parts. */
+SPAN_INL void pf_share(pf_list *l, int *left, int per) {
+    const int take = per < *left ? per : *left;
+    pf_list_some(l, take);
+    *left -= take;
+}
+
+/* ---------------------------------------------------------------- driver */
+
+/* One piece of a group for PV: n rows of one block's V panel (one KV
+ * head), their probabilities at column so of the P rows. */
+typedef struct {
+    const uint8_t *v;
+    int n, so;
+} pv_piece;
+
+/* Scores of n rows of K (one block panel of KV head hh, rows rowb apart)
+ * for the head's G q heads: s[g * CPU_ATTN_SROW + j]; pf_lines of pf
+ * handed out between tiles. */
+typedef void (*span_qk_fn)(const void *ctx, int hh, const uint8_t *k, int n, float *s,
+                           pf_list *pf, int pf_lines);
+/* acc[g][D] of KV head hh's G q heads += P (rows p, stride CPU_ATTN_SROW)
+ * times V over the pieces of one group. */
+typedef void (*span_pv_fn)(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                           float *acc, pf_list *pf, int pf_lines);
+
+static inline int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_t rowb,
+                               span_piece *pc) {
+    int npc = 0;
+    for (int32_t t = gs; t < ge;) {
+        const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
+        pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
+        pc[npc].off = (size_t)(t % sp->bt) * rowb;
+        pc[npc].n = e - t;
+        pc[npc++].so = t - gs;
+        t = e;
+    }
+    return npc;
+}
+
+/* Online softmax over the span (see cpu_attn_kernel.span); scratch holds
+ * the NH*G score rows first (the kernel may use what follows). */
+SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float *acc,
+                              float *scratch, span_qk_fn qk, span_pv_fn pv, const void *ctx) {
+    const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt;
+    const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
+    /* Group: whole blocks, at most 256 KiB of K+V (stays in L2 between QK
+     * and PV) and 64 tokens, or one block if blocks are bigger; a block
+     * bigger than 256 KiB (block 128 of 8 heads x 128 x bf16: 512 KiB) is
+     * cut into groups of a multiple of 16 rows that fit: a whole one, with
+     * the next one prefetched beside it, filled Zen 4's 1 MiB L2 and ran
+     * 15-20% slower from DRAM. */
+    const size_t tok_bytes = 2 * (size_t)NH * rowb;
+    const int32_t fit = (int32_t)(262144 / tok_bytes);
+    int32_t gt;
+    if (bt > fit) {
+        gt = fit / 16 * 16;
+        if (gt < 16) gt = 16;
+    } else {
+        int32_t nblk = fit / bt;
+        if (nblk > CPU_ATTN_GROUP_TOKENS / bt) nblk = CPU_ATTN_GROUP_TOKENS / bt;
+        if (nblk < 1) nblk = 1;
+        gt = nblk * bt;
+    }
+    float *sc = scratch + CPU_ATTN_SPAD; /* row h at sc + h*SROW, pad either side */
+    for (int h = 0; h < NQ; h++) m[h] = -INFINITY, l[h] = 0.0f;
+    memset(acc, 0, (size_t)NQ * (size_t)D * sizeof(float));
+    const float cap = sp->softcap;
+    const __m512 capv = _mm512_set1_ps(cap), inv_capv = _mm512_set1_ps(cap > 0.0f ? 1.0f / cap : 0.0f);
+    span_piece pieces[2][SPAN_MAX_PIECES];
+    int cur = 0;
+    int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
+    if (ge > sp->t1) ge = sp->t1;
+    int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
+    {
+        pf_list k, v;
+        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
+        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
+    }
+
+    while (gs < sp->t1) {
+        const span_piece *pc = pieces[cur];
+        const int n = ge - gs;
+        /* The next group's K lines are prefetched during this one's QK,
+         * its V lines during the PV, in address order; one group ahead is
+         * 256 KiB, what L2 holds beside this one. */
+        const int32_t ns = ge, ne = ns + gt < sp->t1 ? ns + gt : sp->t1;
+        span_piece *pn = pieces[cur ^ 1];
+        const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pn) : 0;
+        pf_list pfk, pfv;
+        const int k_lines = pf_list_init(&pfk, sp, pn, npn, sp->k_off, rowb);
+        const int v_lines = pf_list_init(&pfv, sp, pn, npn, sp->v_off, rowb);
+        const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
+
+        for (int x = 0; x < npc; x++)
+            for (int hh = 0; hh < NH; hh++)
+                qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, pc[x].n,
+                   sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
+        pf_list_some(&pfk, k_lines);
+
+        const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
+        for (int h = 0; h < NQ; h++) {
+            float *row = sc + (size_t)h * CPU_ATTN_SROW;
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            int j = 0;
+            for (; j < n; j += 16) {
+                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                __m512 x = _mm512_maskz_loadu_ps(k, row + j);
+                if (cap > 0.0f) {
+                    x = _mm512_mul_ps(capv, avx512_tanh16(_mm512_mul_ps(x, inv_capv)));
+                    _mm512_mask_storeu_ps(row + j, k, x);
+                }
+                vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+            }
+            const float mx = _mm512_reduce_max_ps(vmax);
+            if (mx > m[h]) {
+                /* The running max grew: rescale what was summed so far. */
+                const float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - mx);
+                l[h] *= alpha;
+                const __m512 av = _mm512_set1_ps(alpha);
+                float *ah = acc + (size_t)h * D;
+                for (int d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(ah + d, _mm512_mul_ps(av, _mm512_loadu_ps(ah + d)));
+                m[h] = mx;
+            }
+            const __m512 mv = _mm512_set1_ps(m[h]);
+            __m512 vsum = _mm512_setzero_ps();
+            for (j = 0; j < n; j += 16) {
+                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
+                _mm512_mask_storeu_ps(row + j, k, p);
+                vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+            }
+            l[h] += _mm512_reduce_add_ps(vsum);
+        }
+
+        /* Per KV head, all pieces of the group at once: the accumulators
+         * stay in registers over the group's tokens. */
+        const int v_per = (v_lines + NH - 1) / NH;
+        for (int hh = 0; hh < NH; hh++) {
+            pv_piece all[SPAN_MAX_PIECES];
+            for (int x = 0; x < npc; x++)
+                all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
+                                    pc[x].n, pc[x].so};
+            pv(ctx, hh, all, npc, sc + (size_t)hh * G * CPU_ATTN_SROW, acc + (size_t)hh * G * D,
+               &pfv, v_per);
+        }
+        pf_list_some(&pfv, v_lines);
+        gs = ns;
+        ge = ne;
+        npc = npn;
+        cur ^= 1;
+    }
+}
+
+#endif /* APEX_AVX512_SPAN_H */

@@ -1,0 +1,276 @@
+/* AVX512-BF16 inner kernel for bf16 KV (f16 and f32 KV take the avx512
+ * kernel's path). Built with AVX-512 + AVX512-BF16 flags; run only where
+ * cpuid reports both.
+ *
+ * vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes in
+ * one instruction, where the avx512 kernel needs a widen, a shift and an
+ * FMA per 16 elements: on Zen 4 that was the compute ceiling (about 0.65
+ * of the DRAM bandwidth on two cores).
+ *  QK  q is rounded to bf16 once per span (exact when q came as bf16, as
+ *      from a bf16 model; q is passed unscaled and the scale applied to the
+ *      fp32 scores), K is read as is, 32 columns per instruction; tiles of
+ *      TT tokens x HT heads as in the avx512 kernel.
+ *  PV  P is rounded to bf16 (as a GPU flash-attention kernel does before
+ *      its P.V product; the softmax sum l stays fp32 over unrounded P).
+ *      vdpbf16ps sums adjacent pairs, so two V rows are interleaved
+ *      (unpacklo/hi) and multiplied by the broadcast pair (p_t, p_t+1):
+ *      each accumulator lane gets one column of two tokens. The interleave
+ *      permutes the columns; they are put back once per group.
+ * The span driver (groups, prefetch, online softmax) is avx512_span.h's. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "cpu_attn/avx512_span.h"
+#include "cpu_attn/cpu_attn_impl.h"
+#include "cpu_attn/simd_avx512.h"
+
+#define INL static inline __attribute__((always_inline))
+/* Stride of the bf16 P rows, in elements: the score rows'. */
+#define PROW CPU_ATTN_SROW
+
+typedef struct {
+    const uint16_t *q; /* [NH*G][Dq] bf16, unscaled, zero past D      */
+    uint16_t *p;       /* [G][PROW] bf16 P of the KV head in PV       */
+    int D, Dq, G;
+    size_t rowb;
+    float scale;
+} bf_ctx;
+
+INL __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+
+/* ---------------------------------------------------------------- QK */
+
+/* s[h * SROW + j] = scale * q[h] . k[j] for TT rows x HT heads, 32
+ * columns per vdpbf16ps; a head_dim of 16 mod 32 ends with a 16-column
+ * step (K masked, q zero-padded). */
+INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
+                    float scale, int TT, int HT) {
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 32 <= D; c += 32) {
+        __m512bh qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++) qv[h] = as_bh(_mm512_loadu_si512(q + (size_t)h * Dq + c));
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m512bh kv = as_bh(_mm512_loadu_si512(k + (size_t)j * rowb + (size_t)c * 2));
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_dpbf16_ps(a[h * TT + j], qv[h], kv);
+        }
+    }
+    if (c < D) {
+        __m512bh qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++) qv[h] = as_bh(_mm512_loadu_si512(q + (size_t)h * Dq + c));
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m512bh kv =
+                as_bh(_mm512_maskz_loadu_epi16(0xffff, k + (size_t)j * rowb + (size_t)c * 2));
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_dpbf16_ps(a[h * TT + j], qv[h], kv);
+        }
+    }
+    const __m512 r = _mm512_mul_ps(avx512_hsum16(a, TT * HT), _mm512_set1_ps(scale));
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
+                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+INL void bf_qk_rows(const bf_ctx *cx, const uint16_t *q, const uint8_t *k, int n, float *s, int HT,
+                    pf_list *pf, int pf_lines) {
+    const int TT = 16 / HT, tiles = (n + TT - 1) / TT, per = (pf_lines + tiles - 1) / tiles;
+    int j = 0, left = pf_lines;
+    for (; j + TT <= n; j += TT) {
+        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, TT, HT);
+        pf_share(pf, &left, per);
+    }
+    for (; j < n; j++)
+        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, 1, HT);
+    pf_list_some(pf, left);
+}
+
+static void qk_bf16(const void *ctx, int hh, const uint8_t *k, int n, float *s, pf_list *pf,
+                    int pf_lines) {
+    const bf_ctx *cx = ctx;
+    for (int h0 = 0; h0 < cx->G; h0 += 8) {
+        const int HT = cx->G - h0 < 8 ? cx->G - h0 : 8;
+        const uint16_t *q = cx->q + ((size_t)hh * cx->G + (size_t)h0) * cx->Dq;
+        float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
+        switch (HT) {
+        case 1: bf_qk_rows(cx, q, k, n, sh, 1, pf, pf_lines); break;
+        case 2: bf_qk_rows(cx, q, k, n, sh, 2, pf, pf_lines); break;
+        case 3: bf_qk_rows(cx, q, k, n, sh, 3, pf, pf_lines); break;
+        case 4: bf_qk_rows(cx, q, k, n, sh, 4, pf, pf_lines); break;
+        case 5: bf_qk_rows(cx, q, k, n, sh, 5, pf, pf_lines); break;
+        case 6: bf_qk_rows(cx, q, k, n, sh, 6, pf, pf_lines); break;
+        case 7: bf_qk_rows(cx, q, k, n, sh, 7, pf, pf_lines); break;
+        default: bf_qk_rows(cx, q, k, n, sh, 8, pf, pf_lines); break;
+        }
+        pf_lines = 0;
+    }
+}
+
+/* ---------------------------------------------------------------- PV */
+
+/* Independent token-pair sets, so that >= 8 accumulators (vdpbf16ps
+ * latency 6 on Zen 4) are in flight: each head has two (lo, hi). */
+INL int bf_pv_sets(int HP) { return HP >= 4 ? 1 : HP >= 2 ? 2 : 4; }
+
+INL uint32_t ld_pair(const uint16_t *p) {
+    uint32_t x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+/* 32 columns (16 if half) of one V row as bf16. */
+INL __m512i ld_vrow(const uint8_t *v, int half) {
+    return half ? _mm512_maskz_loadu_epi16(0xffff, v) : _mm512_loadu_si512(v);
+}
+
+/* a[(u * HP + h) * 2 + {0, 1}] += the pair products of the n rows of one
+ * run (v at the slice's first column), P at p (row h at h * PROW); pairs
+ * go to set u round-robin, the tail pair to set 0, an odd last row pairs
+ * with a zero row and p = 0. */
+INL void bf_pv_run(__m512 *a, const uint8_t *v, size_t rowb, int n, const uint16_t *p, int HP,
+                   int NS, int half) {
+    int t = 0;
+    for (; t + 2 * NS <= n; t += 2 * NS) {
+#pragma GCC unroll 4
+        for (int u = 0; u < NS; u++) {
+            const uint8_t *r = v + (size_t)(t + 2 * u) * rowb;
+            const __m512i v0 = ld_vrow(r, half), v1 = ld_vrow(r + rowb, half);
+            const __m512bh lo = as_bh(_mm512_unpacklo_epi16(v0, v1));
+            const __m512bh hi = as_bh(_mm512_unpackhi_epi16(v0, v1));
+#pragma GCC unroll 8
+            for (int h = 0; h < HP; h++) {
+                const __m512bh pp =
+                    as_bh(_mm512_set1_epi32((int)ld_pair(p + (size_t)h * PROW + t + 2 * u)));
+                a[(u * HP + h) * 2] = _mm512_dpbf16_ps(a[(u * HP + h) * 2], lo, pp);
+                a[(u * HP + h) * 2 + 1] = _mm512_dpbf16_ps(a[(u * HP + h) * 2 + 1], hi, pp);
+            }
+        }
+    }
+    for (; t < n; t += 2) {
+        const uint8_t *r = v + (size_t)t * rowb;
+        const int two = t + 1 < n;
+        const __m512i v0 = ld_vrow(r, half), v1 = two ? ld_vrow(r + rowb, half) : _mm512_setzero_si512();
+        const __m512bh lo = as_bh(_mm512_unpacklo_epi16(v0, v1));
+        const __m512bh hi = as_bh(_mm512_unpackhi_epi16(v0, v1));
+#pragma GCC unroll 8
+        for (int h = 0; h < HP; h++) {
+            const uint16_t *ph = p + (size_t)h * PROW + t;
+            const __m512bh pp = as_bh(_mm512_set1_epi32((int)(two ? ld_pair(ph) : (uint32_t)ph[0])));
+            a[h * 2] = _mm512_dpbf16_ps(a[h * 2], lo, pp);
+            a[h * 2 + 1] = _mm512_dpbf16_ps(a[h * 2 + 1], hi, pp);
+        }
+    }
+}
+
+/* acc[h][c..c+32) (c..c+16 if half) += P.V for HP heads over all pieces,
+ * a share of the prefetch list after each. The lo accumulator holds
+ * columns {0-3, 8-11, 16-19, 24-27} of the slice, hi the others. */
+INL void bf_pv_slice(const pv_piece *pc, int npc, size_t rowb, const uint16_t *p, float *acc,
+                     int D, int c, int HP, int half, pf_list *pf, int *pf_left, int pf_per) {
+    const int NS = bf_pv_sets(HP);
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * NS * HP; i++) a[i] = _mm512_setzero_ps();
+    /* Runs of at most 16 rows (whole pairs) with a share of the prefetch
+     * list after each: spread that thin, a bf16 slice's fewer, faster
+     * steps keep the prefetches ahead as the fp32 kernel's do. */
+    for (int x = 0; x < npc; x++)
+        for (int r0 = 0; r0 < pc[x].n; r0 += 16) {
+            const int n = pc[x].n - r0 < 16 ? pc[x].n - r0 : 16;
+            bf_pv_run(a, pc[x].v + (size_t)r0 * rowb + (size_t)c * 2, rowb, n, p + pc[x].so + r0,
+                      HP, NS, half);
+            pf_share(pf, pf_left, pf_per);
+        }
+    const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i idx1 =
+        _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 8
+    for (int h = 0; h < HP; h++) {
+        __m512 lo = a[h * 2], hi = a[h * 2 + 1];
+#pragma GCC unroll 4
+        for (int u = 1; u < NS; u++) {
+            lo = _mm512_add_ps(lo, a[(u * HP + h) * 2]);
+            hi = _mm512_add_ps(hi, a[(u * HP + h) * 2 + 1]);
+        }
+        float *o = acc + (size_t)h * D + c;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_permutex2var_ps(lo, idx0, hi)));
+        if (!half)
+            _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16),
+                                                    _mm512_permutex2var_ps(lo, idx1, hi)));
+    }
+}
+
+INL void bf_pv_heads(const bf_ctx *cx, const pv_piece *pc, int npc, const uint16_t *p, float *acc,
+                     int HP, pf_list *pf, int pf_lines) {
+    int runs = 0;
+    for (int x = 0; x < npc; x++) runs += (pc[x].n + 15) / 16;
+    const int D = cx->D, parts = (D + 31) / 32 * runs, per = (pf_lines + parts - 1) / parts;
+    int left = pf_lines, c = 0;
+    for (; c + 32 <= D; c += 32) bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, 0, pf, &left, per);
+    if (c < D) bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, 1, pf, &left, per);
+    pf_list_some(pf, left);
+}
+
+static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                    float *acc, pf_list *pf, int pf_lines) {
+    const bf_ctx *cx = ctx;
+    (void)hh;
+    /* This KV head's P rows to bf16 (round to nearest even). */
+    const int n = pc[npc - 1].so + pc[npc - 1].n;
+    const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
+    for (int h = 0; h < cx->G; h++)
+        for (int j = 0; j < n; j += 16) {
+            const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, p + (size_t)h * CPU_ATTN_SROW + j));
+            _mm256_mask_storeu_epi16(cx->p + (size_t)h * PROW + j, k, (__m256i)b);
+        }
+    for (int h0 = 0; h0 < cx->G; h0 += 8) {
+        const int HP = cx->G - h0 < 8 ? cx->G - h0 : 8;
+        const uint16_t *ph = cx->p + (size_t)h0 * PROW;
+        float *ah = acc + (size_t)h0 * cx->D;
+        switch (HP) {
+        case 1: bf_pv_heads(cx, pc, npc, ph, ah, 1, pf, pf_lines); break;
+        case 2: bf_pv_heads(cx, pc, npc, ph, ah, 2, pf, pf_lines); break;
+        case 3: bf_pv_heads(cx, pc, npc, ph, ah, 3, pf, pf_lines); break;
+        case 4: bf_pv_heads(cx, pc, npc, ph, ah, 4, pf, pf_lines); break;
+        case 5: bf_pv_heads(cx, pc, npc, ph, ah, 5, pf, pf_lines); break;
+        case 6: bf_pv_heads(cx, pc, npc, ph, ah, 6, pf, pf_lines); break;
+        case 7: bf_pv_heads(cx, pc, npc, ph, ah, 7, pf, pf_lines); break;
+        default: bf_pv_heads(cx, pc, npc, ph, ah, 8, pf, pf_lines); break;
+        }
+        pf_lines = 0;
+    }
+}
+
+/* ---------------------------------------------------------------- span */
+
+static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *acc,
+                            float *scratch) {
+    if (sp->kv_dtype != APEX_DTYPE_BF16) {
+        cpu_attn_span_avx512(sp, m, l, acc, scratch);
+        return;
+    }
+    const int NQ = sp->NH * sp->G, D = sp->D, Dq = (D + 31) & ~31;
+    /* Scratch: the driver's score rows, then P and q in bf16 (64-byte
+     * aligned: SROW floats are a multiple of 64 bytes). */
+    uint16_t *pb = (uint16_t *)(scratch + (size_t)NQ * CPU_ATTN_SROW);
+    uint16_t *qb = pb + (size_t)NQ * PROW;
+    for (int h = 0; h < NQ; h++)
+        for (int c = 0; c < Dq; c += 16) {
+            const __m256i v = c < D ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sp->q + (size_t)h * D + c))
+                                    : _mm256_setzero_si256();
+            _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
+        }
+    const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale};
+    avx512_span_run(sp, m, l, acc, scratch, qk_bf16, pv_bf16, &cx);
+}
+
+const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,
+                                                    cpu_attn_load_avx512, 1};
