@@ -30,6 +30,7 @@
 #include "csrc/cpu_workers.h"
 #include "csrc/host_mem.h"
 #include "shim/ggml_apex.h"
+#include "shim/ggml_apex_metrics.h"
 #include "shim/ggml_apex_tier.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -357,7 +358,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
      * device). */
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
-    int n_plan = 0;
+    int n_plan = 0, tier_failed = 0;
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
     if (n_plan) gpu_tier_start(tier);
@@ -370,6 +371,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         if (gpu_out) memcpy(gpu_out, op->data, ggml_nbytes(op));
         if (!tier_ok || gpu_out) ok = run_streams(&d, gpu, 1, n_threads) && ok;
         if (!tier_ok) memset(gpu, 0, sizeof gpu);
+        tier_failed = !tier_ok;
         if (gpu_out) {
             float worst = 0.0f;
             for (int32_t j = 0; j < d.n_streams; j++) {
@@ -388,12 +390,16 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         }
     }
     if (!ok) {
+        pthread_mutex_lock(&g_lock);
+        g_stats.errors++;
+        pthread_mutex_unlock(&g_lock);
         fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
         return GGML_STATUS_FAILED;
     }
     const double dt = now_s() - t0;
     pthread_mutex_lock(&g_lock);
     g_stats.attention_calls++;
+    g_stats.tier_fallbacks += (uint64_t)tier_failed;
     g_stats.attention_kv_in_pool += (uint64_t)(in_pool(k) && in_pool(v));
     g_stats.attention_seconds += dt;
     g_stats.n_threads = n_threads;
@@ -954,6 +960,7 @@ static void init_reg(void) {
     g_reg.api_version = GGML_BACKEND_API_VERSION;
     g_reg.iface = g_reg_iface;
     g_reg.context = NULL;
+    ggml_apex_metrics_start(apex_ggml_stats_get);
 }
 
 ggml_backend_reg_t ggml_apex_reg(void) {
@@ -988,6 +995,7 @@ void apex_ggml_stats_get(apex_ggml_stats *out) {
 
 /* At exit: where each sequence's attention ran, and the counters as JSON. */
 __attribute__((destructor)) static void report(void) {
+    ggml_apex_metrics_stop(); /* its last write: the final counters */
     apex_ggml_stats s;
     apex_ggml_stats_get(&s);
     const char *path = getenv("APEX_STATS_FILE");
