@@ -56,6 +56,9 @@ static int exact_mode(void) {
     return g_exact;
 }
 static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
+/* llama.cpp asked for the KV cache's buffer type (the patch's hook): an
+ * unpatched build never does, and APEX says so when it takes over. */
+static int g_kv_hook_asked;
 
 /* KV in an APEX_Hybrid buffer (a GPU build): the engine's reference is its
  * GPU kernel, not ggml-cpu, so APEX's CPU side runs fp32 math unless
@@ -251,6 +254,10 @@ static int supports_fa(const struct ggml_tensor *op) {
                 : exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
                                  "stay on ggml-cpu)"
                                : "fp32 mode (APEX_GGML_EXACT=0)");
+    if (first && !g_kv_hook_asked)
+        fprintf(stderr, "APEX: this llama.cpp never asked the backends for its KV cache's buffer type (built without "
+                        "APEX's patch, integration/llama_cpp/llama-kv-cache-buft-hook.patch?): the KV cache stays "
+                        "in llama.cpp's buffers, where APEX reads and writes it\n");
     return 1;
 }
 
@@ -887,6 +894,7 @@ static struct ggml_backend_buffer_type g_kv_hybrid_buft = {.iface = KV_BUFT_IFAC
 static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_t buft, enum ggml_type type_k,
                                                        enum ggml_type type_v, int64_t n_embd_head_k,
                                                        int64_t n_embd_head_v, bool v_trans) {
+    g_kv_hook_asked = 1;
     if (ops_mask() == 0) return NULL; /* APEX_GGML_DISABLE=1 / APEX_GGML_OPS=none */
     if (!kv_pool_enabled()) {
         const int first = first_time(&g_logged_kv_off);
