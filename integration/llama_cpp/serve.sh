@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     --host) host=$2; shift 2 ;;
     --ctx-size|-c) ctx=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "apex serve: unknown option $1 (see ./apex serve --help)" >&2; exit 2 ;;
   esac
 done
