@@ -49,7 +49,8 @@ def prompts():
     short = ["Hi!", "What is 2+2?", "Name three colors.", "Write a haiku about the sea.",
              "Explain in one sentence what a compiler does."]
     out = [[{"role": "user", "content": s}] for s in short]
-    for k, words in enumerate((30, 60, 120, 200, 300, 450, 600, 800, 1000, 1200, 1400)):
+    # Mostly short (a test pass must stay short on 2 cores), one of about 2k tokens.
+    for k, words in enumerate((10, 20, 30, 45, 60, 80, 110, 150, 220, 320, 1400)):
         text = _filler(words, k)
         out.append([{"role": "system", "content": "You are a concise assistant."},
                     {"role": "user", "content": f"{text}\n\nIn one sentence, what are these notes about?"}])
@@ -197,7 +198,7 @@ def main():
     c = sub.add_parser("chat")
     c.add_argument("url")
     c.add_argument("--concurrency", type=int, default=16)
-    c.add_argument("--max-tokens", type=int, default=32)
+    c.add_argument("--max-tokens", type=int, default=16)
     c.add_argument("--seed", type=int, default=1234)
     c.add_argument("--only", default="")
     p = sub.add_parser("probe")
