@@ -242,6 +242,7 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
         ctx->cfg.device_blocks = 0;
     }
     cpu_workers_pin(&ctx->workers);
+    if (apex_metrics_sink_open(&ctx->metrics, "an apex_context")) context_metrics_tick(ctx, 1);
     *out = ctx;
     return APEX_OK;
 fail:
@@ -251,6 +252,8 @@ fail:
 
 void context_destroy(apex_context *ctx) {
     if (!ctx) return;
+    context_metrics_tick(ctx, 1); /* the final figures */
+    apex_metrics_sink_close(&ctx->metrics);
     pipeline_destroy(ctx);
     if (ctx->dev) unpin_host_pool(ctx);
     step_sched_destroy(&ctx->sched);
@@ -263,6 +266,36 @@ void context_destroy(apex_context *ctx) {
     if (ctx->dev) ctx->dev->iface->destroy(ctx->dev);
     cpu_workers_destroy(&ctx->workers);
     free(ctx);
+}
+
+void context_metrics_tick(apex_context *ctx, int force) {
+    if (!ctx->metrics.path[0] || (!force && !apex_metrics_due(&ctx->metrics))) return;
+    apex_metrics m;
+    apex_metrics_init(&m, "libapex");
+    const apex_stats *s = &ctx->stats;
+    m.attention_calls = s->attention_calls;
+    m.kv_rows_written = s->kv_rows_written;
+    m.seq_attentions[APEX_TIER_DEVICE] = s->seqs_attended_device;
+    m.seq_attentions[APEX_TIER_HOST] = s->seqs_attended_host;
+    m.migrations[APEX_TIER_DEVICE] = s->migrations[APEX_TIER_DEVICE];
+    m.migrations[APEX_TIER_HOST] = s->migrations[APEX_TIER_HOST];
+    m.fallbacks = ctx->fallbacks;
+    m.errors = s->errors;
+    m.attention_seconds = s->attention_seconds;
+    int64_t seqs[2] = {0, 0};
+    for (int32_t i = 0; i < ctx->seqs.max_seqs; i++)
+        if (ctx->seqs.seqs[i].active) seqs[ctx->seqs.seqs[i].tier]++;
+    /* An engine that owns its block tables (apex_paged_claim: no sequence,
+     * no free block) keeps its sequences to itself. */
+    int claimed = ctx->seqs.n_active == 0 && ctx->pools[0].n_free == 0 && ctx->pools[1].n_free == 0 &&
+                  ctx->pools[0].n_blocks + ctx->pools[1].n_blocks > 0;
+    for (int t = 0; t < 2; t++) {
+        m.blocks_free[t] = ctx->pools[t].n_free;
+        m.blocks_used[t] = ctx->pools[t].n_blocks - ctx->pools[t].n_free;
+        m.kv_bytes[t] = (int64_t)ctx->pools[t].n_blocks * (int64_t)ctx->block_bytes * ctx->cfg.n_layers;
+        m.seqs[t] = claimed ? -1 : seqs[t];
+    }
+    apex_metrics_tick(&ctx->metrics, &m, 1);
 }
 
 /* Converts count elements from (src, st) to (dst, dt). */

@@ -11,6 +11,7 @@
 #include "csrc/block_pool.h"
 #include "csrc/cpu_workers.h"
 #include "csrc/device.h"
+#include "csrc/metrics.h"
 #include "csrc/pipeline.h"
 #include "csrc/seq_table.h"
 #include "csrc/step_sched.h"
@@ -33,6 +34,8 @@ struct apex_context {
     int32_t *batch_table;       /* [max_batch][max_blocks_per_seq]         */
     apex_stats stats;           /* counters; pool figures filled on read   */
     step_sched sched;           /* the step scheduler, once enabled        */
+    uint64_t fallbacks;         /* mixed-tier sequences gathered to the CPU */
+    apex_metrics_sink metrics;  /* APEX_METRICS_FILE (csrc/metrics.h)      */
 };
 
 apex_status context_create(const apex_config *cfg, apex_context **out);
@@ -42,6 +45,9 @@ apex_status context_create(const apex_config *cfg, apex_context **out);
 apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv,
                               apex_context **out);
 void context_destroy(apex_context *ctx);
+/* Rewrites APEX_METRICS_FILE from the context's counters when a second has
+ * passed since the last write (force: now). Called after attention calls. */
+void context_metrics_tick(apex_context *ctx, int force);
 
 /* Stores n K/V rows at pool slots (block * block_tokens + offset) of a
  * host-tier layer, converting from src. */

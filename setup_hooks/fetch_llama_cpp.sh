@@ -5,13 +5,15 @@
 # Applies APEX's one patch to llama.cpp (integration/llama_cpp/
 # llama-kv-cache-buft-hook.patch: lets a backend supply the KV cache's buffer
 # type; see integration/llama_cpp/README.md), idempotently.
-# Rebuilds only when the build is missing or its configuration or the patch
-# changed (then incrementally: the patched file and the links).
+# Rebuilds only when the build is missing, a wanted target is not built yet,
+# or the configuration or the patch changed (then incrementally: the patched
+# file, the new targets and the links).
 #   APEX_LLAMA_CUDA=1        CUDA build (build-cuda/ instead of build/): for the
 #                            archs in APEX_CUDA_ARCHS (default 90) and a portable
 #                            AVX2 CPU part, so it can be built on a machine without
 #                            a GPU and run on another
-#   APEX_LLAMA_TARGETS="..." extra targets (e.g. "llama-server llama-cli")
+#   APEX_LLAMA_TARGETS="..." extra targets (llama, llama-batched, llama-bench,
+#                            llama-simple, llama-server and llama-cli always)
 #   JOBS                     parallel build jobs (default 2)
 # Prints the build directory on the last line of stdout.
 set -euo pipefail
@@ -100,22 +102,43 @@ else
   BUILD=$ROOT/build
   extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON)
 fi
-targets=(llama llama-batched llama-bench llama-simple ${APEX_LLAMA_TARGETS:-})
+targets=(llama llama-batched llama-bench llama-simple llama-server llama-cli ${APEX_LLAMA_TARGETS:-})
+# LLAMA_USE_PREBUILT_UI=OFF: llama-server's web page is not fetched from the
+# network at build time (its API, all APEX needs, is the same without it).
 cfg=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
      -DGGML_BACKEND_DL=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF
      -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
      "${extra[@]}")
-stamp="${cfg[*]} | ${targets[*]} | patch $PATCH_SHA"
-if [ -f "$BUILD/.apex-complete" ] && [ "$(cat "$BUILD/.apex-complete")" = "$stamp" ]; then
+# The stamp: line 1 the configuration and the patch, line 2 the targets built
+# with them. Complete when line 1 matches and every wanted target was built
+# (and its file is there); otherwise build the union, incrementally.
+key="${cfg[*]} | patch $PATCH_SHA"
+built=()
+if [ -f "$BUILD/.apex-complete" ] && [ "$(sed -n 1p "$BUILD/.apex-complete")" = "$key" ]; then
+  read -r -a built <<<"$(sed -n 2p "$BUILD/.apex-complete")"
+fi
+target_file() { # the file a target makes
+  case $1 in
+    llama|ggml|ggml-base|ggml-cpu) echo "$BUILD/bin/lib$1.so" ;;
+    *) echo "$BUILD/bin/$1" ;;
+  esac
+}
+missing=()
+for t in "${targets[@]}"; do
+  if [[ " ${built[*]} " != *" $t "* ]] || [ ! -e "$(target_file "$t")" ]; then missing+=("$t"); fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
   echo "$BUILD"
   exit 0
 fi
-log "building llama.cpp $LLAMA_PY_VERSION in $BUILD (${targets[*]}; -j$JOBS; a few minutes)"
+for t in "${built[@]}"; do [[ " ${targets[*]} " == *" $t "* ]] || targets+=("$t"); done
+log "building llama.cpp $LLAMA_PY_VERSION in $BUILD (${missing[*]} missing or stale; -j$JOBS; a few minutes)"
 rm -f "$BUILD/.apex-complete"
 cmake -S "$SRC" -B "$BUILD" "${cfg[@]}" >"$ROOT/cmake-configure.log" 2>&1 \
   || { tail -20 "$ROOT/cmake-configure.log" >&2; die "configuring llama.cpp failed (log: $ROOT/cmake-configure.log)"; }
 cmake --build "$BUILD" -j"$JOBS" --target "${targets[@]}" >"$ROOT/cmake-build.log" 2>&1 \
   || { tail -30 "$ROOT/cmake-build.log" >&2; die "building llama.cpp failed (log: $ROOT/cmake-build.log)"; }
-echo "$stamp" >"$BUILD/.apex-complete"
+printf '%s\n%s\n' "$key" "${targets[*]}" >"$BUILD/.apex-complete"
 log "llama.cpp built: $BUILD/bin"
 echo "$BUILD"

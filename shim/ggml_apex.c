@@ -30,6 +30,7 @@
 #include "csrc/cpu_workers.h"
 #include "csrc/host_mem.h"
 #include "shim/ggml_apex.h"
+#include "shim/ggml_apex_metrics.h"
 #include "shim/ggml_apex_tier.h"
 #include "shim/ggml_apex_trace.h"
 
@@ -57,6 +58,9 @@ static int exact_mode(void) {
     return g_exact;
 }
 static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
+/* llama.cpp asked for the KV cache's buffer type (the patch's hook): an
+ * unpatched build never does, and APEX says so when it takes over. */
+static int g_kv_hook_asked;
 
 /* KV in an APEX_Hybrid buffer (a GPU build): the engine's reference is its
  * GPU kernel, not ggml-cpu, so APEX's CPU side runs fp32 math unless
@@ -252,6 +256,10 @@ static int supports_fa(const struct ggml_tensor *op) {
                 : exact_mode() ? "exact mode (ggml-cpu's rounding; prefill ubatches of >= 64 tokens per sequence "
                                  "stay on ggml-cpu)"
                                : "fp32 mode (APEX_GGML_EXACT=0)");
+    if (first && !g_kv_hook_asked)
+        fprintf(stderr, "APEX: this llama.cpp never asked the backends for its KV cache's buffer type (built without "
+                        "APEX's patch, integration/llama_cpp/llama-kv-cache-buft-hook.patch?): the KV cache stays "
+                        "in llama.cpp's buffers, where APEX reads and writes it\n");
     return 1;
 }
 
@@ -368,7 +376,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
      * device). */
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
-    int n_plan = 0;
+    int n_plan = 0, tier_failed = 0;
     const int layer = kv_layer(k);
     SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: plan", layer);
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && tier_of(v) == tier)
@@ -390,6 +398,7 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         if (gpu_out) memcpy(gpu_out, op->data, ggml_nbytes(op));
         if (!tier_ok || gpu_out) ok = run_streams(&d, gpu, 1, n_threads) && ok;
         if (!tier_ok) memset(gpu, 0, sizeof gpu);
+        tier_failed = !tier_ok;
         if (gpu_out) {
             float worst = 0.0f;
             for (int32_t j = 0; j < d.n_streams; j++) {
@@ -408,12 +417,16 @@ static enum ggml_status run_fa(struct ggml_tensor *op, int n_threads) {
         }
     }
     if (!ok) {
+        pthread_mutex_lock(&g_lock);
+        g_stats.errors++;
+        pthread_mutex_unlock(&g_lock);
         fprintf(stderr, "APEX: attention failed (bad operands or out of memory)\n");
         return GGML_STATUS_FAILED;
     }
     const double dt = now_s() - t0;
     pthread_mutex_lock(&g_lock);
     g_stats.attention_calls++;
+    g_stats.tier_fallbacks += (uint64_t)tier_failed;
     g_stats.attention_kv_in_pool += (uint64_t)(in_pool(k) && in_pool(v));
     g_stats.attention_seconds += dt;
     g_stats.n_threads = n_threads;
@@ -921,6 +934,7 @@ static struct ggml_backend_buffer_type g_kv_hybrid_buft = {.iface = KV_BUFT_IFAC
 static ggml_backend_buffer_type_t kv_cache_buffer_type(ggml_backend_buffer_type_t buft, enum ggml_type type_k,
                                                        enum ggml_type type_v, int64_t n_embd_head_k,
                                                        int64_t n_embd_head_v, bool v_trans) {
+    g_kv_hook_asked = 1;
     if (ops_mask() == 0) return NULL; /* APEX_GGML_DISABLE=1 / APEX_GGML_OPS=none */
     if (!kv_pool_enabled()) {
         const int first = first_time(&g_logged_kv_off);
@@ -995,6 +1009,7 @@ static void init_reg(void) {
     g_reg.api_version = GGML_BACKEND_API_VERSION;
     g_reg.iface = g_reg_iface;
     g_reg.context = NULL;
+    ggml_apex_metrics_start(apex_ggml_stats_get);
 }
 
 ggml_backend_reg_t ggml_apex_reg(void) {
@@ -1039,6 +1054,7 @@ int apex_ggml_step_summary(apex_step_summary *out, int reset) {
 
 /* At exit: where each sequence's attention ran, and the counters as JSON. */
 __attribute__((destructor)) static void report(void) {
+    ggml_apex_metrics_stop(); /* its last write: the final counters */
     apex_ggml_stats s;
     apex_ggml_stats_get(&s);
     const char *path = getenv("APEX_STATS_FILE");

@@ -29,7 +29,8 @@
  * Environment: APEX_GGML_DISABLE=1 declines everything; APEX_STATS_FILE=path
  * writes the counters as JSON at exit; APEX_GGML_QUIET=1 drops the exit line;
  * APEX_GGML_KV_POOL=0 leaves the KV memory to llama.cpp;
- * APEX_GGML_KV_POOL_MAX_MB caps the pool; APEX_CPUSET (the cores whose NUMA
+ * APEX_GGML_KV_POOL_MAX_MB caps the pool; APEX_METRICS_FILE=path keeps a
+ * Prometheus text file of the counters (ggml_apex_metrics.c); APEX_CPUSET (the cores whose NUMA
  * nodes the pool binds to) and APEX_PIN_HOST_POOL=0 as for the core.
  */
 #ifndef APEX_GGML_APEX_H
@@ -76,6 +77,8 @@ typedef struct apex_ggml_stats {
     /* APEX_GGML_TIER_CHECK=1: the largest |GPU tier - CPU kernel| seen on
      * an attention output element (the CPU kernel's results are used). */
     float tier_check_max_diff;
+    uint64_t errors;               /* attention ops that failed              */
+    uint64_t tier_fallbacks;       /* GPU-tier attentions rerun on the CPU   */
 } apex_ggml_stats;
 
 /* Also reachable as ggml_backend_reg_get_proc_address(reg, name). */

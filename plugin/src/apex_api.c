@@ -239,6 +239,7 @@ APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
     if (st) return counted(ctx, st);
     ctx->stats.attention_calls++;
     ctx->stats.attention_seconds += now_seconds() - t0;
+    context_metrics_tick(ctx, 0);
     return APEX_OK;
 }
 
@@ -332,6 +333,7 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     ctx->stats.attention_calls++;
     /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
+    context_metrics_tick(ctx, 0);
     return APEX_OK;
 }
 

@@ -581,6 +581,7 @@ static apex_status paged_attend_mixed(apex_context *ctx, int32_t layer, int32_t 
         const int32_t *ids = table + (size_t)i * stride;
         if (ql == 0 || paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
         if (!scratch && (st = paged_scratch(ctx, &scratch, &ident))) break;
+        ctx->fallbacks++; /* the slow path: reported in APEX_METRICS_FILE */
         uint64_t unused = 0; /* the first row starts the earliest */
         int32_t len0 = paged_row_len(seq_lens[i], ql, 0, o, &unused);
         int32_t first = o->window > 0 && len0 > o->window ? (len0 - o->window) / bt : 0;
@@ -651,5 +652,6 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
         return paged_counted(ctx, st);
     ctx->stats.attention_calls++;
     ctx->stats.attention_seconds += paged_now() - t0;
+    context_metrics_tick(ctx, 0);
     return APEX_OK;
 }

@@ -35,6 +35,9 @@ def register():
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     _cpu_platform_honours_custom()
+    # APEX's counters and gauges in vLLM's /metrics (apex_vllm/metrics.py).
+    from . import metrics
+    metrics.install()
     # Host KV capacity: on vLLM's CPU platform the block pool is sized by
     # VLLM_CPU_KVCACHE_SPACE (GiB); APEX_HOST_KV_GB sets it when it is unset.
     # APEX_TRACE=FILE: vLLM runs several processes, each loading libapex;

@@ -58,6 +58,15 @@ def main():
         res["apex_kv_reason"] = RUNTIME.kv_reason
         res["apex_kv_ptrs"] = RUNTIME.kv_ptrs
     res["vllm_kv"] = llm.collective_rpc(_runner_kv)[0]
+    if a.mode == "apex":
+        # vLLM's /metrics text: closing the context writes APEX_METRICS_FILE's
+        # final figures, which the plugin's collector reads at the scrape.
+        from prometheus_client import generate_latest
+        from apex_vllm import metrics
+        if RUNTIME.ctx:
+            RUNTIME.ctx.close()
+        res["metrics_text"] = generate_latest(metrics.vllm_registry()).decode()
+        res["metrics_file"] = os.environ.get(metrics.ENV)
     print("RESULT " + json.dumps(res))
 
 

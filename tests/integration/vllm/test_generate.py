@@ -54,3 +54,17 @@ def test_greedy_tokens_identical_with_and_without_apex(model_dir):
     assert all(n == st["host_blocks"] * page for _, n in vkv["tensors"])
     # vLLM alone allocates the same amount (the pool is sized by the same key)
     assert base["vllm_kv"]["num_blocks"] == st["host_blocks"]
+
+    # The same counters in vLLM's Prometheus registry (apex_vllm/metrics.py
+    # reading libapex's APEX_METRICS_FILE), documented with HELP and TYPE.
+    text = apex["metrics_text"]
+    assert apex["metrics_file"] and "%p" in apex["metrics_file"]  # the plugin's default
+    for name, kind in (("apex_attention_calls_total", "counter"), ("apex_kv_blocks_used", "gauge")):
+        assert f"# TYPE {name} {kind}" in text and f"# HELP {name} " in text, text
+    samples = dict(l.rsplit(" ", 1) for l in text.splitlines() if l.startswith("apex_"))
+    assert float(samples['apex_attention_calls_total{engine="libapex"}']) == st["attention_calls"]
+    assert float(samples['apex_kv_rows_written_total{engine="libapex"}']) == st["kv_rows_written"]
+    assert float(samples['apex_sequence_attentions_total{engine="libapex",tier="host"}']) == \
+        st["rows_attended_host"]
+    assert float(samples['apex_errors_total{engine="libapex"}']) == 0
+    assert float(samples['apex_kv_blocks_free{engine="libapex",tier="host"}']) == 0  # all claimed by vLLM
