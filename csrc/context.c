@@ -295,6 +295,9 @@ void context_metrics_tick(apex_context *ctx, int force) {
         m.kv_bytes[t] = (int64_t)ctx->pools[t].n_blocks * (int64_t)ctx->block_bytes * ctx->cfg.n_layers;
         m.seqs[t] = claimed ? -1 : seqs[t];
     }
+    /* The summary exists only while tracing (asked first: a refused
+     * apex_step_summary_get would replace the caller's error message). */
+    m.has_step_summary = apex_trace_level() > 0 && apex_step_summary_get(&m.step) == APEX_OK;
     apex_metrics_tick(&ctx->metrics, &m, 1);
 }
 

@@ -88,6 +88,24 @@ int apex_metrics_render(const apex_metrics *m, char *buf, size_t cap) {
                 put(&o, "%s{engine=\"%s\",tier=\"%s\"} %lld\n", gauges[g].name, e, tier_label[t],
                     (long long)gauges[g].v[t]);
     }
+    if (m->has_step_summary) {
+        const apex_step_summary *st = &m->step;
+        header(&o, "apex_steps_total", "counter", "Decode steps APEX's tracer saw.");
+        put(&o, "apex_steps_total{engine=\"%s\"} %llu\n", e, (unsigned long long)st->steps);
+        header(&o, "apex_layer_steps_total", "counter", "Attention calls of the engine (layers x steps).");
+        put(&o, "apex_layer_steps_total{engine=\"%s\"} %llu\n", e, (unsigned long long)st->layer_steps);
+        header(&o, "apex_step_us_per_layer", "gauge",
+               "Mean microseconds per layer-step since the start, by part (the trace's per-step summary).");
+        const struct {
+            const char *part;
+            double us;
+        } parts[] = {{"engine", st->engine_us},   {"cpu_attn", st->cpu_attn_us},
+                     {"gpu_attn", st->gpu_attn_us}, {"gpu_kernel", st->gpu_kernel_us},
+                     {"copy", st->copy_us},       {"wait", st->wait_us},
+                     {"apex_overhead", st->apex_overhead_us}};
+        for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+            put(&o, "apex_step_us_per_layer{engine=\"%s\",part=\"%s\"} %.3f\n", e, parts[i].part, parts[i].us);
+    }
     return o.overflow ? -1 : (int)o.len;
 }
 

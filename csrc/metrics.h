@@ -17,6 +17,10 @@
  *   apex_kv_blocks_used{tier}, apex_kv_blocks_free{tier}  gauges (libapex's block pools)
  *   apex_kv_bytes{tier}                   gauge    KV bytes held per tier
  *   apex_sequences{tier}                  gauge    sequences per tier
+ * and, where the per-step summary exists (APEX_TRACE or APEX_TRACE_SUMMARY=1):
+ *   apex_steps_total, apex_layer_steps_total   counters  decode steps, layer-steps
+ *   apex_step_us_per_layer{part}          gauge    mean microseconds per layer-step since
+ *       the start, part = engine|cpu_attn|gpu_attn|gpu_kernel|copy|wait|apex_overhead
  * A value of -1 in a gauge means "not known to this engine": its line is left
  * out (HELP/TYPE stay, so the names are always documented).
  */
@@ -41,6 +45,8 @@ typedef struct apex_metrics {
     int64_t blocks_free[2];
     int64_t kv_bytes[2];
     int64_t seqs[2];
+    int has_step_summary;           /* 1: step below is the trace's summary */
+    apex_step_summary step;
 } apex_metrics;
 
 /* All gauges -1 (not known), counters 0. */

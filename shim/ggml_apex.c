@@ -1009,7 +1009,7 @@ static void init_reg(void) {
     g_reg.api_version = GGML_BACKEND_API_VERSION;
     g_reg.iface = g_reg_iface;
     g_reg.context = NULL;
-    ggml_apex_metrics_start(apex_ggml_stats_get);
+    ggml_apex_metrics_start(apex_ggml_stats_get, apex_ggml_step_summary);
 }
 
 ggml_backend_reg_t ggml_apex_reg(void) {

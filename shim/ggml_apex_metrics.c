@@ -18,6 +18,7 @@ static pthread_t m_thread;
 static int m_running, m_stop;
 static apex_metrics_sink m_sink;
 static void (*m_stats_get)(apex_ggml_stats *out);
+static apex_ggml_step_summary_t m_summary_get;
 /* Per stream slot, the attention counts at the last write: a slot whose
  * count grew since is a sequence of that interval. */
 static uint64_t m_prev_attn[APEX_GGML_MAX_STREAMS], m_prev_gpu[APEX_GGML_MAX_STREAMS];
@@ -48,6 +49,7 @@ static void write_now(void) {
     m.kv_bytes[APEX_TIER_HOST] = (int64_t)s.kv_bytes_apex;
     m.seqs[APEX_TIER_DEVICE] = seqs[APEX_TIER_DEVICE];
     m.seqs[APEX_TIER_HOST] = seqs[APEX_TIER_HOST];
+    m.has_step_summary = m_summary_get(&m.step, 0);
     apex_metrics_tick(&m_sink, &m, 1);
 }
 
@@ -67,10 +69,11 @@ static void *loop(void *arg) {
     return NULL;
 }
 
-void ggml_apex_metrics_start(void (*stats_get)(apex_ggml_stats *out)) {
+void ggml_apex_metrics_start(void (*stats_get)(apex_ggml_stats *out), apex_ggml_step_summary_t summary_get) {
     pthread_mutex_lock(&m_lock);
     if (!m_running && !m_stop && apex_metrics_sink_open(&m_sink, "the APEX ggml backend")) {
         m_stats_get = stats_get;
+        m_summary_get = summary_get;
         write_now(); /* the file exists from the start */
         if (pthread_create(&m_thread, NULL, loop, NULL) == 0)
             m_running = 1;

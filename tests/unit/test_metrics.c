@@ -120,6 +120,25 @@ static void test_render(void **state) {
                                        strchr(line, '}')[1] == ' '));
     /* A buffer too small: -1, not a truncated file. */
     assert_int_equal(apex_metrics_render(&m, buf, 100), -1);
+
+    /* No per-step summary (tracing off): none of its metrics. */
+    assert_true(apex_metrics_render(&m, buf, sizeof buf) > 0);
+    assert_null(strstr(buf, "apex_step_us_per_layer"));
+    /* With it: the steps, and each part per layer-step, documented. */
+    m.has_step_summary = 1;
+    m.step = (apex_step_summary){.steps = 3, .layer_steps = 90, .engine_us = 100.5, .cpu_attn_us = 40,
+                                 .gpu_attn_us = 0, .copy_us = 2, .wait_us = 1, .apex_overhead_us = 7.25};
+    assert_true(apex_metrics_render(&m, buf, sizeof buf) > 0);
+    assert_non_null(strstr(buf, "# TYPE apex_step_us_per_layer gauge\n"));
+    assert_non_null(strstr(buf, "# TYPE apex_steps_total counter\n"));
+    text[0] = '\n';
+    text[1] = 0;
+    strcat(text, buf);
+    assert_int_equal(value_of(text, "apex_steps_total{engine=\"libapex\"}"), 3);
+    assert_int_equal(value_of(text, "apex_layer_steps_total{engine=\"libapex\"}"), 90);
+    assert_true(value_of(text, "apex_step_us_per_layer{engine=\"libapex\",part=\"engine\"}") == 100.5);
+    assert_true(value_of(text, "apex_step_us_per_layer{engine=\"libapex\",part=\"apex_overhead\"}") == 7.25);
+    assert_true(value_of(text, "apex_step_us_per_layer{engine=\"libapex\",part=\"cpu_attn\"}") == 40);
 }
 
 static void test_write_atomic_and_failure(void **state) {
