@@ -64,6 +64,9 @@ def main():
         from prometheus_client import generate_latest
         from apex_vllm import metrics
         if RUNTIME.ctx:
+            # The file's final figures are the counters at close, which can be
+            # past the snapshot above: vLLM may run a step after generate returns.
+            res["apex_at_close"] = RUNTIME.ctx.stats()
             RUNTIME.ctx.close()
         res["metrics_text"] = generate_latest(metrics.vllm_registry()).decode()
         res["metrics_file"] = os.environ.get(metrics.ENV)
