@@ -221,7 +221,8 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
     ctx->batch_lens = malloc((size_t)cfg->max_batch * sizeof *ctx->batch_lens);
     ctx->batch_table = malloc((size_t)cfg->max_batch * (size_t)ctx->seqs.max_blocks_per_seq *
                               sizeof *ctx->batch_table);
-    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table) {
+    ctx->seq_mark = calloc((size_t)cfg->max_seqs, sizeof *ctx->seq_mark);
+    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table || !ctx->seq_mark) {
         st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the attention workspace");
         goto fail;
     }
@@ -256,6 +257,7 @@ void context_destroy(apex_context *ctx) {
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);
     free(ctx->batch_table);
+    free(ctx->seq_mark);
     seq_table_destroy(&ctx->seqs);
     block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
     block_pool_destroy(&ctx->pools[APEX_TIER_HOST]);
@@ -370,6 +372,18 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
         }
     }
     return APEX_OK;
+}
+
+int32_t context_first_repeat(apex_context *ctx, int32_t n, const int32_t *seqs) {
+    if (++ctx->mark_epoch == 0) { /* wrapped: old stamps could alias */
+        memset(ctx->seq_mark, 0, (size_t)ctx->cfg.max_seqs * sizeof *ctx->seq_mark);
+        ctx->mark_epoch = 1;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (ctx->seq_mark[seqs[i]] == ctx->mark_epoch) return i;
+        ctx->seq_mark[seqs[i]] = ctx->mark_epoch;
+    }
+    return -1;
 }
 
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,

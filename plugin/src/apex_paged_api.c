@@ -599,6 +599,7 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
     apex_status st = paged_check_attention(ctx, layer, n_seqs, query_start_loc, seq_lens,
                                            block_table, block_table_stride, q, out, opts, &o);
     if (st) return paged_counted(ctx, st);
+    if (n_seqs == 0) return APEX_OK; /* an empty batch (apex.h): nothing to do */
     pipeline_sync(ctx);
     cpu_workers_pin(&ctx->workers);
     /* Every query row is a decode problem with its own causal length. A
