@@ -531,7 +531,7 @@ static void test_errors_change_nothing(void **state) {
     /* An empty batch is fine and touches nothing. */
     int32_t qsl0[1] = {0};
     assert_ok(apex_paged_attention(ctx, 0, 0, qsl0, NULL, NULL, 0, NULL, NULL, NULL));
-    assert_ok(apex_paged_kv_write(ctx, 0, 0, NULL, NULL, 0, NULL, 0, APEX_DTYPE_F32));
+    assert_ok(apex_paged_kv_write(ctx, 0, 0, NULL, NULL, HK * D, NULL, HK * D, APEX_DTYPE_F32));
     apex_stats empty;
     assert_ok(apex_stats_get(ctx, &empty));
     assert_int_equal(empty.attention_calls, after.attention_calls); /* no counter moves */
