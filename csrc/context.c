@@ -6,24 +6,23 @@
 
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
+#include "csrc/fault.h"
 #include "plugin/src/config.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the
  * context's own stream, ordered after the engine stream's work. */
-static void copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
+static apex_status copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
     apex_context *ctx = user;
-    if (tier == APEX_TIER_DEVICE) {
-        pipeline_copy_device_block(ctx, dst, src);
-        return;
-    }
+    if (tier == APEX_TIER_DEVICE) return pipeline_copy_device_block(ctx, dst, src);
     if (ctx->dev) cpu_jobs_drain(&ctx->pipe.jobs);
     block_pool_copy(&ctx->pools[APEX_TIER_HOST], dst, src);
+    return APEX_OK;
 }
 
-static void copy_blocks(void *user, apex_tier from, const int32_t *src, const int32_t *dst,
-                        int32_t n) {
-    pipeline_copy_between_tiers(user, from, src, dst, n);
+static apex_status copy_blocks(void *user, apex_tier from, const int32_t *src,
+                               const int32_t *dst, int32_t n) {
+    return pipeline_copy_between_tiers(user, from, src, dst, n);
 }
 
 apex_status context_migrate(apex_context *ctx, int32_t seq, apex_tier tier) {
@@ -119,7 +118,11 @@ static apex_status host_pool_runs(apex_context *ctx,
 }
 
 static apex_status pin_run(apex_context *ctx, void *p, size_t bytes) {
-    apex_status st = ctx->dev->iface->host_register(ctx->dev, p, bytes);
+    apex_status st = fault_fail(FAULT_PIN)
+                         ? apex_fail(APEX_ERR_INTERNAL, "cudaHostRegister of %zu bytes: "
+                                                        "cudaErrorMemoryAllocation (injected)",
+                                     bytes)
+                         : ctx->dev->iface->host_register(ctx->dev, p, bytes);
     if (st == APEX_OK) ctx->host_pool_pinned++;
     return st;
 }
@@ -328,8 +331,10 @@ apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const 
         if ((st = f->memcpy_async(ctx->dev, pl->d_k_sync, k, bytes, pl->own_stream)) ||
             (st = f->memcpy_async(ctx->dev, pl->d_v_sync, v, bytes, pl->own_stream)) ||
             (st = pipeline_kv_write(ctx, layer, n, seqs, pos, pl->d_k_sync, pl->d_v_sync, src,
-                                    pl->own_stream)))
+                                    pl->own_stream))) {
+            pipeline_sync(ctx); /* no copy from the caller's k, v may outlive the call */
             return st;
+        }
         pipeline_sync(ctx);
         return APEX_OK;
     }
@@ -362,7 +367,10 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
                     apex_status st = f->memcpy_async(ctx->dev, tmp[w], src[w], (size_t)d * kel,
                                                      ctx->pipe.own_stream);
                     if (!st) st = f->stream_sync(ctx->dev, ctx->pipe.own_stream);
-                    if (st) return st;
+                    if (st) {
+                        pipeline_sync(ctx);
+                        return st;
+                    }
                     src[w] = tmp[w];
                 }
             }
@@ -410,8 +418,10 @@ apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                                      pl->own_stream)) ||
             (st = f->memcpy_async(ctx->dev, out, pl->d_out_sync,
                                   (size_t)n * hd * apex_dtype_size(opts->out_dtype),
-                                  pl->own_stream)))
+                                  pl->own_stream))) {
+            pipeline_sync(ctx); /* nothing may write the caller's out after the call */
             return st;
+        }
         pipeline_sync(ctx);
         return APEX_OK;
     }

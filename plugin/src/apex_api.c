@@ -343,13 +343,13 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
     if (st) return counted(ctx, st);
     if (n == 0) return APEX_OK;
-    for (int32_t i = 0; i < n; i++) {
+    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
+    if (st) return counted(ctx, st);
+    for (int32_t i = 0; i < n; i++) { /* counted once the call succeeded */
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
         int32_t start = o.window > 0 && e->len > o.window ? e->len - o.window : 0;
         ctx->stats.kv_tokens_attended += (uint64_t)(e->len - start);
     }
-    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
-    if (st) return counted(ctx, st);
     ctx->stats.attention_calls++;
     /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
