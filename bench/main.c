@@ -15,6 +15,7 @@ typedef struct {
 static const bench_cmd commands[] = {
     {"attn", bench_attn_main, "CPU decode attention vs a same-run STREAM read"},
     {"pipeline", bench_pipeline_main, "hybrid pipeline: CPU cohort hidden under the device's"},
+    {"soak", bench_soak_main, "N randomized steps of both ABIs, KV checksummed every step"},
 #ifdef APEX_BENCH_SCHED
     {"sched", bench_sched_main, "scheduler decision cost"},
 #endif
