@@ -230,16 +230,18 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
         goto fail;
     }
 
+    int said = 0; /* the fallback is reported once, in one line */
     if (ctx->dev && (st = open_device_tier(ctx)) != APEX_OK) {
         /* Pinned staging or device memory could not be had: carry on in
          * host mode rather than fail the engine. */
         fprintf(stderr, "apex: %s device unusable (%s): host mode\n", ctx->dev->iface->name,
                 apex_last_error());
         close_device_tier(ctx);
+        said = 1;
     }
     ctx->host_mode = ctx->dev == NULL;
     if (!ctx->dev) {
-        if (cfg->device_blocks > 0)
+        if (cfg->device_blocks > 0 && !said)
             fprintf(stderr, "apex: host mode (no device): device_blocks %lld -> 0\n",
                     (long long)cfg->device_blocks);
         ctx->cfg.device_blocks = 0;

@@ -21,6 +21,7 @@
  * that check.
  */
 #include <string.h>
+#include <unistd.h>
 
 #include "csrc/fault.h"
 #include "test_util.h"
@@ -280,12 +281,28 @@ static int scenario(scen *s) {
     c.n_threads = 1;
     c.device = APEX_DEVICE_EMULATED;
     apex_context *ctx = (apex_context *)0x1;
-    if (failed(s, apex_context_create(&c, &ctx))) {
+    /* stderr into a file: a fallback to host mode is said exactly once. */
+    fflush(stderr);
+    FILE *log = tmpfile();
+    int saved = dup(2);
+    dup2(fileno(log), 2);
+    apex_status st = apex_context_create(&c, &ctx);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    int said = 0;
+    char line[1024];
+    rewind(log);
+    while (fgets(line, sizeof line, log)) said += strstr(line, "host mode") != NULL;
+    fclose(log);
+    if (failed(s, st)) {
         assert_null(ctx);
         return 0;
     }
     s->ctx = ctx;
     s->host_mode = apex_context_host_mode(ctx);
+    if (said != s->host_mode) fail_msg("point %llu: host mode %d, said so %d times",
+                                       (unsigned long long)sweep_n, s->host_mode, said);
     add(s, 0, APEX_TIER_AUTO);
     add(s, 1, APEX_TIER_HOST);
     grow(s, 0, 20);
