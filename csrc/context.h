@@ -35,6 +35,7 @@ struct apex_context {
     uint32_t mark_epoch;
     apex_stats stats;           /* counters; pool figures filled on read   */
     step_sched sched;           /* the step scheduler, once enabled        */
+    int claimed;                /* apex_paged_claim took every block       */
 };
 
 apex_status context_create(const apex_config *cfg, apex_context **out);

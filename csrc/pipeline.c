@@ -10,10 +10,12 @@
 
 #define ALIGN 256
 
-/* Next ALIGN-aligned piece of `bytes` from a buffer walk. */
-static void *carve(uint8_t **p, size_t bytes) {
-    uintptr_t a = ((uintptr_t)*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
-    *p = (uint8_t *)a + bytes;
+/* Next ALIGN-aligned piece of `bytes` from a buffer walk. Addresses are
+ * integers here: a walk from 0 only measures (no pointer arithmetic on a
+ * null pointer, which is undefined). */
+static void *carve(uintptr_t *p, size_t bytes) {
+    uintptr_t a = (*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
+    *p = a + bytes;
     return (void *)a;
 }
 
@@ -23,7 +25,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
                      size_t row_q, size_t row_kv) {
     stage_slot dummy;
     if (!base) sl = &dummy;
-    uint8_t *p = base ? base : (uint8_t *)0;
+    uintptr_t p = (uintptr_t)base; /* 0: measuring */
     if (host) {
         sl->h_lens = carve(&p, B * 4);
         sl->h_table = carve(&p, (B * mb + 1) * 4); /* +1: prefill's cu_seqlens */
@@ -50,7 +52,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
         sl->d_k = carve(&p, B * row_kv);
         sl->d_v = carve(&p, B * row_kv);
     }
-    return (size_t)(p - (base ? base : (uint8_t *)0)) + ALIGN;
+    return (size_t)(p - (uintptr_t)base) + ALIGN;
 }
 
 apex_status pipeline_init(apex_context *ctx) {
@@ -92,7 +94,7 @@ apex_status pipeline_init(apex_context *ctx) {
     }
     size_t qb = B * pl->row_q_bytes + ALIGN, kb = B * pl->row_kv_bytes + ALIGN;
     if ((st = f->mem_alloc(dev, 2 * qb + 2 * kb, &pl->d_sync))) return st;
-    uint8_t *p = pl->d_sync;
+    uintptr_t p = (uintptr_t)pl->d_sync;
     pl->d_q_sync = carve(&p, B * pl->row_q_bytes);
     pl->d_out_sync = carve(&p, B * pl->row_q_bytes);
     pl->d_k_sync = carve(&p, B * pl->row_kv_bytes);

@@ -66,6 +66,10 @@ APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_
 
 APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
     CHECK_CTX(ctx);
+    if (ctx->claimed)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "apex_seq_add: the engine claimed every block of this "
+                                      "context (apex_paged_claim): it has no sequences"));
     apex_status st = seq_table_add(&ctx->seqs, seq, tier);
     if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[seq] = 0; /* a new request */
     return counted(ctx, st);

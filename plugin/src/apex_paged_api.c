@@ -35,11 +35,8 @@ static int64_t paged_total(const apex_context *ctx) {
     return (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks + ctx->pools[APEX_TIER_HOST].n_blocks;
 }
 
-/* Claimed: no sequence exists, yet no block is free (only a claim does that). */
-static int paged_claimed(const apex_context *ctx) {
-    return ctx->seqs.n_active == 0 && ctx->pools[APEX_TIER_DEVICE].n_free == 0 &&
-           ctx->pools[APEX_TIER_HOST].n_free == 0;
-}
+/* Claimed: apex_paged_claim ran (apex_seq_add refuses from then on). */
+static int paged_claimed(const apex_context *ctx) { return ctx->claimed; }
 
 /* Resolves an engine block id to its tier and block there, or fails
  * without side effects. */
@@ -135,6 +132,7 @@ APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks) {
         pipeline_sync(ctx);
         for (int t = 0; t < 2; t++)
             while (block_pool_alloc(&ctx->pools[t]) >= 0) {}
+        ctx->claimed = 1;
     }
     if (n_blocks) *n_blocks = paged_total(ctx);
     return APEX_OK;
