@@ -300,14 +300,16 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc[0] is %d, not 0", fn, qsl[0]);
     int32_t bt = ctx->cfg.block_tokens;
     for (int32_t i = 0; i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i], len = seq_lens[i];
+        /* 64-bit: arbitrary entries must not overflow before they are checked. */
+        int64_t ql = (int64_t)qsl[i + 1] - qsl[i];
+        int32_t len = seq_lens[i];
         if (ql < 0)
             return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc decreases at %d", fn, i);
         if (ql == 0) continue;
         if (len < ql || len > ctx->cfg.max_seq_len)
             return apex_fail(APEX_ERR_OUT_OF_RANGE,
-                             "%s: sequence %d: length %d outside [q_len %d, max_seq_len %d]", fn,
-                             i, len, ql, ctx->cfg.max_seq_len);
+                             "%s: sequence %d: length %d outside [q_len %lld, max_seq_len %d]", fn,
+                             i, len, (long long)ql, ctx->cfg.max_seq_len);
         int32_t nb = (len + bt - 1) / bt;
         if (stride < nb)
             return apex_fail(APEX_ERR_INVALID_ARG,
