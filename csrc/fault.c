@@ -19,6 +19,8 @@ static struct {
 
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
 
+static void arm(uint32_t mask, uint64_t nth, int persist, unsigned stall_us);
+
 static const char *const names[FAULT_N_POINTS] = {
     "host_alloc", "device_alloc", "copy", "launch", "event", "pin", "worker",
 };
@@ -62,7 +64,7 @@ static void read_env(void) {
                         "all,host_alloc,device_alloc,copy,launch,event,pin,worker)\n", v);
         return;
     }
-    fault_arm(mask, nth, persist, __atomic_load_n(&F.stall_us, __ATOMIC_RELAXED));
+    arm(mask, nth, persist, __atomic_load_n(&F.stall_us, __ATOMIC_RELAXED)); /* not fault_arm: inside the once */
     fprintf(stderr, "apex: fault injection armed from APEX_FAULT='%s'\n", v);
 }
 
@@ -79,6 +81,10 @@ int fault_fail(fault_point p) {
 
 void fault_arm(uint32_t mask, uint64_t nth, int persist, unsigned stall_us) {
     pthread_once(&env_once, read_env); /* a later env read must not undo this */
+    arm(mask, nth, persist, stall_us);
+}
+
+static void arm(uint32_t mask, uint64_t nth, int persist, unsigned stall_us) {
     __atomic_store_n(&F.mask, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&F.checks, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&F.injected, 0, __ATOMIC_RELAXED);

@@ -392,8 +392,24 @@ static void test_stalled_worker(void **state) {
     assert_true(S.attn_checked > 10);
 }
 
+/* APEX_FAULT arms the switch at the first check of the process (it used
+ * to deadlock there: the once-only environment read re-entered itself).
+ * Runs first, before anything else checks a point. */
+static void test_env_arming(void **state) {
+    (void)state;
+    setenv("APEX_FAULT", "copy,launch:2", 1);
+    assert_int_equal(fault_fail(FAULT_HOST_ALLOC), 0); /* not a listed point */
+    assert_int_equal(fault_fail(FAULT_COPY), 0);       /* check 1 */
+    assert_int_equal(fault_fail(FAULT_LAUNCH), 1);     /* check 2 fails */
+    assert_int_equal(fault_fail(FAULT_COPY), 0);       /* single-shot */
+    assert_int_equal(fault_injected(), 1);
+    fault_disarm();
+    unsetenv("APEX_FAULT");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_env_arming),
         cmocka_unit_test(test_stalled_worker),
         cmocka_unit_test(test_each_point_broken),
         cmocka_unit_test(test_sweep_single),
