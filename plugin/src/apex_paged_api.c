@@ -546,9 +546,11 @@ static apex_status paged_attend_mixed(apex_context *ctx, int32_t layer, int32_t 
     paged_cpu p = {0};
     apex_status st = APEX_OK;
     for (int32_t i = 0; !st && i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i], nb = (seq_lens[i] + bt - 1) / bt;
+        int32_t ql = qsl[i + 1] - qsl[i];
+        if (ql == 0) continue; /* skipped: its length was not checked (fuzz_paged) */
+        int32_t nb = (seq_lens[i] + bt - 1) / bt;
         const int32_t *ids = table + (size_t)i * stride;
-        if (ql == 0 || paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
+        if (paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
         if (!scratch && (st = paged_scratch(ctx, &scratch, &ident))) break;
         uint64_t unused = 0; /* the first row starts the earliest */
         int32_t len0 = paged_row_len(seq_lens[i], ql, 0, o, &unused);
