@@ -16,6 +16,7 @@ static const bench_cmd commands[] = {
     {"attn", bench_attn_main, "CPU decode attention vs a same-run STREAM read"},
     {"pipeline", bench_pipeline_main, "hybrid pipeline: CPU cohort hidden under the device's"},
     {"vs-vllm", bench_vs_vllm_main, "APEX's CPU attention vs vLLM-CPU's op, same KV, one process"},
+    {"soak", bench_soak_main, "N randomized steps of both ABIs, KV checksummed every step"},
     {"sched", bench_sched_main, "scheduler decision cost"},
 #ifdef APEX_BENCH_VS_GGML
     {"vs-ggml", bench_vs_ggml_main, "APEX CPU kernels vs ggml-cpu FLASH_ATTN_EXT, same data"},

@@ -7,7 +7,9 @@
 #include "csrc/error.h"
 #include "csrc/host_mem.h"
 
-/* Tables (refcounts, free stack) for n_blocks, every block free. */
+/* Tables (refcounts, free stack) for n_blocks, every block free. Nothing is
+ * written into them here (calloc/malloc of a large table only maps it), so
+ * creating a large pool touches no memory per block. */
 static apex_status init_tables(block_pool *p, int32_t n_blocks) {
     size_t n = n_blocks > 0 ? (size_t)n_blocks : 1;
     p->refcount = calloc(n, sizeof *p->refcount);
@@ -15,8 +17,9 @@ static apex_status init_tables(block_pool *p, int32_t n_blocks) {
     if (!p->refcount || !p->free_stack)
         return apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the tables of %d blocks",
                          n_blocks);
-    /* Lowest ids on top, so allocation order is deterministic. */
-    for (int32_t i = 0; i < n_blocks; i++) p->free_stack[i] = n_blocks - 1 - i;
+    /* Fresh ids are handed out lowest first, so allocation is deterministic. */
+    p->n_stacked = 0;
+    p->next_fresh = 0;
     p->n_free = n_blocks;
     p->n_blocks = n_blocks;
     return APEX_OK;
@@ -72,17 +75,17 @@ apex_status block_pool_init_host(block_pool *p, const cpu_workers *w,
     if (block_bytes && (size_t)n_layers > SIZE_MAX / n / block_bytes)
         return apex_fail(APEX_ERR_NO_MEMORY, "host KV pool size overflows size_t");
     p->mem_bytes = n * (size_t)n_layers * block_bytes;
-    apex_status st = init_tables(p, n_blocks);
-    if (st) {
-        block_pool_destroy(p);
-        return st;
-    }
+    /* The slab first: a pool the machine cannot map fails here, before any
+     * table is allocated. */
     p->mem = host_mem_alloc(w, p->mem_bytes);
     if (!p->mem) {
+        p->mem_bytes = 0;
         block_pool_destroy(p);
         return APEX_ERR_NO_MEMORY; /* host_mem_alloc set the message */
     }
-    if ((st = init_layers(p, NULL)) != APEX_OK) {
+    apex_status st = init_tables(p, n_blocks);
+    if (st == APEX_OK) st = init_layers(p, NULL);
+    if (st) {
         block_pool_destroy(p);
         return st;
     }
@@ -115,7 +118,8 @@ void block_pool_destroy(block_pool *p) {
 
 int32_t block_pool_alloc(block_pool *p) {
     if (p->n_free == 0) return -1;
-    int32_t b = p->free_stack[--p->n_free];
+    int32_t b = p->n_stacked > 0 ? p->free_stack[--p->n_stacked] : p->next_fresh++;
+    p->n_free--;
     p->refcount[b] = 1;
     return b;
 }
@@ -123,7 +127,10 @@ int32_t block_pool_alloc(block_pool *p) {
 void block_pool_ref(block_pool *p, int32_t b) { p->refcount[b]++; }
 
 void block_pool_unref(block_pool *p, int32_t b) {
-    if (--p->refcount[b] == 0) p->free_stack[p->n_free++] = b;
+    if (--p->refcount[b] == 0) {
+        p->free_stack[p->n_stacked++] = b;
+        p->n_free++;
+    }
 }
 
 void block_pool_copy(block_pool *p, int32_t dst, int32_t src) {

@@ -30,8 +30,13 @@ typedef struct block_pool {
     uint8_t **layer_mem;  /* [n_layers]: each layer's slab            */
     int external;         /* layer_mem is the engine's memory         */
     int32_t *refcount;    /* [n_blocks]                       */
-    int32_t *free_stack;  /* [n_blocks]; top n_free entries   */
-    int32_t n_free;
+    /* Free blocks: the n_stacked released ones on free_stack (LIFO), then
+     * the never-used ids [next_fresh, n_blocks) in order. Lazy, so a large
+     * pool's tables cost no memory until blocks are used. */
+    int32_t *free_stack;  /* [n_blocks]                       */
+    int32_t n_stacked;
+    int32_t next_fresh;
+    int32_t n_free;       /* n_stacked + n_blocks - next_fresh */
 } block_pool;
 
 /* A host pool (memory from host_mem_alloc). n_blocks may be 0. */

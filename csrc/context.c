@@ -7,24 +7,23 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
+#include "csrc/fault.h"
 #include "csrc/trace.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the
  * context's own stream, ordered after the engine stream's work. */
-static void copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
+static apex_status copy_block(void *user, apex_tier tier, int32_t dst, int32_t src) {
     apex_context *ctx = user;
-    if (tier == APEX_TIER_DEVICE) {
-        pipeline_copy_device_block(ctx, dst, src);
-        return;
-    }
+    if (tier == APEX_TIER_DEVICE) return pipeline_copy_device_block(ctx, dst, src);
     if (ctx->dev) cpu_jobs_drain(&ctx->pipe.jobs);
     block_pool_copy(&ctx->pools[APEX_TIER_HOST], dst, src);
+    return APEX_OK;
 }
 
-static void copy_blocks(void *user, apex_tier from, const int32_t *src, const int32_t *dst,
-                        int32_t n) {
-    pipeline_copy_between_tiers(user, from, src, dst, n);
+static apex_status copy_blocks(void *user, apex_tier from, const int32_t *src,
+                               const int32_t *dst, int32_t n) {
+    return pipeline_copy_between_tiers(user, from, src, dst, n);
 }
 
 apex_status context_migrate(apex_context *ctx, int32_t seq, apex_tier tier) {
@@ -120,7 +119,11 @@ static apex_status host_pool_runs(apex_context *ctx,
 }
 
 static apex_status pin_run(apex_context *ctx, void *p, size_t bytes) {
-    apex_status st = ctx->dev->iface->host_register(ctx->dev, p, bytes);
+    apex_status st = fault_fail(FAULT_PIN)
+                         ? apex_fail(APEX_ERR_INTERNAL, "cudaHostRegister of %zu bytes: "
+                                                        "cudaErrorMemoryAllocation (injected)",
+                                     bytes)
+                         : ctx->dev->iface->host_register(ctx->dev, p, bytes);
     if (st == APEX_OK) ctx->host_pool_pinned++;
     return st;
 }
@@ -222,21 +225,24 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
     ctx->batch_lens = malloc((size_t)cfg->max_batch * sizeof *ctx->batch_lens);
     ctx->batch_table = malloc((size_t)cfg->max_batch * (size_t)ctx->seqs.max_blocks_per_seq *
                               sizeof *ctx->batch_table);
-    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table) {
+    ctx->seq_mark = calloc((size_t)cfg->max_seqs, sizeof *ctx->seq_mark);
+    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table || !ctx->seq_mark) {
         st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the attention workspace");
         goto fail;
     }
 
+    int said = 0; /* the fallback is reported once, in one line */
     if (ctx->dev && (st = open_device_tier(ctx)) != APEX_OK) {
         /* Pinned staging or device memory could not be had: carry on in
          * host mode rather than fail the engine. */
         fprintf(stderr, "apex: %s device unusable (%s): host mode\n", ctx->dev->iface->name,
                 apex_last_error());
         close_device_tier(ctx);
+        said = 1;
     }
     ctx->host_mode = ctx->dev == NULL;
     if (!ctx->dev) {
-        if (cfg->device_blocks > 0)
+        if (cfg->device_blocks > 0 && !said)
             fprintf(stderr, "apex: host mode (no device): device_blocks %lld -> 0\n",
                     (long long)cfg->device_blocks);
         ctx->cfg.device_blocks = 0;
@@ -260,6 +266,7 @@ void context_destroy(apex_context *ctx) {
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);
     free(ctx->batch_table);
+    free(ctx->seq_mark);
     seq_table_destroy(&ctx->seqs);
     block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
     block_pool_destroy(&ctx->pools[APEX_TIER_HOST]);
@@ -363,8 +370,10 @@ apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const 
         if ((st = f->memcpy_async(ctx->dev, pl->d_k_sync, k, bytes, pl->own_stream)) ||
             (st = f->memcpy_async(ctx->dev, pl->d_v_sync, v, bytes, pl->own_stream)) ||
             (st = pipeline_kv_write(ctx, layer, n, seqs, pos, pl->d_k_sync, pl->d_v_sync, src,
-                                    pl->own_stream)))
+                                    pl->own_stream))) {
+            pipeline_sync(ctx); /* no copy from the caller's k, v may outlive the call */
             return st;
+        }
         pipeline_sync(ctx);
         return APEX_OK;
     }
@@ -398,7 +407,10 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
                     apex_status st = f->memcpy_async(ctx->dev, tmp[w], src[w], (size_t)d * kel,
                                                      ctx->pipe.own_stream);
                     if (!st) st = f->stream_sync(ctx->dev, ctx->pipe.own_stream);
-                    if (st) return st;
+                    if (st) {
+                        pipeline_sync(ctx);
+                        return st;
+                    }
                     src[w] = tmp[w];
                 }
             }
@@ -408,6 +420,18 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
         }
     }
     return APEX_OK;
+}
+
+int32_t context_first_repeat(apex_context *ctx, int32_t n, const int32_t *seqs) {
+    if (++ctx->mark_epoch == 0) { /* wrapped: old stamps could alias */
+        memset(ctx->seq_mark, 0, (size_t)ctx->cfg.max_seqs * sizeof *ctx->seq_mark);
+        ctx->mark_epoch = 1;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (ctx->seq_mark[seqs[i]] == ctx->mark_epoch) return i;
+        ctx->seq_mark[seqs[i]] = ctx->mark_epoch;
+    }
+    return -1;
 }
 
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
@@ -434,8 +458,10 @@ apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                                      pl->own_stream)) ||
             (st = f->memcpy_async(ctx->dev, out, pl->d_out_sync,
                                   (size_t)n * hd * apex_dtype_size(opts->out_dtype),
-                                  pl->own_stream)))
+                                  pl->own_stream))) {
+            pipeline_sync(ctx); /* nothing may write the caller's out after the call */
             return st;
+        }
         pipeline_sync(ctx);
         return APEX_OK;
     }

@@ -32,10 +32,13 @@ struct apex_context {
     cpu_attn_ws *ws;
     int32_t *batch_lens;        /* [max_batch]                             */
     int32_t *batch_table;       /* [max_batch][max_blocks_per_seq]         */
+    uint32_t *seq_mark;         /* [max_seqs]: batch stamps (repeat check) */
+    uint32_t mark_epoch;
     apex_stats stats;           /* counters; pool figures filled on read   */
     step_sched sched;           /* the step scheduler, once enabled        */
     uint64_t fallbacks;         /* mixed-tier sequences gathered to the CPU */
     apex_metrics_sink metrics;  /* APEX_METRICS_FILE (csrc/metrics.h)      */
+    int claimed;                /* apex_paged_claim took every block       */
 };
 
 apex_status context_create(const apex_config *cfg, apex_context **out);
@@ -69,6 +72,10 @@ apex_status context_migrate(apex_context *ctx, int32_t seq, apex_tier tier);
 /* apex_seq_reserve, spilling a device-tier sequence to the host tier when
  * the device pool is out of blocks. */
 apex_status context_reserve(apex_context *ctx, int32_t seq, int32_t n, int32_t *first_pos);
+
+/* Index of the first entry of seqs (valid slots) naming a sequence an
+ * earlier entry named, or -1: O(n) with per-slot stamps. */
+int32_t context_first_repeat(apex_context *ctx, int32_t n, const int32_t *seqs);
 
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                               const int32_t *seqs, const void *q, void *out,

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "csrc/error.h"
+#include "csrc/fault.h"
 #include "csrc/trace.h"
 
 static void *worker_main(void *p) {
@@ -27,6 +28,7 @@ static void *worker_main(void *p) {
         }
         unsigned delay = __atomic_load_n(&j->delay_us, __ATOMIC_RELAXED);
         if (delay) usleep(delay);
+        fault_worker_stall();
         job.run(job.arg);
         pthread_mutex_lock(&j->mu);
         j->finished++;
@@ -42,6 +44,8 @@ static void *worker_main(void *p) {
 apex_status cpu_jobs_start(cpu_jobs *j, apex_device *dev) {
     memset(j, 0, sizeof *j);
     j->dev = dev;
+    if (fault_fail(FAULT_WORKER))
+        return apex_fail(APEX_ERR_INTERNAL, "cannot start the CPU worker thread (injected EAGAIN)");
     apex_status st = dev->iface->host_alloc(dev, 64, (void **)&j->flag);
     if (st) return st;
     *j->flag = 0;

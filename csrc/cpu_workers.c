@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "csrc/error.h"
+#include "csrc/fault.h"
 
 static atomic_uint next_id = 1;
 
@@ -30,6 +31,8 @@ apex_status cpu_workers_init(cpu_workers *w, const char *cpu_set,
     if (n_threads < 0 || n_threads > 1024)
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "n_threads %d out of range [0, 1024]", n_threads);
+    if (fault_fail(FAULT_WORKER))
+        return apex_fail(APEX_ERR_INTERNAL, "hwloc could not load the topology (injected)");
     if (hwloc_topology_init(&w->topo) == 0 && near_pci)
         hwloc_topology_set_io_types_filter(w->topo, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
     if (!w->topo || hwloc_topology_load(w->topo) != 0) {

@@ -37,6 +37,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/device.h"
 #include "csrc/error.h"
+#include "csrc/fault.h"
 
 #define EMU_ALIGN 256          /* device allocations, like cudaMalloc */
 #define EMU_FLAG_POLL_NS 30000 /* flag writers notify nobody: poll this often */
@@ -122,6 +123,7 @@ typedef struct emu_device {
     alloc_hdr *allocs;
 
     size_t capacity, used;
+    size_t registered; /* host ranges registered and not yet unregistered */
     size_t host_hdr; /* one page: keeps host allocations page-aligned */
     unsigned kernel_delay_us;
 } emu_device;
@@ -151,6 +153,9 @@ static apex_status emu_mem_alloc(apex_device *dev, size_t bytes, void **out) {
     *out = NULL;
     if (bytes > SIZE_MAX / 2)
         return apex_fail(APEX_ERR_NO_MEMORY, "emulated device: mem_alloc of %zu bytes", bytes);
+    if (fault_fail(FAULT_DEVICE_ALLOC))
+        return apex_fail(APEX_ERR_NO_MEMORY, "emulated device: mem_alloc of %zu bytes: "
+                                             "cudaErrorMemoryAllocation (injected)", bytes);
     size_t counted = round_up(bytes ? bytes : 1, EMU_ALIGN);
     pthread_mutex_lock(&d->mu);
     size_t free_bytes = d->capacity - d->used;
@@ -215,6 +220,9 @@ static apex_status emu_host_alloc(apex_device *dev, size_t bytes, void **out) {
     emu_device *d = emu(dev);
     if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: host_alloc: out is NULL");
     *out = NULL;
+    if (fault_fail(FAULT_HOST_ALLOC))
+        return apex_fail(APEX_ERR_NO_MEMORY, "emulated device: pinned host allocation of %zu "
+                                             "bytes: cudaErrorMemoryAllocation (injected)", bytes);
     void *p = NULL;
     if (bytes > SIZE_MAX / 2 ||
         posix_memalign(&p, d->host_hdr, d->host_hdr + round_up(bytes ? bytes : 1, d->host_hdr)))
@@ -233,6 +241,30 @@ static apex_status emu_host_alloc(apex_device *dev, size_t bytes, void **out) {
 static void emu_host_free(apex_device *dev, void *p) {
     emu_device *d = emu(dev);
     emu_free_any(d, p, d->host_hdr, EMU_MAGIC_HOST);
+}
+
+/* Host memory is already device-visible here: registering only checks the
+ * arguments and counts, so the pinning path (and its failures) runs in CI. */
+static apex_status emu_host_register(apex_device *dev, void *p, size_t bytes) {
+    emu_device *d = emu(dev);
+    if (!p || bytes == 0)
+        return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: host_register(%p, %zu)", p, bytes);
+    if (fault_fail(FAULT_PIN))
+        return apex_fail(APEX_ERR_INTERNAL, "emulated device: host_register of %zu bytes: "
+                                            "cudaErrorHostMemoryAlreadyRegistered (injected)",
+                         bytes);
+    pthread_mutex_lock(&d->mu);
+    d->registered++;
+    pthread_mutex_unlock(&d->mu);
+    return APEX_OK;
+}
+
+static void emu_host_unregister(apex_device *dev, void *p) {
+    emu_device *d = emu(dev);
+    if (!p) return;
+    pthread_mutex_lock(&d->mu);
+    if (d->registered > 0) d->registered--;
+    pthread_mutex_unlock(&d->mu);
 }
 
 /* ------------------------------------------------ events (mutex held) */
@@ -475,6 +507,11 @@ static cmd *cmd_new(cmd_kind kind) {
     return c;
 }
 
+/* An injected failure of a call, as CUDA would report it. */
+static apex_status injected(const char *what, const char *cuda_error) {
+    return apex_fail(APEX_ERR_INTERNAL, "emulated device: %s: %s (injected)", what, cuda_error);
+}
+
 static apex_status no_cmd_memory(const char *what) {
     return apex_fail(APEX_ERR_NO_MEMORY, "emulated device: %s: out of host memory", what);
 }
@@ -500,6 +537,7 @@ static apex_status emu_stream_create(apex_device *dev, device_stream **out) {
     emu_device *d = emu(dev);
     if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: stream_create: out is NULL");
     *out = NULL;
+    if (fault_fail(FAULT_EVENT)) return injected("stream_create", "cudaErrorMemoryAllocation");
     device_stream *s = calloc(1, sizeof *s);
     if (!s) return no_cmd_memory("stream_create");
     pthread_mutex_lock(&d->mu);
@@ -545,6 +583,10 @@ static apex_status emu_stream_sync(apex_device *dev, device_stream *s) {
 static apex_status emu_event_create(apex_device *dev, device_event **out) {
     emu_device *d = emu(dev);
     if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: event_create: out is NULL");
+    if (fault_fail(FAULT_EVENT)) {
+        *out = NULL;
+        return injected("event_create", "cudaErrorMemoryAllocation");
+    }
     device_event *e = calloc(1, sizeof *e);
     *out = e;
     if (!e) return no_cmd_memory("event_create");
@@ -570,6 +612,7 @@ static apex_status emu_event_record(apex_device *dev, device_event *e, device_st
     apex_status st = check_stream(s, "event_record");
     if (st) return st;
     if (!e) return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: event_record: event is NULL");
+    if (fault_fail(FAULT_EVENT)) return injected("event_record", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_RECORD);
     if (!c) return no_cmd_memory("event_record");
     c->u.event.ev = e;
@@ -588,6 +631,7 @@ static apex_status emu_event_wait(apex_device *dev, device_stream *s, device_eve
     apex_status st = check_stream(s, "event_wait");
     if (st) return st;
     if (!e) return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: event_wait: event is NULL");
+    if (fault_fail(FAULT_EVENT)) return injected("event_wait", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_WAIT_EVENT);
     if (!c) return no_cmd_memory("event_wait");
     pthread_mutex_lock(&d->mu);
@@ -635,6 +679,7 @@ static apex_status emu_memcpy_async(apex_device *dev, void *dst, const void *src
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "emulated device: memcpy_async of %zu bytes with a NULL %s", bytes,
                          dst ? "source" : "destination");
+    if (fault_fail(FAULT_COPY)) return injected("memcpy_async", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_COPY);
     if (!c) return no_cmd_memory("memcpy_async");
     c->u.copy.dst = dst;
@@ -651,6 +696,7 @@ static apex_status emu_wait_flag(apex_device *dev, device_stream *s, const uint3
     if (!flag || ((uintptr_t)flag & 3))
         return apex_fail(APEX_ERR_INVALID_ARG, "emulated device: wait_flag: flag %p is %s",
                          (const void *)flag, flag ? "not 4-byte aligned" : "NULL");
+    if (fault_fail(FAULT_EVENT)) return injected("wait_flag", "CUDA_ERROR_LAUNCH_FAILED");
     cmd *c = cmd_new(CMD_WAIT_FLAG);
     if (!c) return no_cmd_memory("wait_flag");
     c->u.flag.flag = flag;
@@ -708,6 +754,7 @@ static apex_status emu_paged_decode(apex_device *dev, const apex_cuda_decode *a,
     apex_status st = check_stream(s, "paged_decode");
     if (st || (st = check_decode(a))) return st;
     if (a->n_seqs == 0) return APEX_OK;
+    if (fault_fail(FAULT_LAUNCH)) return injected("paged_decode", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_DECODE);
     if (!c) return no_cmd_memory("paged_decode");
     c->u.decode = *a;
@@ -744,6 +791,7 @@ static apex_status emu_kv_append(apex_device *dev, const apex_cuda_kv_append *a,
     apex_status st = check_stream(s, "kv_append");
     if (st || (st = check_kv_append(a))) return st;
     if (a->n_rows == 0) return APEX_OK;
+    if (fault_fail(FAULT_LAUNCH)) return injected("kv_append", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_KV_APPEND);
     if (!c) return no_cmd_memory("kv_append");
     c->u.append = *a;
@@ -779,6 +827,7 @@ static apex_status emu_prefill(apex_device *dev, const apex_cuda_prefill *a, dev
     apex_status st = check_stream(s, "prefill");
     if (st || (st = check_prefill(a))) return st;
     if (a->n_tokens == 0) return APEX_OK;
+    if (fault_fail(FAULT_LAUNCH)) return injected("prefill", "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_PREFILL);
     if (!c) return no_cmd_memory("prefill");
     c->u.prefill = *a;
@@ -805,6 +854,7 @@ static apex_status enqueue_rows(apex_device *dev, const apex_cuda_rows *t, int n
                              "emulated %s: tensor %d has a NULL pointer or row_bytes %zu above "
                              "its strides (%zu, %zu)",
                              what, k, t[k].row_bytes, t[k].src_stride, t[k].dst_stride);
+    if (fault_fail(FAULT_LAUNCH)) return injected(what, "cudaErrorLaunchFailure");
     cmd *c = cmd_new(CMD_ROWS);
     if (!c) return no_cmd_memory(what);
     memcpy(c->u.rows.t, t, (size_t)n_tensors * sizeof *t);
@@ -870,6 +920,8 @@ static const device_iface emu_iface = {
     .mem_free_bytes = emu_mem_free_bytes,
     .host_alloc = emu_host_alloc,
     .host_free = emu_host_free,
+    .host_register = emu_host_register,
+    .host_unregister = emu_host_unregister,
     .stream_create = emu_stream_create,
     .stream_destroy = emu_stream_destroy,
     .stream_sync = emu_stream_sync,

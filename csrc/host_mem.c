@@ -5,9 +5,15 @@
 #include <sys/mman.h>
 
 #include "csrc/error.h"
+#include "csrc/fault.h"
 
 void *host_mem_alloc(const cpu_workers *w, size_t bytes) {
     if (bytes == 0) bytes = 1;
+    if (fault_fail(FAULT_HOST_ALLOC)) {
+        apex_fail(APEX_ERR_NO_MEMORY, "host KV pool: cannot map %zu bytes (injected ENOMEM)",
+                  bytes);
+        return NULL;
+    }
     /* mmap, not malloc: page-aligned, returned to the OS on free, and a
      * request larger than the machine can back fails cleanly (ENOMEM)
      * instead of aborting inside an allocator. */

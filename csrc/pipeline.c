@@ -11,10 +11,12 @@
 
 #define ALIGN 256
 
-/* Next ALIGN-aligned piece of `bytes` from a buffer walk. */
-static void *carve(uint8_t **p, size_t bytes) {
-    uintptr_t a = ((uintptr_t)*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
-    *p = (uint8_t *)a + bytes;
+/* Next ALIGN-aligned piece of `bytes` from a buffer walk. Addresses are
+ * integers here: a walk from 0 only measures (no pointer arithmetic on a
+ * null pointer, which is undefined). */
+static void *carve(uintptr_t *p, size_t bytes) {
+    uintptr_t a = (*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
+    *p = a + bytes;
     return (void *)a;
 }
 
@@ -24,7 +26,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
                      size_t row_q, size_t row_kv) {
     stage_slot dummy;
     if (!base) sl = &dummy;
-    uint8_t *p = base ? base : (uint8_t *)0;
+    uintptr_t p = (uintptr_t)base; /* 0: measuring */
     if (host) {
         sl->h_lens = carve(&p, B * 4);
         sl->h_table = carve(&p, (B * mb + 1) * 4); /* +1: prefill's cu_seqlens */
@@ -51,7 +53,7 @@ static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t m
         sl->d_k = carve(&p, B * row_kv);
         sl->d_v = carve(&p, B * row_kv);
     }
-    return (size_t)(p - (base ? base : (uint8_t *)0)) + ALIGN;
+    return (size_t)(p - (uintptr_t)base) + ALIGN;
 }
 
 apex_status pipeline_init(apex_context *ctx) {
@@ -93,7 +95,7 @@ apex_status pipeline_init(apex_context *ctx) {
     }
     size_t qb = B * pl->row_q_bytes + ALIGN, kb = B * pl->row_kv_bytes + ALIGN;
     if ((st = f->mem_alloc(dev, 2 * qb + 2 * kb, &pl->d_sync))) return st;
-    uint8_t *p = pl->d_sync;
+    uintptr_t p = (uintptr_t)pl->d_sync;
     pl->d_q_sync = carve(&p, B * pl->row_q_bytes);
     pl->d_out_sync = carve(&p, B * pl->row_q_bytes);
     pl->d_k_sync = carve(&p, B * pl->row_kv_bytes);
@@ -158,10 +160,24 @@ static stage_slot *acquire(pipeline *pl) {
     return sl;
 }
 
-static void finish(pipeline *pl, stage_slot *sl, device_stream *s) {
-    pl->dev->iface->event_record(pl->dev, sl->done, s);
+static apex_status finish(pipeline *pl, stage_slot *sl, device_stream *s) {
+    apex_status st = pl->dev->iface->event_record(pl->dev, sl->done, s);
+    if (st) return st; /* the caller abandons: waits for s itself */
     sl->used = 1;
     pl->last_done = sl->done;
+    return APEX_OK;
+}
+
+/* A call the device refused midway: waits for everything it enqueued (on
+ * s, the copy stream and the CPU worker) so that nothing it started can
+ * still touch its staging slot or the caller's memory; returns st. */
+static apex_status abandon(pipeline *pl, device_stream *s, apex_status st) {
+    const device_iface *f = pl->dev->iface;
+    cpu_jobs_drain(&pl->jobs);
+    if (s) f->stream_sync(pl->dev, s);
+    f->stream_sync(pl->dev, pl->copy_stream);
+    f->stream_sync(pl->dev, pl->own_stream);
+    return st;
 }
 
 /* ---- CPU jobs (run on the worker thread) */
@@ -209,9 +225,9 @@ static void job_attention(void *arg) {
         if (st_) return st_;           \
     } while (0)
 
-apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
-                              const int32_t *pos, const void *k, const void *v, apex_dtype dt,
-                              device_stream *s) {
+static apex_status kv_write_enqueue(apex_context *ctx, int32_t layer, int32_t n,
+                                   const int32_t *seqs, const int32_t *pos, const void *k,
+                                   const void *v, apex_dtype dt, device_stream *s) {
     pipeline *pl = &ctx->pipe;
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
@@ -258,13 +274,19 @@ apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const
         sl->dtype_in = dt;
         sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_kv_write, sl, sl->ev_down});
     }
-    finish(pl, sl, s);
-    return APEX_OK;
+    return finish(pl, sl, s);
 }
 
-apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
-                               const int32_t *seqs, const void *q, void *out,
-                               const apex_attn_opts *o, device_stream *s) {
+apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                              const int32_t *pos, const void *k, const void *v, apex_dtype dt,
+                              device_stream *s) {
+    apex_status st = kv_write_enqueue(ctx, layer, n, seqs, pos, k, v, dt, s);
+    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
+}
+
+static apex_status attention_enqueue(apex_context *ctx, int32_t layer, int32_t n,
+                                     const int32_t *seqs, const void *q, void *out,
+                                     const apex_attn_opts *o, device_stream *s) {
     pipeline *pl = &ctx->pipe;
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
@@ -347,16 +369,23 @@ apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
                             .dst_stride = orow, .row_bytes = orow};
         TRY(f->scatter_rows(dev, &t, 1, sl->d_idx_c, n_c, s));
     }
-    finish(pl, sl, s);
+    TRY(finish(pl, sl, s));
     ctx->stats.seqs_attended_device += (uint64_t)n_g;
     ctx->stats.seqs_attended_host += (uint64_t)n_c;
     return APEX_OK;
 }
 
-apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
-                             const int32_t *n_tokens, const void *q, const void *k,
-                             const void *v, void *out, const apex_attn_opts *o,
-                             device_stream *s) {
+apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
+                               const int32_t *seqs, const void *q, void *out,
+                               const apex_attn_opts *o, device_stream *s) {
+    apex_status st = attention_enqueue(ctx, layer, n, seqs, q, out, o, s);
+    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
+}
+
+static apex_status prefill_enqueue(apex_context *ctx, int32_t layer, int32_t n,
+                                   const int32_t *seqs, const int32_t *n_tokens, const void *q,
+                                   const void *k, const void *v, void *out,
+                                   const apex_attn_opts *o, device_stream *s) {
     pipeline *pl = &ctx->pipe;
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
@@ -390,25 +419,37 @@ apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const 
         .softcap = o->softcap, .window = o->window, .kv = NULL,
     };
     TRY(f->prefill(dev, &a, s));
-    finish(pl, sl, s);
-    return APEX_OK;
+    return finish(pl, sl, s);
 }
 
-void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
+apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                             const int32_t *n_tokens, const void *q, const void *k,
+                             const void *v, void *out, const apex_attn_opts *o,
+                             device_stream *s) {
+    apex_status st = prefill_enqueue(ctx, layer, n, seqs, n_tokens, q, k, v, out, o, s);
+    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
+}
+
+static apex_status copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
     pipeline *pl = &ctx->pipe;
     const device_iface *f = pl->dev->iface;
     block_pool *p = &ctx->pools[APEX_TIER_DEVICE];
-    if (pl->last_done) f->event_wait(pl->dev, pl->own_stream, pl->last_done);
+    if (pl->last_done) TRY(f->event_wait(pl->dev, pl->own_stream, pl->last_done));
     for (int32_t l = 0; l < p->n_layers; l++)
-        f->memcpy_async(pl->dev, block_pool_at(p, l, dst), block_pool_at(p, l, src),
-                        p->block_bytes, pl->own_stream);
-    f->event_record(pl->dev, pl->ev_copies, pl->own_stream);
+        TRY(f->memcpy_async(pl->dev, block_pool_at(p, l, dst), block_pool_at(p, l, src),
+                            p->block_bytes, pl->own_stream));
+    return f->event_record(pl->dev, pl->ev_copies, pl->own_stream);
+}
+
+apex_status pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
+    apex_status st = copy_device_block(ctx, dst, src);
+    return st ? abandon(&ctx->pipe, NULL, st) : APEX_OK;
 }
 
 static void job_barrier(void *arg) { (void)arg; }
 
-void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
-                                 const int32_t *dst, int32_t n) {
+static apex_status copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
+                                      const int32_t *dst, int32_t n) {
     pipeline *pl = &ctx->pipe;
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
@@ -419,15 +460,21 @@ void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_
     stage_slot *sl = acquire(pl);
     /* Host blocks may still be written by queued CPU jobs, device blocks by
      * the engine stream's queued work: the copy waits for both. */
-    f->wait_flag(dev, pl->own_stream, pl->jobs.flag, pl->jobs.submitted);
-    if (pl->last_done) f->event_wait(dev, pl->own_stream, pl->last_done);
+    TRY(f->wait_flag(dev, pl->own_stream, pl->jobs.flag, pl->jobs.submitted));
+    if (pl->last_done) TRY(f->event_wait(dev, pl->own_stream, pl->last_done));
     for (int32_t l = 0; l < ps->n_layers; l++)
         for (int32_t i = 0; i < n; i++)
-            f->memcpy_async(dev, block_pool_at(pd, l, dst[i]), block_pool_at(ps, l, src[i]),
-                            ps->block_bytes, pl->own_stream);
-    f->event_record(dev, pl->ev_copies, pl->own_stream); /* later calls wait on it */
-    f->event_record(dev, sl->ev_down, pl->own_stream);
+            TRY(f->memcpy_async(dev, block_pool_at(pd, l, dst[i]), block_pool_at(ps, l, src[i]),
+                                ps->block_bytes, pl->own_stream));
+    TRY(f->event_record(dev, pl->ev_copies, pl->own_stream)); /* later calls wait on it */
+    TRY(f->event_record(dev, sl->ev_down, pl->own_stream));
     /* Later CPU jobs may reuse the freed host blocks: they start after it. */
     sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_barrier, NULL, sl->ev_down});
-    finish(pl, sl, pl->own_stream);
+    return finish(pl, sl, pl->own_stream);
+}
+
+apex_status pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
+                                        const int32_t *dst, int32_t n) {
+    apex_status st = copy_between_tiers(ctx, from, src, dst, n);
+    return st ? abandon(&ctx->pipe, NULL, st) : APEX_OK;
 }

@@ -87,13 +87,17 @@ apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const 
 
 /* Copy-on-write of a device block (all layers), ordered after the engine
  * stream's work so far and before its next call. */
-void pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src);
+apex_status pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src);
 
 /* Copies n blocks (all layers) between tiers for a migration: after every
  * CPU job and engine-stream call so far, before every later one (the
  * engine stream waits on ev_copies; the worker on a barrier job). */
-void pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
-                                 const int32_t *dst, int32_t n);
+apex_status pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
+                                        const int32_t *dst, int32_t n);
+/* The copy functions above and the enqueue paths, when the device refuses
+ * a call midway, wait for what they did enqueue before returning the
+ * error, so no half-enqueued work outlives the call (its staging slot, the
+ * caller's buffers and blocks the caller then releases are safe to reuse). */
 
 /* Waits for everything: the CPU worker and every stream. */
 void pipeline_sync(apex_context *ctx);

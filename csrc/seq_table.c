@@ -100,7 +100,11 @@ apex_status seq_table_reserve(seq_table *t, int32_t seq, int32_t n,
     if (cow) {
         int32_t old = row[e->n_blocks - 1];
         int32_t fresh = block_pool_alloc(p);
-        t->copy_block(t->copy_user, e->tier, fresh, old);
+        apex_status st = t->copy_block(t->copy_user, e->tier, fresh, old);
+        if (st) {
+            block_pool_unref(p, fresh);
+            return st;
+        }
         block_pool_unref(p, old);
         row[e->n_blocks - 1] = fresh;
         t->cow_copies++;
@@ -143,8 +147,9 @@ apex_status seq_table_free(seq_table *t, int32_t seq) {
 }
 
 apex_status seq_table_move(seq_table *t, int32_t seq, apex_tier tier,
-                           void (*copy_blocks)(void *user, apex_tier from, const int32_t *src,
-                                               const int32_t *dst, int32_t n),
+                           apex_status (*copy_blocks)(void *user, apex_tier from,
+                                                      const int32_t *src, const int32_t *dst,
+                                                      int32_t n),
                            void *user) {
     const seq_entry *ce = seq_table_get(t, seq);
     if (!ce) return get_status(t, seq);
@@ -164,7 +169,12 @@ apex_status seq_table_move(seq_table *t, int32_t seq, apex_tier tier,
     int32_t *fresh = malloc((size_t)(e->n_blocks ? e->n_blocks : 1) * sizeof *fresh);
     if (!fresh) return apex_fail(APEX_ERR_NO_MEMORY, "out of memory moving sequence %d", seq);
     for (int32_t i = 0; i < e->n_blocks; i++) fresh[i] = block_pool_alloc(to);
-    if (e->n_blocks) copy_blocks(user, e->tier, row, fresh, e->n_blocks);
+    apex_status st = e->n_blocks ? copy_blocks(user, e->tier, row, fresh, e->n_blocks) : APEX_OK;
+    if (st) {
+        for (int32_t i = 0; i < e->n_blocks; i++) block_pool_unref(to, fresh[i]);
+        free(fresh);
+        return st;
+    }
     for (int32_t i = 0; i < e->n_blocks; i++) {
         block_pool_unref(from, row[i]);
         row[i] = fresh[i];

@@ -32,7 +32,7 @@ typedef struct seq_table {
     uint64_t cow_copies;
     /* Copies block src to dst (all layers) of a tier; set by the context so
      * copies are ordered with in-flight device and CPU work. */
-    void (*copy_block)(void *user, apex_tier tier, int32_t dst, int32_t src);
+    apex_status (*copy_block)(void *user, apex_tier tier, int32_t dst, int32_t src);
     void *copy_user;
 } seq_table;
 
@@ -49,10 +49,14 @@ apex_status seq_table_fork(seq_table *t, int32_t src, int32_t dst);
 apex_status seq_table_free(seq_table *t, int32_t seq);
 
 /* Moves seq to tier: takes n_blocks fresh blocks there (all or nothing),
- * lets copy_blocks copy the contents, then drops the old blocks. */
+ * lets copy_blocks copy the contents, then drops the old blocks. A copy
+ * that fails (it returns only once nothing it enqueued is pending) gives
+ * the fresh blocks back and leaves seq where it was. The same holds for
+ * the copy-on-write copy_block of a reserve. */
 apex_status seq_table_move(seq_table *t, int32_t seq, apex_tier tier,
-                           void (*copy_blocks)(void *user, apex_tier from, const int32_t *src,
-                                               const int32_t *dst, int32_t n),
+                           apex_status (*copy_blocks)(void *user, apex_tier from,
+                                                      const int32_t *src, const int32_t *dst,
+                                                      int32_t n),
                            void *user);
 
 /* The active sequence in slot seq, or NULL with an error message set. */

@@ -214,6 +214,12 @@ static int supports_fa(const struct ggml_tensor *op) {
     }
     /* Shapes outside llama.cpp's usual ones: not a model decision, no log. */
     if (q->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F32) return 0;
+    /* Op params the kernel refuses (cpu_attn_strided_check) stay with ggml-cpu,
+     * which takes any (fuzz_ggml: a negative softcap was accepted, then failed). */
+    float scale, softcap;
+    memcpy(&scale, (const float *)op->op_params + 0, sizeof scale);
+    memcpy(&softcap, (const float *)op->op_params + 2, sizeof softcap);
+    if (!(scale != 0.0f) || !isfinite(scale) || !(softcap >= 0.0f) || !isfinite(softcap)) return 0;
     if (q->ne[0] != k->ne[0] || q->ne[2] % k->ne[2] != 0 || v->ne[2] != k->ne[2]) return 0;
     if (k->ne[1] != v->ne[1] || q->ne[3] != k->ne[3] || v->ne[3] != k->ne[3]) return 0;
     if (q->nb[0] != sizeof(float) || k->nb[0] != ggml_type_size(k->type) || v->nb[0] != ggml_type_size(v->type))

@@ -18,9 +18,11 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* Counts a failure on a mutable context and passes the status through. */
-static apex_status counted(apex_context *ctx, apex_status st) {
-    if (st != APEX_OK && ctx) ctx->stats.errors++;
+/* Counts a failure in the context's stats and passes the status through.
+ * Takes const contexts too: the error counter is the one thing a query
+ * (kv_read, seq_get_info, stats_get) may change, as apex.h says. */
+static apex_status counted(const apex_context *ctx, apex_status st) {
+    if (st != APEX_OK && ctx) ((apex_context *)ctx)->stats.errors++;
     return st;
 }
 
@@ -52,7 +54,7 @@ APEX_API apex_status apex_context_destroy(apex_context *ctx) {
 
 APEX_API apex_status apex_context_config(const apex_context *ctx, apex_config *out) {
     CHECK_CTX(ctx);
-    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_context_config: out is NULL");
+    if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_context_config: out is NULL"));
     *out = ctx->cfg;
     return APEX_OK;
 }
@@ -65,6 +67,10 @@ APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_
 
 APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
     CHECK_CTX(ctx);
+    if (ctx->claimed)
+        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                      "apex_seq_add: the engine claimed every block of this "
+                                      "context (apex_paged_claim): it has no sequences"));
     apex_status st = seq_table_add(&ctx->seqs, seq, tier);
     if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[seq] = 0; /* a new request */
     return counted(ctx, st);
@@ -91,9 +97,9 @@ APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq) {
 APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
                                        apex_seq_info *out) {
     CHECK_CTX(ctx);
-    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_seq_get_info: out is NULL");
+    if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_seq_get_info: out is NULL"));
     const seq_entry *e = seq_table_get(&ctx->seqs, seq);
-    if (!e) return APEX_ERR_UNKNOWN_SEQ;
+    if (!e) return counted(ctx, APEX_ERR_UNKNOWN_SEQ);
     const block_pool *p = seq_table_pool(&ctx->seqs, e);
     const int32_t *row = seq_table_row(&ctx->seqs, seq);
     int32_t shared = 0;
@@ -160,6 +166,7 @@ APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
     double t0 = now_seconds();
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
     if (st) return counted(ctx, st);
+    if (n == 0) return APEX_OK; /* an empty batch: nothing to do */
     size_t count = (size_t)n * (size_t)ctx->cfg.n_kv_heads * (size_t)ctx->cfg.head_dim;
     int64_t bad_k = first_nonfinite(k, src_dtype, count);
     int64_t bad = bad_k >= 0 ? bad_k : first_nonfinite(v, src_dtype, count);
@@ -181,9 +188,10 @@ APEX_API apex_status apex_kv_read(const apex_context *ctx, int32_t layer, int32_
                                   apex_dtype dst_dtype) {
     CHECK_CTX(ctx);
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, dst_dtype, 0);
-    if (st) return st;
+    if (st) return counted(ctx, st);
+    if (n == 0) return APEX_OK;
     /* Logically const: it only waits for in-flight work before reading. */
-    return context_kv_read((apex_context *)ctx, layer, n, seqs, pos, k, v, dst_dtype);
+    return counted(ctx, context_kv_read((apex_context *)ctx, layer, n, seqs, pos, k, v, dst_dtype));
 }
 
 /* ----------------------------------------------------------- attention */
@@ -201,11 +209,11 @@ static apex_status check_attention(apex_context *ctx, const char *fn, int32_t la
     if (layer < 0 || layer >= ctx->cfg.n_layers)
         return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, layer,
                          ctx->cfg.n_layers);
-    if (n < 1 || n > ctx->cfg.max_batch)
+    if (n < 0 || n > ctx->cfg.max_batch)
         return apex_fail(APEX_ERR_OUT_OF_RANGE,
-                         "%s: batch of %d sequences outside [1, max_batch %d]", fn, n,
+                         "%s: batch of %d sequences outside [0, max_batch %d]", fn, n,
                          ctx->cfg.max_batch);
-    if (!seqs || !q || !out)
+    if (n > 0 && (!seqs || !q || !out))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: seqs, q and out must not be NULL", fn);
     apex_status st = apex_attn_opts_resolve(&ctx->cfg, fn, opts, o);
     if (st) return st;
@@ -216,6 +224,11 @@ static apex_status check_attention(apex_context *ctx, const char *fn, int32_t la
             return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: sequence %d has no tokens to attend",
                              fn, seqs[i]);
     }
+    int32_t rep = context_first_repeat(ctx, n, seqs);
+    if (rep >= 0)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: sequence %d is listed twice (batch rows must be distinct "
+                         "sequences; row %d repeats it)", fn, seqs[rep], rep);
     return APEX_OK;
 }
 
@@ -228,6 +241,7 @@ APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
     apex_attn_opts o;
     apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
     if (st) return counted(ctx, st);
+    if (n == 0) return APEX_OK; /* an empty batch: nothing to do */
     size_t row_el = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
     int64_t bad = first_nonfinite(q, o.q_dtype, (size_t)n * row_el);
     if (bad >= 0)
@@ -323,13 +337,14 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     apex_attn_opts o;
     apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
     if (st) return counted(ctx, st);
-    for (int32_t i = 0; i < n; i++) {
+    if (n == 0) return APEX_OK;
+    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
+    if (st) return counted(ctx, st);
+    for (int32_t i = 0; i < n; i++) { /* counted once the call succeeded */
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
         int32_t start = o.window > 0 && e->len > o.window ? e->len - o.window : 0;
         ctx->stats.kv_tokens_attended += (uint64_t)(e->len - start);
     }
-    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
-    if (st) return counted(ctx, st);
     ctx->stats.attention_calls++;
     /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
@@ -343,12 +358,13 @@ APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_
                                         const apex_attn_opts *opts, apex_stream s) {
     CHECK_DEV(ctx);
     const char *fn = __func__;
-    if (!s || !n_tokens || !k || !v)
+    if (!s || (n > 0 && (!n_tokens || !k || !v)))
         return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
                                       "%s: stream, n_tokens, k and v must not be NULL", fn));
     apex_attn_opts o;
     apex_status st = check_attention(ctx, fn, layer, n, seqs, q, out, opts, &o);
     if (st) return counted(ctx, st);
+    if (n == 0) return APEX_OK;
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
         if (n_tokens[i] < 1 || n_tokens[i] != e->len)
@@ -362,10 +378,6 @@ APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_
                 return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
                                               "%s: sequence %d shares blocks (forked): prefill "
                                               "writes only fresh sequences", fn, seqs[i]));
-        for (int32_t j = 0; j < i; j++)
-            if (seqs[j] == seqs[i])
-                return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                              "%s: sequence %d listed twice", fn, seqs[i]));
     }
     st = pipeline_prefill(ctx, layer, n, seqs, n_tokens, q, k, v, out, &o, STREAM(s));
     if (st) return counted(ctx, st);
@@ -396,7 +408,7 @@ APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds) 
 
 APEX_API apex_status apex_stats_get(const apex_context *ctx, apex_stats *out) {
     CHECK_CTX(ctx);
-    if (!out) return apex_fail(APEX_ERR_INVALID_ARG, "apex_stats_get: out is NULL");
+    if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_stats_get: out is NULL"));
     *out = ctx->stats;
     out->cow_copies = ctx->seqs.cow_copies;
     for (int t = 0; t < 2; t++) {

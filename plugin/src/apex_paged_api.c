@@ -36,11 +36,8 @@ static int64_t paged_total(const apex_context *ctx) {
     return (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks + ctx->pools[APEX_TIER_HOST].n_blocks;
 }
 
-/* Claimed: no sequence exists, yet no block is free (only a claim does that). */
-static int paged_claimed(const apex_context *ctx) {
-    return ctx->seqs.n_active == 0 && ctx->pools[APEX_TIER_DEVICE].n_free == 0 &&
-           ctx->pools[APEX_TIER_HOST].n_free == 0;
-}
+/* Claimed: apex_paged_claim ran (apex_seq_add refuses from then on). */
+static int paged_claimed(const apex_context *ctx) { return ctx->claimed; }
 
 /* Resolves an engine block id to its tier and block there, or fails
  * without side effects. */
@@ -136,6 +133,7 @@ APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks) {
         pipeline_sync(ctx);
         for (int t = 0; t < 2; t++)
             while (block_pool_alloc(&ctx->pools[t]) >= 0) {}
+        ctx->claimed = 1;
     }
     if (n_blocks) *n_blocks = paged_total(ctx);
     return APEX_OK;
@@ -307,14 +305,16 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc[0] is %d, not 0", fn, qsl[0]);
     int32_t bt = ctx->cfg.block_tokens;
     for (int32_t i = 0; i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i], len = seq_lens[i];
+        /* 64-bit: arbitrary entries must not overflow before they are checked. */
+        int64_t ql = (int64_t)qsl[i + 1] - qsl[i];
+        int32_t len = seq_lens[i];
         if (ql < 0)
             return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc decreases at %d", fn, i);
         if (ql == 0) continue;
         if (len < ql || len > ctx->cfg.max_seq_len)
             return apex_fail(APEX_ERR_OUT_OF_RANGE,
-                             "%s: sequence %d: length %d outside [q_len %d, max_seq_len %d]", fn,
-                             i, len, ql, ctx->cfg.max_seq_len);
+                             "%s: sequence %d: length %d outside [q_len %lld, max_seq_len %d]", fn,
+                             i, len, (long long)ql, ctx->cfg.max_seq_len);
         int32_t nb = (len + bt - 1) / bt;
         if (stride < nb)
             return apex_fail(APEX_ERR_INVALID_ARG,
@@ -577,9 +577,11 @@ static apex_status paged_attend_mixed(apex_context *ctx, int32_t layer, int32_t 
     paged_cpu p = {0};
     apex_status st = APEX_OK;
     for (int32_t i = 0; !st && i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i], nb = (seq_lens[i] + bt - 1) / bt;
+        int32_t ql = qsl[i + 1] - qsl[i];
+        if (ql == 0) continue; /* skipped: its length was not checked (fuzz_paged) */
+        int32_t nb = (seq_lens[i] + bt - 1) / bt;
         const int32_t *ids = table + (size_t)i * stride;
-        if (ql == 0 || paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
+        if (paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
         if (!scratch && (st = paged_scratch(ctx, &scratch, &ident))) break;
         ctx->fallbacks++; /* the slow path: reported in APEX_METRICS_FILE */
         uint64_t unused = 0; /* the first row starts the earliest */
@@ -632,6 +634,7 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
     apex_status st = paged_check_attention(ctx, layer, n_seqs, query_start_loc, seq_lens,
                                            block_table, block_table_stride, q, out, opts, &o);
     if (st) return paged_counted(ctx, st);
+    if (n_seqs == 0) return APEX_OK; /* an empty batch (apex.h): nothing to do */
     pipeline_sync(ctx);
     cpu_workers_pin(&ctx->workers);
     /* Every query row is a decode problem with its own causal length. A

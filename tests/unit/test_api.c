@@ -7,6 +7,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 #include "cpu_attn/dtype_convert.h"
 #include "apex/apex_paged.h"
@@ -311,7 +313,7 @@ static void test_bad_attention(void **state) {
     for (int i = 0; i < (MAXB + 1) * HQ * D; i++) q[i] = 0.25f;
     int32_t seqs[MAXB + 1] = {0, 1, 2, 3, 0};
     BAD(&f, apex_attention(f.ctx, L, 1, seqs, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
-    BAD(&f, apex_attention(f.ctx, 0, 0, seqs, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
+    BAD(&f, apex_attention(f.ctx, 0, -1, seqs, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
     BAD(&f, apex_attention(f.ctx, 0, MAXB + 1, seqs, q, out, NULL), APEX_ERR_OUT_OF_RANGE);
     BAD(&f, apex_attention(f.ctx, 0, 1, NULL, q, out, NULL), APEX_ERR_INVALID_ARG);
     BAD(&f, apex_attention(f.ctx, 0, 1, seqs, NULL, out, NULL), APEX_ERR_INVALID_ARG);
@@ -331,6 +333,10 @@ static void test_bad_attention(void **state) {
     BAD(&f, apex_attention(f.ctx, 0, 1, seqs, q, out, &o), APEX_ERR_INVALID_ARG);
     int32_t ghost[2] = {1, 5};
     BAD(&f, apex_attention(f.ctx, 0, 2, ghost, q, out, NULL), APEX_ERR_UNKNOWN_SEQ);
+    /* A batch names distinct sequences. */
+    int32_t twice[3] = {2, 1, 2};
+    BAD(&f, apex_attention(f.ctx, 0, 3, twice, q, out, NULL), APEX_ERR_INVALID_ARG);
+    assert_non_null(strstr(bad_msg, "listed twice"));
     /* An empty sequence has nothing to attend. */
     assert_ok(apex_seq_add(f.ctx, 5, APEX_TIER_HOST));
     int32_t empty[1] = {5};
@@ -349,6 +355,81 @@ static void test_bad_attention(void **state) {
     o.q_dtype = APEX_DTYPE_F16;
     BAD(&f, apex_attention(f.ctx, 0, 1, seqs, qh, out, &o), APEX_ERR_INVALID_ARG);
     teardown_fixture(&f);
+}
+
+/* n = 0 means one thing everywhere: an empty batch, APEX_OK, nothing done,
+ * NULL arrays allowed; the layer and options are still checked. */
+static void test_empty_batches(void **state) {
+    (void)state;
+    fixture f;
+    setup_fixture(&f);
+    apex_stats st0, st1;
+    assert_ok(apex_stats_get(f.ctx, &st0));
+    snapshot s;
+    take(&f, &s);
+    assert_ok(apex_attention(f.ctx, 0, 0, NULL, NULL, NULL, NULL));
+    assert_ok(apex_kv_write(f.ctx, 1, 0, NULL, NULL, NULL, NULL, APEX_DTYPE_F32));
+    assert_ok(apex_kv_read(f.ctx, 1, 0, NULL, NULL, NULL, NULL, APEX_DTYPE_F32));
+    assert_unchanged(&f, &s);
+    assert_ok(apex_stats_get(f.ctx, &st1));
+    /* Only the snapshots' lookups of the free slots 4 and 5 failed. */
+    assert_int_equal(st1.errors, st0.errors + 2 * 2);
+    assert_int_equal(st1.attention_calls, st0.attention_calls);
+    assert_int_equal(st1.kv_rows_written, st0.kv_rows_written);
+    BAD(&f, apex_attention(f.ctx, L, 0, NULL, NULL, NULL, NULL), APEX_ERR_OUT_OF_RANGE);
+    BAD(&f, apex_kv_write(f.ctx, -1, 0, NULL, NULL, NULL, NULL, APEX_DTYPE_F32),
+        APEX_ERR_OUT_OF_RANGE);
+    apex_attn_opts o = apex_attn_opts_default(f.ctx);
+    o.window = -1;
+    BAD(&f, apex_attention(f.ctx, 0, 0, NULL, NULL, NULL, &o), APEX_ERR_INVALID_ARG);
+    teardown_fixture(&f);
+}
+
+/* stats.errors counts every failed call on a context, queries included. */
+static void test_errors_counted(void **state) {
+    (void)state;
+    fixture f;
+    setup_fixture(&f);
+    apex_stats st;
+    assert_ok(apex_stats_reset(f.ctx));
+    int32_t seq = 5, pos = 0;
+    float k[HK * D], v[HK * D];
+    apex_seq_info info;
+    assert_status(apex_kv_read(f.ctx, 0, 1, &seq, &pos, k, v, APEX_DTYPE_F32), APEX_ERR_UNKNOWN_SEQ);
+    assert_status(apex_seq_get_info(f.ctx, 5, &info), APEX_ERR_UNKNOWN_SEQ);
+    assert_status(apex_seq_get_info(f.ctx, 0, NULL), APEX_ERR_INVALID_ARG);
+    assert_status(apex_stats_get(f.ctx, NULL), APEX_ERR_INVALID_ARG);
+    assert_status(apex_context_config(f.ctx, NULL), APEX_ERR_INVALID_ARG);
+    assert_ok(apex_stats_get(f.ctx, &st));
+    assert_int_equal(st.errors, 5);
+    teardown_fixture(&f);
+}
+
+/* A host pool the machine cannot hold fails at once, touching nothing
+ * large first (it used to fill 2^31-entry block tables, 8 GB, before the
+ * mapping failed). */
+static void test_huge_host_pool_fails_fast(void **state) {
+    (void)state;
+    apex_config c = small_config();
+    c.n_layers = 2;
+    c.n_kv_heads = 8;
+    c.n_q_heads = 8;
+    c.head_dim = 256;
+    c.block_tokens = 16;
+    c.host_blocks = INT32_MAX;
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    apex_context *ctx = (apex_context *)0x1;
+    assert_status(apex_context_create(&c, &ctx), APEX_ERR_NO_MEMORY);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    getrusage(RUSAGE_SELF, &r1);
+    assert_null(ctx);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    long grew_kb = r1.ru_maxrss - r0.ru_maxrss;
+    if (secs > 2.0 || grew_kb > 256 * 1024)
+        fail_msg("huge host pool: %.2f s, max RSS grew by %ld kB", secs, grew_kb);
 }
 
 static void test_version_and_isa(void **state) {
@@ -421,6 +502,9 @@ int main(void) {
         cmocka_unit_test(test_bad_sequences),
         cmocka_unit_test(test_bad_kv_write),
         cmocka_unit_test(test_bad_attention),
+        cmocka_unit_test(test_empty_batches),
+        cmocka_unit_test(test_errors_counted),
+        cmocka_unit_test(test_huge_host_pool_fails_fast),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

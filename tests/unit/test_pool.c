@@ -85,7 +85,10 @@ static void check_world(const world *w) {
             }
         }
     }
-    for (int i = 0; i < p->n_free; i++) on_stack[p->free_stack[i]]++;
+    /* Free: the released blocks on the stack, then the never-used ids. */
+    for (int i = 0; i < p->n_stacked; i++) on_stack[p->free_stack[i]]++;
+    for (int b = p->next_fresh; b < p->n_blocks; b++) on_stack[b]++;
+    assert_int_equal(p->n_stacked + p->n_blocks - p->next_fresh, p->n_free);
     int used = 0;
     for (int b = 0; b < BLOCKS; b++) {
         assert_int_equal(p->refcount[b], refs[b]);

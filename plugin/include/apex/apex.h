@@ -40,9 +40,16 @@
  *
  * Errors
  * ------
- * Every function returns an apex_status. On failure nothing changed, and
- * apex_last_error() returns a message (thread-local, valid until the next APEX
- * call on the same thread). APEX never aborts the host process.
+ * Every function returns an apex_status. On failure nothing changed (but
+ * the context's stats.errors, which counts every failed call on a non-NULL
+ * context, queries included), and apex_last_error() returns a message
+ * (thread-local, valid until the next APEX call on the same thread). APEX
+ * never aborts the host process.
+ *
+ * Empty batches: n = 0 (rows, sequences) is valid in every batched call
+ * (kv write/read, attention, prefill, their async and paged forms). The
+ * layer, dtypes and options are still checked; the arrays may be NULL;
+ * the call does nothing and returns APEX_OK (no counter moves).
  *
  * Threads
  * -------
@@ -263,7 +270,8 @@ APEX_API apex_attn_opts apex_attn_opts_default(const apex_context *ctx);
  *   q:   [n][n_q_heads][head_dim]   (q_dtype)
  *   out: [n][n_q_heads][head_dim]   (out_dtype)
  * opts may be NULL (defaults). A NaN or Inf in q is rejected before any
- * work. Every sequence must have len >= 1. */
+ * work. Every sequence must have len >= 1; a sequence named twice is
+ * APEX_ERR_INVALID_ARG. n = 0: APEX_OK, nothing done. */
 APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer,
                                     int32_t n, const int32_t *seqs,
                                     const void *q, void *out,
@@ -394,7 +402,8 @@ typedef struct apex_stats {
     uint64_t kv_rows_written;     /* (seq, pos) rows stored, all layers  */
     uint64_t cow_copies;          /* blocks copied on write              */
     uint64_t migrations[2];       /* sequences moved to [DEVICE], [HOST] */
-    uint64_t errors;              /* calls that returned an error        */
+    uint64_t errors;              /* calls on this context that returned
+                                     an error (queries included)       */
     int64_t blocks_used[2];       /* [APEX_TIER_DEVICE], [APEX_TIER_HOST] */
     int64_t blocks_free[2];
     int32_t seqs_active;

@@ -93,8 +93,8 @@ APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_b
 
 /* Hands every block of both tiers to the engine; *n_blocks (may be NULL)
  * gets device_blocks + host_blocks. Needs a context with no sequences;
- * afterwards apex_seq_add/reserve find no free block. Calling it again
- * returns the same count. */
+ * afterwards apex_seq_add is refused (APEX_ERR_INVALID_ARG): the context
+ * has no sequences of its own. Calling it again returns the same count. */
 APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks);
 
 /* Where layer's blocks of one tier live: *base (host memory for the host
