@@ -454,9 +454,12 @@ T512 static void item_avx512(const cpu_attn_strided_desc *d, const unit *u, int3
             const float *mrow = mv + (size_t)(qi % tt) * GROUP;
             __m512 vmax = ninf;
             for (int32_t j = 0; j < n; j += 16) {
-                __m512 x = _mm512_loadu_ps(row + j);
+                /* Lanes past n hold no score (qk_group writes n), only
+                 * whatever the scratch held, NaN included: read them as 0,
+                 * which the mask row's -inf there then hides. */
+                const __mmask16 in = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+                __m512 x = _mm512_maskz_loadu_ps(in, row + j);
                 if (cap != 0.0f) x = _mm512_mul_ps(capv, avx512_tanh16(x));
-                /* Lanes past n: the mask row's -inf. */
                 x = _mm512_add_ps(x, _mm512_loadu_ps(mrow + j));
                 _mm512_storeu_ps(row + j, x);
                 vmax = _mm512_max_ps(vmax, x);
