@@ -1,5 +1,6 @@
 #include "csrc/step_sched.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,6 +25,10 @@ void step_sched_destroy(step_sched *s) {
     free(s->action);
     free(s->chunk);
     free(s->waited);
+    sched_scratch_free(&s->pscratch);
+    free(s->pseqs);
+    free(s->paction);
+    free(s->pchunk);
     memset(s, 0, sizeof *s);
 }
 
@@ -80,6 +85,17 @@ static double catt_seconds(const apex_context *ctx) {
                     : ctx->stats.attention_seconds;
 }
 
+/* What CPU attention really took since the last plan corrects its model
+ * (nothing when APEX ran none: the correction ignores a zero). */
+static void correct_catt(apex_context *ctx) {
+    step_sched *s = &ctx->sched;
+    if (s->have_last && s->last.catt_s > 0) {
+        double measured = catt_seconds(ctx) - s->catt_mark_s;
+        apex_correction_update(&s->corr, APEX_C_CATT, s->last.catt_s / s->corr.f[APEX_C_CATT],
+                               measured);
+    }
+}
+
 apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
                             apex_step_decision *out, apex_step_plan *plan) {
     step_sched *s = &ctx->sched;
@@ -107,12 +123,7 @@ apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *
                 return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_step: sequence %d listed twice",
                                  items[i].seq);
     }
-    /* What CPU attention really took since the last plan corrects its model. */
-    if (s->have_last && s->last.catt_s > 0) {
-        double measured = catt_seconds(ctx) - s->catt_mark_s;
-        apex_correction_update(&s->corr, APEX_C_CATT, s->last.catt_s / s->corr.f[APEX_C_CATT],
-                               measured);
-    }
+    correct_catt(ctx);
     for (int32_t i = 0; i < n; i++) {
         sched_seq *q = &s->seqs[i];
         if (items[i].seq < 0) {
@@ -203,5 +214,121 @@ apex_status step_sched_observe(apex_context *ctx, double step_seconds) {
     double lin = step_seconds - rest;
     if (s->last.lin_s > 0 && lin > 0)
         apex_correction_update(&s->corr, APEX_C_LIN, s->last.lin_s / s->corr.f[APEX_C_LIN], lin);
+    return APEX_OK;
+}
+
+/* Room for n items in the place arrays (grown, never shrunk). */
+static apex_status place_room(step_sched *s, int32_t n) {
+    if (n <= s->pcapacity) return APEX_OK;
+    int32_t cap = s->pcapacity ? s->pcapacity : 16;
+    while (cap < n) cap *= 2;
+    sched_seq *q = calloc((size_t)cap, sizeof *q);
+    int32_t *a = calloc((size_t)cap, sizeof *a), *c = calloc((size_t)cap, sizeof *c);
+    sched_scratch sc;
+    memset(&sc, 0, sizeof sc);
+    if (!q || !a || !c || sched_scratch_init(&sc, cap) != SCHED_OK) {
+        free(q), free(a), free(c);
+        return apex_fail(APEX_ERR_NO_MEMORY, "apex_sched_place: out of memory for %d items", n);
+    }
+    sched_scratch_free(&s->pscratch);
+    free(s->pseqs), free(s->paction), free(s->pchunk);
+    s->pseqs = q, s->paction = a, s->pchunk = c, s->pscratch = sc, s->pcapacity = cap;
+    return APEX_OK;
+}
+
+static int64_t blocks_of(int64_t len, int32_t bt) { return (len + bt - 1) / bt; }
+
+apex_status step_sched_place(apex_context *ctx, int32_t n, const apex_place_item *items,
+                             int64_t device_blocks, int32_t device_seqs, apex_tier *out_tier,
+                             apex_place_plan *plan) {
+    step_sched *s = &ctx->sched;
+    const int32_t bt = ctx->cfg.block_tokens;
+    if (!s->enabled)
+        return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: call apex_sched_enable first");
+    if (n < 0) return apex_fail(APEX_ERR_OUT_OF_RANGE, "apex_sched_place: %d items", n);
+    if (n > 0 && (!items || !out_tier))
+        return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: items and out_tier must not be NULL");
+    if (device_blocks < 0 || device_seqs < 0)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "apex_sched_place: device_blocks %lld and device_seqs %d must be >= 0",
+                         (long long)device_blocks, device_seqs);
+    /* Check everything before changing anything. */
+    int64_t dev_blocks = 0;
+    int32_t dev_seqs = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const apex_place_item *it = &items[i];
+        if (it->tier != APEX_TIER_DEVICE && it->tier != APEX_TIER_HOST)
+            return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: item %d: tier %d", i, (int)it->tier);
+        if (it->state < APEX_PLACE_DECODING || it->state > APEX_PLACE_FINISHED)
+            return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: item %d: state %d", i, it->state);
+        if (it->len < 0 || it->len > ctx->cfg.max_seq_len)
+            return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: item %d: len %d (0..%d)", i, it->len,
+                             ctx->cfg.max_seq_len);
+        for (int32_t j = 0; j < i; j++)
+            if (items[j].id == it->id)
+                return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: id %lld listed twice",
+                                 (long long)it->id);
+        if (it->tier == APEX_TIER_DEVICE) {
+            dev_blocks += blocks_of(it->len, bt);
+            dev_seqs++;
+        }
+    }
+    if (dev_blocks > device_blocks || (device_seqs > 0 && dev_seqs > device_seqs))
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "apex_sched_place: the device items hold %lld blocks in %d sequences, more than "
+                         "the device's %lld blocks%s",
+                         (long long)dev_blocks, dev_seqs, (long long)device_blocks,
+                         device_seqs > 0 ? " or its sequence limit" : "");
+    apex_status st = place_room(s, n > 0 ? n : 1);
+    if (st) return st;
+    correct_catt(ctx);
+    /* The scheduler sees the decoders only: idle and finished items leave
+     * the device, so their blocks count as free. */
+    int32_t m = 0;
+    int64_t used = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (items[i].state != APEX_PLACE_DECODING) continue;
+        const int dev = items[i].tier == APEX_TIER_DEVICE;
+        if (dev) used += blocks_of(items[i].len, bt);
+        s->pseqs[m++] = (sched_seq){.phase = SCHED_DECODING, .tier = dev ? SCHED_TIER_GPU : SCHED_TIER_CPU,
+                                    .ctx_len = items[i].len, .prompt_left = 0, .waited = 0};
+    }
+    sched_state state = {
+        .n_seqs = m, .seqs = s->pseqs, .block_tokens = bt, .gpu_blocks_free = device_blocks - used,
+        .host_blocks_free = INT64_MAX / 4, /* the host copy is the engine's: always room */
+        .gpu_blocks_total = device_blocks,
+    };
+    sched_plan p = {.action = s->paction, .chunk = s->pchunk, .capacity = s->pcapacity};
+    st = from_sched(apex_sched_plan(&state, &s->profile, &s->corr, &s->cfg, &s->pscratch, &p),
+                    "apex_sched_place");
+    if (st) return st;
+    /* Decisions -> tiers. A promotion takes room in priority order, so the
+     * sequence limit cuts the last ones the plan promoted. */
+    int32_t on_dev = 0;
+    for (int32_t k = 0; k < m; k++) on_dev += s->paction[k] == SCHED_ACT_DECODE_GPU;
+    apex_place_plan r = {.strategy = sched_strategy_name(p.strategy)};
+    for (int32_t i = 0, k = 0; i < n; i++) {
+        apex_tier t = APEX_TIER_HOST;
+        if (items[i].state == APEX_PLACE_DECODING) {
+            const int32_t a = s->paction[k++];
+            if (a == SCHED_ACT_DECODE_GPU) t = APEX_TIER_DEVICE;
+            else if (a == SCHED_ACT_TO_GPU && (device_seqs == 0 || on_dev < device_seqs)) {
+                t = APEX_TIER_DEVICE;
+                on_dev++;
+            }
+            if (t == APEX_TIER_DEVICE) r.n_device++;
+            else r.n_host++;
+        }
+        if (t != items[i].tier) {
+            if (t == APEX_TIER_DEVICE) r.n_to_device++;
+            else r.n_to_host++;
+        }
+        out_tier[i] = t;
+    }
+    r.predicted_step_ms = p.pred.total_s * 1e3;
+    s->have_last = 1;
+    s->last = p.pred;
+    s->catt_mark_s = catt_seconds(ctx);
+    if (plan) *plan = r;
     return APEX_OK;
 }

@@ -12,3 +12,6 @@ set(APEX_SIM_SRC ${CMAKE_SOURCE_DIR}/bench/sim/sim.c ${CMAKE_SOURCE_DIR}/bench/s
   ${CMAKE_SOURCE_DIR}/bench/sim/exec.c)
 apex_unit_test(test_sched_neo unit/test_sched_neo.c ${APEX_SIM_SRC})
 target_include_directories(test_sched_neo PRIVATE ${CMAKE_SOURCE_DIR}/bench/sim)
+# apex_sched_place (apex_paged.h): the scheduler placing an engine's
+# sequences on a claimed context (issue 11 section 3).
+apex_unit_test(test_place unit/test_place.c)

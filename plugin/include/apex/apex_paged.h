@@ -144,6 +144,61 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                           int32_t block_table_stride, const void *q, void *out,
                                           const apex_attn_opts *opts);
 
+/* ------------------------------------------------ placement by the scheduler
+ *
+ * For an engine that owns its tables and keeps some sequences' KV on the
+ * device tier and the rest on the host (llama.cpp's GPU tier does): each
+ * decode step it asks which of its sequences hold their KV on the device.
+ * APEX builds the scheduler's state from the engine's items (not from its
+ * own sequence tables: a claimed context has none), runs apex_sched_plan
+ * (docs/sched.md) with the profile of apex_sched_enable and the online
+ * correction (apex_sched_observe), and answers one tier per item. The
+ * engine moves the KV itself (APEX moves nothing). Works on a claimed
+ * context (apex_paged_claim); apex_sched_enable must have run. */
+
+typedef enum apex_place_state {
+    APEX_PLACE_DECODING = 0, /* decodes one token this step                 */
+    APEX_PLACE_IDLE = 1,     /* holds KV but does not decode this step      */
+    APEX_PLACE_FINISHED = 2  /* done; its KV is no longer needed on a tier  */
+} apex_place_state;
+
+/* One of the engine's sequences, in priority order (the first is promoted
+ * first and spilled last). */
+typedef struct apex_place_item {
+    int64_t id;     /* the engine's sequence id, unique within the call     */
+    int32_t len;    /* tokens in its KV now, 0..max_seq_len                 */
+    apex_tier tier; /* where its KV is now                                  */
+    int32_t state;  /* apex_place_state                                     */
+} apex_place_item;
+
+typedef struct apex_place_plan {
+    const char *strategy;   /* the step form the model chose ("overlap", ...) */
+    int32_t n_device;       /* decoding items placed on the device tier       */
+    int32_t n_host;         /* decoding items placed on the host tier         */
+    int32_t n_to_device;    /* items whose tier goes host -> device           */
+    int32_t n_to_host;      /* items whose tier goes device -> host (idle and
+                               finished ones on the device free their room)  */
+    double predicted_step_ms;
+} apex_place_plan;
+
+/* Places n items for this step: out_tier[i] is where item i's KV is to be.
+ * The device holds device_blocks blocks of cfg.block_tokens tokens for the
+ * engine's sequences (a device sequence of len tokens takes
+ * ceil(len / block_tokens) of them) and at most device_seqs sequences (0:
+ * no limit beyond the blocks). Idle and finished items go to (stay on) the
+ * host tier, so their room goes to waiting decoders; a decoding item stays
+ * where it is unless the plan spills it (device room short) or promotes it
+ * (room free, in priority order). plan may be NULL. Deterministic: the same
+ * items, capacity, profile and correction give the same answer.
+ * Errors (nothing changes, out_tier untouched): APEX_ERR_INVALID_ARG for no
+ * apex_sched_enable yet, NULL items/out_tier with n > 0, an item with a bad
+ * tier, state or len, a repeated id, device items holding more than
+ * device_blocks blocks or device_seqs sequences, negative capacities;
+ * APEX_ERR_OUT_OF_RANGE for n < 0. */
+APEX_API apex_status apex_sched_place(apex_context *ctx, int32_t n, const apex_place_item *items,
+                                      int64_t device_blocks, int32_t device_seqs,
+                                      apex_tier *out_tier, apex_place_plan *plan);
+
 #ifdef __cplusplus
 }
 #endif
