@@ -1046,6 +1046,7 @@ void apex_ggml_stats_get(apex_ggml_stats *out) {
     pthread_mutex_lock(&g_lock);
     *out = g_stats;
     pthread_mutex_unlock(&g_lock);
+    gpu_tier_counters(&out->sched_steps, &out->migrations_to_device, &out->migrations_to_host);
 }
 
 /* libapex's per-step summary (the backend's spans with libapex's): see

@@ -79,6 +79,12 @@ typedef struct apex_ggml_stats {
     float tier_check_max_diff;
     uint64_t errors;               /* attention ops that failed              */
     uint64_t tier_fallbacks;       /* GPU-tier attentions rerun on the CPU   */
+    /* The GPU tier's placement by APEX's scheduler (apex_sched_place): decode
+     * steps it placed, streams given a GPU slot (their KV copied up from the
+     * host pool), streams whose slot was taken away (spilled, idle or done). */
+    uint64_t sched_steps;
+    uint64_t migrations_to_device;
+    uint64_t migrations_to_host;
 } apex_ggml_stats;
 
 /* Also reachable as ggml_backend_reg_get_proc_address(reg, name). */

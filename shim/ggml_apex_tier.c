@@ -1,14 +1,17 @@
 /* ggml_apex_tier.c - the GPU tier of llama.cpp's KV cache: see ggml_apex_tier.h.
  *
- * Block ids of the paged context: stream s, cell c of a layer is slot
- * s * kv_size + c, block (s * kv_size + c) / block_tokens (block_tokens
- * divides kv_size), so stream s owns blocks [s * bps, (s + 1) * bps) of the
- * device tier and its block table is that range. The context's host tier
- * (one block) is never used: the host copy is llama.cpp's tensor. */
+ * Block ids of the paged context: the device tier is n_gpu slots of bps =
+ * kv_size / block_tokens blocks (block_tokens divides kv_size). A stream
+ * placed in slot k keeps cell c of a layer at paged slot k * kv_size + c,
+ * block (k * kv_size + c) / block_tokens, so its block table is [k * bps,
+ * (k + 1) * bps). Which stream holds which slot is the scheduler's
+ * (place_step, once per decode step). The context's host tier (one block)
+ * is never used: the host copy is llama.cpp's tensor. */
 #include "shim/ggml_apex_tier.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +37,10 @@ typedef struct apex_lib {
     apex_status (*paged_attention)(apex_context *, int32_t, int32_t, const int32_t *, const int32_t *,
                                    const int32_t *, int32_t, const void *, void *, const apex_attn_opts *);
     const char *(*last_error)(void);
+    apex_status (*sched_enable)(apex_context *, const apex_sched_options *);
+    apex_status (*sched_place)(apex_context *, int32_t, const apex_place_item *, int64_t, int32_t, apex_tier *,
+                               apex_place_plan *);
+    apex_status (*sched_observe)(apex_context *, double);
 } apex_lib;
 
 static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -58,9 +65,12 @@ static const apex_lib *lib_get(char *why, size_t n) {
             *(void **)&l.paged_kv_write = dlsym(h, "apex_paged_kv_write");
             *(void **)&l.paged_attention = dlsym(h, "apex_paged_attention");
             *(void **)&l.last_error = dlsym(h, "apex_last_error");
+            *(void **)&l.sched_enable = dlsym(h, "apex_sched_enable");
+            *(void **)&l.sched_place = dlsym(h, "apex_sched_place");
+            *(void **)&l.sched_observe = dlsym(h, "apex_sched_observe");
         }
         if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_layer_kv && l.paged_kv_write &&
-            l.paged_attention && l.last_error) {
+            l.paged_attention && l.last_error && l.sched_enable && l.sched_place && l.sched_observe) {
             g_lib = l;
             g_lib_state = 1;
         } else {
@@ -79,7 +89,7 @@ static const apex_lib *lib_get(char *why, size_t n) {
 typedef struct tier_layer {
     int il;                           /* llama.cpp's layer index            */
     const struct ggml_tensor *k, *v;  /* the layer's KV tensors             */
-    uint64_t *stale;                  /* [n_gpu][words]: cells to store     */
+    uint64_t *stale;                  /* [n_gpu slots][words]: cells to store */
 } tier_layer;
 
 struct gpu_tier {
@@ -90,6 +100,18 @@ struct gpu_tier {
     /* Geometry, fixed at the first attention. */
     int64_t kv_size, n_stream, words;
     int32_t bt, bps, n_gpu, head_dim, n_q_heads, n_kv_heads;
+    int first_li; /* the layer whose decode attention starts a step */
+    /* Placement: the slot each stream holds (-1: none; its KV attends on
+     * the CPU) and the stream each slot holds (-1: free). */
+    int32_t slot_of[TIER_MAX_STREAMS], stream_of[TIER_MAX_STREAMS];
+    int32_t last_len[TIER_MAX_STREAMS]; /* cells in use when last seen decoding */
+    uint64_t seen[TIER_MAX_STREAMS];    /* the placement (1, 2, ...) it last decoded in */
+    apex_place_item items[TIER_MAX_STREAMS];
+    int32_t item_stream[TIER_MAX_STREAMS];
+    unsigned char item_here[TIER_MAX_STREAMS]; /* decodes in this op */
+    apex_tier placed[TIER_MAX_STREAMS];
+    uint64_t steps;     /* decode steps placed by this tier */
+    double step_t0;     /* when the last one started (s), for apex_sched_observe */
     size_t row_bytes; /* one cell's K (or V): n_kv_heads * head_dim elements */
     apex_dtype kv_dtype;
     const apex_lib *lib;
@@ -105,6 +127,7 @@ struct gpu_tier {
     const struct ggml_tensor *op;
     int li, n;
     int64_t streams[TIER_MAX_STREAMS], js[TIER_MAX_STREAMS];
+    int32_t plan_slots[TIER_MAX_STREAMS];
     int32_t plan_lens[TIER_MAX_STREAMS];
     /* ... runs on the tier's own thread between start and wait, while the
      * caller's threads attend the other streams on the CPU. */
@@ -112,6 +135,40 @@ struct gpu_tier {
     int has_worker, quit, job, done, rc;
     pthread_cond_t cv;
 };
+
+/* Process-wide placement counters (every tier). */
+static uint64_t g_sched_steps, g_to_device, g_to_host;
+
+void gpu_tier_counters(uint64_t *sched_steps, uint64_t *to_device, uint64_t *to_host) {
+    *sched_steps = __atomic_load_n(&g_sched_steps, __ATOMIC_RELAXED);
+    *to_device = __atomic_load_n(&g_to_device, __ATOMIC_RELAXED);
+    *to_host = __atomic_load_n(&g_to_host, __ATOMIC_RELAXED);
+}
+
+/* APEX_GGML_PLACE_LOG: one JSON line per placed step, every tier of the
+ * process (a mutex keeps lines whole). */
+static pthread_mutex_t g_log_lock = PTHREAD_MUTEX_INITIALIZER;
+static FILE *g_log;
+static int g_log_state; /* 0 not opened, 1 open, -1 off */
+
+static FILE *place_log(void) {
+    if (g_log_state == 0) {
+        const char *path = getenv("APEX_GGML_PLACE_LOG");
+        g_log_state = -1;
+        if (path && *path) {
+            g_log = fopen(path, "w");
+            if (g_log) g_log_state = 1;
+            else fprintf(stderr, "APEX: cannot write APEX_GGML_PLACE_LOG=%s; no placement log\n", path);
+        }
+    }
+    return g_log_state == 1 ? g_log : NULL;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 gpu_tier *gpu_tier_new(void) {
     gpu_tier *t = calloc(1, sizeof *t);
@@ -169,7 +226,8 @@ void gpu_tier_add_tensor(gpu_tier *t, const struct ggml_tensor *kv) {
 
 static void mark_cell(gpu_tier *t, tier_layer *l, int64_t row) {
     const int64_t s = row / t->kv_size, c = row % t->kv_size;
-    if (s < t->n_gpu) l->stale[s * t->words + c / 64] |= 1ull << (c % 64);
+    const int32_t k = t->slot_of[s];
+    if (k >= 0) l->stale[k * t->words + c / 64] |= 1ull << (c % 64);
 }
 
 void gpu_tier_written(gpu_tier *t, const struct ggml_tensor *root, size_t off, size_t size) {
@@ -264,6 +322,8 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
                  t->n_kv_heads, t->head_dim);
     else if (!t->bt)
         snprintf(why, sizeof why, "kv_size %lld is not a multiple of 8", (long long)t->kv_size);
+    else if (t->n_stream > TIER_MAX_STREAMS)
+        snprintf(why, sizeof why, "%lld sequence slots, at most %d", (long long)t->n_stream, TIER_MAX_STREAMS);
     else if (!(t->lib = lib_get(why, sizeof why)))
         ;
     else
@@ -305,6 +365,20 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         st = t->lib->context_create(&cfg, &t->ctx);
     }
     if (st == APEX_OK) st = t->lib->paged_claim(t->ctx, NULL);
+    if (st == APEX_OK) {
+        /* The scheduler's profile: the CPU part measured here once and
+         * cached per hardware and geometry, the GPU part from a preset
+         * (APEX_GPU_PRESET; "host" for the emulated device). The tier sees
+         * no linear layers: hidden is q's row, ffn and vocab are estimates
+         * (they price the step, which apex_sched_observe corrects; where
+         * the KV goes does not depend on them). */
+        apex_sched_options so;
+        memset(&so, 0, sizeof so);
+        so.hidden = t->n_q_heads * t->head_dim;
+        so.ffn = 4 * so.hidden;
+        so.vocab = 32000;
+        st = t->lib->sched_enable(t->ctx, &so);
+    }
     /* A context without a device (APEX_DEVICE=none, or auto and no GPU
      * answers) has no device tier to hold the slots. */
     void *base = NULL;
@@ -328,6 +402,10 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
     }
     t->n_gpu = (int32_t)g;
     t->words = (t->kv_size + 63) / 64;
+    for (int i = 0; i < TIER_MAX_STREAMS; i++) t->slot_of[i] = t->stream_of[i] = -1, t->last_len[i] = 0, t->seen[i] = 0;
+    t->first_li = 0;
+    for (int i = 1; i < t->n_layers; i++)
+        if (t->layers[i].il < t->layers[t->first_li].il) t->first_li = i;
     for (int i = 0; i < t->n_layers; i++) {
         t->layers[i].stale = malloc((size_t)g * (size_t)t->words * sizeof(uint64_t));
         if (!t->layers[i].stale) {
@@ -341,11 +419,19 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
     mark_all(t); /* the GPU copy starts empty */
     const char *dev = getenv("APEX_DEVICE");
     fprintf(stderr,
-            "APEX: GPU tier (%s) holds the KV of sequence slots 0..%lld of %lld (%.1f MiB, %d layers, blocks of %d "
-            "tokens) and runs their decode attention; the other slots' KV stays in the pinned host pool and "
-            "attends on the CPU\n",
-            dev && *dev ? dev : "auto", (long long)g - 1, (long long)t->n_stream,
+            "APEX: GPU tier (%s) holds the KV of %lld of %lld sequence slots (%.1f MiB, %d layers, blocks of %d "
+            "tokens), placed each decode step by APEX's scheduler, and runs their decode attention; the other "
+            "slots' KV stays in the pinned host pool and attends on the CPU\n",
+            dev && *dev ? dev : "auto", (long long)g, (long long)t->n_stream,
             (double)(per_stream * (uint64_t)g) / 1048576.0, t->n_layers, t->bt);
+    FILE *log = place_log();
+    if (log) {
+        pthread_mutex_lock(&g_log_lock);
+        fprintf(log, "{\"tier\": {\"layers\": %d, \"slots\": %d, \"streams\": %lld, \"kv_size\": %lld}}\n",
+                t->n_layers, t->n_gpu, (long long)t->n_stream, (long long)t->kv_size);
+        fflush(log);
+        pthread_mutex_unlock(&g_log_lock);
+    }
 }
 
 /* Length L of a prefix mask row (cells [0, L) visible with 0, the rest -inf),
@@ -376,13 +462,15 @@ static int scratch(gpu_tier *t, size_t rows, size_t seqs) {
     return 0;
 }
 
-/* Stores the stale cells [0, lens[i]) of the GPU streams streams[i] of layer
- * l (K and V rows from the host copy, stored as they are). */
-static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_t *lens, int n) {
+/* Stores the stale cells [0, lens[i]) of streams streams[i], held in GPU
+ * slots slots[i], of layer l (K and V rows from the host copy, stored as
+ * they are). */
+static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_t *slots, const int32_t *lens,
+                       int n) {
     tier_layer *l = &t->layers[li];
     size_t rows = 0;
     for (int i = 0; i < n; i++) {
-        const uint64_t *w = l->stale + streams[i] * t->words;
+        const uint64_t *w = l->stale + (size_t)slots[i] * t->words;
         for (int64_t c = 0; c < lens[i]; c++) rows += (w[c / 64] >> (c % 64)) & 1;
     }
     if (rows == 0) return 0;
@@ -390,13 +478,13 @@ static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_
     size_t r = 0;
     for (int i = 0; i < n; i++) {
         const int64_t s = streams[i];
-        const uint64_t *w = l->stale + s * t->words;
+        const uint64_t *w = l->stale + (size_t)slots[i] * t->words;
         for (int64_t c = 0; c < lens[i]; c++) {
             if (!((w[c / 64] >> (c % 64)) & 1)) continue;
             const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
             memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
             memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
-            t->slots[r++] = s * t->kv_size + c;
+            t->slots[r++] = (int64_t)slots[i] * t->kv_size + c;
         }
     }
     const int64_t elems = (int64_t)t->n_kv_heads * t->head_dim;
@@ -404,7 +492,7 @@ static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_
                                t->kv_dtype) != APEX_OK)
         return -1;
     for (int i = 0; i < n; i++) {
-        uint64_t *w = l->stale + streams[i] * t->words;
+        uint64_t *w = l->stale + (size_t)slots[i] * t->words;
         for (int64_t c = 0; c < lens[i]; c++) w[c / 64] &= ~(1ull << (c % 64));
     }
     return 0;
@@ -417,7 +505,7 @@ static void run_planned(gpu_tier *t) {
     int rc = -1;
     const int layer = t->layers[t->li].il;
     SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "GPU tier: store stale rows", layer);
-    const int stored = scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_lens, n) == 0;
+    const int stored = scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_slots, t->plan_lens, n) == 0;
     SHIM_TRACE_END();
     SHIM_TRACE_BEGIN(APEX_TRACE_GPU_ATTN, "GPU tier: attention", layer);
     if (stored) {
@@ -435,7 +523,7 @@ static void run_planned(gpu_tier *t) {
             }
             t->qsl[i] = i;
             for (int32_t b = 0; b < t->bps; b++)
-                t->table[(size_t)i * t->bps + b] = (int32_t)(t->streams[i] * t->bps + b);
+                t->table[(size_t)i * t->bps + b] = t->plan_slots[i] * t->bps + b;
         }
         t->qsl[n] = n;
         apex_attn_opts o;
@@ -479,6 +567,84 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* One decode step's placement, at the first layer's decode attention:
+ * the scheduler (apex_sched_place) gets every stream that decodes in this
+ * op (its cells in use = its visible prefix, lens[j]; 0: not decoding or
+ * not a prefix, which the tier cannot run) and every stream holding a slot,
+ * in stream order (the priority), with the slots as the device's capacity.
+ * A slot holder that decoded in the previous placement but not in this op
+ * counts as decoding (a step split into two ubatches places twice); one
+ * absent twice in a row is idle. The answer is carried out: a stream
+ * spilled gives its slot back; a stream promoted takes the lowest free slot
+ * with every row stale, so the lazy store copies its KV from the host copy
+ * (the authoritative one) before its first attention there. Under t->lock. */
+static void place_step(gpu_tier *t, int64_t s0, int64_t ns, const int32_t *lens) {
+    int n = 0;
+    const uint64_t P = t->steps + 1; /* this placement */
+    for (int64_t s = 0; s < t->n_stream; s++) {
+        const int32_t L = s >= s0 && s < s0 + ns ? lens[s - s0] : 0;
+        if (L <= 0 && t->slot_of[s] < 0) continue;
+        if (L > 0) t->last_len[s] = L, t->seen[s] = P;
+        const int elsewhere = L <= 0 && t->seen[s] + 1 == P;
+        t->items[n] = (apex_place_item){.id = s, .len = L > 0 ? L : t->last_len[s],
+                                        .tier = t->slot_of[s] >= 0 ? APEX_TIER_DEVICE : APEX_TIER_HOST,
+                                        .state = L > 0 || elsewhere ? APEX_PLACE_DECODING : APEX_PLACE_IDLE};
+        t->item_stream[n] = (int32_t)s;
+        t->item_here[n++] = L > 0;
+    }
+    const double now = now_s();
+    if (t->steps > 0) t->lib->sched_observe(t->ctx, now - t->step_t0); /* refused if absurd: no harm */
+    t->step_t0 = now;
+    apex_place_plan plan;
+    if (t->lib->sched_place(t->ctx, n, t->items, (int64_t)t->n_gpu * t->bps, t->n_gpu, t->placed, &plan) !=
+        APEX_OK) {
+        static int logged;
+        if (!logged)
+            fprintf(stderr, "APEX: the GPU tier's placement failed (%s); it keeps the last one\n",
+                    t->lib->last_error());
+        logged = 1;
+        return;
+    }
+    int to_dev = 0, to_host = 0;
+    for (int i = 0; i < n; i++) { /* spills first: their slots go to the promoted */
+        const int32_t s = t->item_stream[i], k = t->slot_of[s];
+        if (t->placed[i] != APEX_TIER_HOST || k < 0) continue;
+        t->slot_of[s] = -1;
+        t->stream_of[k] = -1;
+        to_host++;
+    }
+    for (int i = 0; i < n; i++) {
+        const int32_t s = t->item_stream[i];
+        if (t->placed[i] != APEX_TIER_DEVICE || t->slot_of[s] >= 0) continue;
+        int32_t k = 0;
+        while (k < t->n_gpu && t->stream_of[k] >= 0) k++;
+        if (k == t->n_gpu) break; /* cannot happen: apex_sched_place keeps to n_gpu */
+        t->slot_of[s] = k;
+        t->stream_of[k] = s;
+        for (int li = 0; li < t->n_layers; li++)
+            memset(t->layers[li].stale + (size_t)k * t->words, 0xff, (size_t)t->words * sizeof(uint64_t));
+        to_dev++;
+    }
+    t->steps++;
+    __atomic_add_fetch(&g_sched_steps, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_to_device, (uint64_t)to_dev, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_to_host, (uint64_t)to_host, __ATOMIC_RELAXED);
+    FILE *log = place_log();
+    if (!log) return;
+    /* No times in the log: two identical runs give identical logs. */
+    pthread_mutex_lock(&g_log_lock);
+    fprintf(log, "{\"step\": %llu, \"streams\": [", (unsigned long long)t->steps);
+    for (int i = 0; i < n; i++)
+        fprintf(log, "%s[%d, %d, \"%s\", \"%s\"]", i ? ", " : "", t->item_stream[i], t->items[i].len,
+                t->item_here[i] ? "decode" : t->items[i].state == APEX_PLACE_DECODING ? "elsewhere" : "idle",
+                t->placed[i] == APEX_TIER_DEVICE ? "device" : "host");
+    fprintf(log, "], \"to_device\": %d, \"to_host\": %d, \"slots\": [", to_dev, to_host);
+    for (int k = 0; k < t->n_gpu; k++) fprintf(log, "%s%d", k ? ", " : "", t->stream_of[k]);
+    fprintf(log, "]}\n");
+    fflush(log);
+    pthread_mutex_unlock(&g_log_lock);
+}
+
 int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu) {
     const struct ggml_tensor *q = op->src[0], *k = op->src[1], *v = op->src[2], *mask = op->src[3];
     const int64_t ns = q->ne[3];
@@ -494,21 +660,29 @@ int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigne
     t->n = 0;
     /* The op must read the tensors as llama.cpp's views do: rows nb[1]
      * apart, streams nb[2] apart, from stream s0, cell 0. */
-    if (l && l->k == kr && l->v == vr && s0 < t->n_gpu && k->nb[1] == kr->nb[1] && k->nb[3] == kr->nb[2] &&
+    if (l && l->k == kr && l->v == vr && s0 >= 0 && s0 + ns <= t->n_stream && k->nb[1] == kr->nb[1] &&
+        k->nb[3] == kr->nb[2] &&
         v->nb[1] == vr->nb[1] && v->nb[3] == vr->nb[2] &&
         k->nb[2] == (size_t)t->head_dim * ggml_type_size(kr->type) && v->nb[2] == k->nb[2] &&
         (const char *)k->data == (const char *)kr->data + (size_t)s0 * kr->nb[2] &&
         (const char *)v->data == (const char *)vr->data + (size_t)s0 * vr->nb[2] && k->ne[1] <= t->kv_size &&
         k->ne[0] == t->head_dim && q->ne[2] == t->n_q_heads) {
         const int64_t n_kv = k->ne[1];
-        for (int64_t j = 0; j < ns && s0 + j < t->n_gpu && t->n < TIER_MAX_STREAMS; j++) {
+        int32_t lens[TIER_MAX_STREAMS];
+        for (int64_t j = 0; j < ns; j++) {
             int64_t L = n_kv;
             if (mask) {
                 const int64_t ms = mask->ne[3] == 1 ? 0 : j;
                 L = prefix_len((const uint16_t *)((const char *)mask->data + ms * mask->nb[3]), n_kv);
             }
-            if (L <= 0) continue;
-            t->streams[t->n] = s0 + j, t->plan_lens[t->n] = (int32_t)L, t->js[t->n] = j;
+            lens[j] = L > 0 ? (int32_t)L : 0;
+        }
+        /* Once per decode step (not per layer): the first layer places. */
+        if (l == &t->layers[t->first_li]) place_step(t, s0, ns, lens);
+        for (int64_t j = 0; j < ns; j++) {
+            const int32_t slot = t->slot_of[s0 + j];
+            if (lens[j] <= 0 || slot < 0) continue;
+            t->streams[t->n] = s0 + j, t->plan_lens[t->n] = lens[j], t->js[t->n] = j, t->plan_slots[t->n] = slot;
             gpu[j] = 1;
             t->n++;
         }

@@ -49,6 +49,10 @@ void gpu_tier_written(gpu_tier *t, const struct ggml_tensor *root, size_t off, s
 /* The whole buffer was written (a clear). */
 void gpu_tier_written_all(gpu_tier *t);
 
+/* Process-wide: decode steps the scheduler placed, and migrations (a
+ * stream given a GPU slot; a stream's slot taken away). */
+void gpu_tier_counters(uint64_t *sched_steps, uint64_t *to_device, uint64_t *to_host);
+
 /* FLASH_ATTN_EXT op reads streams [s0, s0 + ns) of its KV tensors (ns =
  * q->ne[3]). gpu_tier_plan picks the streams the GPU tier runs: the decode
  * queries (one token) of the streams it holds whose mask is a prefix (cells

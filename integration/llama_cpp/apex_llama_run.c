@@ -18,10 +18,13 @@
  *
  *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
  *                  [--logits-out FILE] [--fa on|off] [-ngl N] [-nkvo]
- *                  [--fill N] [--no-checks] [-v]
+ *                  [--fill N] [--stagger N] [--no-checks] [-v]
  * -ngl: layers on the GPU (a CUDA build; llama.cpp's default otherwise);
  * -nkvo: KV cache and attention on the host (llama.cpp's offload_kqv off);
  * --fill N: N tokens of filler text before each prompt (long contexts);
+ * --stagger N: prompt p stops after n - N * (np - 1 - p) tokens (at least
+ *   1): the sequences finish one after another, the last one runs all n
+ *   (its "tokens" row is the shortest first); implies --no-checks;
  * --no-checks: skip the KV checks after the last step.
  * Prints one JSON object on stdout. */
 #include <errno.h>
@@ -113,7 +116,7 @@ static int argmax(const float *x, int n) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *logits_out = NULL;
-    int fa_on = 1, n_gpu_layers = -1000, no_kv_offload = 0, n_fill = 0, checks = 1;
+    int fa_on = 1, n_gpu_layers = -1000, no_kv_offload = 0, n_fill = 0, checks = 1, stagger = 0;
     int n_prompts = 8, n_gen = 128, n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN), logit_steps = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -128,20 +131,22 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-ngl") && val) n_gpu_layers = atoi(val), i++;
         else if (!strcmp(a, "-nkvo")) no_kv_offload = 1;
         else if (!strcmp(a, "--fill") && val) n_fill = atoi(val), i++;
+        else if (!strcmp(a, "--stagger") && val) stagger = atoi(val), i++;
         else if (!strcmp(a, "--no-checks")) checks = 0;
         else if (!strcmp(a, "-v")) g_verbose = 1;
         else {
             fprintf(stderr,
                     "usage: %s -m MODEL [-np N] [-n N] [-t N] [--logit-steps N] [--logits-out FILE] [--fa on|off] "
-                    "[-ngl N] [-nkvo] [--fill N] [--no-checks] [-v]\n",
+                    "[-ngl N] [-nkvo] [--fill N] [--stagger N] [--no-checks] [-v]\n",
                     argv[0]);
             return 2;
         }
     }
     if (!model_path) die("no model (-m)");
     if (n_prompts < 1 || n_prompts > 256 || n_gen < 1 || n_threads < 1 || logit_steps < 0 || n_fill < 0 ||
-        n_fill > 1 << 20)
-        die("bad -np/-n/-t/--logit-steps/--fill");
+        n_fill > 1 << 20 || stagger < 0)
+        die("bad -np/-n/-t/--logit-steps/--fill/--stagger");
+    if (stagger) checks = 0;
     if (logit_steps > n_gen) logit_steps = n_gen;
 
     llama_log_set(log_cb, NULL);
@@ -203,6 +208,11 @@ int main(int argc, char **argv) {
     int *logit_idx = malloc((size_t)n_prompts * sizeof(int));
     int *tokens = malloc((size_t)n_prompts * n_gen * sizeof(int));
     int *pos = malloc((size_t)n_prompts * sizeof(int));
+    int *n_out = malloc((size_t)n_prompts * sizeof(int)); /* tokens prompt p generates */
+    for (int p = 0; p < n_prompts; p++) {
+        const long long m = (long long)n_gen - (long long)stagger * (n_prompts - 1 - p);
+        n_out[p] = m < 1 ? 1 : (int)m;
+    }
 
     /* Prefill: every prompt in one batch, logits of each last token. */
     batch.n_tokens = 0;
@@ -230,6 +240,7 @@ int main(int argc, char **argv) {
     const double t1 = now_s();
     for (int step = 0; step < n_gen; step++) {
         for (int p = 0; p < n_prompts; p++) {
+            if (step >= n_out[p]) continue; /* finished (--stagger) */
             const float *lg = llama_get_logits_ith(ctx, logit_idx[p]);
             if (!lg) die("no logits");
             if (lf && step < logit_steps && fwrite(lg, sizeof(float), (size_t)n_vocab, lf) != (size_t)n_vocab)
@@ -239,6 +250,7 @@ int main(int argc, char **argv) {
         if (step == n_gen - 1) break;
         batch.n_tokens = 0;
         for (int p = 0; p < n_prompts; p++) {
+            if (step + 1 >= n_out[p]) continue; /* its last token is out */
             const int b = batch.n_tokens++;
             batch.token[b] = tokens[p * n_gen + step];
             batch.pos[b] = pos[p]++;
@@ -250,6 +262,8 @@ int main(int argc, char **argv) {
         if (llama_decode(ctx, batch) != 0) die("llama_decode failed while generating");
     }
     const double t_gen = now_s() - t1;
+    long long n_decoded = 0; /* tokens decoded after the prompts (--stagger: fewer) */
+    for (int p = 0; p < n_prompts; p++) n_decoded += n_out[p] - 1;
     apex_step_summary sum;
     const int have_sum = summary && summary(&sum, 0);
     if (lf) fclose(lf);
@@ -322,7 +336,7 @@ int main(int argc, char **argv) {
                "\"tok_s\": %.3f, \"ms_per_step\": %.3f, \"n_gpu_layers\": %d, \"offload_kqv\": %s, "
                "\"fill_tokens\": %d, ",
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
-            (double)n_prompts * (n_gen - 1) / t_gen, n_gen > 1 ? 1e3 * t_gen / (n_gen - 1) : 0.0,
+            (double)n_decoded / t_gen, n_gen > 1 ? 1e3 * t_gen / (n_gen - 1) : 0.0,
             n_gpu_layers == -1000 ? mp.n_gpu_layers : n_gpu_layers, no_kv_offload ? "false" : "true", n_fill);
     if (state_diff >= 0)
         fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g, "
@@ -333,14 +347,14 @@ int main(int argc, char **argv) {
     fprintf(o, "\"tokens\": [");
     for (int p = 0; p < n_prompts; p++) {
         fprintf(o, "%s[", p ? ", " : "");
-        for (int i = 0; i < n_gen; i++) fprintf(o, "%s%d", i ? "," : "", tokens[p * n_gen + i]);
+        for (int i = 0; i < n_out[p]; i++) fprintf(o, "%s%d", i ? "," : "", tokens[p * n_gen + i]);
         fprintf(o, "]");
     }
     fprintf(o, "], \"texts\": [");
     for (int p = 0; p < n_prompts; p++) {
         char *text = calloc((size_t)n_gen * 64 + 1, 1);
         size_t len = 0;
-        for (int i = 0; i < n_gen; i++) {
+        for (int i = 0; i < n_out[p]; i++) {
             const llama_token t = tokens[p * n_gen + i];
             if (llama_vocab_is_eog(vocab, t)) break;
             const int n = llama_token_to_piece(vocab, t, text + len, 63, 0, false);
@@ -363,7 +377,8 @@ int main(int argc, char **argv) {
                    "\"kv_bytes_apex\": %llu, \"kv_buffers_apex\": %llu, \"kv_bytes_pinned\": %llu, "
                    "\"kv_pool_failures\": %llu, \"attention_kv_in_pool\": %llu, \"kv_writes_in_pool\": %llu, "
                    "\"kv_write_calls\": %llu, \"gpu_attn\": %llu, \"kv_bytes_hybrid\": %llu, "
-                   "\"tier_check_max_diff\": %g, \"stream_attn\": [",
+                   "\"tier_check_max_diff\": %g, \"sched_steps\": %llu, \"migrations_to_device\": %llu, "
+                   "\"migrations_to_host\": %llu, \"stream_attn\": [",
                 (unsigned long long)st.attention_calls, (unsigned long long)st.decode_attn,
                 (unsigned long long)st.prefill_tokens, (unsigned long long)st.kv_rows_written,
                 (unsigned long long)st.declined, st.attention_seconds, (unsigned long long)st.kv_bytes_apex,
@@ -371,7 +386,8 @@ int main(int argc, char **argv) {
                 (unsigned long long)st.kv_pool_failures, (unsigned long long)st.attention_kv_in_pool,
                 (unsigned long long)st.kv_writes_in_pool, (unsigned long long)st.kv_write_calls,
                 (unsigned long long)st.gpu_attn, (unsigned long long)st.kv_bytes_hybrid,
-                (double)st.tier_check_max_diff);
+                (double)st.tier_check_max_diff, (unsigned long long)st.sched_steps,
+                (unsigned long long)st.migrations_to_device, (unsigned long long)st.migrations_to_host);
         for (int i = 0; i <= st.max_stream && i < APEX_GGML_MAX_STREAMS; i++)
             fprintf(o, "%s%llu", i ? ", " : "", (unsigned long long)st.stream_attn[i]);
         fprintf(o, "], \"stream_gpu\": [");
@@ -398,7 +414,7 @@ int main(int argc, char **argv) {
     llama_free(ctx);
     llama_model_free(model);
     for (int p = 0; p < n_prompts; p++) free(ptoks[p]);
-    free(ptoks), free(plen), free(logit_idx), free(tokens), free(pos);
+    free(ptoks), free(plen), free(logit_idx), free(tokens), free(pos), free(n_out);
     llama_backend_free();
     return 0;
 }
