@@ -24,7 +24,8 @@
 #     and a K-shift reach it (the same logits); with APEX_GGML_TIER_CHECK the
 #     CPU kernel recomputes the tier's results: equal to fp32 rounding; bad
 #     tier settings (no libapex, a malformed budget, no device) say so in one
-#     line and leave every sequence on the CPU;
+#     line and leave every sequence on the CPU; the scheduler places the
+#     sequences in the tier (test_llama_place.sh);
 #  8. bad input: a missing and a malformed model file get a clear message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -171,6 +172,9 @@ for bad in "APEX_LIB=/nonexistent/libapex.so.1|cannot load /nonexistent" \
     || fail "GPU tier with $setting: placement"
 done
 echo "GPU tier bad settings (missing libapex, malformed budget, no device): ok (one line, all on the CPU)"
+# The scheduler's placement in the tier: staggered sequences, slots freed and
+# reused, the decision log against what ran, two runs the same.
+bash tests/integration/test_llama_place.sh || fail "GPU tier placement"
 
 msg=$(bash setup_hooks/fetch_model.sh --check /nonexistent/model.gguf 2>&1) && fail "missing model accepted"
 echo "$msg" | grep -q "does not exist" || fail "missing model: unclear message: $msg"
