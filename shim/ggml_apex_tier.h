@@ -5,10 +5,19 @@
  * n_stream] per layer, one stream per sequence slot) in APEX's host pool, in
  * ggml's layout: that copy is the one llama.cpp's host-side operations (state
  * save/load, sequence copies, K-shift, buffer clears) and APEX's CPU kernel
- * use. The tier keeps, on the GPU, the KV of the streams that fit its budget
- * (streams [0, n_gpu)), in APEX's block layout through libapex's paged ABI
+ * use. The tier keeps, on the GPU, the KV of up to n_gpu streams (the slots
+ * its budget holds), in APEX's block layout through libapex's paged ABI
  * (apex_paged.h), and runs their decode attention there; the other streams
  * attend on the CPU, from the host pool.
+ *
+ * Which streams hold the slots is APEX's scheduler's choice, made once per
+ * decode step (at the first layer's decode attention) by apex_sched_place
+ * fed from the tier's state: each stream's cells in use, whether it decodes
+ * this step, its tier (docs/sched.md, "The scheduler in llama.cpp's GPU
+ * tier"). A promoted stream gets a free slot with every row stale (the
+ * host copy is authoritative); a spilled, idle or finished one gives its
+ * slot back. Counted in gpu_tier_counters; APEX_GGML_PLACE_LOG=file logs
+ * each step's decisions as JSON lines.
  *
  * The GPU copy follows the host copy lazily: every write into the buffer is
  * reported (gpu_tier_written*), marking the rows it touched stale, and an
@@ -19,7 +28,8 @@
  * "emulated" runs the tier in host memory, for tests). Budget:
  * APEX_GGML_GPU_KV_MB (unset: the device's free memory less 1 GiB, or
  * every stream on an emulated device), and at most APEX_GGML_GPU_SEQS
- * sequence slots when set. Without a device, or with a budget smaller than
+ * sequence slots when set. The scheduler's profile: apex_sched_enable
+ * (APEX_GPU_PRESET, "host" by default; APEX_PROFILE). Without a device, or with a budget smaller than
  * one stream, every stream stays on the CPU (one line says why).
  */
 #ifndef APEX_GGML_APEX_TIER_H
