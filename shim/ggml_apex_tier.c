@@ -146,11 +146,12 @@ void gpu_tier_counters(uint64_t *sched_steps, uint64_t *to_device, uint64_t *to_
 }
 
 /* APEX_GGML_PLACE_LOG: one JSON line per placed step, every tier of the
- * process (a mutex keeps lines whole). */
+ * process (g_log_lock keeps lines whole). */
 static pthread_mutex_t g_log_lock = PTHREAD_MUTEX_INITIALIZER;
 static FILE *g_log;
 static int g_log_state; /* 0 not opened, 1 open, -1 off */
 
+/* The log, or NULL; call with g_log_lock held. */
 static FILE *place_log(void) {
     if (g_log_state == 0) {
         const char *path = getenv("APEX_GGML_PLACE_LOG");
@@ -424,14 +425,14 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
             "slots' KV stays in the pinned host pool and attends on the CPU\n",
             dev && *dev ? dev : "auto", (long long)g, (long long)t->n_stream,
             (double)(per_stream * (uint64_t)g) / 1048576.0, t->n_layers, t->bt);
+    pthread_mutex_lock(&g_log_lock);
     FILE *log = place_log();
     if (log) {
-        pthread_mutex_lock(&g_log_lock);
         fprintf(log, "{\"tier\": {\"layers\": %d, \"slots\": %d, \"streams\": %lld, \"kv_size\": %lld}}\n",
                 t->n_layers, t->n_gpu, (long long)t->n_stream, (long long)t->kv_size);
         fflush(log);
-        pthread_mutex_unlock(&g_log_lock);
     }
+    pthread_mutex_unlock(&g_log_lock);
 }
 
 /* Length L of a prefix mask row (cells [0, L) visible with 0, the rest -inf),
@@ -629,10 +630,13 @@ static void place_step(gpu_tier *t, int64_t s0, int64_t ns, const int32_t *lens)
     __atomic_add_fetch(&g_sched_steps, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&g_to_device, (uint64_t)to_dev, __ATOMIC_RELAXED);
     __atomic_add_fetch(&g_to_host, (uint64_t)to_host, __ATOMIC_RELAXED);
-    FILE *log = place_log();
-    if (!log) return;
     /* No times in the log: two identical runs give identical logs. */
     pthread_mutex_lock(&g_log_lock);
+    FILE *log = place_log();
+    if (!log) {
+        pthread_mutex_unlock(&g_log_lock);
+        return;
+    }
     fprintf(log, "{\"step\": %llu, \"streams\": [", (unsigned long long)t->steps);
     for (int i = 0; i < n; i++)
         fprintf(log, "%s[%d, %d, \"%s\", \"%s\"]", i ? ", " : "", t->item_stream[i], t->items[i].len,
