@@ -154,10 +154,13 @@ python3 - "$out" <<'PY' || fail "GPU tier (emulated), 2 of 4 slots"
 import json, sys
 r = json.loads(sys.argv[1]); a = r["apex"]
 sg = a["stream_gpu"]
-assert sg[0] > 0 and sg[1] > 0 and sg[2] == 0 and sg[3] == 0, "placement: %s" % sg
+# The scheduler gives the two slots to streams 0 and 1 (priority: stream
+# order) for all 23 decode steps; 2 and 3 reach the tier only in the KV
+# checks after them, once 0 and 1 stop decoding and free their slots.
+assert sg[0] >= 23 * 30 and sg[1] >= 23 * 30 and sg[2] + sg[3] <= 2 * 30, "placement: %s" % sg
 assert a["tier_check_max_diff"] <= 1e-4, "GPU tier vs CPU kernel: %g" % a["tier_check_max_diff"]
-print("GPU tier (emulated), 2 of 4 slots: ok (slots 0-1 on the tier, 2-3 on the CPU; the tier's results, K-shift "
-      "included, equal the CPU kernel's to %.2g)" % a["tier_check_max_diff"])
+print("GPU tier (emulated), 2 of 4 slots: ok (streams 0-1 on the tier, 2-3 on the CPU while all decode; the tier's "
+      "results, K-shift included, equal the CPU kernel's to %.2g)" % a["tier_check_max_diff"])
 PY
 
 # Bad GPU-tier settings: one line, every sequence on the CPU, the run completes.
