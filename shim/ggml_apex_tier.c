@@ -11,10 +11,10 @@
 
 #include <dlfcn.h>
 #include <pthread.h>
-#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "apex/apex.h"
 #include "apex/apex_paged.h"
@@ -366,20 +366,6 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         st = t->lib->context_create(&cfg, &t->ctx);
     }
     if (st == APEX_OK) st = t->lib->paged_claim(t->ctx, NULL);
-    if (st == APEX_OK) {
-        /* The scheduler's profile: the CPU part measured here once and
-         * cached per hardware and geometry, the GPU part from a preset
-         * (APEX_GPU_PRESET; "host" for the emulated device). The tier sees
-         * no linear layers: hidden is q's row, ffn and vocab are estimates
-         * (they price the step, which apex_sched_observe corrects; where
-         * the KV goes does not depend on them). */
-        apex_sched_options so;
-        memset(&so, 0, sizeof so);
-        so.hidden = t->n_q_heads * t->head_dim;
-        so.ffn = 4 * so.hidden;
-        so.vocab = 32000;
-        st = t->lib->sched_enable(t->ctx, &so);
-    }
     /* A context without a device (APEX_DEVICE=none, or auto and no GPU
      * answers) has no device tier to hold the slots. */
     void *base = NULL;
@@ -398,6 +384,24 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
                 "sequence attends on the CPU\n",
                 (long long)g, (double)(per_stream * (uint64_t)g) / 1048576.0, t->lib->last_error());
         if (t->ctx) t->lib->context_destroy(t->ctx);
+        t->ctx = NULL;
+        return;
+    }
+    /* The scheduler's profile: the CPU part measured here once and cached
+     * per hardware and geometry, the GPU part from a preset
+     * (APEX_GPU_PRESET; "host" for the emulated device). The tier sees no
+     * linear layers: hidden is q's row, ffn and vocab are estimates (they
+     * price the step, which apex_sched_observe corrects; where the KV goes
+     * does not depend on them). */
+    apex_sched_options so;
+    memset(&so, 0, sizeof so);
+    so.hidden = t->n_q_heads * t->head_dim;
+    so.ffn = 4 * so.hidden;
+    so.vocab = 32000;
+    if (t->lib->sched_enable(t->ctx, &so) != APEX_OK) {
+        fprintf(stderr, "APEX: no GPU tier for this KV cache (APEX's scheduler: %s): every sequence attends on "
+                        "the CPU\n", t->lib->last_error());
+        t->lib->context_destroy(t->ctx);
         t->ctx = NULL;
         return;
     }

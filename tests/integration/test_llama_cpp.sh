@@ -165,7 +165,8 @@ PY
 
 # Bad GPU-tier settings: one line, every sequence on the CPU, the run completes.
 for bad in "APEX_LIB=/nonexistent/libapex.so.1|cannot load /nonexistent" \
-           "APEX_GGML_GPU_KV_MB=lots|is not a number of MiB" "APEX_DEVICE=none|has no device"; do
+           "APEX_GGML_GPU_KV_MB=lots|is not a number of MiB" "APEX_DEVICE=none|has no device" \
+           "APEX_GPU_PRESET=nosuch|APEX's scheduler: .*unknown GPU preset 'nosuch'"; do
   setting=${bad%%|*} want=${bad#*|}
   err=$(mktemp)
   out=$(hyb 2 4 2 "$setting" 2>"$err") || { tail -3 "$err"; fail "GPU tier with $setting"; }
@@ -174,7 +175,7 @@ for bad in "APEX_LIB=/nonexistent/libapex.so.1|cannot load /nonexistent" \
   python3 -c "import json,sys; a=json.loads(sys.argv[1])['apex']; assert a['gpu_attn'] == 0 and a['attention_calls'] > 0, a" "$out" \
     || fail "GPU tier with $setting: placement"
 done
-echo "GPU tier bad settings (missing libapex, malformed budget, no device): ok (one line, all on the CPU)"
+echo "GPU tier bad settings (missing libapex, malformed budget, no device, unknown GPU preset): ok (one line, all on the CPU)"
 # The scheduler's placement in the tier: staggered sequences, slots freed and
 # reused, the decision log against what ran, two runs the same.
 bash tests/integration/test_llama_place.sh || fail "GPU tier placement"
