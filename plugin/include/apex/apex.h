@@ -352,7 +352,8 @@ typedef struct apex_sched_options {
     int32_t prefill_budget;  /* prompt tokens per step; 0 = 2048          */
 } apex_sched_options;
 
-/* Obtains the profile (may take ~2 s the first time on a machine). */
+/* Obtains the profile (may take ~2 s the first time on a machine). Also
+ * on a claimed context (apex_paged.h), for apex_sched_place. */
 APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o);
 
 /* One entry per request the engine holds, oldest first. */
@@ -387,9 +388,10 @@ typedef struct apex_step_plan {
 APEX_API apex_status apex_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
                                      apex_step_decision *out, apex_step_plan *plan);
 
-/* The engine's measured time of the step just planned: corrects the
- * model online (bounded steps, so one outlier does not swing it). APEX
- * also corrects CPU attention from its own measurements. */
+/* The engine's measured time of the step just planned (by apex_sched_step
+ * or apex_sched_place): corrects the model online (bounded steps, so one
+ * outlier does not swing it). APEX also corrects CPU attention from its
+ * own measurements. */
 APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds);
 
 /* ------------------------------------------------------------ statistics */
