@@ -228,10 +228,11 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
     size_t tbl = (size_t)cfg->max_batch * (size_t)ctx->seqs.max_blocks_per_seq;
     ctx->exec_rows = malloc((size_t)cfg->max_batch * sizeof *ctx->exec_rows);
     ctx->call_lens = malloc((size_t)cfg->max_batch * sizeof *ctx->call_lens);
+    ctx->call_slots = malloc((size_t)cfg->max_batch * sizeof *ctx->call_slots);
     ctx->call_table = malloc(tbl * sizeof *ctx->call_table);
     ctx->seq_mark = calloc((size_t)cfg->max_seqs, sizeof *ctx->seq_mark);
     if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table || !ctx->seq_mark || !ctx->exec_rows ||
-        !ctx->call_lens || !ctx->call_table) {
+        !ctx->call_lens || !ctx->call_table || !ctx->call_slots) {
         st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the attention workspace");
         goto fail;
     }
@@ -275,6 +276,7 @@ void context_destroy(apex_context *ctx) {
     free(ctx->exec_rows);
     free(ctx->call_lens);
     free(ctx->call_table);
+    free(ctx->call_slots);
     exec_destroy(ctx);
     seq_table_destroy(&ctx->seqs);
     block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
@@ -372,39 +374,17 @@ void context_owner_update(apex_context *ctx) {
         ctx->owner = ctx->seqs.n_active > 0 ? CTX_OWNER_APEX : CTX_OWNER_NONE;
 }
 
-/* 1 if any row of the batch belongs to a device-tier sequence. */
-static int any_device(const apex_context *ctx, int32_t n, const int32_t *seqs) {
-    for (int32_t i = 0; i < n; i++)
-        if (ctx->seqs.seqs[seqs[i]].tier == APEX_TIER_DEVICE) return 1;
-    return 0;
-}
-
 apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
                              const int32_t *pos, const void *k, const void *v, apex_dtype src) {
-    pipeline_sync(ctx);
-    if (ctx->dev && any_device(ctx, n, seqs)) {
-        pipeline *pl = &ctx->pipe;
-        const device_iface *f = ctx->dev->iface;
-        size_t bytes = (size_t)n * ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-        apex_status st;
-        if ((st = f->memcpy_async(ctx->dev, pl->d_k_sync, k, bytes, pl->own_stream)) ||
-            (st = f->memcpy_async(ctx->dev, pl->d_v_sync, v, bytes, pl->own_stream)) ||
-            (st = pipeline_kv_write(ctx, layer, n, seqs, pos, pl->d_k_sync, pl->d_v_sync, src,
-                                    pl->own_stream))) {
-            pipeline_sync(ctx); /* no copy from the caller's k, v may outlive the call */
-            return st;
-        }
-        pipeline_sync(ctx);
-        return APEX_OK;
-    }
-    TRACE_SCOPE(APEX_TRACE_COPY, "kv rows", layer);
-    for (int32_t i = 0; i < n; i++) {
-        int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
-        size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-        context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot, (const uint8_t *)k + i * row,
-                           (const uint8_t *)v + i * row, src);
-    }
-    return APEX_OK;
+    /* Engine slots: host slots follow the device tier's. */
+    int64_t dev_slots = (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks * ctx->cfg.block_tokens;
+    for (int32_t i = 0; i < n; i++)
+        ctx->call_slots[i] = pos_slot(ctx, seqs[i], pos[i]) +
+                             (ctx->seqs.seqs[seqs[i]].tier == APEX_TIER_HOST ? dev_slots : 0);
+    int64_t row = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
+    exec_rows r = {.layer = layer, .n = n, .slots = ctx->call_slots, .k = k, .k_stride = row,
+                   .v = v, .v_stride = row, .dtype = src};
+    return exec_kv_write(ctx, &r);
 }
 
 apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,

@@ -49,6 +49,7 @@ struct apex_context {
                                    (taken when first needed)               */
     int32_t *call_lens;         /* [max_batch]: a sequence-model call's    */
     int32_t *call_table;        /* batch, as executor tables (engine ids)  */
+    int64_t *call_slots;        /* [max_batch]: its K/V rows' engine slots */
     uint32_t *seq_mark;         /* [max_seqs]: batch stamps (repeat check) */
     uint32_t mark_epoch;
     apex_stats stats;           /* counters; pool figures filled on read   */
@@ -80,9 +81,9 @@ apex_status context_seq_model(const apex_context *ctx, const char *fn);
 /* After a call that adds or frees sequences: the owner follows n_active. */
 void context_owner_update(apex_context *ctx);
 
-/* Validated batches only (see plugin/src/apex_api.c). With a device, the
- * synchronous calls first wait for in-flight work and run device-tier rows
- * through the pipeline on the context's own stream. */
+/* Validated batches only (see plugin/src/apex_api.c). kv_write: the rows'
+ * slots in the executor's form, then exec_kv_write (synchronous: waits for
+ * in-flight work, device-tier rows on the context's own stream). */
 apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n,
                       const int32_t *seqs, const int32_t *pos, const void *k,
                       const void *v, apex_dtype src);

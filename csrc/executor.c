@@ -4,7 +4,8 @@
  * it synchronously (exec_sync: device batches on APEX's own stream through
  * the pipeline's synchronous staging slot, host rows on the calling thread,
  * mixed ones over a pinned gather) or enqueues it on an engine stream
- * (exec_enqueue: the async pipeline's host/device cohort split).
+ * (exec_enqueue: the async pipeline's host/device cohort split); and
+ * stores K/V rows synchronously on their tiers (exec_kv_write).
  *
  * Host rows are one CPU batch (cpu_attn_decode plans its split-K over the
  * whole batch): run in place when they are adjacent rows of q, else gathered
@@ -520,6 +521,78 @@ static apex_status exec_enqueue(apex_context *ctx, const exec_batch *b, device_s
     TRY(pipeline_finish(pl, sl, s));
     ctx->stats.seqs_attended_device += (uint64_t)n_g;
     ctx->stats.seqs_attended_host += (uint64_t)n_c;
+    return APEX_OK;
+}
+
+/* ---- K/V rows, synchronously */
+
+static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_t i) {
+    return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
+}
+
+/* Stores one staged chunk of device-tier rows (h_slots, h_k, h_v of the
+ * sync slot) with the device's kv_append kernel, and waits for it. */
+static apex_status append_chunk(apex_context *ctx, int32_t layer, int32_t m, apex_dtype src) {
+    apex_device *dev = ctx->dev;
+    const device_iface *f = dev->iface;
+    device_stream *s = ctx->pipe.own_stream;
+    stage_slot *sl = pipeline_sync_slot(ctx);
+    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
+    apex_cuda_kv_append a = {
+        .n_rows = m, .n_kv_heads = ctx->cfg.n_kv_heads, .head_dim = ctx->cfg.head_dim,
+        .block_tokens = ctx->cfg.block_tokens, .k = sl->d_k, .v = sl->d_v, .src_dtype = src,
+        .slots = sl->d_slots, .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
+        .block_bytes = ctx->block_bytes, .kv_dtype = ctx->cfg.kv_dtype,
+    };
+    apex_status st;
+    if ((st = f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)m * 8, s)) ||
+        (st = f->memcpy_async(dev, sl->d_k, sl->h_k, (size_t)m * row, s)) ||
+        (st = f->memcpy_async(dev, sl->d_v, sl->h_v, (size_t)m * row, s)) ||
+        (st = f->kv_append(dev, &a, s)))
+        return st;
+    return f->stream_sync(dev, s);
+}
+
+/* The device-tier rows (slots below dev_slots: the device slot itself). */
+static apex_status write_device(apex_context *ctx, const exec_rows *r, int64_t dev_slots) {
+    TRACE_SCOPE(APEX_TRACE_COPY, "device rows", r->layer);
+    stage_slot *sl = pipeline_sync_slot(ctx);
+    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(r->dtype);
+    int32_t m = 0;
+    apex_status st = pipeline_sync_slot_wait(ctx);
+    if (st) return st;
+    for (int64_t i = 0; i < r->n; i++) {
+        if (r->slots[i] < 0 || r->slots[i] >= dev_slots) continue;
+        memcpy((uint8_t *)sl->h_k + (size_t)m * row, row_at(r->k, r->dtype, r->k_stride, i), row);
+        memcpy((uint8_t *)sl->h_v + (size_t)m * row, row_at(r->v, r->dtype, r->v_stride, i), row);
+        sl->h_slots[m++] = r->slots[i];
+        if (m == ctx->cfg.max_batch) {
+            if ((st = append_chunk(ctx, r->layer, m, r->dtype))) return st;
+            m = 0;
+        }
+    }
+    return m ? append_chunk(ctx, r->layer, m, r->dtype) : APEX_OK;
+}
+
+apex_status exec_kv_write(apex_context *ctx, const exec_rows *r) {
+    int64_t dev_slots = (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks * ctx->cfg.block_tokens;
+    int64_t on_device = 0, on_host = 0;
+    for (int64_t i = 0; i < r->n; i++) {
+        on_device += r->slots[i] >= 0 && r->slots[i] < dev_slots;
+        on_host += r->slots[i] >= dev_slots;
+    }
+    pipeline_sync(ctx);
+    apex_status st;
+    if (on_device && (st = write_device(ctx, r, dev_slots))) return st;
+    if (!on_host) return APEX_OK;
+    TRACE_SCOPE(APEX_TRACE_COPY, "host rows", r->layer);
+    for (int64_t i = 0; i < r->n; i++) {
+        if (r->slots[i] < dev_slots) continue;
+        int64_t slot = r->slots[i] - dev_slots;
+        context_write_rows(ctx, APEX_TIER_HOST, r->layer, 1, &slot,
+                           row_at(r->k, r->dtype, r->k_stride, i),
+                           row_at(r->v, r->dtype, r->v_stride, i), r->dtype);
+    }
     return APEX_OK;
 }
 

@@ -53,6 +53,26 @@ typedef struct exec_batch {
  * the async path waited for what it had enqueued). */
 apex_status exec_attention(apex_context *ctx, const exec_batch *b, device_stream *s);
 
+/* K/V rows to store: row i (at k + i * k_stride elements of dtype, holding
+ * [n_kv_heads][head_dim]; likewise v) goes to engine slot slots[i] =
+ * id * block_tokens + offset, ids as above; slots[i] < 0 is skipped. */
+typedef struct exec_rows {
+    int32_t layer;
+    int64_t n;
+    const int64_t *slots;
+    const void *k, *v;
+    int64_t k_stride, v_stride;
+    apex_dtype dtype;
+} exec_rows;
+
+/* Stores validated rows synchronously (host k, v), after the context's
+ * in-flight work: device-tier rows first, packed max_batch at a time into
+ * the pipeline's sync slot, copied up and stored by the device's kv_append
+ * (a device failure then leaves the host tier as it was), then host-tier
+ * rows by the calling thread. (Rows in device memory on a stream are
+ * pipeline_kv_write's: only the sequence model has them.) */
+apex_status exec_kv_write(apex_context *ctx, const exec_rows *r);
+
 /* Frees the executor's host scratch (context_destroy). */
 void exec_destroy(apex_context *ctx);
 

@@ -93,11 +93,6 @@ apex_status pipeline_init(apex_context *ctx) {
         layout(sl, sl->h_mem, 1, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
         layout(sl, sl->d_mem, 0, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
     }
-    size_t kb = B * pl->row_kv_bytes + ALIGN;
-    if ((st = f->mem_alloc(dev, 2 * kb, &pl->d_sync))) return st;
-    uintptr_t p = (uintptr_t)pl->d_sync;
-    pl->d_k_sync = carve(&p, B * pl->row_kv_bytes);
-    pl->d_v_sync = carve(&p, B * pl->row_kv_bytes);
     if (f->decode_workspace_bytes) {
         pl->decode_ws_bytes = f->decode_workspace_bytes(dev, c->max_batch, c->n_q_heads,
                                                         c->head_dim);
@@ -126,7 +121,6 @@ void pipeline_destroy(apex_context *ctx) {
     free(pl->chunk_seqs);
     free(pl->chunk_pos);
     if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
-    if (pl->d_sync) f->mem_free(dev, pl->d_sync);
     if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
     if (pl->tm_start) f->event_destroy(dev, pl->tm_start);
     if (pl->tm_end) f->event_destroy(dev, pl->tm_end);

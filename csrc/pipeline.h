@@ -62,9 +62,6 @@ typedef struct pipeline {
     size_t row_q_bytes, row_kv_bytes;
     uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
     int32_t *chunk_seqs, *chunk_pos; /* [max_batch]: prefill's KV chunks */
-    /* Device copies of a synchronous call's host arguments. */
-    void *d_sync;
-    void *d_k_sync, *d_v_sync;
 } pipeline;
 
 apex_status pipeline_init(apex_context *ctx);

@@ -160,55 +160,6 @@ static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_
     return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
 }
 
-/* Stores one staged chunk of device-tier rows (h_slots, h_k, h_v of the
- * staging slot) with the device's kv_append kernel, and waits for it. */
-static apex_status paged_append_chunk(apex_context *ctx, int32_t layer, int32_t m,
-                                      apex_dtype src) {
-    apex_device *dev = ctx->dev;
-    const device_iface *f = dev->iface;
-    device_stream *s = ctx->pipe.own_stream;
-    stage_slot *sl = pipeline_sync_slot(ctx);
-    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-    apex_cuda_kv_append a = {
-        .n_rows = m, .n_kv_heads = ctx->cfg.n_kv_heads, .head_dim = ctx->cfg.head_dim,
-        .block_tokens = ctx->cfg.block_tokens, .k = sl->d_k, .v = sl->d_v, .src_dtype = src,
-        .slots = sl->d_slots, .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
-        .block_bytes = ctx->block_bytes, .kv_dtype = ctx->cfg.kv_dtype,
-    };
-    apex_status st;
-    if ((st = f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)m * 8, s)) ||
-        (st = f->memcpy_async(dev, sl->d_k, sl->h_k, (size_t)m * row, s)) ||
-        (st = f->memcpy_async(dev, sl->d_v, sl->h_v, (size_t)m * row, s)) ||
-        (st = f->kv_append(dev, &a, s)))
-        return st;
-    return f->stream_sync(dev, s);
-}
-
-/* The device-tier rows of a validated kv_write: packed max_batch at a time
- * into the staging slot (slots are engine slots: block id < device_blocks
- * is the device block itself), copied up and stored by kv_append. */
-static apex_status paged_write_device(apex_context *ctx, int32_t layer, int64_t n,
-                                      const int64_t *slots, const void *k, int64_t ks,
-                                      const void *v, int64_t vs, apex_dtype src) {
-    stage_slot *sl = pipeline_sync_slot(ctx);
-    int64_t dev_slots = (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks * ctx->cfg.block_tokens;
-    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-    int32_t m = 0;
-    apex_status st = pipeline_sync_slot_wait(ctx);
-    if (st) return st;
-    for (int64_t i = 0; i < n; i++) {
-        if (slots[i] < 0 || slots[i] >= dev_slots) continue;
-        memcpy((uint8_t *)sl->h_k + (size_t)m * row, row_at(k, src, ks, i), row);
-        memcpy((uint8_t *)sl->h_v + (size_t)m * row, row_at(v, src, vs, i), row);
-        sl->h_slots[m++] = slots[i];
-        if (m == ctx->cfg.max_batch) {
-            if ((st = paged_append_chunk(ctx, layer, m, src))) return st;
-            m = 0;
-        }
-    }
-    return m ? paged_append_chunk(ctx, layer, m, src) : APEX_OK;
-}
-
 APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64_t n,
                                          const int64_t *slots, const void *k,
                                          int64_t k_row_stride, const void *v,
@@ -236,7 +187,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                             "%s: row strides %lld, %lld below a row's %lld "
                                             "elements", fn, (long long)k_row_stride,
                                             (long long)v_row_stride, (long long)row_el));
-    uint64_t written = 0, on_device = 0;
+    uint64_t written = 0;
     for (int64_t i = 0; i < n; i++) {
         if (slots[i] < 0) continue;
         apex_tier tier = APEX_TIER_HOST;
@@ -252,29 +203,11 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                                     "%s: row %lld (slot %lld) has a NaN or Inf",
                                                     fn, (long long)i, (long long)slots[i]));
         written++;
-        on_device += tier == APEX_TIER_DEVICE;
     }
-    pipeline_sync(ctx);
-    /* Device rows first: a device error then leaves the host tier as it was. */
-    if (on_device) {
-        TRACE_SCOPE(APEX_TRACE_COPY, "device rows", layer);
-        apex_status st = paged_write_device(ctx, layer, n, slots, k, k_row_stride, v,
-                                            v_row_stride, src_dtype);
-        if (st) return paged_counted(ctx, st);
-    }
-    TRACE_BEGIN(APEX_TRACE_COPY, "host rows", layer);
-    for (int64_t i = 0; written > on_device && i < n; i++) {
-        if (slots[i] < 0) continue;
-        apex_tier tier = APEX_TIER_HOST;
-        int32_t blk = 0;
-        paged_block(ctx, fn, slots[i] / bt, &tier, &blk); /* checked above */
-        if (tier == APEX_TIER_DEVICE) continue;
-        int64_t slot = (int64_t)blk * bt + slots[i] % bt;
-        context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot,
-                           row_at(k, src_dtype, k_row_stride, i),
-                           row_at(v, src_dtype, v_row_stride, i), src_dtype);
-    }
-    TRACE_END();
+    exec_rows r = {.layer = layer, .n = n, .slots = slots, .k = k, .k_stride = k_row_stride,
+                   .v = v, .v_stride = v_row_stride, .dtype = src_dtype};
+    apex_status st = exec_kv_write(ctx, &r);
+    if (st) return paged_counted(ctx, st);
     ctx->stats.kv_rows_written += written;
     ctx->stats.kv_write_seconds += paged_now() - t0;
     return APEX_OK;
