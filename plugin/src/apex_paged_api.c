@@ -2,6 +2,7 @@
  * apex_paged_api.c - the engine-managed block-table entry points
  * (apex_paged.h). Same rules as apex_api.c: every argument is checked
  * before anything changes; failures are counted in the context's stats.
+ * The work itself is the executor's (csrc/executor.c), as for apex.h.
  */
 #include <math.h>
 #include <stdlib.h>
