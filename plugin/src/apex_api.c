@@ -397,8 +397,10 @@ APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_
 
 /* ----------------------------------------------------------- scheduler */
 
+/* enable and observe serve both models: apex_sched_step (APEX's sequences)
+ * and apex_sched_place (an engine's, apex_place_api.c). */
 APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o) {
-    CHECK_SEQ_CTX(ctx);
+    CHECK_CTX(ctx);
     if (!o) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_enable: options are NULL"));
     return counted(ctx, step_sched_enable(ctx, o));
 }
@@ -412,7 +414,7 @@ APEX_API apex_status apex_sched_step(apex_context *ctx, int32_t n, const apex_st
 }
 
 APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds) {
-    CHECK_SEQ_CTX(ctx);
+    CHECK_CTX(ctx);
     return counted(ctx, step_sched_observe(ctx, step_seconds));
 }
 

@@ -31,11 +31,13 @@
  *     (this header) or an engine's own block tables (apex_paged.h, after
  *     apex_paged_claim). Once an engine claimed them, every sequence call
  *     (apex_seq_*, apex_kv_write/read, apex_attention, their async forms,
- *     apex_prefill_async, apex_sched_enable/step/observe) fails with
+ *     apex_prefill_async, apex_sched_step) fails with
  *     APEX_ERR_INVALID_ARG and a message saying the engine owns the blocks;
  *     while sequences exist, the claim and the paged calls fail likewise.
  *     Both models run attention through the same executor (where each
- *     sequence runs: its blocks' tier).
+ *     sequence runs: its blocks' tier). apex_sched_enable and
+ *     apex_sched_observe serve both: apex_sched_step for APEX's sequences,
+ *     apex_sched_place (apex_paged.h) for an engine's.
  *
  * KV layout (identical on both tiers, so a tier move is a block copy)
  * -------------------------------------------------------------------

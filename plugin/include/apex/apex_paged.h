@@ -97,8 +97,9 @@ APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_b
  * exist"; once the last is freed the claim works). Afterwards the blocks are
  * the engine's for good: every call of apex.h's sequence model (apex_seq_*,
  * apex_kv_write/read, apex_attention, their async forms, apex_prefill_async,
- * apex_sched_*) is refused with APEX_ERR_INVALID_ARG ("this context's blocks
- * belong to the engine"), changing nothing. Calling it again returns the
+ * apex_sched_step) is refused with APEX_ERR_INVALID_ARG ("this context's blocks
+ * belong to the engine"), changing nothing; apex_sched_enable and
+ * apex_sched_observe stay, for apex_sched_place. Calling it again returns the
  * same count. apex_paged_kv_write and apex_paged_attention before a claim
  * are refused the same way ("call apex_paged_claim first", or, while
  * sequences exist, "belong to APEX's sequences"). */
