@@ -7,19 +7,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
 #include "apex/apex_paged.h" /* APEX_PAGED_HOST_KV_ALIGN */
 
 #define DEFAULT_HOST_KV_GB 2.0
 
-/* The geometry this build runs: the one list of it (apex_limits_get hands it
- * to engines). A head_dim here needs its kernels instantiated: the CPU
- * kernels take any, the CUDA launchers switch over these (cuda/paged_decode.cu,
- * cuda/prefill.cu). Each list ends at 0. */
-static const int32_t k_head_dims[] = {64, 80, 96, 128, 256, 0};
-static const int32_t k_block_tokens[] = {8, 16, 32, 64, 128, 256, 0};
+/* The geometry this build runs, from the one list of it (cpu_attn/kv_layout.h:
+ * the CUDA launchers instantiate their kernels from the same list);
+ * apex_limits_get hands it to engines. Each list ends at 0. */
+#define LIST_ENTRY(x) x,
+static const int32_t k_head_dims[] = {APEX_HEAD_DIMS(LIST_ENTRY) 0};
+static const int32_t k_block_tokens[] = {APEX_BLOCK_TOKENS(LIST_ENTRY) 0};
+#undef LIST_ENTRY
+#define CHECK_HEAD_DIM(d) _Static_assert((d) <= APEX_MAX_HEAD_DIM, "APEX_MAX_HEAD_DIM too small");
+APEX_HEAD_DIMS(CHECK_HEAD_DIM)
+#undef CHECK_HEAD_DIM
+#define CHECK_BLOCK_TOKENS(b) _Static_assert(((b) & ((b) - 1)) == 0, "block_tokens not a power of 2");
+APEX_BLOCK_TOKENS(CHECK_BLOCK_TOKENS)
+#undef CHECK_BLOCK_TOKENS
 enum { MAX_LAYERS = 4096, MAX_KV_HEADS = 1024, MAX_Q_HEADS = 4096, MAX_SEQS = 1 << 20,
        MAX_SEQ_LEN = 1 << 24 };
 
@@ -46,11 +53,7 @@ APEX_API apex_status apex_limits_get(apex_limits *out) {
     _Static_assert(sizeof k_block_tokens <= sizeof l.block_tokens, "apex_limits.block_tokens too small");
     memcpy(l.head_dims, k_head_dims, sizeof k_head_dims);
     memcpy(l.block_tokens, k_block_tokens, sizeof k_block_tokens);
-    for (int t = APEX_DTYPE_F32; t <= APEX_DTYPE_BF16; t++)
-        if (apex_dtype_valid(t)) {
-            l.kv_dtypes |= 1u << t;
-            l.act_dtypes |= 1u << t;
-        }
+    l.kv_dtypes = l.act_dtypes = apex_dtype_mask();
     *out = l;
     return APEX_OK;
 }
@@ -132,8 +135,7 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
 }
 
 size_t apex_config_block_bytes(const apex_config *c) {
-    return 2 * (size_t)c->n_kv_heads * (size_t)c->block_tokens * (size_t)c->head_dim *
-           apex_dtype_size(c->kv_dtype);
+    return apex_kv_block_bytes(c->n_kv_heads, c->block_tokens, c->head_dim, c->kv_dtype);
 }
 
 int64_t apex_config_host_blocks(const apex_config *c) {
