@@ -11,6 +11,7 @@
  */
 #include "cpu_attn/cpu_attn.h"
 #include "csrc/sched/sched.h"
+#include "csrc/env.h"
 
 #include <errno.h>
 #include <math.h>
@@ -204,7 +205,7 @@ sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *
     apex_profile *p = calloc(1, sizeof *p);
     if (!p) return sched_fail(SCHED_ERR_NO_MEMORY, "profile_obtain: out of memory");
     sched_status s;
-    const char *env = getenv("APEX_PROFILE");
+    const char *env = apex_env_get(APEX_ENV_PROFILE);
     if (env && *env) {
         if ((s = apex_profile_load(env, p))) goto out;
         if (strcmp(p->model_key, mkey)) {
