@@ -40,11 +40,20 @@
  *
  * Errors
  * ------
- * Every function returns an apex_status. On failure nothing changed (but
- * the context's stats.errors, which counts every failed call on a non-NULL
- * context, queries included), and apex_last_error() returns a message
- * (thread-local, valid until the next APEX call on the same thread). APEX
- * never aborts the host process.
+ * Every function that can fail returns an apex_status (here and in
+ * apex_paged.h). On failure nothing changed (but the context's stats.errors,
+ * which counts every failed call on a non-NULL context, queries included),
+ * and apex_last_error() returns a message (thread-local, valid until the
+ * next APEX call on the same thread). APEX never aborts the host process.
+ * The exceptions cannot fail, so they return their value directly, never
+ * set the message and accept any argument:
+ *   apex_status_name, apex_last_error, apex_abi_version, apex_version,
+ *   apex_cpu_isa                        constants and names (never NULL);
+ *   apex_context_host_mode              1 for a NULL context;
+ *   apex_attn_opts_default              fp32 q/out for a NULL context;
+ *   apex_trace_level, apex_trace_begin, apex_trace_end,
+ *   apex_trace_thread_name              the tracer: off is not an error, a
+ *                                       span must cost nothing to record.
  *
  * Empty batches: n = 0 (rows, sequences) is valid in every batched call
  * (kv write/read, attention, prefill, their async and paged forms). The
