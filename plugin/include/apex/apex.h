@@ -131,8 +131,9 @@ typedef enum apex_device_kind {
 } apex_device_kind;
 
 typedef struct apex_config {
-    /* Model geometry. head_dim in {64, 80, 96, 128, 256};
-     * n_q_heads must be a multiple of n_kv_heads (MHA, GQA and MQA). */
+    /* Model geometry. head_dim one of apex_limits.head_dims (today 64,
+     * 80, 96, 128, 256); n_q_heads must be a multiple of n_kv_heads (MHA,
+     * GQA and MQA). */
     int32_t n_layers;
     int32_t n_q_heads;
     int32_t n_kv_heads;
@@ -140,7 +141,8 @@ typedef struct apex_config {
     apex_dtype kv_dtype;   /* storage type of the KV cache            */
     apex_dtype act_dtype;  /* default type of q, k, v and the output */
 
-    /* KV cache. block_tokens in {8, 16, 32, 64, 128, 256}. */
+    /* KV cache. block_tokens one of apex_limits.block_tokens (today 8 to
+     * 256, powers of two). */
     int32_t block_tokens;
     int64_t device_blocks; /* GPU tier capacity (0 in host mode)    */
     int64_t host_blocks;   /* host tier capacity                    */
