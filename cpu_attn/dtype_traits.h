@@ -71,10 +71,14 @@ static inline uint32_t apex_dtype_mask(void) {
         (void)T##_from_f32;                                                                \
         __VA_ARGS__;                                                                       \
     } break;
-#define APEX_DISPATCH_KV_DTYPE(dt, T, ...)                                                 \
+#define APEX_DISPATCH_KV_DTYPE(dt, T, ...) APEX_DTYPE_SWITCH(dt, APEX_DISPATCH_CASE_, T, __VA_ARGS__)
+
+/* The switch both dispatch macros are: CASE(row..., T, body) per row of
+ * APEX_DTYPES, nothing for a value that is not an apex_dtype. */
+#define APEX_DTYPE_SWITCH(dt, CASE, T, ...)                                                \
     do {                                                                                   \
         switch ((int)(dt)) {                                                               \
-            APEX_DTYPES(APEX_DISPATCH_CASE_, T, __VA_ARGS__)                               \
+            APEX_DTYPES(CASE, T, __VA_ARGS__)                                              \
         default: break;                                                                    \
         }                                                                                  \
     } while (0)

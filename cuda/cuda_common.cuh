@@ -75,12 +75,7 @@ template <> struct conv<bf16_t> {
         __VA_ARGS__;                                                           \
     } break;
 #define APEXCU_DISPATCH_DTYPE(dt, T, ...)                                      \
-    do {                                                                       \
-        switch ((int)(dt)) {                                                   \
-            APEX_DTYPES(APEXCU_DISPATCH_CASE_, T, __VA_ARGS__)                 \
-        default: break;                                                        \
-        }                                                                      \
-    } while (0)
+    APEX_DTYPE_SWITCH(dt, APEXCU_DISPATCH_CASE_, T, __VA_ARGS__)
 
 // Element i of an array of runtime type t (for q and outputs, read or
 // written once per kernel, where a uniform switch costs nothing).
