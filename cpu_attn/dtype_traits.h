@@ -67,6 +67,7 @@ static inline uint32_t apex_dtype_mask(void) {
         typedef S T;                                                                       \
         float (*const T##_to_f32)(S) = TO;                                                 \
         S (*const T##_from_f32)(float) = FROM;                                             \
+        (void)sizeof(T);                                                                   \
         (void)T##_to_f32;                                                                  \
         (void)T##_from_f32;                                                                \
         __VA_ARGS__;                                                                       \

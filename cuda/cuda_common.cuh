@@ -72,6 +72,7 @@ template <> struct conv<bf16_t> {
 #define APEXCU_DISPATCH_CASE_(E, TAG, S, TO, FROM, T, ...)                      \
     case E: {                                                                  \
         typedef apexcu::TAG##_t T;                                             \
+        (void)sizeof(T);                                                       \
         __VA_ARGS__;                                                           \
     } break;
 #define APEXCU_DISPATCH_DTYPE(dt, T, ...)                                      \
