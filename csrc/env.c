@@ -98,6 +98,18 @@ static char *scan_unknown(const char *before) {
     return out;
 }
 
+static int same_str(const char *a, const char *b) {
+    return a == b || (a && b && !strcmp(a, b));
+}
+
+/* Whether two snapshots hold the same values (a refresh that changes
+ * nothing then keeps the old one: apex_config_init retakes it each call). */
+static int same(const snap *a, const snap *b) {
+    for (int i = 0; i < APEX_ENV_N; i++)
+        if (!same_str(a->value[i], b->value[i])) return 0;
+    return same_str(a->unknown, b->unknown);
+}
+
 /* Caller holds g_mu. */
 static void take(void) {
     snap *cur = atomic_load(&g_cur);
@@ -108,6 +120,10 @@ static void take(void) {
         if (v && !(s->value[i] = strdup(v))) goto fail;
     }
     if (!(s->unknown = scan_unknown(cur->unknown))) goto fail;
+    if (cur != &g_empty && same(s, cur)) { /* nothing changed: keep the old one */
+        free(s->unknown);
+        goto fail;
+    }
     s->prev = cur;
     atomic_store(&g_cur, s);
     return;

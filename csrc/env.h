@@ -7,7 +7,8 @@
  * engine hands APEX its configuration, so an environment changed before it
  * counts), and so does apex_env_refresh (tests that setenv between steps).
  * A snapshot is never changed or freed once published, so a value pointer
- * stays valid for the life of the process (apex_config.cpu_set keeps one).
+ * stays valid for the life of the process (apex_config.cpu_set keeps one);
+ * a retake that finds nothing changed keeps the current one.
  * Each consumer reads its variables at its own moment (the ISA once, at
  * the first kernel call; fault injection at the first check; the tracer
  * at load; the rest when a config, context, device or pipeline is made).
