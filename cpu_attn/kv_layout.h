@@ -76,5 +76,9 @@ APEX_KV_FN int64_t apex_kv_slot_block(int64_t slot, int32_t block_tokens) {
 APEX_KV_FN int32_t apex_kv_slot_row(int64_t slot, int32_t block_tokens) {
     return (int32_t)(slot % block_tokens);
 }
+/* The slot of position pos of a sequence whose block table is blocks. */
+APEX_KV_FN int64_t apex_kv_slot_of(const int32_t *blocks, int32_t pos, int32_t block_tokens) {
+    return (int64_t)blocks[pos / block_tokens] * block_tokens + pos % block_tokens;
+}
 
 #endif /* APEX_KV_LAYOUT_H */
