@@ -376,6 +376,24 @@ static int check_isa_env(const char *expect) {
     return strcmp(sel, want) != 0;
 }
 
+/* kv_layout.h by hand: K [heads][bt][D] then V, slots block * bt + row. */
+static void test_kv_layout(void **state) {
+    (void)state;
+    const apex_kv_layout l = apex_kv_layout_of(2, 16, 64, apex_dtype_size(APEX_DTYPE_F16));
+    assert_int_equal(l.row, 128);
+    assert_int_equal(l.panel, 16 * 128);
+    assert_int_equal(l.half, 2 * 16 * 128);
+    assert_int_equal(l.block, 2 * 2 * 16 * 128);
+    assert_int_equal(apex_kv_block_bytes(2, 16, 64, APEX_DTYPE_F32), 2 * 2 * 16 * 64 * 4);
+    assert_int_equal(apex_kv_offset(&l, 0, 0, 0), 0);
+    assert_int_equal(apex_kv_offset(&l, 1, 1, 3), l.half + l.panel + 3 * l.row);
+    assert_int_equal(apex_kv_offset(&l, 1, 1, 15) + l.row, l.block); /* the last row ends it */
+    const int32_t blocks[] = {5, 9};
+    assert_int_equal(apex_kv_slot_of(blocks, 17, 16), 9 * 16 + 1);
+    assert_int_equal(apex_kv_slot_block(9 * 16 + 1, 16), 9);
+    assert_int_equal(apex_kv_slot_row(9 * 16 + 1, 16), 1);
+}
+
 int main(void) {
     rng_state = 0x5eed;
     const char *expect = getenv("APEX_ISA_EXPECT");
@@ -389,6 +407,7 @@ int main(void) {
     cpu_attn_isa_force(sel);
     fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kv_layout),
         cmocka_unit_test(test_reference_hand),
         cmocka_unit_test(test_isa_dispatch),
         cmocka_unit_test(test_sweep),
