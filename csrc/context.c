@@ -9,6 +9,7 @@
 #include "csrc/config.h"
 #include "csrc/fault.h"
 #include "csrc/trace.h"
+#include "csrc/env.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the
@@ -62,7 +63,7 @@ static apex_status open_device(apex_context *ctx) {
 #endif
     }
     if (kind == APEX_DEVICE_EMULATED) {
-        const char *mb = getenv("APEX_EMU_DEVICE_MB");
+        const char *mb = apex_env_get(APEX_ENV_EMU_DEVICE_MB);
         size_t bytes = (size_t)(mb && atol(mb) > 0 ? atol(mb) : 256) << 20;
         return device_emulated_create(bytes, &ctx->dev);
     }
@@ -147,7 +148,7 @@ static void unpin_host_pool(apex_context *ctx) {
  * only costs copy speed and leaves nothing registered.
  * APEX_PIN_HOST_POOL=0 skips it. */
 static void pin_host_pool(apex_context *ctx) {
-    const char *pin = getenv("APEX_PIN_HOST_POOL");
+    const char *pin = apex_env_get(APEX_ENV_PIN_HOST_POOL);
     if (!ctx->dev->iface->host_register || (pin && !strcmp(pin, "0"))) return;
     if (host_pool_runs(ctx, pin_run) != APEX_OK) {
         fprintf(stderr, "apex: host KV pool%s not pinned (%s): tier moves copy slower\n",

@@ -38,6 +38,7 @@
 #include "csrc/device.h"
 #include "csrc/error.h"
 #include "csrc/fault.h"
+#include "csrc/env.h"
 
 #define EMU_ALIGN 256          /* device allocations, like cudaMalloc */
 #define EMU_FLAG_POLL_NS 30000 /* flag writers notify nobody: poll this often */
@@ -944,7 +945,7 @@ static const device_iface emu_iface = {
  * plain non-negative integer up to one second. */
 static apex_status read_delay(unsigned *out) {
     *out = 0;
-    const char *v = getenv("APEX_EMU_KERNEL_DELAY_US");
+    const char *v = apex_env_get(APEX_ENV_EMU_KERNEL_DELAY_US);
     if (!v || !*v) return APEX_OK;
     char *end = NULL;
     errno = 0;

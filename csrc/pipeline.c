@@ -8,6 +8,7 @@
 #include "csrc/context.h"
 #include "csrc/error.h"
 #include "csrc/trace.h"
+#include "csrc/env.h"
 
 #define ALIGN 256
 
@@ -66,7 +67,7 @@ apex_status pipeline_init(apex_context *ctx) {
     pl->row_q_bytes = (size_t)c->n_q_heads * c->head_dim * 4;
     pl->row_kv_bytes = (size_t)c->n_kv_heads * c->head_dim * 4;
     int32_t n = 2 * c->n_layers;
-    const char *env = getenv("APEX_STAGING_SLOTS");
+    const char *env = apex_env_get(APEX_ENV_STAGING_SLOTS);
     if (env && atoi(env) >= 2) n = atoi(env);
     if (n > 64) n = 64;
     apex_status st;
