@@ -23,6 +23,7 @@
 #include "csrc/host_mem.h"
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 
 #define MAX_LIST 32
 /* Footprint of a case's layer copies: well past any LLC. */
@@ -37,10 +38,6 @@ typedef struct {
     double max_gb, min_seconds;
     int json, small_pages;
 } opts;
-
-static const char *dtype_name(apex_dtype t) {
-    return t == APEX_DTYPE_F16 ? "f16" : t == APEX_DTYPE_BF16 ? "bf16" : "f32";
-}
 
 static int parse_list(const char *s, int32_t *out, int32_t *n) {
     *n = 0;
@@ -117,10 +114,15 @@ static int parse(int argc, char **argv, opts *o) {
         i++;
     }
     const int hd = o->head_dim;
-    if (o->q_heads % o->kv_heads || !(hd == 64 || hd == 80 || hd == 96 || hd == 128 || hd == 256) ||
-        (o->block_tokens & (o->block_tokens - 1)) || o->block_tokens < 8 || o->block_tokens > 256) {
-        fprintf(stderr, "apex-bench attn: q-heads must be a multiple of kv-heads, head-dim one of "
-                        "64,80,96,128,256, block a power of two in [8, 256]\n");
+    int hd_ok = 0, bt_ok = 0;
+#define BENCH_HD(d) hd_ok |= hd == d;
+#define BENCH_BT(b) bt_ok |= o->block_tokens == b;
+    APEX_HEAD_DIMS(BENCH_HD) APEX_BLOCK_TOKENS(BENCH_BT)
+#undef BENCH_HD
+#undef BENCH_BT
+    if (o->q_heads % o->kv_heads || !hd_ok || !bt_ok) {
+        fprintf(stderr, "apex-bench attn: q-heads must be a multiple of kv-heads, head-dim and "
+                        "block one the build supports (cpu_attn/kv_layout.h)\n");
         return -1;
     }
     return 0;
@@ -164,7 +166,7 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
                     int in_cache) {
     const int32_t H = o->kv_heads, D = o->head_dim, bt = o->block_tokens;
     const size_t esz = apex_dtype_size(o->kv_dtype);
-    const size_t block_bytes = 2 * (size_t)H * (size_t)bt * (size_t)D * esz;
+    const size_t block_bytes = apex_kv_layout_of(H, bt, D, esz).block;
     const int32_t nb_seq = (ctx + bt - 1) / bt;
     const size_t n_blocks = (size_t)batch * (size_t)nb_seq;
     const size_t slab = n_blocks * block_bytes;
@@ -281,7 +283,7 @@ int bench_attn_main(int argc, char **argv) {
                "block %d\ntimes: best of the timed iterations (median in brackets)\n"
                "compute ceiling: %.2f GB/s (the kernel on KV re-read from the caches)\n\n"
                "%6s %7s %7s %15s %8s %17s %11s %14s\n",
-               isa, o.threads, o.q_heads, o.kv_heads, o.head_dim, dtype_name(o.kv_dtype),
+               isa, o.threads, o.q_heads, o.kv_heads, o.head_dim, apex_dtype_name(o.kv_dtype),
                o.block_tokens, ceiling, "batch", "ctx", "iters", "ms", "KV GB", "kv GB/s",
                "stream GB/s", "ratio");
     int first = 1, rc = 0;
@@ -294,7 +296,7 @@ int bench_attn_main(int argc, char **argv) {
                 printf("%s{\"batch\":%d,\"ctx\":%d,\"q_heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
                        "\"block_tokens\":%d,\"kv_dtype\":\"%s\",\"threads\":%d,\"kv_bytes\":%.0f",
                        first ? "" : ",", batch, ctx, o.q_heads, o.kv_heads, o.head_dim,
-                       o.block_tokens, dtype_name(o.kv_dtype), o.threads, kv_bytes);
+                       o.block_tokens, apex_dtype_name(o.kv_dtype), o.threads, kv_bytes);
             first = 0;
             if (kv_bytes > o.max_gb * 1e9) {
                 if (o.json) printf(",\"skipped\":\"KV %.2f GB exceeds --max-gb %g\"}", kv_bytes / 1e9, o.max_gb);

@@ -87,7 +87,7 @@ INL __m256 tanh8(__m256 y) {
 
 INL void qk_tile(const float *q, int D, const uint8_t *k, size_t rowb, float *s, int dt,
                  int TT, int HT) {
-    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m256 a[8];
 #pragma GCC unroll 8
     for (int i = 0; i < TT * HT; i++) a[i] = _mm256_setzero_ps();
@@ -149,7 +149,7 @@ typedef struct {
 INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
                   int c, int dt, int HP) {
     const int NS = HP >= 5 ? 1 : HP >= 3 ? 2 : HP == 2 ? 4 : 8;
-    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m256 a[12];
 #pragma GCC unroll 12
     for (int i = 0; i < NS * HP; i++) a[i] = _mm256_setzero_ps();

@@ -73,7 +73,7 @@ static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n
 INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, float *acc, int D,
                   int c, int dt, int HP, pf_list *pf, int *pf_left, int pf_per) {
     const int NS = avx512_pv_sets(HP);
-    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m512 a[16];
 #pragma GCC unroll 16
     for (int i = 0; i < NS * HP; i++) a[i] = _mm512_setzero_ps();

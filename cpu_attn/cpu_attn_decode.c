@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "cpu_attn/cpu_attn_impl.h"
-#include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 
 /* Fewer tokens than this per item cost more in merging and scheduling than
  * they gain in balance. */
@@ -103,19 +103,10 @@ void cpu_attn_ws_destroy(cpu_attn_ws *ws) {
  * element kept it scalar: half of a 16-token call's time). */
 static void load_q(float *restrict dst, const void *restrict src, apex_dtype dt, size_t n,
                    float mul) {
-    const uint16_t *h = src;
-    const float *f = src;
-    switch (dt) {
-    case APEX_DTYPE_F16:
-        for (size_t i = 0; i < n; i++) dst[i] = apex_f16_to_f32(h[i]) * mul;
-        break;
-    case APEX_DTYPE_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = apex_bf16_to_f32(h[i]) * mul;
-        break;
-    default:
-        for (size_t i = 0; i < n; i++) dst[i] = f[i] * mul;
-        break;
-    }
+    APEX_DISPATCH_KV_DTYPE(dt, T, {
+        const T *x = src;
+        for (size_t i = 0; i < n; i++) dst[i] = T_to_f32(x[i]) * mul;
+    });
 }
 
 static int32_t seq_start(const cpu_attn_batch *b, int32_t len) {
@@ -182,7 +173,7 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     const cpu_attn_kernel *kern = cpu_attn_kernel_get(cpu_attn_isa_selected());
     const int32_t H = g->n_kv_heads, HQ = g->n_q_heads, G = HQ / H, D = g->head_dim;
     const int32_t bt = g->block_tokens;
-    const size_t panel = (size_t)bt * (size_t)D * apex_dtype_size(g->kv_dtype);
+    const apex_kv_layout lay = apex_kv_layout_of(H, bt, D, apex_dtype_size(g->kv_dtype));
     const size_t osz = apex_dtype_size(b->out_dtype);
     /* KV heads per item: all, unless chunks alone leave threads idle. */
     int32_t splits = 1;
@@ -222,9 +213,9 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
                 .kv = b->kv,
                 .blocks = b->block_table + (size_t)i * (size_t)b->block_table_stride,
                 .block_bytes = b->block_bytes,
-                .k_off = (size_t)h0 * panel,
-                .v_off = ((size_t)H + (size_t)h0) * panel,
-                .panel = panel,
+                .k_off = apex_kv_offset(&lay, 0, h0, 0),
+                .v_off = apex_kv_offset(&lay, 1, h0, 0),
+                .panel = lay.panel,
                 .NH = nh, .G = G, .D = D, .bt = bt,
                 .t0 = ws->chunk_t0[c], .t1 = ws->chunk_t1[c],
                 .kv_dtype = g->kv_dtype,

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cpu_attn/cpu_attn_impl.h"
+#include "csrc/env.h"
 
 typedef struct {
     int avx2;      /* AVX2 + FMA + F16C, OS saves YMM              */
@@ -79,7 +80,7 @@ static cpu_attn_isa best(void) {
 
 static cpu_attn_isa decide(void) {
     cpu_attn_isa pick = best();
-    const char *env = getenv("APEX_ISA");
+    const char *env = apex_env_get(APEX_ENV_ISA);
     if (env && *env) {
         cpu_attn_isa want;
         if (!strcmp(env, "avx512bf16")) want = CPU_ATTN_ISA_AVX512BF16;

@@ -6,17 +6,17 @@
 #include <math.h>
 
 #include "cpu_attn/cpu_attn.h"
-#include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 
 /* Element (token t, dim d) of head h's K (which = 0) or V (which = 1). */
 static float kv_at(const cpu_attn_geom *g, const cpu_attn_batch *b, const int32_t *table,
                    int32_t t, int32_t h, int which, int32_t d) {
+    const apex_kv_layout lay = apex_kv_layout_of(g->n_kv_heads, g->block_tokens, g->head_dim,
+                                                 apex_dtype_size(g->kv_dtype));
     int32_t blk = table[t / g->block_tokens];
-    int32_t row = t % g->block_tokens;
     const uint8_t *base = (const uint8_t *)b->kv + (size_t)blk * b->block_bytes;
-    size_t idx = (((size_t)which * (size_t)g->n_kv_heads + (size_t)h) * (size_t)g->block_tokens +
-                  (size_t)row) * (size_t)g->head_dim + (size_t)d;
-    return apex_load_f32(base, g->kv_dtype, idx);
+    return apex_load_f32(base + apex_kv_offset(&lay, which, h, t % g->block_tokens), g->kv_dtype,
+                         (size_t)d);
 }
 
 static double score(const cpu_attn_geom *g, const cpu_attn_batch *b, const int32_t *table,
@@ -45,7 +45,7 @@ int cpu_attn_reference(const cpu_attn_geom *g, const cpu_attn_batch *b) {
                 double s = score(g, b, table, b->q, q_idx, t, kvh);
                 if (s > m) m = s;
             }
-            double acc[256] = {0}; /* head_dim <= 256 (apex.h) */
+            double acc[APEX_MAX_HEAD_DIM] = {0};
             double l = 0.0;
             for (int32_t t = start; t < len; t++) {
                 double p = exp(score(g, b, table, b->q, q_idx, t, kvh) - m);

@@ -8,15 +8,10 @@
 #include "cpu_attn/dtype_convert.h"
 
 static void load_row(float *dst, const uint8_t *src, apex_dtype dt, int32_t n) {
-    switch (dt) {
-    case APEX_DTYPE_F16:
-        for (int32_t i = 0; i < n; i++) dst[i] = apex_f16_to_f32(((const uint16_t *)src)[i]);
-        break;
-    case APEX_DTYPE_BF16:
-        for (int32_t i = 0; i < n; i++) dst[i] = apex_bf16_to_f32(((const uint16_t *)src)[i]);
-        break;
-    default: memcpy(dst, src, (size_t)n * sizeof(float)); break;
-    }
+    APEX_DISPATCH_KV_DTYPE(dt, T, {
+        const T *x = (const T *)src;
+        for (int32_t i = 0; i < n; i++) dst[i] = T_to_f32(x[i]);
+    });
 }
 
 static void span_scalar(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch) {

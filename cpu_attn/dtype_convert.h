@@ -2,7 +2,8 @@
  * dtype_convert.h - scalar fp16/bf16 <-> fp32 conversions (round to nearest
  * even), usable from any translation unit without special ISA flags. The
  * SIMD kernels have their own vector conversions; these are for references,
- * tests, KV writes and tails.
+ * tests, KV writes and tails. What each apex_dtype is (size, name, which of
+ * these converts it) is the table in dtype_traits.h.
  */
 #ifndef APEX_DTYPE_CONVERT_H
 #define APEX_DTYPE_CONVERT_H
@@ -80,30 +81,9 @@ static inline uint16_t apex_f32_to_bf16(float f) {
     return (uint16_t)(x >> 16);
 }
 
-static inline size_t apex_dtype_size(apex_dtype t) {
-    return t == APEX_DTYPE_F32 ? 4 : 2;
-}
-
-static inline int apex_dtype_valid(int t) {
-    return t == APEX_DTYPE_F32 || t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16;
-}
-
-/* Element i of an array of type t, as fp32. */
-static inline float apex_load_f32(const void *p, apex_dtype t, size_t i) {
-    switch (t) {
-    case APEX_DTYPE_F16: return apex_f16_to_f32(((const uint16_t *)p)[i]);
-    case APEX_DTYPE_BF16: return apex_bf16_to_f32(((const uint16_t *)p)[i]);
-    default: return ((const float *)p)[i];
-    }
-}
-
-/* Stores v as element i of an array of type t. */
-static inline void apex_store_f32(void *p, apex_dtype t, size_t i, float v) {
-    switch (t) {
-    case APEX_DTYPE_F16: ((uint16_t *)p)[i] = apex_f32_to_f16(v); break;
-    case APEX_DTYPE_BF16: ((uint16_t *)p)[i] = apex_f32_to_bf16(v); break;
-    default: ((float *)p)[i] = v; break;
-    }
-}
+/* The dtype table (size, name, load/store by apex_dtype, dispatch) is
+ * dtype_traits.h; included here because most users of the conversions want
+ * it too. Included last: it uses the conversions above. */
+#include "cpu_attn/dtype_traits.h"
 
 #endif /* APEX_DTYPE_CONVERT_H */

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "apex/apex.h"
+#include "cpu_attn/dtype_traits.h"
 
 #define AVX512_INL \
     static inline __attribute__((target("avx512f,avx2,fma,f16c"), always_inline))
@@ -88,7 +89,7 @@ AVX512_INL __m512 avx512_tanh16(__m512 y) {
  * compile-time constants at every call, so the loops unroll. */
 AVX512_INL void avx512_qk_tile(const float *q, int D, const void *k, size_t rowb, float *s,
                                ptrdiff_t srow, apex_dtype dt, int TT, int HT) {
-    const size_t esz = dt == APEX_DTYPE_F32 ? 4 : 2;
+    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m512 a[16];
 #pragma GCC unroll 16
     for (int i = 0; i < TT * HT; i++) a[i] = _mm512_setzero_ps();

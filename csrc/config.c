@@ -1,5 +1,6 @@
-/* config.c - apex_config: defaults, the APEX_* environment read once at
- * apex_config_init, validation of every field, host-tier sizing. */
+/* config.c - apex_config: defaults, the APEX_* environment applied at
+ * apex_config_init (which retakes the snapshot of csrc/env.h), validation
+ * of every field, host-tier sizing. */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -7,19 +8,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
 #include "apex/apex_paged.h" /* APEX_PAGED_HOST_KV_ALIGN */
+#include "csrc/env.h"
 
 #define DEFAULT_HOST_KV_GB 2.0
 
-/* The geometry this build runs: the one list of it (apex_limits_get hands it
- * to engines). A head_dim here needs its kernels instantiated: the CPU
- * kernels take any, the CUDA launchers switch over these (cuda/paged_decode.cu,
- * cuda/prefill.cu). Each list ends at 0. */
-static const int32_t k_head_dims[] = {64, 80, 96, 128, 256, 0};
-static const int32_t k_block_tokens[] = {8, 16, 32, 64, 128, 256, 0};
+/* The geometry this build runs, from the one list of it (cpu_attn/kv_layout.h:
+ * the CUDA launchers instantiate their kernels from the same list);
+ * apex_limits_get hands it to engines. Each list ends at 0. */
+#define LIST_ENTRY(x) x,
+static const int32_t k_head_dims[] = {APEX_HEAD_DIMS(LIST_ENTRY) 0};
+static const int32_t k_block_tokens[] = {APEX_BLOCK_TOKENS(LIST_ENTRY) 0};
+#undef LIST_ENTRY
+#define CHECK_HEAD_DIM(d) _Static_assert((d) <= APEX_MAX_HEAD_DIM, "APEX_MAX_HEAD_DIM too small");
+APEX_HEAD_DIMS(CHECK_HEAD_DIM)
+#undef CHECK_HEAD_DIM
+#define CHECK_BLOCK_TOKENS(b) _Static_assert(((b) & ((b) - 1)) == 0, "block_tokens not a power of 2");
+APEX_BLOCK_TOKENS(CHECK_BLOCK_TOKENS)
+#undef CHECK_BLOCK_TOKENS
 enum { MAX_LAYERS = 4096, MAX_KV_HEADS = 1024, MAX_Q_HEADS = 4096, MAX_SEQS = 1 << 20,
        MAX_SEQ_LEN = 1 << 24 };
 
@@ -46,19 +55,15 @@ APEX_API apex_status apex_limits_get(apex_limits *out) {
     _Static_assert(sizeof k_block_tokens <= sizeof l.block_tokens, "apex_limits.block_tokens too small");
     memcpy(l.head_dims, k_head_dims, sizeof k_head_dims);
     memcpy(l.block_tokens, k_block_tokens, sizeof k_block_tokens);
-    for (int t = APEX_DTYPE_F32; t <= APEX_DTYPE_BF16; t++)
-        if (apex_dtype_valid(t)) {
-            l.kv_dtypes |= 1u << t;
-            l.act_dtypes |= 1u << t;
-        }
+    l.kv_dtypes = l.act_dtypes = apex_dtype_mask();
     *out = l;
     return APEX_OK;
 }
 
-/* Reads integer variable name into *out if it is set; error if malformed. */
-static apex_status env_int(const char *name, int64_t lo, int64_t hi, int64_t *out,
+/* Reads integer variable var into *out if it is set; error if malformed. */
+static apex_status env_int(apex_env_var var, int64_t lo, int64_t hi, int64_t *out,
                            int *found) {
-    const char *s = getenv(name);
+    const char *s = apex_env_get(var);
     *found = 0;
     if (!s || !*s) return APEX_OK;
     char *end;
@@ -66,7 +71,7 @@ static apex_status env_int(const char *name, int64_t lo, int64_t hi, int64_t *ou
     long long v = strtoll(s, &end, 10);
     if (errno || *end || v < lo || v > hi)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s='%s' is not an integer in [%lld, %lld]",
-                         name, s, (long long)lo, (long long)hi);
+                         apex_env_info_at(var)->name, s, (long long)lo, (long long)hi);
     *out = v;
     *found = 1;
     return APEX_OK;
@@ -74,6 +79,7 @@ static apex_status env_int(const char *name, int64_t lo, int64_t hi, int64_t *ou
 
 APEX_API apex_status apex_config_init(apex_config *cfg) {
     if (!cfg) return apex_fail(APEX_ERR_INVALID_ARG, "apex_config_init: cfg is NULL");
+    apex_env_refresh(); /* the environment as it is now (csrc/env.h) */
     apex_config c = {
         .kv_dtype = APEX_DTYPE_F16,
         .act_dtype = APEX_DTYPE_F16,
@@ -88,30 +94,30 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
         .device = APEX_DEVICE_AUTO,
     };
     static const struct {
-        const char *name;
+        apex_env_var var;
         int64_t lo, hi;
         size_t off;
         int is64;
     } vars[] = {
-        {"APEX_HOST_BLOCKS", 0, INT32_MAX, offsetof(apex_config, host_blocks), 1},
-        {"APEX_DEVICE_BLOCKS", 0, INT32_MAX, offsetof(apex_config, device_blocks), 1},
-        {"APEX_THREADS", 0, 1024, offsetof(apex_config, n_threads), 0},
-        {"APEX_BLOCK_TOKENS", 1, 4096, offsetof(apex_config, block_tokens), 0},
-        {"APEX_MAX_SEQS", 1, MAX_SEQS, offsetof(apex_config, max_seqs), 0},
-        {"APEX_MAX_BATCH", 1, MAX_SEQS, offsetof(apex_config, max_batch), 0},
-        {"APEX_MAX_SEQ_LEN", 1, MAX_SEQ_LEN, offsetof(apex_config, max_seq_len), 0},
+        {APEX_ENV_HOST_BLOCKS, 0, INT32_MAX, offsetof(apex_config, host_blocks), 1},
+        {APEX_ENV_DEVICE_BLOCKS, 0, INT32_MAX, offsetof(apex_config, device_blocks), 1},
+        {APEX_ENV_THREADS, 0, 1024, offsetof(apex_config, n_threads), 0},
+        {APEX_ENV_BLOCK_TOKENS, 1, 4096, offsetof(apex_config, block_tokens), 0},
+        {APEX_ENV_MAX_SEQS, 1, MAX_SEQS, offsetof(apex_config, max_seqs), 0},
+        {APEX_ENV_MAX_BATCH, 1, MAX_SEQS, offsetof(apex_config, max_batch), 0},
+        {APEX_ENV_MAX_SEQ_LEN, 1, MAX_SEQ_LEN, offsetof(apex_config, max_seq_len), 0},
     };
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
         int64_t v;
         int found;
-        apex_status st = env_int(vars[i].name, vars[i].lo, vars[i].hi, &v, &found);
+        apex_status st = env_int(vars[i].var, vars[i].lo, vars[i].hi, &v, &found);
         if (st) return st;
         if (!found) continue;
         char *field = (char *)&c + vars[i].off;
         if (vars[i].is64) *(int64_t *)field = v;
         else *(int32_t *)field = (int32_t)v;
     }
-    const char *dev = getenv("APEX_DEVICE");
+    const char *dev = apex_env_get(APEX_ENV_DEVICE);
     if (dev && *dev) {
         static const char *names[] = {"auto", "none", "emulated", "cuda"};
         int found = 0;
@@ -124,7 +130,7 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
             return apex_fail(APEX_ERR_INVALID_ARG,
                              "APEX_DEVICE='%s' is not one of auto, none, emulated, cuda", dev);
     }
-    const char *cpus = getenv("APEX_CPUSET");
+    const char *cpus = apex_env_get(APEX_ENV_CPUSET);
     if (cpus && *cpus) c.cpu_set = cpus;
     *cfg = c;
     apex_clear_error();
@@ -132,14 +138,13 @@ APEX_API apex_status apex_config_init(apex_config *cfg) {
 }
 
 size_t apex_config_block_bytes(const apex_config *c) {
-    return 2 * (size_t)c->n_kv_heads * (size_t)c->block_tokens * (size_t)c->head_dim *
-           apex_dtype_size(c->kv_dtype);
+    return apex_kv_block_bytes(c->n_kv_heads, c->block_tokens, c->head_dim, c->kv_dtype);
 }
 
 int64_t apex_config_host_blocks(const apex_config *c) {
     if (c->host_blocks > 0) return c->host_blocks;
     double gb = DEFAULT_HOST_KV_GB;
-    const char *s = getenv("APEX_HOST_KV_GB");
+    const char *s = apex_env_get(APEX_ENV_HOST_KV_GB);
     if (s && *s) {
         char *end;
         double v = strtod(s, &end);

@@ -5,10 +5,12 @@
 #include <string.h>
 
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
 #include "csrc/fault.h"
 #include "csrc/trace.h"
+#include "csrc/env.h"
 
 /* seq_table's copy-on-write hook: host blocks are copied once the CPU
  * worker (which may still be writing them) is idle; device blocks on the
@@ -62,7 +64,7 @@ static apex_status open_device(apex_context *ctx) {
 #endif
     }
     if (kind == APEX_DEVICE_EMULATED) {
-        const char *mb = getenv("APEX_EMU_DEVICE_MB");
+        const char *mb = apex_env_get(APEX_ENV_EMU_DEVICE_MB);
         size_t bytes = (size_t)(mb && atol(mb) > 0 ? atol(mb) : 256) << 20;
         return device_emulated_create(bytes, &ctx->dev);
     }
@@ -147,7 +149,7 @@ static void unpin_host_pool(apex_context *ctx) {
  * only costs copy speed and leaves nothing registered.
  * APEX_PIN_HOST_POOL=0 skips it. */
 static void pin_host_pool(apex_context *ctx) {
-    const char *pin = getenv("APEX_PIN_HOST_POOL");
+    const char *pin = apex_env_get(APEX_ENV_PIN_HOST_POOL);
     if (!ctx->dev->iface->host_register || (pin && !strcmp(pin, "0"))) return;
     if (host_pool_runs(ctx, pin_run) != APEX_OK) {
         fprintf(stderr, "apex: host KV pool%s not pinned (%s): tier moves copy slower\n",
@@ -326,27 +328,28 @@ static void convert(void *dst, apex_dtype dt, const void *src, apex_dtype st, si
     for (size_t i = 0; i < count; i++) apex_store_f32(dst, dt, i, apex_load_f32(src, st, i));
 }
 
-/* Byte offset of pool slot (block * bt + off), kv head 0, K (which 0) or V
- * (which 1) within its layer slab; head h is h * bt * head_dim further. */
+/* Byte offset of pool slot (block * bt + row), kv head 0, K (which 0) or V
+ * (which 1) within its layer slab; head h is layout.panel further. */
+static apex_kv_layout ctx_layout(const apex_context *ctx) {
+    return apex_kv_layout_of(ctx->cfg.n_kv_heads, ctx->cfg.block_tokens, ctx->cfg.head_dim,
+                             apex_dtype_size(ctx->cfg.kv_dtype));
+}
+
 static size_t slot_offset(const apex_context *ctx, int64_t slot, int which) {
-    int32_t bt = ctx->cfg.block_tokens;
-    size_t el = apex_dtype_size(ctx->cfg.kv_dtype);
-    size_t panel = (size_t)bt * (size_t)ctx->cfg.head_dim;
-    return (size_t)(slot / bt) * ctx->block_bytes +
-           ((size_t)which * (size_t)ctx->cfg.n_kv_heads * panel +
-            (size_t)(slot % bt) * (size_t)ctx->cfg.head_dim) * el;
+    const apex_kv_layout l = ctx_layout(ctx);
+    return (size_t)apex_kv_slot_block(slot, l.block_tokens) * ctx->block_bytes +
+           apex_kv_offset(&l, which, 0, apex_kv_slot_row(slot, l.block_tokens));
 }
 
 static int64_t pos_slot(const apex_context *ctx, int32_t seq, int32_t pos) {
-    int32_t bt = ctx->cfg.block_tokens;
-    return (int64_t)seq_table_row(&ctx->seqs, seq)[pos / bt] * bt + pos % bt;
+    return apex_kv_slot_of(seq_table_row(&ctx->seqs, seq), pos, ctx->cfg.block_tokens);
 }
 
 void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_t n,
                         const int64_t *slots, const void *k, const void *v, apex_dtype src) {
     int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
     size_t row = (size_t)hk * (size_t)d * apex_dtype_size(src);
-    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * apex_dtype_size(ctx->cfg.kv_dtype);
+    size_t head_stride = ctx_layout(ctx).panel;
     uint8_t *slab = block_pool_layer(&ctx->pools[tier], layer);
     for (int32_t i = 0; i < n; i++) {
         uint8_t *kd = slab + slot_offset(ctx, slots[i], 0);
@@ -392,7 +395,7 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
     pipeline_sync(ctx);
     int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
     size_t kel = apex_dtype_size(ctx->cfg.kv_dtype), del = apex_dtype_size(dst);
-    size_t head_stride = (size_t)ctx->cfg.block_tokens * (size_t)d * kel;
+    size_t head_stride = ctx_layout(ctx).panel;
     uint8_t tmp[2][256 * 4];
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];

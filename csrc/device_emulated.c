@@ -35,9 +35,11 @@
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/cpu_prefill.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/device.h"
 #include "csrc/error.h"
 #include "csrc/fault.h"
+#include "csrc/env.h"
 
 #define EMU_ALIGN 256          /* device allocations, like cudaMalloc */
 #define EMU_FLAG_POLL_NS 30000 /* flag writers notify nobody: poll this often */
@@ -325,21 +327,21 @@ static void run_kv_append(const apex_cuda_kv_append *a) {
     const int64_t per = (int64_t)a->n_kv_heads * a->head_dim;
     const int64_t ks = a->k_stride ? a->k_stride : per;
     const int64_t vs = a->v_stride ? a->v_stride : per;
-    const size_t half = (size_t)per * (size_t)a->block_tokens * apex_dtype_size(a->kv_dtype);
+    const size_t el = apex_dtype_size(a->kv_dtype);
+    const apex_kv_layout l = apex_kv_layout_of(a->n_kv_heads, a->block_tokens, a->head_dim, el);
     for (int32_t r = 0; r < a->n_rows; r++) {
         const int64_t slot = a->slots[r];
         if (slot < 0) continue;
-        const int64_t blk = slot / a->block_tokens;
-        const int64_t off = slot % a->block_tokens;
-        char *base = (char *)a->kv + (size_t)blk * a->block_bytes;
+        const int32_t row = apex_kv_slot_row(slot, a->block_tokens);
+        char *base = (char *)a->kv + (size_t)apex_kv_slot_block(slot, a->block_tokens) * a->block_bytes;
         for (int32_t h = 0; h < a->n_kv_heads; h++)
             for (int32_t e = 0; e < a->head_dim; e++) {
                 const size_t x = (size_t)h * (size_t)a->head_dim + (size_t)e;
-                const size_t dst = ((size_t)h * (size_t)a->block_tokens + (size_t)off) *
-                                       (size_t)a->head_dim + (size_t)e;
+                /* element index of (h, row, e) from the K (or V) half's start */
+                const size_t dst = apex_kv_offset(&l, 0, h, row) / el + (size_t)e;
                 apex_store_f32(base, a->kv_dtype, dst,
                                apex_load_f32(a->k, a->src_dtype, (size_t)(r * ks) + x));
-                apex_store_f32(base + half, a->kv_dtype, dst,
+                apex_store_f32(base + l.half, a->kv_dtype, dst,
                                apex_load_f32(a->v, a->src_dtype, (size_t)(r * vs) + x));
             }
     }
@@ -736,8 +738,7 @@ static apex_status check_decode(const apex_cuda_decode *a) {
     if (a->n_seqs == 0) return APEX_OK;
     if (!a->q || !a->out || !a->seq_lens || !a->block_table || !a->kv)
         return apex_fail(APEX_ERR_INVALID_ARG, "emulated paged_decode: a NULL array");
-    const size_t need = 2 * (size_t)a->n_kv_heads * (size_t)a->block_tokens * (size_t)hd *
-                        apex_dtype_size(a->kv_dtype);
+    const size_t need = apex_kv_block_bytes(a->n_kv_heads, a->block_tokens, hd, a->kv_dtype);
     if (a->block_bytes < need || a->block_bytes % 16 || ((uintptr_t)a->kv & 15))
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "emulated paged_decode: block_bytes %zu (need >= %zu, multiple of 16) "
@@ -777,8 +778,8 @@ static apex_status check_kv_append(const apex_cuda_kv_append *a) {
     if (a->n_rows == 0) return APEX_OK;
     if (!a->k || !a->v || !a->slots || !a->kv)
         return apex_fail(APEX_ERR_INVALID_ARG, "emulated kv_append: a NULL array");
-    const size_t half = (size_t)a->n_kv_heads * (size_t)a->block_tokens * (size_t)a->head_dim *
-                        apex_dtype_size(a->kv_dtype);
+    const size_t half =
+        apex_kv_block_bytes(a->n_kv_heads, a->block_tokens, a->head_dim, a->kv_dtype) / 2;
     if (a->block_bytes < 2 * half)
         return apex_fail(APEX_ERR_INVALID_ARG,
                          "emulated kv_append: block_bytes %zu < %zu for the K and V halves",
@@ -810,7 +811,9 @@ static apex_status check_prefill(const apex_cuda_prefill *a) {
                          a->n_seqs, a->n_tokens, a->n_q_heads, a->n_kv_heads, a->window,
                          (double)a->scale, (double)a->softcap);
     switch (a->head_dim) {
-    case 64: case 80: case 96: case 128: case 256: break;
+#define EMU_HEAD_DIM_CASE(d) case d:
+    APEX_HEAD_DIMS(EMU_HEAD_DIM_CASE) break;
+#undef EMU_HEAD_DIM_CASE
     default:
         return apex_fail(APEX_ERR_UNSUPPORTED, "emulated prefill: head_dim %d", a->head_dim);
     }
@@ -944,7 +947,7 @@ static const device_iface emu_iface = {
  * plain non-negative integer up to one second. */
 static apex_status read_delay(unsigned *out) {
     *out = 0;
-    const char *v = getenv("APEX_EMU_KERNEL_DELAY_US");
+    const char *v = apex_env_get(APEX_ENV_EMU_KERNEL_DELAY_US);
     if (!v || !*v) return APEX_OK;
     char *end = NULL;
     errno = 0;

@@ -1,4 +1,5 @@
 #include "csrc/fault.h"
+#include "csrc/env.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -32,9 +33,9 @@ const char *fault_point_name(fault_point p) {
 /* APEX_FAULT=POINTS:N[:persist]; a malformed value is reported once on
  * stderr and ignored (this switch must never be why a process fails). */
 static void read_env(void) {
-    const char *stall = getenv("APEX_FAULT_STALL_US");
+    const char *stall = apex_env_get(APEX_ENV_FAULT_STALL_US);
     if (stall && *stall) __atomic_store_n(&F.stall_us, (unsigned)strtoul(stall, NULL, 10), __ATOMIC_RELAXED);
-    const char *v = getenv("APEX_FAULT");
+    const char *v = apex_env_get(APEX_ENV_FAULT);
     if (!v || !*v) return;
     char buf[256];
     snprintf(buf, sizeof buf, "%s", v);

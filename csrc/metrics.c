@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "csrc/error.h"
+#include "csrc/env.h"
 
 static const char *const tier_label[2] = {"gpu", "host"}; /* [APEX_TIER_DEVICE], [APEX_TIER_HOST] */
 
@@ -145,7 +146,7 @@ static char g_file_owner[64];
 
 int apex_metrics_sink_open(apex_metrics_sink *s, const char *who) {
     memset(s, 0, sizeof *s);
-    const char *env = getenv("APEX_METRICS_FILE");
+    const char *env = apex_env_get(APEX_ENV_METRICS_FILE);
     if (!env || !*env) return 0;
     int expected = 0;
     if (!atomic_compare_exchange_strong(&g_file_taken, &expected, 1)) {

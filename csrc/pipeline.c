@@ -5,9 +5,11 @@
 #include <time.h>
 
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
 #include "csrc/trace.h"
+#include "csrc/env.h"
 
 #define ALIGN 256
 
@@ -66,7 +68,7 @@ apex_status pipeline_init(apex_context *ctx) {
     pl->row_q_bytes = (size_t)c->n_q_heads * c->head_dim * 4;
     pl->row_kv_bytes = (size_t)c->n_kv_heads * c->head_dim * 4;
     int32_t n = 2 * c->n_layers;
-    const char *env = getenv("APEX_STAGING_SLOTS");
+    const char *env = apex_env_get(APEX_ENV_STAGING_SLOTS);
     if (env && atoi(env) >= 2) n = atoi(env);
     if (n > 64) n = 64;
     apex_status st;
@@ -206,7 +208,7 @@ static apex_status kv_write_enqueue(apex_context *ctx, int32_t layer, int32_t n,
     int32_t bt = ctx->cfg.block_tokens, n_g = 0, n_c = 0;
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
-        int64_t slot = (int64_t)seq_table_row(&ctx->seqs, seqs[i])[pos[i] / bt] * bt + pos[i] % bt;
+        int64_t slot = apex_kv_slot_of(seq_table_row(&ctx->seqs, seqs[i]), pos[i], bt);
         if (e->tier == APEX_TIER_DEVICE) {
             sl->h_slots[i] = slot;
             n_g++;

@@ -7,6 +7,7 @@
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
+#include "csrc/env.h"
 
 /* A scheduler failure as an APEX status with its message. */
 static apex_status from_sched(sched_status s, const char *what) {
@@ -40,7 +41,7 @@ apex_status step_sched_enable(apex_context *ctx, const apex_sched_options *o) {
     step_sched *s = &ctx->sched;
     step_sched fresh;
     memset(&fresh, 0, sizeof fresh);
-    const char *preset = o->gpu_preset ? o->gpu_preset : getenv("APEX_GPU_PRESET");
+    const char *preset = o->gpu_preset ? o->gpu_preset : apex_env_get(APEX_ENV_GPU_PRESET);
     if (!preset || !*preset) preset = "host";
     apex_model_geom g = {
         .n_layers = ctx->cfg.n_layers, .n_q_heads = ctx->cfg.n_q_heads,

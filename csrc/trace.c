@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "csrc/error.h"
+#include "csrc/env.h"
 
 int trace_level_;
 
@@ -74,9 +75,9 @@ uint64_t trace_now_ns(void) {
 }
 
 __attribute__((constructor)) static void trace_init(void) {
-    const char *p = getenv("APEX_TRACE");
-    const char *s = getenv("APEX_TRACE_SUMMARY");
-    const char *m = getenv("APEX_TRACE_MAX_EVENTS");
+    const char *p = apex_env_get(APEX_ENV_TRACE);
+    const char *s = apex_env_get(APEX_ENV_TRACE_SUMMARY);
+    const char *m = apex_env_get(APEX_ENV_TRACE_MAX_EVENTS);
     g_max_events = m && atoll(m) > 0 ? (uint64_t)atoll(m) : 2000000;
     if (p && *p) {
         snprintf(g_path, sizeof g_path, "%s", p);

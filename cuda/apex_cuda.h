@@ -12,8 +12,9 @@
  *
  * KV pools use the APEX block layout (apex.h): block b of a layer slab starts
  * at kv + b * block_bytes and holds K as [n_kv_heads][block_tokens][head_dim],
- * then V likewise. Slots address one token row: slot = block * block_tokens
- * + offset; a negative slot means "skip this row" (padding).
+ * then V likewise (cpu_attn/kv_layout.h derives the offsets). Slots address
+ * one token row: slot = block * block_tokens + offset; a negative slot means
+ * "skip this row" (padding).
  *
  * Nothing here aborts: with no driver or no GPU, apex_cuda_device_count()
  * returns 0 and the process carries on in host mode.
@@ -77,7 +78,7 @@ typedef struct apex_cuda_decode {
     int32_t n_seqs;
     int32_t n_q_heads;
     int32_t n_kv_heads;
-    int32_t head_dim;          /* 64, 80, 96, 128 or 256                   */
+    int32_t head_dim;          /* one of APEX_HEAD_DIMS (kv_layout.h)      */
     int32_t block_tokens;      /* power of two, 1..256                     */
     apex_dtype kv_dtype;
     apex_dtype q_dtype;
@@ -144,7 +145,7 @@ typedef struct apex_cuda_prefill {
     int32_t n_tokens;          /* cu_seqlens[n_seqs]                       */
     int32_t n_q_heads;
     int32_t n_kv_heads;
-    int32_t head_dim;          /* 64, 80, 96, 128 or 256                   */
+    int32_t head_dim;          /* one of APEX_HEAD_DIMS (kv_layout.h)      */
     const int32_t *cu_seqlens; /* device [n_seqs + 1], cu_seqlens[0] = 0   */
     int32_t max_seq_len;       /* host bound on any sequence's length      */
     const void *q;             /* device, rows q_stride elements apart     */

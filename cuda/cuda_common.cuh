@@ -1,6 +1,7 @@
 // cuda_common.cuh - device helpers shared by the APEX kernels: element
-// types, fp16/bf16 <-> fp32 conversions that round exactly as
-// cpu_attn/dtype_convert.h does, and 16-byte vector loads.
+// types (one tag per row of cpu_attn/dtype_traits.h's table) and the
+// dispatch from apex_dtype to them, fp16/bf16 <-> fp32 conversions that
+// round exactly as cpu_attn/dtype_convert.h does, and 16-byte vector loads.
 #ifndef APEX_CUDA_COMMON_CUH
 #define APEX_CUDA_COMMON_CUH
 
@@ -8,6 +9,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cpu_attn/dtype_traits.h"
+#include "cpu_attn/kv_layout.h"
 #include "cuda/apex_cuda.h"
 
 namespace apexcu {
@@ -62,22 +65,29 @@ template <> struct conv<bf16_t> {
     }
 };
 
+// Runs the statements `...` with T the storage tag (f32_t, ...) of the
+// runtime type dt, the row of APEX_DTYPES whose tag is T's name: the one
+// dispatch from apex_dtype to the kernel templates (host and device code).
+// A dt that is not an apex_dtype runs nothing; launchers check dt first.
+#define APEXCU_DISPATCH_CASE_(E, TAG, S, TO, FROM, T, ...)                      \
+    case E: {                                                                  \
+        typedef apexcu::TAG##_t T;                                             \
+        (void)sizeof(T);                                                       \
+        __VA_ARGS__;                                                           \
+    } break;
+#define APEXCU_DISPATCH_DTYPE(dt, T, ...)                                      \
+    APEX_DTYPE_SWITCH(dt, APEXCU_DISPATCH_CASE_, T, __VA_ARGS__)
+
 // Element i of an array of runtime type t (for q and outputs, read or
 // written once per kernel, where a uniform switch costs nothing).
 __device__ __forceinline__ float load_any(const void *p, int t, size_t i) {
-    switch (t) {
-    case APEX_DTYPE_F16: return conv<f16_t>::load(p, i);
-    case APEX_DTYPE_BF16: return conv<bf16_t>::load(p, i);
-    default: return conv<f32_t>::load(p, i);
-    }
+    float x = 0.0f;
+    APEXCU_DISPATCH_DTYPE(t, T, x = conv<T>::load(p, i));
+    return x;
 }
 
 __device__ __forceinline__ void store_any(void *p, int t, size_t i, float v) {
-    switch (t) {
-    case APEX_DTYPE_F16: conv<f16_t>::store(p, i, v); break;
-    case APEX_DTYPE_BF16: conv<bf16_t>::store(p, i, v); break;
-    default: conv<f32_t>::store(p, i, v); break;
-    }
+    APEXCU_DISPATCH_DTYPE(t, T, conv<T>::store(p, i, v));
 }
 
 // 16 bytes of T unpacked to fp32: 8 elements of fp16/bf16 or 4 of fp32.

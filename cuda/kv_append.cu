@@ -30,32 +30,24 @@ __global__ void kv_append_kernel(const apexcu::kv_append_params p) {
 template <typename S>
 int launch_dst(const apexcu::kv_append_params &p, int kv_dtype, int n, cudaStream_t s) {
     const int threads = 128;
-    switch (kv_dtype) {
-    case APEX_DTYPE_F16: kv_append_kernel<S, apexcu::f16_t><<<n, threads, 0, s>>>(p); break;
-    case APEX_DTYPE_BF16: kv_append_kernel<S, apexcu::bf16_t><<<n, threads, 0, s>>>(p); break;
-    default: kv_append_kernel<S, apexcu::f32_t><<<n, threads, 0, s>>>(p); break;
-    }
+    APEXCU_DISPATCH_DTYPE(kv_dtype, T, kv_append_kernel<S, T><<<n, threads, 0, s>>>(p));
     return apexcu_last_launch_error();
-}
-
-bool dtype_ok(int t) {
-    return t == APEX_DTYPE_F32 || t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16;
 }
 
 }  // namespace
 
 int apexcu_kv_append(const apex_cuda_kv_append *a, cudaStream_t stream) {
     if (!a || a->n_rows < 0 || a->n_kv_heads < 1 || a->head_dim < 1 || a->k_stride < 0 ||
-        a->v_stride < 0 || !dtype_ok(a->src_dtype) || !dtype_ok(a->kv_dtype))
+        a->v_stride < 0 || !apex_dtype_valid(a->src_dtype) || !apex_dtype_valid(a->kv_dtype))
         return APEX_CUDA_EINVAL;
     int shift = 0;
     while (shift < 30 && (1 << shift) < a->block_tokens) shift++;
     if (a->block_tokens < 1 || (1 << shift) != a->block_tokens) return APEX_CUDA_EINVAL;
     if (a->n_rows == 0) return 0;
     if (!a->k || !a->v || !a->slots || !a->kv) return APEX_CUDA_EINVAL;
-    const size_t esize = a->kv_dtype == APEX_DTYPE_F32 ? 4 : 2;
-    const size_t half = (size_t)a->n_kv_heads * a->block_tokens * a->head_dim * esize;
-    if (a->block_bytes < 2 * half) return APEX_CUDA_EINVAL;
+    const apex_kv_layout lay = apex_kv_layout_of(a->n_kv_heads, a->block_tokens, a->head_dim,
+                                                 apex_dtype_size(a->kv_dtype));
+    if (a->block_bytes < lay.block) return APEX_CUDA_EINVAL;
     if (a->n_rows > 0x7fffffff) return APEX_CUDA_EUNSUPPORTED;
 
     apexcu::kv_append_params p;
@@ -67,15 +59,13 @@ int apexcu_kv_append(const apex_cuda_kv_append *a, cudaStream_t stream) {
     p.slots = a->slots;
     p.kv = a->kv;
     p.block_bytes = a->block_bytes;
-    p.v_offset = half;
+    p.v_offset = apex_kv_offset(&lay, 1, 0, 0);
     p.n_kv_heads = a->n_kv_heads;
     p.head_dim = a->head_dim;
     p.bt_shift = shift;
-    switch (a->src_dtype) {
-    case APEX_DTYPE_F16: return launch_dst<apexcu::f16_t>(p, a->kv_dtype, a->n_rows, stream);
-    case APEX_DTYPE_BF16: return launch_dst<apexcu::bf16_t>(p, a->kv_dtype, a->n_rows, stream);
-    default: return launch_dst<apexcu::f32_t>(p, a->kv_dtype, a->n_rows, stream);
-    }
+    int rc = APEX_CUDA_EINVAL;
+    APEXCU_DISPATCH_DTYPE(a->src_dtype, S, rc = launch_dst<S>(p, a->kv_dtype, a->n_rows, stream));
+    return rc;
 }
 
 extern "C" int apex_cuda_kv_append_rows(const apex_cuda_kv_append *a, void *stream) {

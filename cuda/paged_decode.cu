@@ -22,25 +22,27 @@ int log2_exact(int x) {
     return s;
 }
 
-bool head_dim_ok(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
-
-bool dtype_ok(int t) {
-    return t == APEX_DTYPE_F32 || t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16;
+bool head_dim_ok(int d) {
+#define APEXCU_HD_(DD) if (d == DD) return true;
+    APEX_HEAD_DIMS(APEXCU_HD_)
+#undef APEXCU_HD_
+    return false;
 }
 
 int check_args(const apex_cuda_decode *a) {
     if (!a || a->n_seqs < 0 || a->n_q_heads < 1 || a->n_kv_heads < 1 ||
         a->n_q_heads % a->n_kv_heads || a->block_table_stride < 0 || a->max_seq_len < 0)
         return APEX_CUDA_EINVAL;
-    if (!dtype_ok(a->kv_dtype) || !dtype_ok(a->q_dtype) || !dtype_ok(a->out_dtype))
+    if (!apex_dtype_valid(a->kv_dtype) || !apex_dtype_valid(a->q_dtype) ||
+        !apex_dtype_valid(a->out_dtype))
         return APEX_CUDA_EINVAL;
     if (!head_dim_ok(a->head_dim)) return APEX_CUDA_EUNSUPPORTED;
     const int shift = log2_exact(a->block_tokens);
     if (shift < 0 || shift > 8) return APEX_CUDA_EUNSUPPORTED;
     if (a->n_seqs == 0) return 0;
     if (!a->q || !a->out || !a->seq_lens || !a->block_table || !a->kv) return APEX_CUDA_EINVAL;
-    const size_t esize = a->kv_dtype == APEX_DTYPE_F32 ? 4 : 2;
-    const size_t need = 2 * (size_t)a->n_kv_heads * a->block_tokens * a->head_dim * esize;
+    const size_t need =
+        apex_kv_block_bytes(a->n_kv_heads, a->block_tokens, a->head_dim, a->kv_dtype);
     if (a->block_bytes < need || a->block_bytes % 16 || ((uintptr_t)a->kv & 15))
         return APEX_CUDA_EINVAL;
     if (a->n_seqs > 65535) return APEX_CUDA_EUNSUPPORTED; // grid.y
@@ -159,8 +161,9 @@ extern "C" int apex_cuda_paged_decode(const apex_cuda_decode *a, void *stream) {
     p.block_table = a->block_table;
     p.kv = (const char *)a->kv;
     p.block_bytes = a->block_bytes;
-    const size_t esize = a->kv_dtype == APEX_DTYPE_F32 ? 4 : 2;
-    p.v_offset = (size_t)a->n_kv_heads * a->block_tokens * a->head_dim * esize;
+    const apex_kv_layout lay = apex_kv_layout_of(a->n_kv_heads, a->block_tokens, a->head_dim,
+                                                 apex_dtype_size(a->kv_dtype));
+    p.v_offset = apex_kv_offset(&lay, 1, 0, 0);
     p.bt_stride = a->block_table_stride;
     p.n_q_heads = a->n_q_heads;
     p.group = group;
@@ -186,11 +189,8 @@ extern "C" int apex_cuda_paged_decode(const apex_cuda_decode *a, void *stream) {
     const dim3 grid((unsigned)(a->n_kv_heads * head_chunks), (unsigned)a->n_seqs,
                     (unsigned)splits);
     cudaStream_t s = (cudaStream_t)stream;
-    switch (a->kv_dtype) {
-    case APEX_DTYPE_F16: rc = apexcu_decode_launch_f16(p, a->head_dim, gq, grid, s); break;
-    case APEX_DTYPE_BF16: rc = apexcu_decode_launch_bf16(p, a->head_dim, gq, grid, s); break;
-    default: rc = apexcu_decode_launch_f32(p, a->head_dim, gq, grid, s); break;
-    }
+    APEXCU_DISPATCH_DTYPE(a->kv_dtype, KV,
+                          rc = apexcu_decode_launch<KV>(p, a->head_dim, gq, grid, s));
     if (rc || splits == 1) return rc;
     decode_merge_kernel<<<dim3((unsigned)a->n_q_heads, (unsigned)a->n_seqs), 128, 0, s>>>(
         p.part_o, p.part_lse, a->out, a->out_dtype, a->seq_lens, p.window, chunk, splits,

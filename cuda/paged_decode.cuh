@@ -242,7 +242,8 @@ paged_decode_kernel(const decode_params p) {
     }
 }
 
-// Launches the kernel for head_dim D and heads-per-block gq of type KV.
+// Launches the kernel for head_dim D and heads-per-block gq of type KV:
+// one instantiation per supported head_dim (APEX_HEAD_DIMS) and gq.
 template <typename KV>
 static int launch_decode_typed(const decode_params &p, int head_dim, int gq,
                                dim3 grid, cudaStream_t stream) {
@@ -254,11 +255,7 @@ static int launch_decode_typed(const decode_params &p, int head_dim, int gq,
 #define APEXCU_DECODE_D(DD)                                                     \
     APEXCU_DECODE_CASE(DD, 1) APEXCU_DECODE_CASE(DD, 2)                         \
     APEXCU_DECODE_CASE(DD, 4) APEXCU_DECODE_CASE(DD, 8)
-    APEXCU_DECODE_D(64)
-    APEXCU_DECODE_D(80)
-    APEXCU_DECODE_D(96)
-    APEXCU_DECODE_D(128)
-    APEXCU_DECODE_D(256)
+    APEX_HEAD_DIMS(APEXCU_DECODE_D)
 #undef APEXCU_DECODE_D
 #undef APEXCU_DECODE_CASE
     return APEX_CUDA_EUNSUPPORTED;
@@ -266,11 +263,19 @@ static int launch_decode_typed(const decode_params &p, int head_dim, int gq,
 
 }  // namespace apexcu
 
-int apexcu_decode_launch_f16(const apexcu::decode_params &p, int head_dim,
-                             int gq, dim3 grid, cudaStream_t stream);
-int apexcu_decode_launch_bf16(const apexcu::decode_params &p, int head_dim,
-                              int gq, dim3 grid, cudaStream_t stream);
-int apexcu_decode_launch_f32(const apexcu::decode_params &p, int head_dim,
-                             int gq, dim3 grid, cudaStream_t stream);
+// The decode launch for KV type KV: explicitly instantiated once per row
+// of APEX_DTYPES, each in its own file (paged_decode_<tag>.cu) so that the
+// kernels of the dtypes compile in parallel; declared extern here so no
+// other file instantiates them again.
+template <typename KV>
+int apexcu_decode_launch(const apexcu::decode_params &p, int head_dim, int gq, dim3 grid,
+                         cudaStream_t stream) {
+    return apexcu::launch_decode_typed<KV>(p, head_dim, gq, grid, stream);
+}
+#define APEXCU_DECODE_EXTERN_(E, TAG, ...)                                      \
+    extern template int apexcu_decode_launch<apexcu::TAG##_t>(                  \
+        const apexcu::decode_params &, int, int, dim3, cudaStream_t);
+APEX_DTYPES(APEXCU_DECODE_EXTERN_, _)
+#undef APEXCU_DECODE_EXTERN_
 
 #endif

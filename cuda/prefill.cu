@@ -160,20 +160,20 @@ int launch(const prefill_params &p, int n_kv_heads, int n_seqs, int max_rows, cu
     return apexcu_last_launch_error();
 }
 
-bool dtype_ok(int t) {
-    return t == APEX_DTYPE_F32 || t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16;
-}
-
 }  // namespace
 
 extern "C" int apex_cuda_prefill_attention(const apex_cuda_prefill *a, void *stream) {
     if (!a || a->n_seqs < 0 || a->n_tokens < 0 || a->n_q_heads < 1 || a->n_kv_heads < 1 ||
         a->n_q_heads % a->n_kv_heads || a->max_seq_len < 0 || a->q_stride < 0 ||
-        a->k_stride < 0 || a->v_stride < 0 || !dtype_ok(a->act_dtype) ||
-        !dtype_ok(a->out_dtype))
+        a->k_stride < 0 || a->v_stride < 0 || !apex_dtype_valid(a->act_dtype) ||
+        !apex_dtype_valid(a->out_dtype))
         return APEX_CUDA_EINVAL;
     const int D = a->head_dim;
-    if (D != 64 && D != 80 && D != 96 && D != 128 && D != 256) return APEX_CUDA_EUNSUPPORTED;
+    bool d_ok = false;
+#define PREFILL_HD_OK(DD) d_ok = d_ok || D == DD;
+    APEX_HEAD_DIMS(PREFILL_HD_OK)
+#undef PREFILL_HD_OK
+    if (!d_ok) return APEX_CUDA_EUNSUPPORTED;
     if (a->n_seqs == 0 || a->n_tokens == 0) return 0;
     if (!a->cu_seqlens || !a->q || !a->k || !a->v || !a->out) return APEX_CUDA_EINVAL;
     if (a->n_seqs > 65535) return APEX_CUDA_EUNSUPPORTED; // grid.z
@@ -219,11 +219,13 @@ extern "C" int apex_cuda_prefill_attention(const apex_cuda_prefill *a, void *str
     const long long rows = (long long)a->max_seq_len * p.group;
     if (rows > 0x7fffffffLL) return APEX_CUDA_EUNSUPPORTED;
     const int max_rows = (int)rows;
-    switch (D) {
-    case 64: return launch<64, 4, 32>(p, a->n_kv_heads, a->n_seqs, max_rows, s);
-    case 80: return launch<80, 4, 32>(p, a->n_kv_heads, a->n_seqs, max_rows, s);
-    case 96: return launch<96, 4, 32>(p, a->n_kv_heads, a->n_seqs, max_rows, s);
-    case 128: return launch<128, 4, 32>(p, a->n_kv_heads, a->n_seqs, max_rows, s);
-    default: return launch<256, 2, 16>(p, a->n_kv_heads, a->n_seqs, max_rows, s);
-    }
+    // One instantiation per supported head_dim; above 128, half the rows per
+    // warp and keys per tile keep the shared-memory tiles under 48 KiB.
+#define PREFILL_LAUNCH(DD)                                                                 \
+    if (D == DD)                                                                           \
+        return launch<DD, (DD > 128 ? 2 : 4), (DD > 128 ? 16 : 32)>(p, a->n_kv_heads,      \
+                                                                   a->n_seqs, max_rows, s);
+    APEX_HEAD_DIMS(PREFILL_LAUNCH)
+#undef PREFILL_LAUNCH
+    return APEX_CUDA_EUNSUPPORTED;
 }

@@ -10,7 +10,9 @@
  * The emulated device ("host" preset) uses a memcpy stand-in for PCIe.
  */
 #include "cpu_attn/cpu_attn.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/sched/sched.h"
+#include "csrc/env.h"
 
 #include <errno.h>
 #include <math.h>
@@ -73,7 +75,7 @@ sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double b
     const int ns = (int)(sizeof shapes / sizeof shapes[0]);
     const int max_seqs = 64, max_len = 8192;
     int64_t max_tok = 32 * 1024;
-    size_t block_bytes = (size_t)2 * cg.n_kv_heads * cg.block_tokens * cg.head_dim * g->kv_bytes;
+    size_t block_bytes = apex_kv_block_bytes(cg.n_kv_heads, cg.block_tokens, cg.head_dim, cg.kv_dtype);
     int64_t n_blocks = max_tok / cg.block_tokens;
     size_t slab = block_bytes * (size_t)n_blocks;
     int32_t max_bt = max_len / cg.block_tokens;
@@ -204,7 +206,7 @@ sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *
     apex_profile *p = calloc(1, sizeof *p);
     if (!p) return sched_fail(SCHED_ERR_NO_MEMORY, "profile_obtain: out of memory");
     sched_status s;
-    const char *env = getenv("APEX_PROFILE");
+    const char *env = apex_env_get(APEX_ENV_PROFILE);
     if (env && *env) {
         if ((s = apex_profile_load(env, p))) goto out;
         if (strcmp(p->model_key, mkey)) {

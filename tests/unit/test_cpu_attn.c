@@ -33,6 +33,7 @@
 
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 
 #define ATOL 2e-5
 
@@ -250,13 +251,15 @@ static void test_isa_dispatch(void **state) {
 static void test_sweep(void **state) {
     (void)state;
     static const int32_t lens[] = {1, 7, 16, 33, 130, 257, 64, 9};
-    static const int32_t dims[] = {64, 80, 96, 128, 256};
+#define DIM_ENTRY(d) d,
+    static const int32_t dims[] = {APEX_HEAD_DIMS(DIM_ENTRY)}; /* every supported head_dim */
+    enum { N_DIMS = sizeof dims / sizeof dims[0] };
     static const int32_t ratio[][2] = {{1, 2}, {4, 2}, {7, 1}, {8, 1}, {3, 3}}; /* {G, hkv} */
     static const int32_t bts[] = {8, 16, 32};
     double worst = 0.0;
     int n = 0;
-    for (int kvt = 0; kvt < 3; kvt++)
-        for (int di = 0; di < 5; di++)
+    for (int kvt = 0; kvt < 3; kvt++) /* every apex_dtype */
+        for (int di = 0; di < N_DIMS; di++)
             for (int ri = 0; ri < 5; ri++)
                 for (int bi = 0; bi < 3; bi++, n++) {
                     tcase c = {
@@ -277,7 +280,9 @@ static void test_grid(void **state) {
     (void)state;
     static const int32_t lens[] = {1, 300, 77, 640, 129};
     static const int32_t gqa[][2] = {{1, 2}, {2, 2}, {4, 2}, {8, 1}, {16, 1}}; /* {G, hkv} */
-    static const int32_t dims[] = {64, 80, 96, 128, 256};
+    static const int32_t dims[] = {APEX_HEAD_DIMS(DIM_ENTRY)};
+#undef DIM_ENTRY
+    enum { N_DIMS = sizeof dims / sizeof dims[0] };
     static const int32_t bts[] = {8, 64, 128, 256};
     static const int32_t windows[] = {0, 0, 50, 333};
     static const float caps[] = {0.0f, 0.0f, 0.0f, 30.0f, 5.0f};
@@ -285,7 +290,7 @@ static void test_grid(void **state) {
     double worst = 0.0;
     int n = 0;
     for (int gi = 0; gi < 5; gi++)
-        for (int di = 0; di < 5; di++)
+        for (int di = 0; di < N_DIMS; di++)
             for (int bi = 0; bi < 4; bi++, n++) {
                 tcase c = {
                     .hq = gqa[gi][0] * gqa[gi][1], .hkv = gqa[gi][1], .d = dims[di], .bt = bts[bi],
@@ -371,6 +376,24 @@ static int check_isa_env(const char *expect) {
     return strcmp(sel, want) != 0;
 }
 
+/* kv_layout.h by hand: K [heads][bt][D] then V, slots block * bt + row. */
+static void test_kv_layout(void **state) {
+    (void)state;
+    const apex_kv_layout l = apex_kv_layout_of(2, 16, 64, apex_dtype_size(APEX_DTYPE_F16));
+    assert_int_equal(l.row, 128);
+    assert_int_equal(l.panel, 16 * 128);
+    assert_int_equal(l.half, 2 * 16 * 128);
+    assert_int_equal(l.block, 2 * 2 * 16 * 128);
+    assert_int_equal(apex_kv_block_bytes(2, 16, 64, APEX_DTYPE_F32), 2 * 2 * 16 * 64 * 4);
+    assert_int_equal(apex_kv_offset(&l, 0, 0, 0), 0);
+    assert_int_equal(apex_kv_offset(&l, 1, 1, 3), l.half + l.panel + 3 * l.row);
+    assert_int_equal(apex_kv_offset(&l, 1, 1, 15) + l.row, l.block); /* the last row ends it */
+    const int32_t blocks[] = {5, 9};
+    assert_int_equal(apex_kv_slot_of(blocks, 17, 16), 9 * 16 + 1);
+    assert_int_equal(apex_kv_slot_block(9 * 16 + 1, 16), 9);
+    assert_int_equal(apex_kv_slot_row(9 * 16 + 1, 16), 1);
+}
+
 int main(void) {
     rng_state = 0x5eed;
     const char *expect = getenv("APEX_ISA_EXPECT");
@@ -384,6 +407,7 @@ int main(void) {
     cpu_attn_isa_force(sel);
     fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kv_layout),
         cmocka_unit_test(test_reference_hand),
         cmocka_unit_test(test_isa_dispatch),
         cmocka_unit_test(test_sweep),

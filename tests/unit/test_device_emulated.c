@@ -14,6 +14,7 @@
 #include "cpu_attn/cpu_attn.h"
 #include "cpu_attn/dtype_convert.h"
 #include "csrc/device.h"
+#include "csrc/env.h"
 
 #define MiB ((size_t)1 << 20)
 
@@ -586,10 +587,12 @@ static void test_bad_args(void **state) {
 
     /* A malformed delay variable is refused by create. */
     setenv("APEX_EMU_KERNEL_DELAY_US", "12x", 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     apex_device *d2 = (apex_device *)1;
     assert_status(device_emulated_create(MiB, &d2), APEX_ERR_INVALID_ARG);
     assert_null(d2);
     unsetenv("APEX_EMU_KERNEL_DELAY_US");
+    apex_env_refresh();
 
     f->event_destroy(x->dev, e);
     f->stream_destroy(x->dev, s);
@@ -603,6 +606,7 @@ static void test_destroy_pending(void **state) {
     apex_device *dev;
     assert_ok(device_emulated_create(4 * MiB, &dev));
     unsetenv("APEX_EMU_KERNEL_DELAY_US");
+    apex_env_refresh();
     const device_iface *f = dev->iface;
     device_stream *sa, *sb, *sc, *sd;
     device_event *e1, *e2, *e3;
@@ -716,6 +720,7 @@ static void test_host_threads(void **state) {
 
 int main(void) {
     unsetenv("APEX_EMU_KERNEL_DELAY_US");
+    apex_env_refresh();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory_capacity),
         cmocka_unit_test_setup_teardown(test_in_order, setup, teardown),

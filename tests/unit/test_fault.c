@@ -25,6 +25,7 @@
 
 #include "csrc/fault.h"
 #include "test_util.h"
+#include "csrc/env.h"
 
 enum { L = 2, HQ = 4, HK = 2, D = 64, BT = 16, NSEQ = 5, MAXB = 4, MAXLEN = 64 };
 enum { ROW = HK * D, QROW = HQ * D };
@@ -398,6 +399,7 @@ static void test_stalled_worker(void **state) {
 static void test_env_arming(void **state) {
     (void)state;
     setenv("APEX_FAULT", "copy,launch:2", 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     assert_int_equal(fault_fail(FAULT_HOST_ALLOC), 0); /* not a listed point */
     assert_int_equal(fault_fail(FAULT_COPY), 0);       /* check 1 */
     assert_int_equal(fault_fail(FAULT_LAUNCH), 1);     /* check 2 fails */
@@ -405,6 +407,7 @@ static void test_env_arming(void **state) {
     assert_int_equal(fault_injected(), 1);
     fault_disarm();
     unsetenv("APEX_FAULT");
+    apex_env_refresh();
 }
 
 int main(void) {

@@ -13,6 +13,7 @@
 
 #include "csrc/metrics.h"
 #include "test_util.h"
+#include "csrc/env.h"
 
 static const char *const NAMES[] = {
     "apex_attention_calls_total", "apex_kv_rows_written_total", "apex_sequence_attentions_total",
@@ -204,6 +205,7 @@ static void test_context_feed(void **state) {
     snprintf(path, sizeof path, "%s/ctx.%ld.prom", g_dir, (long)getpid());
     snprintf(env, sizeof env, "%s/ctx.%%p.prom", g_dir); /* %p: the process id */
     setenv("APEX_METRICS_FILE", env, 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     apex_config c = small_config();
     apex_context *ctx, *other;
     assert_ok(apex_context_create(&c, &ctx));
@@ -262,6 +264,7 @@ static void test_context_feed(void **state) {
     apex_context_destroy(ctx);
     unlink(path);
     unsetenv("APEX_METRICS_FILE");
+    apex_env_refresh();
 }
 
 int main(void) {

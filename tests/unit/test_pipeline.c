@@ -12,6 +12,7 @@
 
 #include "csrc/context.h"
 #include "test_util.h"
+#include "csrc/env.h"
 
 enum { L = 2, HQ = 8, HK = 2, D = 64, BT = 16, SLOTS = 10, MAXLEN = 256 };
 
@@ -321,9 +322,11 @@ static void test_device_too_small_falls_back(void **state) {
     c.device = APEX_DEVICE_EMULATED;
     c.device_blocks = 1 << 20; /* 64 GiB of KV: far more than the device */
     setenv("APEX_EMU_DEVICE_MB", "64", 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     apex_context *ctx;
     assert_ok(apex_context_create(&c, &ctx));
     unsetenv("APEX_EMU_DEVICE_MB");
+    apex_env_refresh();
     apex_config got;
     assert_ok(apex_context_config(ctx, &got));
     assert_false(apex_context_host_mode(ctx));
@@ -333,10 +336,12 @@ static void test_device_too_small_falls_back(void **state) {
     /* 1 MiB of device, 64 staging slots of ~100 KiB: not even those fit. */
     setenv("APEX_EMU_DEVICE_MB", "1", 1);
     setenv("APEX_STAGING_SLOTS", "64", 1);
+    apex_env_refresh();
     c.device_blocks = 8;
     assert_ok(apex_context_create(&c, &ctx));
     unsetenv("APEX_EMU_DEVICE_MB");
     unsetenv("APEX_STAGING_SLOTS");
+    apex_env_refresh();
     assert_true(apex_context_host_mode(ctx));
     assert_ok(apex_context_config(ctx, &got));
     assert_int_equal(got.device_blocks, 0);

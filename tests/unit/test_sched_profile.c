@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "csrc/sched/sched.h"
+#include "csrc/env.h"
 
 static apex_profile base(void) {
     apex_model_geom g;
@@ -144,6 +145,7 @@ static void test_obtain_env_and_cache(void **st) {
     close(fd);
     assert_int_equal(apex_profile_save(&p, path), SCHED_OK);
     setenv("APEX_PROFILE", path, 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     const char *how = NULL;
     /* geometry mismatch is refused with a clear message */
     assert_int_equal(apex_profile_obtain("t4", &g, wb, 2, "/tmp", &q, &how), SCHED_ERR_MISMATCH);
@@ -151,6 +153,7 @@ static void test_obtain_env_and_cache(void **st) {
     assert_int_equal(apex_profile_obtain("a10", &p.geom, wb, 2, "/tmp", &q, &how), SCHED_OK);
     assert_string_equal(how, "APEX_PROFILE");
     unsetenv("APEX_PROFILE");
+    apex_env_refresh();
     remove(path);
 }
 

@@ -12,6 +12,7 @@
 
 #include "csrc/sched/sched.h"
 #include "test_util.h"
+#include "csrc/env.h"
 
 enum { SLOTS = 12, REQS = 24, OUT_TOKENS = 24 };
 
@@ -34,6 +35,7 @@ static int make_profile(void **state) {
     snprintf(profile_path, sizeof profile_path, "/tmp/apex-test-profile-%d.json", (int)getpid());
     if (apex_profile_save(&p, profile_path) != SCHED_OK) return -1;
     setenv("APEX_PROFILE", profile_path, 1);
+    apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     return 0;
 }
 
@@ -41,6 +43,7 @@ static int drop_profile(void **state) {
     (void)state;
     unlink(profile_path);
     unsetenv("APEX_PROFILE");
+    apex_env_refresh();
     return 0;
 }
 
@@ -181,8 +184,10 @@ static void test_bad_scheduler_input(void **state) {
     o.tpot_target_ms = 0;
     o.gpu_preset = "no-such-gpu";
     unsetenv("APEX_PROFILE");
+    apex_env_refresh();
     assert_status(apex_sched_enable(ctx, &o), APEX_ERR_INVALID_ARG);
     setenv("APEX_PROFILE", profile_path, 1);
+    apex_env_refresh();
     o.gpu_preset = "t4";
     assert_ok(apex_sched_enable(ctx, &o));
     assert_status(apex_sched_observe(ctx, 0.01), APEX_ERR_INVALID_ARG); /* nothing planned */

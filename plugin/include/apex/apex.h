@@ -52,11 +52,20 @@
  *
  * Errors
  * ------
- * Every function returns an apex_status. On failure nothing changed (but
- * the context's stats.errors, which counts every failed call on a non-NULL
- * context, queries included), and apex_last_error() returns a message
- * (thread-local, valid until the next APEX call on the same thread). APEX
- * never aborts the host process.
+ * Every function that can fail returns an apex_status (here and in
+ * apex_paged.h). On failure nothing changed (but the context's stats.errors,
+ * which counts every failed call on a non-NULL context, queries included),
+ * and apex_last_error() returns a message (thread-local, valid until the
+ * next APEX call on the same thread). APEX never aborts the host process.
+ * The exceptions cannot fail, so they return their value directly, never
+ * set the message and accept any argument:
+ *   apex_status_name, apex_last_error, apex_abi_version, apex_version,
+ *   apex_cpu_isa                        constants and names (never NULL);
+ *   apex_context_host_mode              1 for a NULL context;
+ *   apex_attn_opts_default              fp32 q/out for a NULL context;
+ *   apex_trace_level, apex_trace_begin, apex_trace_end,
+ *   apex_trace_thread_name              the tracer: off is not an error, a
+ *                                       span must cost nothing to record.
  *
  * Empty batches: n = 0 (rows, sequences) is valid in every batched call
  * (kv write/read, attention, prefill, their async and paged forms). The
@@ -134,8 +143,9 @@ typedef enum apex_device_kind {
 } apex_device_kind;
 
 typedef struct apex_config {
-    /* Model geometry. head_dim in {64, 80, 96, 128, 256};
-     * n_q_heads must be a multiple of n_kv_heads (MHA, GQA and MQA). */
+    /* Model geometry. head_dim one of apex_limits.head_dims (today 64,
+     * 80, 96, 128, 256); n_q_heads must be a multiple of n_kv_heads (MHA,
+     * GQA and MQA). */
     int32_t n_layers;
     int32_t n_q_heads;
     int32_t n_kv_heads;
@@ -143,7 +153,8 @@ typedef struct apex_config {
     apex_dtype kv_dtype;   /* storage type of the KV cache            */
     apex_dtype act_dtype;  /* default type of q, k, v and the output */
 
-    /* KV cache. block_tokens in {8, 16, 32, 64, 128, 256}. */
+    /* KV cache. block_tokens one of apex_limits.block_tokens (today 8 to
+     * 256, powers of two). */
     int32_t block_tokens;
     int64_t device_blocks; /* GPU tier capacity (0 in host mode)    */
     int64_t host_blocks;   /* host tier capacity                    */
