@@ -1,7 +1,8 @@
 """APEX's vLLM plugin: the `vllm.general_plugins` entry point registers APEX's
 attention backend under AttentionBackendEnum.CUSTOM. vLLM uses it only when
 asked (`--attention-backend CUSTOM`, or attention_config={"backend": "CUSTOM"});
-otherwise vLLM is untouched."""
+otherwise vLLM is untouched. APEX's scheduler (two KV tiers, APEX choosing
+each request's) is apex_vllm.scheduler.ApexScheduler (`--scheduler-cls`)."""
 import os
 
 BACKEND_PATH = "apex_vllm.backend.ApexAttentionBackend"
@@ -21,7 +22,13 @@ def _cpu_platform_honours_custom():
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if (selected_backend == AttentionBackendEnum.CUSTOM
                 and not attn_selector_config.use_mla and not attn_selector_config.use_sparse):
-            return AttentionBackendEnum.CUSTOM.get_path()
+            # A configuration APEX cannot serve (head size, dtype, a device
+            # tier it cannot hold: apex_vllm.tiers) runs vLLM's own backend,
+            # with one warning that says why.
+            from . import tiers
+            if tiers.resolve().fallback is None:
+                return AttentionBackendEnum.CUSTOM.get_path()
+            selected_backend = None
         return original(cls, selected_backend, attn_selector_config, num_heads)
 
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)

@@ -108,6 +108,7 @@ class _Runtime:
         self.kv_tensors: list[torch.Tensor] | None = None  # vLLM's, when APEX's host tier
         self.kv_ptrs: list[int] | None = None
         self.kv_reason: str | None = None  # why APEX keeps its own pool (None: it does not)
+        self.device_blocks = 0  # ids [0, device_blocks) on APEX's device tier
 
     def add_layers(self, names, block_size, max_model_len):
         for name in names:
@@ -121,12 +122,23 @@ class _Runtime:
         return self.ctx
 
     def _create(self, impl, dtype, kv_cache) -> ops.Context:
-        # One APEX block per vLLM block id: vLLM's block pool is APEX's.
+        # One APEX block per vLLM block id: vLLM's block pool is APEX's. With a
+        # device tier (apex_vllm.tiers), ids below device_blocks are APEX's
+        # device blocks and the host tier is the rest of vLLM's tensor: host
+        # block h is vLLM's block device_blocks + h, so vLLM's whole-block
+        # zeroing and copies of host-tier ids still act on APEX's blocks.
         names = sorted(self.layer_index, key=self.layer_index.get)
         num_blocks = int(kv_cache.shape[0])
         max_batch = int(os.environ.get("APEX_MAX_BATCH", "256"))
+        from . import tiers
+        device = tiers.resolve().device_blocks
+        if device >= num_blocks:
+            raise RuntimeError(f"APEX: the device tier ({device} blocks) is not smaller than "
+                               f"vLLM's pool ({num_blocks} blocks); lower "
+                               "APEX_VLLM_DEVICE_BLOCKS / APEX_VLLM_DEVICE_MB")
+        self.device_blocks = device
         geometry = (len(names), impl.num_heads, impl.num_kv_heads, impl.head_size, dtype,
-                    self.block_size, 0)
+                    self.block_size, device)
         tensors, why = vllm_layer_kv_tensors(names)
         if os.environ.get("APEX_VLLM_SHARE_KV", "1") == "0":
             tensors, why = None, "APEX_VLLM_SHARE_KV=0"
@@ -138,13 +150,15 @@ class _Runtime:
             self.kv_tensors = tensors  # kept alive as long as the context
             self.kv_ptrs = [t.data_ptr() for t in tensors]
             logger.info("APEX: host KV tier in vLLM's KV tensors (%d layers x %d blocks, "
-                        "held once)", len(names), num_blocks)
-            return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len,
-                               layer_ptrs=self.kv_ptrs, bytes_per_layer=num_blocks * page)
+                        "held once; device tier: %d blocks)", len(names), num_blocks - device,
+                        device)
+            return ops.Context(*geometry, num_blocks - device, max_batch, self.max_model_len,
+                               layer_ptrs=[p + device * page for p in self.kv_ptrs],
+                               bytes_per_layer=(num_blocks - device) * page)
         self.kv_reason = why
         logger.warning("APEX: own host KV pool; vLLM's KV tensors stay allocated but unused "
                        "(KV held twice): %s", why)
-        return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len)
+        return ops.Context(*geometry, num_blocks - device, max_batch, self.max_model_len)
 
     def check_bound(self, index: int, kv_cache: torch.Tensor) -> None:
         """The layer's tensor is still the memory APEX's context was made over."""
