@@ -84,9 +84,13 @@ def _probe_device(geometry, device_blocks) -> str | None:
     except RuntimeError as e:
         return f"the device cannot hold {device_blocks} blocks: {e}"
     try:
-        if ctx.stats()["host_mode"]:
+        st = ctx.stats()
+        if st["host_mode"]:
             return ("no device (APEX_DEVICE is none, or no GPU answers): a device tier needs "
                     "APEX_DEVICE=emulated or cuda")
+        if st["device_blocks"] < device_blocks:  # the device gave what fits
+            return (f"the device cannot hold {device_blocks} blocks (it holds "
+                    f"{st['device_blocks']}): lower APEX_VLLM_DEVICE_BLOCKS / APEX_VLLM_DEVICE_MB")
     finally:
         ctx.close()
     return None
