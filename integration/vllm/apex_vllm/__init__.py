@@ -45,6 +45,10 @@ def register():
     # APEX's counters and gauges in vLLM's /metrics (apex_vllm/metrics.py).
     from . import metrics
     metrics.install()
+    # The scheduler's block copies reach the worker through this file
+    # (apex_vllm.copies); set here so that engine and workers inherit it.
+    from . import copies
+    copies.default_path()
     # Host KV capacity: on vLLM's CPU platform the block pool is sized by
     # VLLM_CPU_KVCACHE_SPACE (GiB); APEX_HOST_KV_GB sets it when it is unset.
     # APEX_TRACE=FILE: vLLM runs several processes, each loading libapex;

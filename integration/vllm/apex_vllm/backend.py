@@ -22,7 +22,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 
 from vllm.logger import init_logger
 
-from . import ops
+from . import copies, ops
 
 try:  # vLLM >= 0.32: the physical layout a backend's kernels accept
     from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -109,12 +109,23 @@ class _Runtime:
         self.kv_ptrs: list[int] | None = None
         self.kv_reason: str | None = None  # why APEX keeps its own pool (None: it does not)
         self.device_blocks = 0  # ids [0, device_blocks) on APEX's device tier
+        self.copy_reader = copies.Reader()  # the scheduler's block copies (tier moves)
+        self.copies_applied = 0  # blocks copied for the scheduler
 
     def add_layers(self, names, block_size, max_model_len):
         for name in names:
             self.layer_index.setdefault(name, len(self.layer_index))
         self.block_size = block_size
         self.max_model_len = max_model_len
+
+    def apply_copies(self) -> None:
+        """The block copies APEX's scheduler sent (apex_vllm.copies), before
+        this step's first attention call. Without a context no block holds
+        KV yet: nothing to copy."""
+        for src, dst in self.copy_reader.take():
+            if self.ctx is not None:
+                self.ctx.copy_blocks(src, dst)
+                self.copies_applied += len(src)
 
     def context(self, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> ops.Context:
         if self.ctx is None:
@@ -235,6 +246,7 @@ class ApexMetadataBuilder(AttentionMetadataBuilder[ApexMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ApexMetadata:
+        RUNTIME.apply_copies()  # once per step, before any layer attends
         m = common_attn_metadata
         n = m.num_reqs
         return ApexMetadata(num_actual_tokens=m.num_actual_tokens,

@@ -23,15 +23,13 @@ pool), without patching vLLM's files:
     block list (vLLM's "resumed" form of CachedRequestData, which replaces the
     worker's row instead of appending to it).
 
-Where the copy runs and why it is ordered: with UniProcExecutor (vLLM's
-choice for one worker; the CPU platform and one GPU) the worker, and APEX's
-context, live in this process. EngineCore.step() runs schedule(), then the
-model (whose apex_paged_* calls are synchronous), then update_from_output(),
-one after the other, and the CPU platform turns async scheduling off: every
-copy made in schedule() runs after the previous step's last KV write and
-before this step's first. With a worker in another process (multiproc, Ray)
-the copies cannot reach its context: tiers are still chosen at admission, and
-migrations are off (logged once).
+Where the copy runs: in the worker, which owns APEX's context (this process
+with UniProcExecutor, another with MultiprocExecutor, the CPU platform's
+executor under `vllm serve`). The scheduler sends the copies through
+apex_vllm.copies; the worker applies them when it builds the step's
+attention metadata, before the step's first attention call (the ordering
+argument is in that module). Ray or external launchers (workers possibly on
+other machines): tiers are chosen at admission, migrations are off (logged).
 """
 import os
 
@@ -39,7 +37,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from . import tiers
+from . import copies, tiers
 from .tiers import DEVICE, HOST, WAIT
 
 logger = init_logger("vllm.apex_vllm")
@@ -116,16 +114,6 @@ class TwoTierFreeQueue:
         return self.queues[DEVICE].get_all_free_blocks() + self.queues[HOST].get_all_free_blocks()
 
 
-def _worker_copy(src: list[int], dst: list[int]) -> bool:
-    """APEX's block copy on the worker's context (this process). False when
-    no context exists yet (no forward ran: no block holds KV)."""
-    from .backend import RUNTIME
-    if RUNTIME.ctx is None:
-        return False
-    RUNTIME.ctx.copy_blocks(src, dst)
-    return True
-
-
 class ApexScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -155,14 +143,20 @@ class ApexScheduler(Scheduler):
                                            cfg.device_blocks)
         pool.free_block_queue = self.apex_queue
         self.apex_host_max = int(os.environ.get("APEX_VLLM_HOST_MAX_SEQS", "0") or 0)
+        # Copies reach the worker through a file (apex_vllm.copies): the
+        # worker must be on this machine.
         backend_kind = self.vllm_config.parallel_config.distributed_executor_backend
-        self.apex_migrate = backend_kind == "uni"
+        self.apex_migrate = backend_kind in ("uni", "mp")
         self.apex_stats.update(device_blocks=cfg.device_blocks, pool_blocks=pool.num_gpu_blocks,
                                migrations="on" if self.apex_migrate else
-                               f"off (executor {backend_kind}: the worker is in another process)")
-        if not self.apex_migrate:
-            logger.warning("APEX scheduler: executor %s runs the worker in another process; "
-                           "tiers are chosen at admission, requests are not migrated", backend_kind)
+                               f"off (executor {backend_kind}: workers may be on other machines)")
+        if self.apex_migrate:
+            copies.reset()
+        else:
+            logger.warning("APEX scheduler: executor %s; tiers are chosen at admission, requests "
+                           "are not migrated", backend_kind)
+        self._apex_deferred: list = []  # moved-from blocks, freed after the worker copied them
+        self._apex_forward_ran = False
         manager = self.kv_cache_manager
         self._apex_allocate = manager.allocate_slots
         self._apex_free = manager.free
@@ -200,11 +194,7 @@ class ApexScheduler(Scheduler):
             if pool.enable_caching:
                 pool._maybe_evict_cached_block(b)  # a free block may still carry a stale hash
             b.ref_cnt += 1
-        try:
-            _worker_copy([b.block_id for b in old], [b.block_id for b in new])
-        except Exception:
-            pool.free_blocks(new)  # nothing moved: the request keeps its blocks
-            raise
+        copies.send([b.block_id for b in old], [b.block_id for b in new])
         remap = {o.block_id: n for o, n in zip(old, new)}
         for m in self._managers():
             blocks = m.req_to_blocks.get(rid)
@@ -213,7 +203,10 @@ class ApexScheduler(Scheduler):
         for o, n in zip(old, new):
             if o.block_hash is not None:
                 pool.move_block_hashes(o, n)  # prefix-cache entries follow the KV
-        pool.free_blocks(old)
+        # Freed once the worker has copied them (after the next step with a
+        # forward): until then no other request may get, and vLLM's worker
+        # zero, a source block.
+        self._apex_deferred.append(old)
         self.apex_tier[rid] = tier
         self._apex_remapped.add(rid)
         self.apex_stats["blocks_copied"] += len(old)
@@ -269,6 +262,11 @@ class ApexScheduler(Scheduler):
             return super().schedule(*args, **kwargs)
         self._apex_step += 1
         self.apex_stats["steps"] += 1
+        if self._apex_deferred and self._apex_forward_ran:
+            pool = self.kv_cache_manager.block_pool
+            for blocks in self._apex_deferred:
+                pool.free_blocks(blocks)
+            self._apex_deferred = []
         if self.apex_migrate and self.running:
             q = self.apex_queue
             plan = tiers.place([self._view(r) for r in self.running], q.free(DEVICE),
@@ -278,6 +276,9 @@ class ApexScheduler(Scheduler):
                 self._move(rid, DEVICE)
         out = super().schedule(*args, **kwargs)
         self._hand_over(out)
+        # A step with tokens runs a forward, whose metadata build applies the
+        # copies sent so far (apex_vllm.copies).
+        self._apex_forward_ran = out.total_num_scheduled_tokens > 0
         return out
 
     def _hand_over(self, out):
@@ -302,7 +303,7 @@ class ApexScheduler(Scheduler):
             d = self.apex_device_blocks
             mine = [c for c in copies if c[0] < d or c[1] < d]
             if mine:
-                _worker_copy([c[0] for c in mine], [c[1] for c in mine])
+                copies.send([c[0] for c in mine], [c[1] for c in mine])
                 out.kv_cache_block_copies = [c for c in copies if c[0] >= d and c[1] >= d] or None
         on = {DEVICE: 0, HOST: 0}
         for r in self.running:

