@@ -5,8 +5,9 @@ blocks (block 0 is vLLM's null block) in a pool of 40, 8 requests with up to
 6 running: more than the device tier holds.
 
   - offline generation and `vllm serve` (the openai client, 8 concurrent
-    requests): greedy tokens identical to vLLM without APEX; requests on both
-    tiers, promotions and spills, the scheduler's decisions (its JSON stats),
+    requests; at most 2 on the host tier, so admission makes some wait):
+    greedy tokens identical to vLLM without APEX; requests on both tiers,
+    promotions and spills, the scheduler's decisions (its JSON stats),
     attention on both tiers (APEX's counters);
   - configurations APEX cannot serve: one warning with the reason and
     vLLM's own backend, end to end (a device tier as large as the pool) and
@@ -134,7 +135,9 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
     stats = tmp_path / "tiers.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
-    env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats))
+    # Admission by the plan: at most 2 requests on the host tier at once;
+    # a third that fits only there waits.
+    env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats), APEX_VLLM_HOST_MAX_SEQS="2")
     log = open(tmp_path / "serve.log", "w")
     cmd = [sys.executable, "-c", VLLM_CLI, "serve", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
@@ -166,6 +169,7 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
         assert tokens == base["tokens"]
         t = json.loads(stats.read_text())
         check_tier_stats(t)
+        assert t["waits"] >= 1, t
         print("\nAPEX tiers under vllm serve:", json.dumps(t))
     finally:
         server.terminate()
@@ -178,12 +182,21 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
 
 # --------------------------------------------- bad configurations, in-process
 
-@pytest.fixture
-def vllm_config(model_dir):
+@pytest.fixture(scope="module")
+def module_vllm_config(model_dir):
     from vllm.config import CacheConfig, ModelConfig, VllmConfig
     return VllmConfig(model_config=ModelConfig(model=model_dir, dtype="float32",
                                                max_model_len=256),
                       cache_config=CacheConfig(block_size=32, num_gpu_blocks_override=POOL))
+
+
+@pytest.fixture
+def vllm_config(module_vllm_config):
+    """One VllmConfig for the module (each takes seconds), its dtype restored."""
+    mc = module_vllm_config.model_config
+    dtype = mc.dtype
+    yield module_vllm_config
+    object.__setattr__(mc, "dtype", dtype)
 
 
 @pytest.mark.parametrize("case, want", [
