@@ -2,7 +2,8 @@
  * test_paged_copy.c - apex_paged_copy_blocks: whole blocks between engine
  * ids, all layers, device->device, device->host, host->device and
  * host->host, on the emulated device (whose memory is host memory, so the
- * test reads both tiers' slabs directly); bad arguments copy nothing.
+ * test reads both tiers' slabs directly); attention after a round trip
+ * (also on a GPU with APEX_TEST_DEVICE=cuda); bad arguments copy nothing.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,14 @@
 
 enum { L = 3, HQ = 4, HK = 2, D = 64, BT = 16, ND = 6, NH = 10, NB = ND + NH };
 #define BLOCK_BYTES ((size_t)2 * HK * BT * D * sizeof(float))
+
+/* The device of the attention test: the emulated one, or with
+ * APEX_TEST_DEVICE=cuda a real GPU (tests/gpu/run.sh). The other tests read
+ * the device slab directly (emulated memory is host memory). */
+static apex_device_kind tier_device(void) {
+    const char *dev = getenv("APEX_TEST_DEVICE");
+    return dev && !strcmp(dev, "cuda") ? APEX_DEVICE_CUDA : APEX_DEVICE_EMULATED;
+}
 
 static apex_context *make(apex_device_kind dev, int64_t device_blocks) {
     apex_config c;
@@ -108,7 +117,11 @@ static void test_copies_every_direction(void **state) {
  * before the move (the copy carries K and V of every layer). */
 static void test_attention_after_move(void **state) {
     (void)state;
-    apex_context *ctx = make(APEX_DEVICE_EMULATED, ND);
+    apex_context *ctx = make(tier_device(), ND);
+    if (apex_context_host_mode(ctx)) { /* cuda asked, no GPU */
+        assert_ok(apex_context_destroy(ctx));
+        skip();
+    }
     fill(ctx, NB);
     const int32_t len = 3 * BT - 5, qsl[2] = {0, 1};
     const int32_t on_device[3] = {1, 4, 2}, on_host[3] = {ND + 7, ND + 2, ND + 9};
