@@ -225,8 +225,14 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
     ctx->batch_lens = malloc((size_t)cfg->max_batch * sizeof *ctx->batch_lens);
     ctx->batch_table = malloc((size_t)cfg->max_batch * (size_t)ctx->seqs.max_blocks_per_seq *
                               sizeof *ctx->batch_table);
+    size_t tbl = (size_t)cfg->max_batch * (size_t)ctx->seqs.max_blocks_per_seq;
+    ctx->exec_rows = malloc((size_t)cfg->max_batch * sizeof *ctx->exec_rows);
+    ctx->call_lens = malloc((size_t)cfg->max_batch * sizeof *ctx->call_lens);
+    ctx->call_slots = malloc((size_t)cfg->max_batch * sizeof *ctx->call_slots);
+    ctx->call_table = malloc(tbl * sizeof *ctx->call_table);
     ctx->seq_mark = calloc((size_t)cfg->max_seqs, sizeof *ctx->seq_mark);
-    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table || !ctx->seq_mark) {
+    if (!ctx->ws || !ctx->batch_lens || !ctx->batch_table || !ctx->seq_mark || !ctx->exec_rows ||
+        !ctx->call_lens || !ctx->call_table || !ctx->call_slots) {
         st = apex_fail(APEX_ERR_NO_MEMORY, "out of memory for the attention workspace");
         goto fail;
     }
@@ -267,6 +273,11 @@ void context_destroy(apex_context *ctx) {
     free(ctx->batch_lens);
     free(ctx->batch_table);
     free(ctx->seq_mark);
+    free(ctx->exec_rows);
+    free(ctx->call_lens);
+    free(ctx->call_table);
+    free(ctx->call_slots);
+    exec_destroy(ctx);
     seq_table_destroy(&ctx->seqs);
     block_pool_destroy(&ctx->pools[APEX_TIER_DEVICE]);
     block_pool_destroy(&ctx->pools[APEX_TIER_HOST]);
@@ -292,10 +303,8 @@ void context_metrics_tick(apex_context *ctx, int force) {
     int64_t seqs[2] = {0, 0};
     for (int32_t i = 0; i < ctx->seqs.max_seqs; i++)
         if (ctx->seqs.seqs[i].active) seqs[ctx->seqs.seqs[i].tier]++;
-    /* An engine that owns its block tables (apex_paged_claim: no sequence,
-     * no free block) keeps its sequences to itself. */
-    int claimed = ctx->seqs.n_active == 0 && ctx->pools[0].n_free == 0 && ctx->pools[1].n_free == 0 &&
-                  ctx->pools[0].n_blocks + ctx->pools[1].n_blocks > 0;
+    /* An engine that owns its block tables keeps its sequences to itself. */
+    int claimed = ctx->owner == CTX_OWNER_ENGINE;
     for (int t = 0; t < 2; t++) {
         m.blocks_free[t] = ctx->pools[t].n_free;
         m.blocks_used[t] = ctx->pools[t].n_blocks - ctx->pools[t].n_free;
@@ -352,39 +361,30 @@ void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_
     }
 }
 
-/* 1 if any row of the batch belongs to a device-tier sequence. */
-static int any_device(const apex_context *ctx, int32_t n, const int32_t *seqs) {
-    for (int32_t i = 0; i < n; i++)
-        if (ctx->seqs.seqs[seqs[i]].tier == APEX_TIER_DEVICE) return 1;
-    return 0;
+apex_status context_seq_model(const apex_context *ctx, const char *fn) {
+    if (ctx->owner != CTX_OWNER_ENGINE) return APEX_OK;
+    return apex_fail(APEX_ERR_INVALID_ARG,
+                     "%s: this context's blocks belong to the engine (apex_paged_claim claimed "
+                     "them): %s is for contexts whose sequences APEX owns (apex_seq_add)",
+                     fn, fn);
+}
+
+void context_owner_update(apex_context *ctx) {
+    if (ctx->owner != CTX_OWNER_ENGINE)
+        ctx->owner = ctx->seqs.n_active > 0 ? CTX_OWNER_APEX : CTX_OWNER_NONE;
 }
 
 apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
                              const int32_t *pos, const void *k, const void *v, apex_dtype src) {
-    pipeline_sync(ctx);
-    if (ctx->dev && any_device(ctx, n, seqs)) {
-        pipeline *pl = &ctx->pipe;
-        const device_iface *f = ctx->dev->iface;
-        size_t bytes = (size_t)n * ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-        apex_status st;
-        if ((st = f->memcpy_async(ctx->dev, pl->d_k_sync, k, bytes, pl->own_stream)) ||
-            (st = f->memcpy_async(ctx->dev, pl->d_v_sync, v, bytes, pl->own_stream)) ||
-            (st = pipeline_kv_write(ctx, layer, n, seqs, pos, pl->d_k_sync, pl->d_v_sync, src,
-                                    pl->own_stream))) {
-            pipeline_sync(ctx); /* no copy from the caller's k, v may outlive the call */
-            return st;
-        }
-        pipeline_sync(ctx);
-        return APEX_OK;
-    }
-    TRACE_SCOPE(APEX_TRACE_COPY, "kv rows", layer);
-    for (int32_t i = 0; i < n; i++) {
-        int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
-        size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-        context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot, (const uint8_t *)k + i * row,
-                           (const uint8_t *)v + i * row, src);
-    }
-    return APEX_OK;
+    /* Engine slots: host slots follow the device tier's. */
+    int64_t dev_slots = (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks * ctx->cfg.block_tokens;
+    for (int32_t i = 0; i < n; i++)
+        ctx->call_slots[i] = pos_slot(ctx, seqs[i], pos[i]) +
+                             (ctx->seqs.seqs[seqs[i]].tier == APEX_TIER_HOST ? dev_slots : 0);
+    int64_t row = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
+    exec_rows r = {.layer = layer, .n = n, .slots = ctx->call_slots, .k = k, .k_stride = row,
+                   .v = v, .v_stride = row, .dtype = src};
+    return exec_kv_write(ctx, &r);
 }
 
 apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
@@ -436,61 +436,23 @@ int32_t context_first_repeat(apex_context *ctx, int32_t n, const int32_t *seqs) 
 
 apex_status context_attention(apex_context *ctx, int32_t layer, int32_t n,
                               const int32_t *seqs, const void *q, void *out,
-                              const apex_attn_opts *opts) {
+                              const apex_attn_opts *opts, device_stream *s) {
     const seq_table *t = &ctx->seqs;
-    uint64_t tokens = 0;
+    int32_t mb = t->max_blocks_per_seq;
+    int32_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks; /* host ids follow device ids */
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &t->seqs[seqs[i]];
-        int32_t start = opts->window > 0 && e->len > opts->window ? e->len - opts->window : 0;
-        tokens += (uint64_t)(e->len - start);
+        const int32_t *row = seq_table_row(t, seqs[i]);
+        int32_t *dst = ctx->call_table + (size_t)i * mb, off = e->tier == APEX_TIER_HOST ? nd : 0;
+        ctx->call_lens[i] = e->len;
+        if (off == 0)
+            memcpy(dst, row, (size_t)e->n_blocks * sizeof *dst);
+        else
+            for (int32_t b = 0; b < e->n_blocks; b++) dst[b] = row[b] + off;
     }
-    ctx->stats.kv_tokens_attended += tokens;
-    pipeline_sync(ctx);
-    if (ctx->dev && any_device(ctx, n, seqs)) {
-        pipeline *pl = &ctx->pipe;
-        const device_iface *f = ctx->dev->iface;
-        size_t hd = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim;
-        apex_status st;
-        if ((st = f->memcpy_async(ctx->dev, pl->d_q_sync, q,
-                                  (size_t)n * hd * apex_dtype_size(opts->q_dtype),
-                                  pl->own_stream)) ||
-            (st = pipeline_attention(ctx, layer, n, seqs, pl->d_q_sync, pl->d_out_sync, opts,
-                                     pl->own_stream)) ||
-            (st = f->memcpy_async(ctx->dev, out, pl->d_out_sync,
-                                  (size_t)n * hd * apex_dtype_size(opts->out_dtype),
-                                  pl->own_stream))) {
-            pipeline_sync(ctx); /* nothing may write the caller's out after the call */
-            return st;
-        }
-        pipeline_sync(ctx);
-        return APEX_OK;
-    }
-    int32_t stride = t->max_blocks_per_seq;
-    for (int32_t i = 0; i < n; i++) {
-        const seq_entry *e = &t->seqs[seqs[i]];
-        ctx->batch_lens[i] = e->len;
-        memcpy(ctx->batch_table + (size_t)i * stride, seq_table_row(t, seqs[i]),
-               (size_t)e->n_blocks * sizeof(int32_t));
-    }
-    cpu_attn_batch b = {
-        .n_seqs = n,
-        .q = q,
-        .q_dtype = opts->q_dtype,
-        .out = out,
-        .out_dtype = opts->out_dtype,
-        .seq_lens = ctx->batch_lens,
-        .block_table = ctx->batch_table,
-        .block_table_stride = stride,
-        .kv = block_pool_layer(&ctx->pools[APEX_TIER_HOST], layer),
-        .block_bytes = ctx->block_bytes,
-        .scale = opts->scale,
-        .softcap = opts->softcap,
-        .window = opts->window,
+    exec_batch b = {
+        .layer = layer, .n_seqs = n, .qsl = NULL, .seq_lens = ctx->call_lens,
+        .table = ctx->call_table, .stride = mb, .q = q, .out = out, .o = *opts,
     };
-    cpu_workers_pin(&ctx->workers);
-    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", layer);
-    if (cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads) != 0)
-        return apex_fail(APEX_ERR_INTERNAL, "CPU attention kernel failed");
-    ctx->stats.seqs_attended_host += (uint64_t)n;
-    return APEX_OK;
+    return exec_attention(ctx, &b, s);
 }

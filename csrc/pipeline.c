@@ -93,13 +93,6 @@ apex_status pipeline_init(apex_context *ctx) {
         layout(sl, sl->h_mem, 1, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
         layout(sl, sl->d_mem, 0, B, mb, pl->row_q_bytes, pl->row_kv_bytes);
     }
-    size_t qb = B * pl->row_q_bytes + ALIGN, kb = B * pl->row_kv_bytes + ALIGN;
-    if ((st = f->mem_alloc(dev, 2 * qb + 2 * kb, &pl->d_sync))) return st;
-    uintptr_t p = (uintptr_t)pl->d_sync;
-    pl->d_q_sync = carve(&p, B * pl->row_q_bytes);
-    pl->d_out_sync = carve(&p, B * pl->row_q_bytes);
-    pl->d_k_sync = carve(&p, B * pl->row_kv_bytes);
-    pl->d_v_sync = carve(&p, B * pl->row_kv_bytes);
     if (f->decode_workspace_bytes) {
         pl->decode_ws_bytes = f->decode_workspace_bytes(dev, c->max_batch, c->n_q_heads,
                                                         c->head_dim);
@@ -128,7 +121,6 @@ void pipeline_destroy(apex_context *ctx) {
     free(pl->chunk_seqs);
     free(pl->chunk_pos);
     if (pl->decode_ws) f->mem_free(dev, pl->decode_ws);
-    if (pl->d_sync) f->mem_free(dev, pl->d_sync);
     if (pl->ev_copies) f->event_destroy(dev, pl->ev_copies);
     if (pl->tm_start) f->event_destroy(dev, pl->tm_start);
     if (pl->tm_end) f->event_destroy(dev, pl->tm_end);
@@ -147,10 +139,17 @@ void pipeline_sync(apex_context *ctx) {
     if (pl->own_stream) pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
 }
 
+stage_slot *pipeline_sync_slot(apex_context *ctx) { return &ctx->pipe.slots[0]; }
+
+apex_status pipeline_sync_slot_wait(apex_context *ctx) {
+    stage_slot *sl = pipeline_sync_slot(ctx);
+    return sl->used ? ctx->dev->iface->event_sync(ctx->dev, sl->done) : APEX_OK;
+}
+
 /* The next slot of the ring, once its previous use is over. This is the
  * only place the engine thread can block: when it runs a whole ring of
  * calls ahead of the device. */
-static stage_slot *acquire(pipeline *pl) {
+stage_slot *pipeline_acquire(pipeline *pl) {
     stage_slot *sl = &pl->slots[pl->next_slot];
     pl->next_slot = (pl->next_slot + 1) % pl->n_slots;
     TRACE_SCOPE(APEX_TRACE_WAIT, "staging slot", -1);
@@ -160,7 +159,7 @@ static stage_slot *acquire(pipeline *pl) {
     return sl;
 }
 
-static apex_status finish(pipeline *pl, stage_slot *sl, device_stream *s) {
+apex_status pipeline_finish(pipeline *pl, stage_slot *sl, device_stream *s) {
     apex_status st = pl->dev->iface->event_record(pl->dev, sl->done, s);
     if (st) return st; /* the caller abandons: waits for s itself */
     sl->used = 1;
@@ -171,7 +170,7 @@ static apex_status finish(pipeline *pl, stage_slot *sl, device_stream *s) {
 /* A call the device refused midway: waits for everything it enqueued (on
  * s, the copy stream and the CPU worker) so that nothing it started can
  * still touch its staging slot or the caller's memory; returns st. */
-static apex_status abandon(pipeline *pl, device_stream *s, apex_status st) {
+apex_status pipeline_abandon(pipeline *pl, device_stream *s, apex_status st) {
     const device_iface *f = pl->dev->iface;
     cpu_jobs_drain(&pl->jobs);
     if (s) f->stream_sync(pl->dev, s);
@@ -189,34 +188,6 @@ static void job_kv_write(void *arg) {
                        sl->h_v, sl->dtype_in);
 }
 
-static void job_attention(void *arg) {
-    stage_slot *sl = arg;
-    apex_context *ctx = sl->ctx;
-    cpu_attn_batch b = {
-        .n_seqs = sl->n_c,
-        .q = sl->h_q,
-        .q_dtype = sl->dtype_in,
-        .out = sl->h_out,
-        .out_dtype = sl->dtype_out,
-        .seq_lens = sl->c_lens,
-        .block_table = sl->c_table,
-        .block_table_stride = ctx->seqs.max_blocks_per_seq,
-        .kv = block_pool_layer(&ctx->pools[APEX_TIER_HOST], sl->layer),
-        .block_bytes = ctx->block_bytes,
-        .scale = sl->scale,
-        .softcap = sl->softcap,
-        .window = sl->window,
-    };
-    cpu_workers_pin(&ctx->workers);
-    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", sl->layer);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    uint64_t ns = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
-    __atomic_fetch_add(&ctx->pipe.catt_ns, ns, __ATOMIC_RELAXED);
-}
-
 /* ---- enqueue paths (engine thread) */
 
 #define TRY(call)                      \
@@ -231,7 +202,7 @@ static apex_status kv_write_enqueue(apex_context *ctx, int32_t layer, int32_t n,
     pipeline *pl = &ctx->pipe;
     apex_device *dev = pl->dev;
     const device_iface *f = dev->iface;
-    stage_slot *sl = acquire(pl);
+    stage_slot *sl = pipeline_acquire(pl);
     int32_t bt = ctx->cfg.block_tokens, n_g = 0, n_c = 0;
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
@@ -274,112 +245,14 @@ static apex_status kv_write_enqueue(apex_context *ctx, int32_t layer, int32_t n,
         sl->dtype_in = dt;
         sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_kv_write, sl, sl->ev_down});
     }
-    return finish(pl, sl, s);
+    return pipeline_finish(pl, sl, s);
 }
 
 apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
                               const int32_t *pos, const void *k, const void *v, apex_dtype dt,
                               device_stream *s) {
     apex_status st = kv_write_enqueue(ctx, layer, n, seqs, pos, k, v, dt, s);
-    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
-}
-
-static apex_status attention_enqueue(apex_context *ctx, int32_t layer, int32_t n,
-                                     const int32_t *seqs, const void *q, void *out,
-                                     const apex_attn_opts *o, device_stream *s) {
-    pipeline *pl = &ctx->pipe;
-    apex_device *dev = pl->dev;
-    const device_iface *f = dev->iface;
-    stage_slot *sl = acquire(pl);
-    int32_t mb = ctx->seqs.max_blocks_per_seq, n_g = 0, n_c = 0, max_len_g = 1;
-    for (int32_t i = 0; i < n; i++) {
-        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
-        const int32_t *row = seq_table_row(&ctx->seqs, seqs[i]);
-        if (e->tier == APEX_TIER_DEVICE) {
-            sl->h_idx_g[n_g] = i;
-            sl->h_lens[n_g] = e->len;
-            memcpy(sl->h_table + (size_t)n_g * mb, row, (size_t)e->n_blocks * 4);
-            if (e->len > max_len_g) max_len_g = e->len;
-            n_g++;
-        } else {
-            sl->h_idx_c[n_c] = i;
-            sl->c_lens[n_c] = e->len;
-            memcpy(sl->c_table + (size_t)n_c * mb, row, (size_t)e->n_blocks * 4);
-            n_c++;
-        }
-    }
-    size_t hd = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim;
-    size_t qrow = hd * apex_dtype_size(o->q_dtype), orow = hd * apex_dtype_size(o->out_dtype);
-    TRY(f->event_wait(dev, s, pl->ev_copies));
-    if (n_c) {
-        TRY(f->memcpy_async(dev, sl->d_idx_c, sl->h_idx_c, (size_t)n_c * 4, s));
-        apex_cuda_rows t = {.src = q, .dst = sl->d_q_c, .src_stride = qrow, .dst_stride = qrow,
-                            .row_bytes = qrow};
-        TRY(f->gather_rows(dev, &t, 1, sl->d_idx_c, n_c, s));
-        TRY(f->event_record(dev, sl->ev_a, s));
-        TRY(f->event_wait(dev, pl->copy_stream, sl->ev_a));
-        TRY(f->memcpy_async(dev, sl->h_q, sl->d_q_c, (size_t)n_c * qrow, pl->copy_stream));
-        TRY(f->event_record(dev, sl->ev_down, pl->copy_stream));
-        sl->layer = layer;
-        sl->n_c = n_c;
-        sl->dtype_in = o->q_dtype;
-        sl->dtype_out = o->out_dtype;
-        sl->scale = o->scale;
-        sl->softcap = o->softcap;
-        sl->window = o->window;
-        sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_attention, sl, sl->ev_down});
-        TRY(f->wait_flag(dev, pl->copy_stream, pl->jobs.flag, sl->job));
-        TRY(f->memcpy_async(dev, sl->d_out_c, sl->h_out, (size_t)n_c * orow, pl->copy_stream));
-        TRY(f->event_record(dev, sl->ev_up, pl->copy_stream));
-    }
-    if (n_g) {
-        TRY(f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)n_g * 4, s));
-        TRY(f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)n_g * mb * 4, s));
-        const void *qg = q;
-        void *outg = out;
-        if (n_c) { /* the device cohort's rows are not contiguous: gather them */
-            TRY(f->memcpy_async(dev, sl->d_idx_g, sl->h_idx_g, (size_t)n_g * 4, s));
-            apex_cuda_rows t = {.src = q, .dst = sl->d_q_g, .src_stride = qrow,
-                                .dst_stride = qrow, .row_bytes = qrow};
-            TRY(f->gather_rows(dev, &t, 1, sl->d_idx_g, n_g, s));
-            qg = sl->d_q_g;
-            outg = sl->d_out_g;
-        }
-        apex_cuda_decode a = {
-            .n_seqs = n_g, .n_q_heads = ctx->cfg.n_q_heads, .n_kv_heads = ctx->cfg.n_kv_heads,
-            .head_dim = ctx->cfg.head_dim, .block_tokens = ctx->cfg.block_tokens,
-            .kv_dtype = ctx->cfg.kv_dtype, .q_dtype = o->q_dtype, .out_dtype = o->out_dtype,
-            .q = qg, .out = outg, .seq_lens = sl->d_lens, .block_table = sl->d_table,
-            .block_table_stride = mb,
-            .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
-            .block_bytes = ctx->block_bytes, .scale = o->scale, .softcap = o->softcap,
-            .window = o->window, .max_seq_len = max_len_g, .workspace = pl->decode_ws,
-            .workspace_bytes = pl->decode_ws_bytes,
-        };
-        TRY(f->paged_decode(dev, &a, s));
-        if (n_c) {
-            apex_cuda_rows t = {.src = sl->d_out_g, .dst = out, .src_stride = orow,
-                                .dst_stride = orow, .row_bytes = orow};
-            TRY(f->scatter_rows(dev, &t, 1, sl->d_idx_g, n_g, s));
-        }
-    }
-    if (n_c) {
-        TRY(f->event_wait(dev, s, sl->ev_up));
-        apex_cuda_rows t = {.src = sl->d_out_c, .dst = out, .src_stride = orow,
-                            .dst_stride = orow, .row_bytes = orow};
-        TRY(f->scatter_rows(dev, &t, 1, sl->d_idx_c, n_c, s));
-    }
-    TRY(finish(pl, sl, s));
-    ctx->stats.seqs_attended_device += (uint64_t)n_g;
-    ctx->stats.seqs_attended_host += (uint64_t)n_c;
-    return APEX_OK;
-}
-
-apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
-                               const int32_t *seqs, const void *q, void *out,
-                               const apex_attn_opts *o, device_stream *s) {
-    apex_status st = attention_enqueue(ctx, layer, n, seqs, q, out, o, s);
-    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
+    return st ? pipeline_abandon(&ctx->pipe, s, st) : APEX_OK;
 }
 
 static apex_status prefill_enqueue(apex_context *ctx, int32_t layer, int32_t n,
@@ -405,7 +278,7 @@ static apex_status prefill_enqueue(apex_context *ctx, int32_t layer, int32_t n,
             }
         }
     /* Causal attention over the activations, on the device. */
-    stage_slot *sl = acquire(pl);
+    stage_slot *sl = pipeline_acquire(pl);
     sl->h_table[0] = 0;
     for (int32_t i = 0; i < n; i++) sl->h_table[i + 1] = sl->h_table[i] + n_tokens[i];
     int32_t longest = 0;
@@ -419,7 +292,7 @@ static apex_status prefill_enqueue(apex_context *ctx, int32_t layer, int32_t n,
         .softcap = o->softcap, .window = o->window, .kv = NULL,
     };
     TRY(f->prefill(dev, &a, s));
-    return finish(pl, sl, s);
+    return pipeline_finish(pl, sl, s);
 }
 
 apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
@@ -427,7 +300,7 @@ apex_status pipeline_prefill(apex_context *ctx, int32_t layer, int32_t n, const 
                              const void *v, void *out, const apex_attn_opts *o,
                              device_stream *s) {
     apex_status st = prefill_enqueue(ctx, layer, n, seqs, n_tokens, q, k, v, out, o, s);
-    return st ? abandon(&ctx->pipe, s, st) : APEX_OK;
+    return st ? pipeline_abandon(&ctx->pipe, s, st) : APEX_OK;
 }
 
 static apex_status copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
@@ -443,7 +316,7 @@ static apex_status copy_device_block(apex_context *ctx, int32_t dst, int32_t src
 
 apex_status pipeline_copy_device_block(apex_context *ctx, int32_t dst, int32_t src) {
     apex_status st = copy_device_block(ctx, dst, src);
-    return st ? abandon(&ctx->pipe, NULL, st) : APEX_OK;
+    return st ? pipeline_abandon(&ctx->pipe, NULL, st) : APEX_OK;
 }
 
 static void job_barrier(void *arg) { (void)arg; }
@@ -457,7 +330,7 @@ static apex_status copy_between_tiers(apex_context *ctx, apex_tier from, const i
     /* A slot of its own: the barrier job below waits on the slot's event,
      * which nothing re-records before that job ran (a shared event could be
      * re-recorded by the next migration, behind a wait for this very job). */
-    stage_slot *sl = acquire(pl);
+    stage_slot *sl = pipeline_acquire(pl);
     /* Host blocks may still be written by queued CPU jobs, device blocks by
      * the engine stream's queued work: the copy waits for both. */
     TRY(f->wait_flag(dev, pl->own_stream, pl->jobs.flag, pl->jobs.submitted));
@@ -470,11 +343,11 @@ static apex_status copy_between_tiers(apex_context *ctx, apex_tier from, const i
     TRY(f->event_record(dev, sl->ev_down, pl->own_stream));
     /* Later CPU jobs may reuse the freed host blocks: they start after it. */
     sl->job = cpu_jobs_submit(&pl->jobs, (cpu_job){job_barrier, NULL, sl->ev_down});
-    return finish(pl, sl, pl->own_stream);
+    return pipeline_finish(pl, sl, pl->own_stream);
 }
 
 apex_status pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const int32_t *src,
                                         const int32_t *dst, int32_t n) {
     apex_status st = copy_between_tiers(ctx, from, src, dst, n);
-    return st ? abandon(&ctx->pipe, NULL, st) : APEX_OK;
+    return st ? pipeline_abandon(&ctx->pipe, NULL, st) : APEX_OK;
 }

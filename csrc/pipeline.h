@@ -62,21 +62,16 @@ typedef struct pipeline {
     size_t row_q_bytes, row_kv_bytes;
     uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
     int32_t *chunk_seqs, *chunk_pos; /* [max_batch]: prefill's KV chunks */
-    /* Device copies of a synchronous call's host arguments. */
-    void *d_sync;
-    void *d_q_sync, *d_out_sync, *d_k_sync, *d_v_sync;
 } pipeline;
 
 apex_status pipeline_init(apex_context *ctx);
 void pipeline_destroy(apex_context *ctx);
 
-/* Validated batches only; s is the engine's stream. */
+/* Validated batches only; s is the engine's stream. Attention's enqueue
+ * path is csrc/executor.c's, over the ring below. */
 apex_status pipeline_kv_write(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
                               const int32_t *pos, const void *k, const void *v, apex_dtype dt,
                               device_stream *s);
-apex_status pipeline_attention(apex_context *ctx, int32_t layer, int32_t n,
-                               const int32_t *seqs, const void *q, void *out,
-                               const apex_attn_opts *o, device_stream *s);
 
 /* Prefill (see apex_prefill_async): K/V stored through pipeline_kv_write in
  * chunks of max_batch rows, then the device's causal prefill kernel. */
@@ -98,6 +93,24 @@ apex_status pipeline_copy_between_tiers(apex_context *ctx, apex_tier from, const
  * a call midway, wait for what they did enqueue before returning the
  * error, so no half-enqueued work outlives the call (its staging slot, the
  * caller's buffers and blocks the caller then releases are safe to reuse). */
+
+/* The ring, for the enqueue paths here and attention's (csrc/executor.c):
+ * acquire the next slot once its previous use is over (the only place the
+ * engine thread blocks: a whole ring ahead of the device); finish records
+ * its done event on s after the call's work; abandon, when the device
+ * refused a call midway, waits for what it enqueued on s, the copy stream,
+ * the own stream and the CPU worker, and returns st. */
+stage_slot *pipeline_acquire(pipeline *pl);
+apex_status pipeline_finish(pipeline *pl, stage_slot *sl, device_stream *s);
+apex_status pipeline_abandon(pipeline *pl, device_stream *s, apex_status st);
+
+/* The staging slot of synchronous device work (the ring's first slot, its
+ * pinned and device halves, max_batch rows): for callers that ran
+ * pipeline_sync, then _wait (its last asynchronous use, on an engine stream
+ * pipeline_sync need not cover), and that wait for the own stream before
+ * returning, so nothing else uses the slot meanwhile. */
+stage_slot *pipeline_sync_slot(apex_context *ctx);
+apex_status pipeline_sync_slot_wait(apex_context *ctx);
 
 /* Waits for everything: the CPU worker and every stream. */
 void pipeline_sync(apex_context *ctx);

@@ -32,6 +32,15 @@ static apex_status counted(const apex_context *ctx, apex_status st) {
                                      __func__);                                   \
     } while (0)
 
+/* CHECK_CTX, and the context's blocks are APEX's sequence model's (not
+ * claimed by an engine, apex_paged.h): every sequence call starts so. */
+#define CHECK_SEQ_CTX(ctx)                                                   \
+    do {                                                                     \
+        CHECK_CTX(ctx);                                                      \
+        apex_status model_ = context_seq_model((ctx), __func__);            \
+        if (model_) return counted((ctx), model_);                          \
+    } while (0)
+
 /* ------------------------------------------------------------- context */
 
 APEX_API int apex_abi_version(void) { return APEX_ABI_VERSION; }
@@ -66,37 +75,37 @@ APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_
 /* ----------------------------------------------------------- sequences */
 
 APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
-    CHECK_CTX(ctx);
-    if (ctx->claimed)
-        return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                      "apex_seq_add: the engine claimed every block of this "
-                                      "context (apex_paged_claim): it has no sequences"));
+    CHECK_SEQ_CTX(ctx);
     apex_status st = seq_table_add(&ctx->seqs, seq, tier);
     if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[seq] = 0; /* a new request */
+    context_owner_update(ctx);
     return counted(ctx, st);
 }
 
 APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
                                       int32_t *first_pos) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     return counted(ctx, context_reserve(ctx, seq, n, first_pos));
 }
 
 APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src, int32_t dst) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     apex_status st = seq_table_fork(&ctx->seqs, src, dst);
     if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[dst] = 0;
+    context_owner_update(ctx);
     return counted(ctx, st);
 }
 
 APEX_API apex_status apex_seq_free(apex_context *ctx, int32_t seq) {
-    CHECK_CTX(ctx);
-    return counted(ctx, seq_table_free(&ctx->seqs, seq));
+    CHECK_SEQ_CTX(ctx);
+    apex_status st = seq_table_free(&ctx->seqs, seq);
+    context_owner_update(ctx);
+    return counted(ctx, st);
 }
 
 APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
                                        apex_seq_info *out) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     if (!out) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_seq_get_info: out is NULL"));
     const seq_entry *e = seq_table_get(&ctx->seqs, seq);
     if (!e) return counted(ctx, APEX_ERR_UNKNOWN_SEQ);
@@ -110,7 +119,7 @@ APEX_API apex_status apex_seq_get_info(const apex_context *ctx, int32_t seq,
 }
 
 APEX_API apex_status apex_seq_migrate(apex_context *ctx, int32_t seq, apex_tier tier) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     return counted(ctx, context_migrate(ctx, seq, tier));
 }
 
@@ -161,7 +170,7 @@ static int64_t first_nonfinite(const void *p, apex_dtype t, size_t count) {
 APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
                                    const int32_t *seqs, const int32_t *pos, const void *k,
                                    const void *v, apex_dtype src_dtype) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     TRACE_SCOPE(APEX_TRACE_CALL, "apex_kv_write", layer);
     double t0 = now_seconds();
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, src_dtype, 1);
@@ -186,7 +195,7 @@ APEX_API apex_status apex_kv_write(apex_context *ctx, int32_t layer, int32_t n,
 APEX_API apex_status apex_kv_read(const apex_context *ctx, int32_t layer, int32_t n,
                                   const int32_t *seqs, const int32_t *pos, void *k, void *v,
                                   apex_dtype dst_dtype) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     apex_status st = check_rows(ctx, __func__, layer, n, seqs, pos, k, v, dst_dtype, 0);
     if (st) return counted(ctx, st);
     if (n == 0) return APEX_OK;
@@ -235,7 +244,7 @@ static apex_status check_attention(apex_context *ctx, const char *fn, int32_t la
 APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
                                     const int32_t *seqs, const void *q, void *out,
                                     const apex_attn_opts *opts) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_attention", layer);
     double t0 = now_seconds();
     apex_attn_opts o;
@@ -249,7 +258,7 @@ APEX_API apex_status apex_attention(apex_context *ctx, int32_t layer, int32_t n,
                                       "%s: q of sequence %d (batch row %lld) has a NaN or Inf",
                                       __func__, seqs[bad / (int64_t)row_el],
                                       (long long)(bad / (int64_t)row_el)));
-    st = context_attention(ctx, layer, n, seqs, q, out, &o);
+    st = context_attention(ctx, layer, n, seqs, q, out, &o, NULL);
     if (st) return counted(ctx, st);
     ctx->stats.attention_calls++;
     ctx->stats.attention_seconds += now_seconds() - t0;
@@ -314,6 +323,8 @@ APEX_API apex_status apex_kv_write_async(apex_context *ctx, int32_t layer, int32
                                          const void *k, const void *v, apex_dtype src_dtype,
                                          apex_stream s) {
     CHECK_DEV(ctx);
+    apex_status model = context_seq_model(ctx, __func__);
+    if (model) return counted(ctx, model);
     TRACE_SCOPE(APEX_TRACE_CALL, "apex_kv_write_async", layer);
     double t0 = now_seconds();
     if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
@@ -331,6 +342,8 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seqs, const void *q, void *out,
                                           const apex_attn_opts *opts, apex_stream s) {
     CHECK_DEV(ctx);
+    apex_status model = context_seq_model(ctx, __func__);
+    if (model) return counted(ctx, model);
     TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_attention_async", layer);
     double t0 = now_seconds();
     if (!s) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: stream is NULL", __func__));
@@ -338,13 +351,8 @@ APEX_API apex_status apex_attention_async(apex_context *ctx, int32_t layer, int3
     apex_status st = check_attention(ctx, __func__, layer, n, seqs, q, out, opts, &o);
     if (st) return counted(ctx, st);
     if (n == 0) return APEX_OK;
-    st = pipeline_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
+    st = context_attention(ctx, layer, n, seqs, q, out, &o, STREAM(s));
     if (st) return counted(ctx, st);
-    for (int32_t i = 0; i < n; i++) { /* counted once the call succeeded */
-        const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
-        int32_t start = o.window > 0 && e->len > o.window ? e->len - o.window : 0;
-        ctx->stats.kv_tokens_attended += (uint64_t)(e->len - start);
-    }
     ctx->stats.attention_calls++;
     /* Enqueue time only: the work itself overlaps the engine. */
     ctx->stats.attention_seconds += now_seconds() - t0;
@@ -357,6 +365,8 @@ APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_
                                         const void *q, const void *k, const void *v, void *out,
                                         const apex_attn_opts *opts, apex_stream s) {
     CHECK_DEV(ctx);
+    apex_status model = context_seq_model(ctx, __func__);
+    if (model) return counted(ctx, model);
     const char *fn = __func__;
     if (!s || (n > 0 && (!n_tokens || !k || !v)))
         return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
@@ -388,19 +398,21 @@ APEX_API apex_status apex_prefill_async(apex_context *ctx, int32_t layer, int32_
 /* ----------------------------------------------------------- scheduler */
 
 APEX_API apex_status apex_sched_enable(apex_context *ctx, const apex_sched_options *o) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     if (!o) return counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_enable: options are NULL"));
     return counted(ctx, step_sched_enable(ctx, o));
 }
 
 APEX_API apex_status apex_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
                                      apex_step_decision *out, apex_step_plan *plan) {
-    CHECK_CTX(ctx);
-    return counted(ctx, step_sched_step(ctx, n, items, out, plan));
+    CHECK_SEQ_CTX(ctx);
+    apex_status st = step_sched_step(ctx, n, items, out, plan);
+    context_owner_update(ctx);
+    return counted(ctx, st);
 }
 
 APEX_API apex_status apex_sched_observe(apex_context *ctx, double step_seconds) {
-    CHECK_CTX(ctx);
+    CHECK_SEQ_CTX(ctx);
     return counted(ctx, step_sched_observe(ctx, step_seconds));
 }
 

@@ -2,6 +2,7 @@
  * apex_paged_api.c - the engine-managed block-table entry points
  * (apex_paged.h). Same rules as apex_api.c: every argument is checked
  * before anything changes; failures are counted in the context's stats.
+ * The work itself is the executor's (csrc/executor.c), as for apex.h.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -36,8 +37,16 @@ static int64_t paged_total(const apex_context *ctx) {
     return (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks + ctx->pools[APEX_TIER_HOST].n_blocks;
 }
 
-/* Claimed: apex_paged_claim ran (apex_seq_add refuses from then on). */
-static int paged_claimed(const apex_context *ctx) { return ctx->claimed; }
+/* The model check of the paged calls that use blocks: the engine claimed
+ * them (apex_paged_claim), else APEX_ERR_INVALID_ARG saying what to do. */
+static apex_status paged_model(const apex_context *ctx, const char *fn) {
+    if (ctx->owner == CTX_OWNER_ENGINE) return APEX_OK;
+    if (ctx->owner == CTX_OWNER_APEX)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: this context's blocks belong to APEX's sequences (apex_seq_add): "
+                         "%s is for contexts an engine claimed (apex_paged_claim)", fn, fn);
+    return apex_fail(APEX_ERR_INVALID_ARG, "%s: call apex_paged_claim first", fn);
+}
 
 /* Resolves an engine block id to its tier and block there, or fails
  * without side effects. */
@@ -50,19 +59,6 @@ static apex_status paged_block(const apex_context *ctx, const char *fn, int64_t 
     *tier = id < nd ? APEX_TIER_DEVICE : APEX_TIER_HOST;
     *block = (int32_t)(id < nd ? id : id - nd);
     return APEX_OK;
-}
-
-/* The staging buffers of the synchronous device-tier paths: the pipeline's
- * first slot (pinned and device halves, max_batch rows each). Every caller
- * has run pipeline_sync and paged_stage_wait first and syncs the context's
- * own stream before returning, so no other work uses the slot meanwhile. */
-static stage_slot *paged_stage(apex_context *ctx) { return &ctx->pipe.slots[0]; }
-
-/* Waits for the slot's last asynchronous use (pipeline_sync waits for the
- * latest one, which on another engine stream need not imply this one). */
-static apex_status paged_stage_wait(apex_context *ctx) {
-    stage_slot *sl = paged_stage(ctx);
-    return sl->used ? ctx->dev->iface->event_sync(ctx->dev, sl->done) : APEX_OK;
 }
 
 APEX_API apex_status apex_paged_context_create(const apex_config *cfg, void *const *host_layer_kv,
@@ -124,16 +120,17 @@ APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_b
 
 APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks) {
     PAGED_CTX(ctx);
-    if (!paged_claimed(ctx)) {
-        if (ctx->seqs.n_active != 0)
+    if (ctx->owner != CTX_OWNER_ENGINE) {
+        if (ctx->owner == CTX_OWNER_APEX)
             return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                                "apex_paged_claim: %d sequences exist; claim "
-                                                "needs a context without sequences",
+                                                "apex_paged_claim: %d sequences exist (this "
+                                                "context's blocks belong to APEX's sequences); "
+                                                "claim needs a context without sequences",
                                                 ctx->seqs.n_active));
         pipeline_sync(ctx);
         for (int t = 0; t < 2; t++)
             while (block_pool_alloc(&ctx->pools[t]) >= 0) {}
-        ctx->claimed = 1;
+        ctx->owner = CTX_OWNER_ENGINE;
     }
     if (n_blocks) *n_blocks = paged_total(ctx);
     return APEX_OK;
@@ -164,55 +161,6 @@ static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_
     return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
 }
 
-/* Stores one staged chunk of device-tier rows (h_slots, h_k, h_v of the
- * staging slot) with the device's kv_append kernel, and waits for it. */
-static apex_status paged_append_chunk(apex_context *ctx, int32_t layer, int32_t m,
-                                      apex_dtype src) {
-    apex_device *dev = ctx->dev;
-    const device_iface *f = dev->iface;
-    device_stream *s = ctx->pipe.own_stream;
-    stage_slot *sl = paged_stage(ctx);
-    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-    apex_cuda_kv_append a = {
-        .n_rows = m, .n_kv_heads = ctx->cfg.n_kv_heads, .head_dim = ctx->cfg.head_dim,
-        .block_tokens = ctx->cfg.block_tokens, .k = sl->d_k, .v = sl->d_v, .src_dtype = src,
-        .slots = sl->d_slots, .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
-        .block_bytes = ctx->block_bytes, .kv_dtype = ctx->cfg.kv_dtype,
-    };
-    apex_status st;
-    if ((st = f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)m * 8, s)) ||
-        (st = f->memcpy_async(dev, sl->d_k, sl->h_k, (size_t)m * row, s)) ||
-        (st = f->memcpy_async(dev, sl->d_v, sl->h_v, (size_t)m * row, s)) ||
-        (st = f->kv_append(dev, &a, s)))
-        return st;
-    return f->stream_sync(dev, s);
-}
-
-/* The device-tier rows of a validated kv_write: packed max_batch at a time
- * into the staging slot (slots are engine slots: block id < device_blocks
- * is the device block itself), copied up and stored by kv_append. */
-static apex_status paged_write_device(apex_context *ctx, int32_t layer, int64_t n,
-                                      const int64_t *slots, const void *k, int64_t ks,
-                                      const void *v, int64_t vs, apex_dtype src) {
-    stage_slot *sl = paged_stage(ctx);
-    int64_t dev_slots = (int64_t)ctx->pools[APEX_TIER_DEVICE].n_blocks * ctx->cfg.block_tokens;
-    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(src);
-    int32_t m = 0;
-    apex_status st = paged_stage_wait(ctx);
-    if (st) return st;
-    for (int64_t i = 0; i < n; i++) {
-        if (slots[i] < 0 || slots[i] >= dev_slots) continue;
-        memcpy((uint8_t *)sl->h_k + (size_t)m * row, row_at(k, src, ks, i), row);
-        memcpy((uint8_t *)sl->h_v + (size_t)m * row, row_at(v, src, vs, i), row);
-        sl->h_slots[m++] = slots[i];
-        if (m == ctx->cfg.max_batch) {
-            if ((st = paged_append_chunk(ctx, layer, m, src))) return st;
-            m = 0;
-        }
-    }
-    return m ? paged_append_chunk(ctx, layer, m, src) : APEX_OK;
-}
-
 APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64_t n,
                                          const int64_t *slots, const void *k,
                                          int64_t k_row_stride, const void *v,
@@ -223,9 +171,8 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
     double t0 = paged_now();
     int32_t bt = ctx->cfg.block_tokens;
     int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
-    if (!paged_claimed(ctx))
-        return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                            "%s: call apex_paged_claim first", fn));
+    apex_status model = paged_model(ctx, fn);
+    if (model) return paged_counted(ctx, model);
     if (layer < 0 || layer >= ctx->cfg.n_layers)
         return paged_counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)",
                                             fn, layer, ctx->cfg.n_layers));
@@ -241,7 +188,7 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                             "%s: row strides %lld, %lld below a row's %lld "
                                             "elements", fn, (long long)k_row_stride,
                                             (long long)v_row_stride, (long long)row_el));
-    uint64_t written = 0, on_device = 0;
+    uint64_t written = 0;
     for (int64_t i = 0; i < n; i++) {
         if (slots[i] < 0) continue;
         apex_tier tier = APEX_TIER_HOST;
@@ -257,29 +204,11 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
                                                     "%s: row %lld (slot %lld) has a NaN or Inf",
                                                     fn, (long long)i, (long long)slots[i]));
         written++;
-        on_device += tier == APEX_TIER_DEVICE;
     }
-    pipeline_sync(ctx);
-    /* Device rows first: a device error then leaves the host tier as it was. */
-    if (on_device) {
-        TRACE_SCOPE(APEX_TRACE_COPY, "device rows", layer);
-        apex_status st = paged_write_device(ctx, layer, n, slots, k, k_row_stride, v,
-                                            v_row_stride, src_dtype);
-        if (st) return paged_counted(ctx, st);
-    }
-    TRACE_BEGIN(APEX_TRACE_COPY, "host rows", layer);
-    for (int64_t i = 0; written > on_device && i < n; i++) {
-        if (slots[i] < 0) continue;
-        apex_tier tier = APEX_TIER_HOST;
-        int32_t blk = 0;
-        paged_block(ctx, fn, slots[i] / bt, &tier, &blk); /* checked above */
-        if (tier == APEX_TIER_DEVICE) continue;
-        int64_t slot = (int64_t)blk * bt + slots[i] % bt;
-        context_write_rows(ctx, APEX_TIER_HOST, layer, 1, &slot,
-                           row_at(k, src_dtype, k_row_stride, i),
-                           row_at(v, src_dtype, v_row_stride, i), src_dtype);
-    }
-    TRACE_END();
+    exec_rows r = {.layer = layer, .n = n, .slots = slots, .k = k, .k_stride = k_row_stride,
+                   .v = v, .v_stride = v_row_stride, .dtype = src_dtype};
+    apex_status st = exec_kv_write(ctx, &r);
+    if (st) return paged_counted(ctx, st);
     ctx->stats.kv_rows_written += written;
     ctx->stats.kv_write_seconds += paged_now() - t0;
     return APEX_OK;
@@ -292,15 +221,14 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
                                          const void *q, void *out, const apex_attn_opts *opts,
                                          apex_attn_opts *o) {
     static const char fn[] = "apex_paged_attention";
-    if (!paged_claimed(ctx))
-        return apex_fail(APEX_ERR_INVALID_ARG, "%s: call apex_paged_claim first", fn);
+    apex_status st = paged_model(ctx, fn);
+    if (st) return st;
     if (layer < 0 || layer >= ctx->cfg.n_layers)
         return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, layer,
                          ctx->cfg.n_layers);
     if (n_seqs < 0 || !qsl || (n_seqs > 0 && (!seq_lens || !block_table)))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: n_seqs %d < 0 or a NULL array", fn, n_seqs);
-    apex_status st = apex_attn_opts_resolve(&ctx->cfg, fn, opts, o);
-    if (st) return st;
+    if ((st = apex_attn_opts_resolve(&ctx->cfg, fn, opts, o))) return st;
     if (qsl[0] != 0)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: query_start_loc[0] is %d, not 0", fn, qsl[0]);
     int32_t bt = ctx->cfg.block_tokens;
@@ -338,290 +266,6 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
     return APEX_OK;
 }
 
-/* Row j of a sequence with q_len ql and length len attends this many
- * positions (causal), counting those its window keeps in *tokens. */
-static int32_t paged_row_len(int32_t len, int32_t ql, int32_t j, const apex_attn_opts *o,
-                             uint64_t *tokens) {
-    int32_t n = len - ql + j + 1;
-    int32_t start = o->window > 0 && n > o->window ? n - o->window : 0;
-    *tokens += (uint64_t)(n - start);
-    return n;
-}
-
-/* Which tiers a sequence's blocks are on: PAGED_HOST, PAGED_DEVICE or both. */
-enum { PAGED_HOST = 1, PAGED_DEVICE = 2, PAGED_MIXED = 3 };
-static int paged_seq_tiers(const apex_context *ctx, const int32_t *ids, int32_t nb) {
-    int64_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks;
-    int m = 0;
-    if (nd == 0) return PAGED_HOST;
-    for (int32_t b = 0; b < nb; b++) m |= ids[b] < nd ? PAGED_DEVICE : PAGED_HOST;
-    return m;
-}
-
-/* A CPU batch being packed into ctx->batch_lens / batch_table: query rows
- * [row0, row0 + filled) of q and out, their blocks in the slab kv. */
-typedef struct paged_cpu {
-    const uint8_t *kv;
-    int64_t row0;
-    int32_t filled;
-} paged_cpu;
-
-/* Runs the packed CPU batch, if any. */
-static apex_status paged_cpu_flush(apex_context *ctx, paged_cpu *p, const void *q, void *out,
-                                   const apex_attn_opts *o) {
-    if (!p->filled) return APEX_OK;
-    TRACE_SCOPE(APEX_TRACE_CPU_ATTN, "cpu_attn_decode", -1);
-    size_t hd = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
-    cpu_attn_batch b = {
-        .n_seqs = p->filled,
-        .q = (const uint8_t *)q + (size_t)p->row0 * hd * apex_dtype_size(o->q_dtype),
-        .q_dtype = o->q_dtype,
-        .out = (uint8_t *)out + (size_t)p->row0 * hd * apex_dtype_size(o->out_dtype),
-        .out_dtype = o->out_dtype,
-        .seq_lens = ctx->batch_lens,
-        .block_table = ctx->batch_table,
-        .block_table_stride = ctx->seqs.max_blocks_per_seq,
-        .kv = p->kv,
-        .block_bytes = ctx->block_bytes,
-        .scale = o->scale,
-        .softcap = o->softcap,
-        .window = o->window,
-    };
-    if (cpu_attn_decode(&ctx->geom, &b, ctx->ws, ctx->workers.n_threads) != 0)
-        return apex_fail(APEX_ERR_INTERNAL, "apex_paged_attention: CPU attention kernel failed");
-    ctx->stats.seqs_attended_host += (uint64_t)p->filled;
-    p->row0 += p->filled;
-    p->filled = 0;
-    return APEX_OK;
-}
-
-/* Packs the ql query rows of one sequence (rows row0.. of q) into the CPU
- * batch over slab kv, block b of its table being ids[b] - off there; runs
- * the batch when it is full, or first when these rows do not continue it. */
-static apex_status paged_cpu_seq(apex_context *ctx, paged_cpu *p, const uint8_t *kv,
-                                 int64_t row0, int32_t ql, int32_t len, const int32_t *ids,
-                                 int64_t off, const void *q, void *out, const apex_attn_opts *o) {
-    apex_status st;
-    if (p->filled && (p->kv != kv || p->row0 + p->filled != row0) &&
-        (st = paged_cpu_flush(ctx, p, q, out, o)))
-        return st;
-    if (!p->filled) {
-        p->kv = kv;
-        p->row0 = row0;
-    }
-    int32_t bt = ctx->cfg.block_tokens, tstride = ctx->seqs.max_blocks_per_seq;
-    for (int32_t j = 0; j < ql; j++) {
-        int32_t n = paged_row_len(len, ql, j, o, &ctx->stats.kv_tokens_attended);
-        int32_t *dst = ctx->batch_table + (size_t)p->filled * tstride;
-        for (int32_t b = 0; b < (n + bt - 1) / bt; b++) dst[b] = (int32_t)(ids[b] - off);
-        ctx->batch_lens[p->filled++] = n;
-        if (p->filled == ctx->cfg.max_batch && (st = paged_cpu_flush(ctx, p, q, out, o)))
-            return st;
-    }
-    return APEX_OK;
-}
-
-/* A device batch being packed into the staging slot: row r is query row
- * h_idx_g[r], its length h_lens[r], its table h_table row r, its q h_q row
- * r. launched: the batch is on the context's own stream, not yet waited for. */
-typedef struct paged_dev {
-    int32_t filled, max_len, launched;
-    int32_t layer, timed; /* timed: the kernel is between the timing events */
-} paged_dev;
-
-/* The tracer's GPU span of the device batch: timing events around the
- * kernel when tracing is on and the device has them (CUDA). */
-static int paged_timer(apex_context *ctx) {
-    pipeline *pl = &ctx->pipe;
-    const device_iface *f = ctx->dev->iface;
-    if (!trace_on() || !f->timer_create || !f->event_elapsed_ms) return 0;
-    if (!pl->tm_start && f->timer_create(ctx->dev, &pl->tm_start)) return 0;
-    if (!pl->tm_end && f->timer_create(ctx->dev, &pl->tm_end)) return 0;
-    return 1;
-}
-
-/* Enqueues the packed device batch on the context's own stream: q, lengths
- * and tables up, paged_decode, outputs down into the staging slot. */
-static apex_status paged_dev_launch(apex_context *ctx, int32_t layer, paged_dev *p,
-                                    const apex_attn_opts *o) {
-    if (!p->filled) return APEX_OK;
-    apex_device *dev = ctx->dev;
-    const device_iface *f = dev->iface;
-    pipeline *pl = &ctx->pipe;
-    device_stream *s = pl->own_stream;
-    stage_slot *sl = paged_stage(ctx);
-    int32_t m = p->filled, mb = ctx->seqs.max_blocks_per_seq;
-    size_t hd = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim;
-    size_t qrow = hd * apex_dtype_size(o->q_dtype), orow = hd * apex_dtype_size(o->out_dtype);
-    apex_cuda_decode a = {
-        .n_seqs = m, .n_q_heads = ctx->cfg.n_q_heads, .n_kv_heads = ctx->cfg.n_kv_heads,
-        .head_dim = ctx->cfg.head_dim, .block_tokens = ctx->cfg.block_tokens,
-        .kv_dtype = ctx->cfg.kv_dtype, .q_dtype = o->q_dtype, .out_dtype = o->out_dtype,
-        .q = sl->d_q_g, .out = sl->d_out_g, .seq_lens = sl->d_lens, .block_table = sl->d_table,
-        .block_table_stride = mb,
-        .kv = block_pool_layer(&ctx->pools[APEX_TIER_DEVICE], layer),
-        .block_bytes = ctx->block_bytes, .scale = o->scale, .softcap = o->softcap,
-        .window = o->window, .max_seq_len = p->max_len, .workspace = pl->decode_ws,
-        .workspace_bytes = pl->decode_ws_bytes,
-    };
-    apex_status st;
-    p->layer = layer;
-    p->timed = paged_timer(ctx);
-    if ((st = f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)m * 4, s)) ||
-        (st = f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)m * mb * 4, s)) ||
-        (st = f->memcpy_async(dev, sl->d_q_g, sl->h_q, (size_t)m * qrow, s)) ||
-        (p->timed && (st = f->event_record(dev, pl->tm_start, s))) ||
-        (st = f->paged_decode(dev, &a, s)) ||
-        (p->timed && (st = f->event_record(dev, pl->tm_end, s))) ||
-        (st = f->memcpy_async(dev, sl->h_out, sl->d_out_g, (size_t)m * orow, s)))
-        return st;
-    p->launched = 1;
-    return APEX_OK;
-}
-
-/* Waits for a launched device batch and scatters its outputs into out. */
-static apex_status paged_dev_finish(apex_context *ctx, paged_dev *p, void *out,
-                                    const apex_attn_opts *o) {
-    if (!p->launched) return APEX_OK;
-    TRACE_SCOPE(APEX_TRACE_WAIT, "device batch", -1);
-    stage_slot *sl = paged_stage(ctx);
-    size_t orow = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim * apex_dtype_size(o->out_dtype);
-    apex_status st = ctx->dev->iface->stream_sync(ctx->dev, ctx->pipe.own_stream);
-    if (st) return st;
-    float ms = 0;
-    if (p->timed &&
-        ctx->dev->iface->event_elapsed_ms(ctx->dev, ctx->pipe.tm_start, ctx->pipe.tm_end, &ms) == APEX_OK) {
-        /* Device time from the events; placed on the timeline to end when
-         * the host saw the batch finish (the output copy follows it). */
-        const uint64_t dur = (uint64_t)((double)ms * 1e6), end = trace_now_ns();
-        trace_device_span_("GPU (CUDA events)", "paged_decode", p->layer, end > dur ? end - dur : 0, dur);
-    }
-    for (int32_t r = 0; r < p->filled; r++)
-        memcpy((uint8_t *)out + (size_t)sl->h_idx_g[r] * orow, (uint8_t *)sl->h_out + r * orow,
-               orow);
-    ctx->stats.seqs_attended_device += (uint64_t)p->filled;
-    *p = (paged_dev){0};
-    return APEX_OK;
-}
-
-/* Packs the ql query rows of a device-tier sequence (rows row0.. of q, its
- * engine ids being device blocks) into the device batch; runs it when full. */
-static apex_status paged_dev_seq(apex_context *ctx, int32_t layer, paged_dev *p, int64_t row0,
-                                 int32_t ql, int32_t len, const int32_t *ids, const void *q,
-                                 void *out, const apex_attn_opts *o) {
-    stage_slot *sl = paged_stage(ctx);
-    int32_t bt = ctx->cfg.block_tokens, mb = ctx->seqs.max_blocks_per_seq;
-    size_t qrow = (size_t)ctx->cfg.n_q_heads * ctx->cfg.head_dim * apex_dtype_size(o->q_dtype);
-    apex_status st;
-    for (int32_t j = 0; j < ql; j++) {
-        if (!p->filled && (st = paged_stage_wait(ctx))) return st;
-        int32_t n = paged_row_len(len, ql, j, o, &ctx->stats.kv_tokens_attended);
-        int32_t r = p->filled++;
-        sl->h_idx_g[r] = (int32_t)(row0 + j);
-        sl->h_lens[r] = n;
-        memcpy(sl->h_table + (size_t)r * mb, ids, (size_t)((n + bt - 1) / bt) * 4);
-        memcpy((uint8_t *)sl->h_q + (size_t)r * qrow,
-               (const uint8_t *)q + (size_t)(row0 + j) * qrow, qrow);
-        if (n > p->max_len) p->max_len = n;
-        if (p->filled == ctx->cfg.max_batch &&
-            ((st = paged_dev_launch(ctx, layer, p, o)) || (st = paged_dev_finish(ctx, p, out, o))))
-            return st;
-    }
-    return APEX_OK;
-}
-
-/* Blocks [first, nb) of a mixed-tier sequence copied, in table order, into
- * the pinned scratch (device blocks D2H on the context's own stream, host
- * blocks by memcpy), so the CPU kernel reads block b of the sequence at
- * scratch block b; the blocks before first lie before every row's window. */
-static apex_status paged_gather(apex_context *ctx, int32_t layer, const int32_t *ids,
-                                int32_t first, int32_t nb, uint8_t *scratch) {
-    apex_device *dev = ctx->dev;
-    int64_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks;
-    size_t bb = ctx->block_bytes;
-    for (int32_t b = first; b < nb; b++) {
-        if (ids[b] >= nd) {
-            memcpy(scratch + b * bb, block_pool_at(&ctx->pools[APEX_TIER_HOST], layer,
-                                                   (int32_t)(ids[b] - nd)), bb);
-            continue;
-        }
-        apex_status st = dev->iface->memcpy_async(
-            dev, scratch + b * bb, block_pool_at(&ctx->pools[APEX_TIER_DEVICE], layer, ids[b]),
-            bb, ctx->pipe.own_stream);
-        if (st) return st;
-    }
-    return dev->iface->stream_sync(dev, ctx->pipe.own_stream);
-}
-
-/* Pinned scratch for one sequence's blocks (max_blocks_per_seq of them)
- * and the identity block table over it. */
-static apex_status paged_scratch(apex_context *ctx, uint8_t **scratch, int32_t **ident) {
-    int32_t mb = ctx->seqs.max_blocks_per_seq;
-    *ident = malloc((size_t)mb * sizeof **ident);
-    if (!*ident) return apex_fail(APEX_ERR_NO_MEMORY, "apex_paged_attention: no memory");
-    for (int32_t b = 0; b < mb; b++) (*ident)[b] = b;
-    return ctx->dev->iface->host_alloc(ctx->dev, (size_t)mb * ctx->block_bytes,
-                                       (void **)scratch);
-}
-
-/* The mixed-tier sequences of a validated batch, one at a time: blocks
- * gathered into host scratch, then the CPU kernel over an identity table. */
-static apex_status paged_attend_mixed(apex_context *ctx, int32_t layer, int32_t n_seqs,
-                                      const int32_t *qsl, const int32_t *seq_lens,
-                                      const int32_t *table, int32_t stride, const void *q,
-                                      void *out, const apex_attn_opts *o) {
-    apex_device *dev = ctx->dev;
-    int32_t bt = ctx->cfg.block_tokens;
-    uint8_t *scratch = NULL; /* taken at the first mixed sequence */
-    int32_t *ident = NULL;
-    paged_cpu p = {0};
-    apex_status st = APEX_OK;
-    for (int32_t i = 0; !st && i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i];
-        if (ql == 0) continue; /* skipped: its length was not checked (fuzz_paged) */
-        int32_t nb = (seq_lens[i] + bt - 1) / bt;
-        const int32_t *ids = table + (size_t)i * stride;
-        if (paged_seq_tiers(ctx, ids, nb) != PAGED_MIXED) continue;
-        if (!scratch && (st = paged_scratch(ctx, &scratch, &ident))) break;
-        ctx->fallbacks++; /* the slow path: reported in APEX_METRICS_FILE */
-        uint64_t unused = 0; /* the first row starts the earliest */
-        int32_t len0 = paged_row_len(seq_lens[i], ql, 0, o, &unused);
-        int32_t first = o->window > 0 && len0 > o->window ? (len0 - o->window) / bt : 0;
-        if (!(st = paged_gather(ctx, layer, ids, first, nb, scratch)) &&
-            !(st = paged_cpu_seq(ctx, &p, scratch, qsl[i], ql, seq_lens[i], ident, 0, q, out,
-                                 o)))
-            st = paged_cpu_flush(ctx, &p, q, out, o); /* before the scratch is reused */
-    }
-    if (scratch) dev->iface->host_free(dev, scratch);
-    free(ident);
-    return st;
-}
-
-/* The single-tier sequences of a validated batch: host-tier ones on the
- * CPU kernel (want PAGED_HOST), or device-tier ones packed into pd (want
- * PAGED_DEVICE), whose last batch is left launched for paged_dev_finish. */
-static apex_status paged_attend_tier(apex_context *ctx, int32_t layer, int want, paged_dev *pd,
-                                     int32_t n_seqs, const int32_t *qsl, const int32_t *seq_lens,
-                                     const int32_t *table, int32_t stride, const void *q,
-                                     void *out, const apex_attn_opts *o) {
-    int32_t bt = ctx->cfg.block_tokens;
-    int64_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks;
-    const uint8_t *host_kv = block_pool_layer(&ctx->pools[APEX_TIER_HOST], layer);
-    paged_cpu pc = {0};
-    apex_status st = APEX_OK;
-    for (int32_t i = 0; !st && i < n_seqs; i++) {
-        int32_t ql = qsl[i + 1] - qsl[i], len = seq_lens[i];
-        const int32_t *ids = table + (size_t)i * stride;
-        if (ql == 0 || paged_seq_tiers(ctx, ids, (len + bt - 1) / bt) != want) continue;
-        st = want == PAGED_HOST
-                 ? paged_cpu_seq(ctx, &pc, host_kv, qsl[i], ql, len, ids, nd, q, out, o)
-                 : paged_dev_seq(ctx, layer, pd, qsl[i], ql, len, ids, q, out, o);
-    }
-    if (st) return st;
-    return want == PAGED_HOST ? paged_cpu_flush(ctx, &pc, q, out, o)
-                              : paged_dev_launch(ctx, layer, pd, o);
-}
-
 APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int32_t n_seqs,
                                           const int32_t *query_start_loc,
                                           const int32_t *seq_lens, const int32_t *block_table,
@@ -635,24 +279,13 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                            block_table, block_table_stride, q, out, opts, &o);
     if (st) return paged_counted(ctx, st);
     if (n_seqs == 0) return APEX_OK; /* an empty batch (apex.h): nothing to do */
-    pipeline_sync(ctx);
-    cpu_workers_pin(&ctx->workers);
-    /* Every query row is a decode problem with its own causal length. A
-     * sequence whose blocks are all on one tier runs there, a mixed one is
-     * gathered to the host (none exist without a device tier). The device's
-     * last batch runs while the CPU attends the host-tier sequences. */
-    const int32_t *qsl = query_start_loc;
-    int32_t bs = block_table_stride;
-    int has_device = ctx->pools[APEX_TIER_DEVICE].n_blocks > 0;
-    paged_dev pd = {0};
-    if ((has_device && (st = paged_attend_tier(ctx, layer, PAGED_DEVICE, &pd, n_seqs, qsl,
-                                               seq_lens, block_table, bs, q, out, &o))) ||
-        (st = paged_attend_tier(ctx, layer, PAGED_HOST, NULL, n_seqs, qsl, seq_lens,
-                                block_table, bs, q, out, &o)) ||
-        (has_device && (st = paged_attend_mixed(ctx, layer, n_seqs, qsl, seq_lens, block_table,
-                                                bs, q, out, &o))) ||
-        (st = paged_dev_finish(ctx, &pd, out, &o)))
-        return paged_counted(ctx, st);
+    /* Every query row is a decode problem with its own causal length; the
+     * executor runs each sequence where its blocks are. */
+    exec_batch b = {
+        .layer = layer, .n_seqs = n_seqs, .qsl = query_start_loc, .seq_lens = seq_lens,
+        .table = block_table, .stride = block_table_stride, .q = q, .out = out, .o = o,
+    };
+    if ((st = exec_attention(ctx, &b, NULL))) return paged_counted(ctx, st);
     ctx->stats.attention_calls++;
     ctx->stats.attention_seconds += paged_now() - t0;
     context_metrics_tick(ctx, 0);

@@ -19,7 +19,7 @@
 static apex_status copy_check(const apex_context *ctx, int64_t n, const int64_t *src,
                               const int64_t *dst) {
     static const char fn[] = "apex_paged_copy_blocks";
-    if (!ctx->claimed)
+    if (ctx->owner != CTX_OWNER_ENGINE)
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: the context's blocks are not claimed "
                                                "(apex_paged_claim)", fn);
     if (n < 0) return apex_fail(APEX_ERR_INVALID_ARG, "%s: n = %lld < 0", fn, (long long)n);

@@ -689,11 +689,83 @@ static void test_tiers_errors_change_nothing(void **state) {
     engine_free(e);
 }
 
+/* The two ownership models of a context's blocks are exclusive, and each
+ * refusal says which model owns them. */
+static void assert_refused(apex_status st, const char *says) {
+    assert_int_equal(st, APEX_ERR_INVALID_ARG);
+    if (!strstr(apex_last_error(), says))
+        fail_msg("message \"%s\" does not say \"%s\"", apex_last_error(), says);
+}
+
+static void test_ownership(void **state) {
+    (void)state;
+    apex_config c = paged_config(APEX_DEVICE_EMULATED, 8);
+    apex_context *ctx;
+    assert_ok(apex_context_create(&c, &ctx));
+    float k[ROW] = {0}, q[HQ * D] = {0}, out[HQ * D];
+    int64_t slot = 3;
+    int32_t qsl[2] = {0, 1}, len = 1, table[1] = {0}, seq = 0, pos = 0, ntok = 1;
+    /* Neither model yet: the paged calls want a claim. */
+    assert_refused(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32),
+                   "call apex_paged_claim first");
+    /* APEX's sequences own the blocks: the paged calls and the claim say so. */
+    assert_ok(apex_seq_add(ctx, 0, APEX_TIER_HOST));
+    assert_refused(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32),
+                   "belong to APEX's sequences");
+    assert_refused(apex_paged_attention(ctx, 0, 1, qsl, &len, table, 1, q, out, NULL),
+                   "belong to APEX's sequences");
+    assert_refused(apex_paged_claim(ctx, NULL), "sequences exist");
+    /* The last sequence freed: free again to claim. */
+    assert_ok(apex_seq_free(ctx, 0));
+    assert_ok(apex_paged_claim(ctx, NULL));
+    apex_stats before, after;
+    assert_ok(apex_stats_get(ctx, &before));
+    /* The engine owns them: every call of the sequence model is refused. */
+    const char *says = "belong to the engine";
+    apex_seq_info info;
+    apex_sched_options so;
+    memset(&so, 0, sizeof so);
+    apex_step_item item = {0};
+    apex_step_decision dec;
+    apex_stream s;
+    void *dq, *dout;
+    assert_ok(apex_stream_create(ctx, &s)); /* device calls are no model's */
+    assert_ok(apex_device_alloc(ctx, sizeof q, &dq));
+    assert_ok(apex_device_alloc(ctx, sizeof q, &dout));
+    assert_refused(apex_seq_add(ctx, 1, APEX_TIER_HOST), says);
+    assert_non_null(strstr(apex_last_error(), "claimed")); /* the older message's word */
+    assert_refused(apex_seq_reserve(ctx, 0, 1, &pos), says);
+    assert_refused(apex_seq_fork(ctx, 0, 1), says);
+    assert_refused(apex_seq_free(ctx, 0), says);
+    assert_refused(apex_seq_get_info(ctx, 0, &info), says);
+    assert_refused(apex_seq_migrate(ctx, 0, APEX_TIER_DEVICE), says);
+    assert_refused(apex_kv_write(ctx, 0, 1, &seq, &pos, k, k, APEX_DTYPE_F32), says);
+    assert_refused(apex_kv_read(ctx, 0, 1, &seq, &pos, k, k, APEX_DTYPE_F32), says);
+    assert_refused(apex_attention(ctx, 0, 1, &seq, q, out, NULL), says);
+    assert_refused(apex_kv_write_async(ctx, 0, 1, &seq, &pos, dq, dq, APEX_DTYPE_F32, s), says);
+    assert_refused(apex_attention_async(ctx, 0, 1, &seq, dq, dout, NULL, s), says);
+    assert_refused(apex_prefill_async(ctx, 0, 1, &seq, &ntok, dq, dq, dq, dout, NULL, s), says);
+    assert_refused(apex_sched_enable(ctx, &so), says);
+    assert_refused(apex_sched_step(ctx, 1, &item, &dec, NULL), says);
+    assert_refused(apex_sched_observe(ctx, 0.01), says);
+    assert_ok(apex_stats_get(ctx, &after));
+    assert_int_equal(after.errors - before.errors, 15); /* each counted, nothing else changed */
+    assert_int_equal(after.blocks_free[APEX_TIER_HOST], 0);
+    assert_int_equal(after.seqs_active, 0);
+    /* ...while the engine's calls work. */
+    assert_ok(apex_paged_kv_write(ctx, 0, 1, &slot, k, ROW, k, ROW, APEX_DTYPE_F32));
+    apex_device_free(ctx, dq);
+    apex_device_free(ctx, dout);
+    assert_ok(apex_stream_destroy(ctx, s));
+    apex_context_destroy(ctx);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mixed_batch_matches_reference),
         cmocka_unit_test(test_half_dtypes),
         cmocka_unit_test(test_errors_change_nothing),
+        cmocka_unit_test(test_ownership),
         cmocka_unit_test(test_device_blocks_split_ids),
         cmocka_unit_test(test_tiers_match_reference),
         cmocka_unit_test(test_tiers_half_dtypes),

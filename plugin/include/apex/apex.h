@@ -27,6 +27,16 @@
  *     [max(0, len-window), len) of that sequence. Lengths come from APEX's own
  *     tables: the engine never passes them.
  *
+ *  4. A context's blocks belong to one model at a time: APEX's sequences
+ *     (this header) or an engine's own block tables (apex_paged.h, after
+ *     apex_paged_claim). Once an engine claimed them, every sequence call
+ *     (apex_seq_*, apex_kv_write/read, apex_attention, their async forms,
+ *     apex_prefill_async, apex_sched_enable/step/observe) fails with
+ *     APEX_ERR_INVALID_ARG and a message saying the engine owns the blocks;
+ *     while sequences exist, the claim and the paged calls fail likewise.
+ *     Both models run attention through the same executor (where each
+ *     sequence runs: its blocks' tier).
+ *
  * KV layout (identical on both tiers, so a tier move is a block copy)
  * -------------------------------------------------------------------
  * A block holds block_tokens consecutive positions of one sequence, for every

@@ -94,9 +94,16 @@ APEX_API apex_status apex_paged_host_kv(const apex_context *ctx, uint64_t *own_b
                                         uint64_t *external_bytes, int *pinned);
 
 /* Hands every block of both tiers to the engine; *n_blocks (may be NULL)
- * gets device_blocks + host_blocks. Needs a context with no sequences;
- * afterwards apex_seq_add is refused (APEX_ERR_INVALID_ARG): the context
- * has no sequences of its own. Calling it again returns the same count. */
+ * gets device_blocks + host_blocks. Needs a context with no sequences
+ * (while apex_seq_add'ed ones exist: APEX_ERR_INVALID_ARG, "sequences
+ * exist"; once the last is freed the claim works). Afterwards the blocks are
+ * the engine's for good: every call of apex.h's sequence model (apex_seq_*,
+ * apex_kv_write/read, apex_attention, their async forms, apex_prefill_async,
+ * apex_sched_*) is refused with APEX_ERR_INVALID_ARG ("this context's blocks
+ * belong to the engine"), changing nothing. Calling it again returns the
+ * same count. apex_paged_kv_write and apex_paged_attention before a claim
+ * are refused the same way ("call apex_paged_claim first", or, while
+ * sequences exist, "belong to APEX's sequences"). */
 APEX_API apex_status apex_paged_claim(apex_context *ctx, int64_t *n_blocks);
 
 /* Where layer's blocks of one tier live: *base (host memory for the host
