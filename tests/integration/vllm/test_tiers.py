@@ -5,7 +5,7 @@ blocks (block 0 is vLLM's null block) in a pool of 40, 8 requests with up to
 6 running: more than the device tier holds.
 
   - offline generation and `vllm serve` (the openai client, 8 concurrent
-    requests; at most 2 on the host tier, so admission makes some wait):
+    requests; at most 3 on the host tier, so admission makes some wait):
     greedy tokens identical to vLLM without APEX; requests on both tiers,
     promotions and spills, the scheduler's decisions (its JSON stats),
     attention on both tiers (APEX's counters);
@@ -135,9 +135,9 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
     stats = tmp_path / "tiers.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
-    # Admission by the plan: at most 2 requests on the host tier at once;
-    # a third that fits only there waits.
-    env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats), APEX_VLLM_HOST_MAX_SEQS="2")
+    # Admission by the plan: at most 3 requests on the host tier at once;
+    # a fourth that fits only there waits.
+    env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats), APEX_VLLM_HOST_MAX_SEQS="3")
     log = open(tmp_path / "serve.log", "w")
     cmd = [sys.executable, "-c", VLLM_CLI, "serve", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
