@@ -6,7 +6,8 @@
 #  - the torch-op shim (shim/torch), when a torch is installed;
 #  - in a pip build (SKBUILD), both libraries go into the apex_vllm package.
 include_guard(GLOBAL)
-target_sources(apex_core PRIVATE ${CMAKE_CURRENT_LIST_DIR}/src/apex_paged_api.c)
+target_sources(apex_core PRIVATE ${CMAKE_CURRENT_LIST_DIR}/src/apex_paged_api.c
+                                 ${CMAKE_CURRENT_LIST_DIR}/src/apex_paged_copy.c)
 include(${CMAKE_CURRENT_LIST_DIR}/../shim/torch/torch.cmake)
 if(SKBUILD)
   if(NOT TARGET apex_torch)

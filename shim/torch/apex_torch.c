@@ -14,8 +14,9 @@
  *
  * Tensors may be on the CPU (host mode) or on a CUDA device: CUDA rows are
  * staged through host memory on the current CUDA stream (apex_memcpy_async
- * with the engine's stream, then apex_stream_sync), because the paged
- * attention of this ABI version runs on host-tier blocks only.
+ * with the engine's stream, then apex_stream_sync), because the paged calls
+ * of this ABI version take host pointers (they reach device-tier blocks
+ * themselves).
  */
 #define _GNU_SOURCE /* RTLD_DEFAULT */
 #include <dlfcn.h>
@@ -226,7 +227,8 @@ static void op_context_destroy(StableIValue *s, uint64_t nargs, uint64_t nout) {
 
 /* ---- apex::stats -> (attention_calls, rows attended on the CPU,
  * kv rows written, errors, host blocks, host mode, host KV bytes APEX
- * allocated, host KV bytes in the engine's memory) */
+ * allocated, host KV bytes in the engine's memory, rows attended on the
+ * device, device blocks) */
 static void op_stats(StableIValue *s, uint64_t nargs, uint64_t nout) {
     apex_context *ctx = ctx_of(arg_int(s, 0));
     apex_stats a;
@@ -242,6 +244,27 @@ static void op_stats(StableIValue *s, uint64_t nargs, uint64_t nout) {
     apex_paged_host_kv(ctx, &own, &ext, NULL);
     ret_int(s, 6, (int64_t)own);
     ret_int(s, 7, (int64_t)ext);
+    ret_int(s, 8, (int64_t)a.seqs_attended_device);
+    ret_int(s, 9, a.blocks_used[APEX_TIER_DEVICE] + a.blocks_free[APEX_TIER_DEVICE]);
+}
+
+/* ---- apex::copy_blocks(ctx, src int64[n], dst int64[n]) -> status: whole
+ * blocks, all layers, between engine ids of either tier
+ * (apex_paged_copy_blocks); CPU tensors. */
+static void op_copy_blocks(StableIValue *s, uint64_t nargs, uint64_t nout) {
+    tview a, b;
+    apex_status st = APEX_OK;
+    if (view_of(arg_tensor(s, 1), &a) || view_of(arg_tensor(s, 2), &b)) st = APEX_ERR_INTERNAL;
+    else if (a.dim != 1 || b.dim != 1 || a.sizes[0] != b.sizes[0] ||
+             a.dtype != aoti_torch_dtype_int64() || b.dtype != aoti_torch_dtype_int64() ||
+             !a.contiguous || !b.contiguous || a.device != aoti_torch_device_type_cpu() ||
+             b.device != aoti_torch_device_type_cpu())
+        st = APEX_ERR_INVALID_ARG;
+    else
+        st = apex_paged_copy_blocks(ctx_of(arg_int(s, 0)), a.sizes[0], a.data, b.data);
+    static const int owned[] = {1, 2};
+    drop_tensors(s, owned, 2);
+    ret_int(s, 0, st);
 }
 
 /* ---- apex::kv_write(ctx, layer, key[n, hk, d], value[n, hk, d],
@@ -375,7 +398,8 @@ static const struct {
      "int max_seq_len, Tensor layer_ptrs, int bytes_per_layer) -> int", "context_create_on",
      op_context_create_on},
     {"context_destroy(int ctx) -> int", "context_destroy", op_context_destroy},
-    {"stats(int ctx) -> (int, int, int, int, int, int, int, int)", "stats", op_stats},
+    {"stats(int ctx) -> (int, int, int, int, int, int, int, int, int, int)", "stats", op_stats},
+    {"copy_blocks(int ctx, Tensor src, Tensor dst) -> int", "copy_blocks", op_copy_blocks},
     {"kv_write(int ctx, int layer, Tensor key, Tensor value, Tensor slot_mapping) -> int",
      "kv_write", op_kv_write},
     {"attention(int ctx, int layer, Tensor query, Tensor query_start_loc, Tensor seq_lens, "

@@ -5,7 +5,7 @@
 # runs every CUDA kernel against the CPU reference (test_cuda_kernels), the
 # bandwidth benchmark (bench_cuda), the hybrid pipeline's unit test on the
 # GPU (test_pipeline, APEX_TEST_DEVICE=cuda) and benchmark, the paged ABI's
-# device-tier tests (test_paged_api, APEX_TEST_DEVICE=cuda), and the torch-op
+# device-tier tests (test_paged_api and test_paged_copy, APEX_TEST_DEVICE=cuda), and the torch-op
 # shim on CUDA tensors (run_torch_shim.sh), and writes
 # OUTDIR/gpu_report.json (their results, nvidia-smi facts, build status) plus
 # OUTDIR/gpu_run.log (build output and every program's stderr).
@@ -55,7 +55,7 @@ BUILD_S=$(($(date +%s) - T0))
 say "build ok=$BUILD_OK in ${BUILD_S}s (archs $ARCHS)"
 # The hybrid pipeline's unit test pointed at the GPU, and its benchmark.
 PIPE_BUILT=false
-if [ "$BUILD_OK" = true ] && cmake --build "$BUILD" -j16 --target test_pipeline test_paged_api apex-bench >>"$LOG" 2>&1; then
+if [ "$BUILD_OK" = true ] && cmake --build "$BUILD" -j16 --target test_pipeline test_paged_api test_paged_copy apex-bench >>"$LOG" 2>&1; then
     PIPE_BUILT=true
 fi
 
@@ -92,7 +92,8 @@ fi
 RC_PAGED=127
 if [ "$PIPE_BUILT" = true ]; then
     say "running test_paged_api with APEX_TEST_DEVICE=cuda"
-    APEX_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout 120 "$BUILD/bin/test_paged_api" >>"$LOG" 2>&1
+    APEX_TEST_DEVICE=cuda OMP_NUM_THREADS=4 timeout 120 "$BUILD/bin/test_paged_api" >>"$LOG" 2>&1 &&
+        APEX_TEST_DEVICE=cuda timeout 60 "$BUILD/bin/test_paged_copy" >>"$LOG" 2>&1
     RC_PAGED=$?
     say "test_paged_api (cuda) exit $RC_PAGED"
 fi

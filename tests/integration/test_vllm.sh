@@ -5,9 +5,10 @@
 #     the CMake build of libapex.so and the torch-op shim),
 #  3. the default model as a Hugging Face folder, made from the GGUF file
 #     (cached beside it),
-#  4. pytest: the adapter against vLLM's own classes, and real offline
+#  4. pytest: the adapter against vLLM's own classes, real offline
 #     generation with and without APEX (identical greedy tokens, APEX's
-#     counters).
+#     counters), and the two tiers with APEX's scheduler (test_tiers.py:
+#     offline and `vllm serve`, APEX_DEVICE=emulated set per run there).
 # APEX_SKIP_VLLM=1 skips it all (prints why).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

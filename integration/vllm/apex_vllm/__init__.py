@@ -1,7 +1,8 @@
 """APEX's vLLM plugin: the `vllm.general_plugins` entry point registers APEX's
 attention backend under AttentionBackendEnum.CUSTOM. vLLM uses it only when
 asked (`--attention-backend CUSTOM`, or attention_config={"backend": "CUSTOM"});
-otherwise vLLM is untouched."""
+otherwise vLLM is untouched. APEX's scheduler (two KV tiers, APEX choosing
+each request's) is apex_vllm.scheduler.ApexScheduler (`--scheduler-cls`)."""
 import os
 
 BACKEND_PATH = "apex_vllm.backend.ApexAttentionBackend"
@@ -21,7 +22,13 @@ def _cpu_platform_honours_custom():
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if (selected_backend == AttentionBackendEnum.CUSTOM
                 and not attn_selector_config.use_mla and not attn_selector_config.use_sparse):
-            return AttentionBackendEnum.CUSTOM.get_path()
+            # A configuration APEX cannot serve (head size, dtype, a device
+            # tier it cannot hold: apex_vllm.tiers) runs vLLM's own backend,
+            # with one warning that says why.
+            from . import tiers
+            if tiers.resolve().fallback is None:
+                return AttentionBackendEnum.CUSTOM.get_path()
+            selected_backend = None
         return original(cls, selected_backend, attn_selector_config, num_heads)
 
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
@@ -38,6 +45,10 @@ def register():
     # APEX's counters and gauges in vLLM's /metrics (apex_vllm/metrics.py).
     from . import metrics
     metrics.install()
+    # The scheduler's block copies reach the worker through this file
+    # (apex_vllm.copies); set here so that engine and workers inherit it.
+    from . import copies
+    copies.default_path()
     # Host KV capacity: on vLLM's CPU platform the block pool is sized by
     # VLLM_CPU_KVCACHE_SPACE (GiB); APEX_HOST_KV_GB sets it when it is unset.
     # APEX_TRACE=FILE: vLLM runs several processes, each loading libapex;

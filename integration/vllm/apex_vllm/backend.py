@@ -22,7 +22,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 
 from vllm.logger import init_logger
 
-from . import ops
+from . import copies, ops
 
 try:  # vLLM >= 0.32: the physical layout a backend's kernels accept
     from vllm.v1.kv_cache_layout import KVCacheLayout
@@ -108,6 +108,9 @@ class _Runtime:
         self.kv_tensors: list[torch.Tensor] | None = None  # vLLM's, when APEX's host tier
         self.kv_ptrs: list[int] | None = None
         self.kv_reason: str | None = None  # why APEX keeps its own pool (None: it does not)
+        self.device_blocks = 0  # ids [0, device_blocks) on APEX's device tier
+        self.copy_reader = copies.Reader()  # the scheduler's block copies (tier moves)
+        self.copies_applied = 0  # blocks copied for the scheduler
 
     def add_layers(self, names, block_size, max_model_len):
         for name in names:
@@ -115,18 +118,38 @@ class _Runtime:
         self.block_size = block_size
         self.max_model_len = max_model_len
 
+    def apply_copies(self) -> None:
+        """The block copies APEX's scheduler sent (apex_vllm.copies), before
+        this step's first attention call. Without a context no block holds
+        KV yet: nothing to copy."""
+        for src, dst in self.copy_reader.take():
+            if self.ctx is not None:
+                self.ctx.copy_blocks(src, dst)
+                self.copies_applied += len(src)
+
     def context(self, impl, query: torch.Tensor, kv_cache: torch.Tensor) -> ops.Context:
         if self.ctx is None:
             self.ctx = self._create(impl, query.dtype, kv_cache)
         return self.ctx
 
     def _create(self, impl, dtype, kv_cache) -> ops.Context:
-        # One APEX block per vLLM block id: vLLM's block pool is APEX's.
+        # One APEX block per vLLM block id: vLLM's block pool is APEX's. With a
+        # device tier (apex_vllm.tiers), ids below device_blocks are APEX's
+        # device blocks and the host tier is the rest of vLLM's tensor: host
+        # block h is vLLM's block device_blocks + h, so vLLM's whole-block
+        # zeroing and copies of host-tier ids still act on APEX's blocks.
         names = sorted(self.layer_index, key=self.layer_index.get)
         num_blocks = int(kv_cache.shape[0])
         max_batch = int(os.environ.get("APEX_MAX_BATCH", "256"))
+        from . import tiers
+        device = tiers.resolve().device_blocks
+        if device >= num_blocks:
+            raise RuntimeError(f"APEX: the device tier ({device} blocks) is not smaller than "
+                               f"vLLM's pool ({num_blocks} blocks); lower "
+                               "APEX_VLLM_DEVICE_BLOCKS / APEX_VLLM_DEVICE_MB")
+        self.device_blocks = device
         geometry = (len(names), impl.num_heads, impl.num_kv_heads, impl.head_size, dtype,
-                    self.block_size, 0)
+                    self.block_size, device)
         tensors, why = vllm_layer_kv_tensors(names)
         if os.environ.get("APEX_VLLM_SHARE_KV", "1") == "0":
             tensors, why = None, "APEX_VLLM_SHARE_KV=0"
@@ -138,13 +161,15 @@ class _Runtime:
             self.kv_tensors = tensors  # kept alive as long as the context
             self.kv_ptrs = [t.data_ptr() for t in tensors]
             logger.info("APEX: host KV tier in vLLM's KV tensors (%d layers x %d blocks, "
-                        "held once)", len(names), num_blocks)
-            return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len,
-                               layer_ptrs=self.kv_ptrs, bytes_per_layer=num_blocks * page)
+                        "held once; device tier: %d blocks)", len(names), num_blocks - device,
+                        device)
+            return ops.Context(*geometry, num_blocks - device, max_batch, self.max_model_len,
+                               layer_ptrs=[p + device * page for p in self.kv_ptrs],
+                               bytes_per_layer=(num_blocks - device) * page)
         self.kv_reason = why
         logger.warning("APEX: own host KV pool; vLLM's KV tensors stay allocated but unused "
                        "(KV held twice): %s", why)
-        return ops.Context(*geometry, num_blocks, max_batch, self.max_model_len)
+        return ops.Context(*geometry, num_blocks - device, max_batch, self.max_model_len)
 
     def check_bound(self, index: int, kv_cache: torch.Tensor) -> None:
         """The layer's tensor is still the memory APEX's context was made over."""
@@ -221,6 +246,7 @@ class ApexMetadataBuilder(AttentionMetadataBuilder[ApexMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> ApexMetadata:
+        RUNTIME.apply_copies()  # once per step, before any layer attends
         m = common_attn_metadata
         n = m.num_reqs
         return ApexMetadata(num_actual_tokens=m.num_actual_tokens,

@@ -107,9 +107,15 @@ class Context:
         check(self.ops.attention(self.handle, layer, query, query_start_loc, seq_lens,
                                  block_table, out, scale, softcap, window), "attention")
 
+    def copy_blocks(self, src, dst):
+        """Whole blocks src[i] -> dst[i], all layers, either tier (engine ids)."""
+        check(self.ops.copy_blocks(self.handle, torch.tensor(src, dtype=torch.int64),
+                                   torch.tensor(dst, dtype=torch.int64)), "copy_blocks")
+
     def stats(self) -> dict:
         keys = ("attention_calls", "rows_attended_host", "kv_rows_written", "errors",
-                "host_blocks", "host_mode", "host_kv_own_bytes", "host_kv_external_bytes")
+                "host_blocks", "host_mode", "host_kv_own_bytes", "host_kv_external_bytes",
+                "rows_attended_device", "device_blocks")
         return dict(zip(keys, self.ops.stats(self.handle)))
 
     def close(self):

@@ -12,6 +12,8 @@
  *   apex_paged_kv_write(...)        per layer: new K/V rows by slot
  *   apex_paged_attention(...)       per layer: attention over the engine's
  *                                   block tables and lengths
+ *   apex_paged_copy_blocks(...)     whole blocks, all layers, between ids
+ *                                   (a request moved between tiers)
  *
  * Block ids: id < device_blocks is block `id` of the device tier; id >=
  * device_blocks is block `id - device_blocks` of the host tier (pinned host
@@ -151,6 +153,22 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seq_lens, const int32_t *block_table,
                                           int32_t block_table_stride, const void *q, void *out,
                                           const apex_attn_opts *opts);
+
+/* Copies n whole blocks, all layers: block src_ids[i] onto dst_ids[i]
+ * (engine ids, either tier to either tier). An engine that moves a request
+ * between tiers gives it new block ids and moves its KV with this call
+ * (host->device promotes, device->host spills). Ordered like the other
+ * paged calls: after the context's earlier work (its async calls
+ * included); the copies are in place when it returns. Device copies run on
+ * APEX's own stream, host->host copies on the calling thread.
+ * Errors (nothing copied): APEX_ERR_INVALID_ARG for ctx NULL, a context not
+ * claimed, n < 0, a NULL array with n > 0, a block copied onto itself, a
+ * destination named twice or also named as a source (the result would
+ * depend on the order); APEX_ERR_OUT_OF_RANGE for an id outside
+ * [0, device_blocks + host_blocks). A device failure after that is
+ * returned as is, with some of the copies done. n == 0 does nothing. */
+APEX_API apex_status apex_paged_copy_blocks(apex_context *ctx, int64_t n, const int64_t *src_ids,
+                                            const int64_t *dst_ids);
 
 /* ------------------------------------------------ placement by the scheduler
  *

