@@ -22,7 +22,7 @@
 #define TIER_MAX_STREAMS 256
 #define F16_NEG_INF 0xFC00u
 
-/* libapex's entry points, resolved once per process. */
+/* libapex's entry points the tier calls. */
 typedef struct apex_lib {
     apex_status (*config_init)(apex_config *);
     apex_status (*context_create)(const apex_config *, apex_context **);
@@ -36,44 +36,22 @@ typedef struct apex_lib {
     const char *(*last_error)(void);
 } apex_lib;
 
-static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
-static apex_lib g_lib;
-static int g_lib_state; /* 0 not tried, 1 loaded, -1 failed */
+/* libapex's entry points (linked: libggml-apex.so depends on libapex.so.1). */
+static const apex_lib g_lib = {
+    .config_init = apex_config_init,
+    .context_create = apex_context_create,
+    .context_destroy = apex_context_destroy,
+    .paged_claim = apex_paged_claim,
+    .paged_layer_kv = apex_paged_layer_kv,
+    .paged_kv_write = apex_paged_kv_write,
+    .paged_attention = apex_paged_attention,
+    .last_error = apex_last_error,
+};
 
-/* NULL, or why libapex could not be loaded (into why). */
+/* The table, never NULL (it was dlopen's; libapex is now a dependency). */
 static const apex_lib *lib_get(char *why, size_t n) {
-    pthread_mutex_lock(&g_lib_lock);
-    if (g_lib_state == 0) {
-        const char *path = getenv("APEX_LIB");
-        if (!path || !*path) path = "libapex.so.1";
-        void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-        apex_lib l;
-        memset(&l, 0, sizeof l);
-        if (h) {
-            *(void **)&l.config_init = dlsym(h, "apex_config_init");
-            *(void **)&l.context_create = dlsym(h, "apex_context_create");
-            *(void **)&l.context_destroy = dlsym(h, "apex_context_destroy");
-            *(void **)&l.paged_claim = dlsym(h, "apex_paged_claim");
-            *(void **)&l.paged_layer_kv = dlsym(h, "apex_paged_layer_kv");
-            *(void **)&l.paged_kv_write = dlsym(h, "apex_paged_kv_write");
-            *(void **)&l.paged_attention = dlsym(h, "apex_paged_attention");
-            *(void **)&l.last_error = dlsym(h, "apex_last_error");
-        }
-        if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_layer_kv && l.paged_kv_write &&
-            l.paged_attention && l.last_error) {
-            g_lib = l;
-            g_lib_state = 1;
-        } else {
-            g_lib_state = -1;
-            snprintf(why, n, "cannot load %s (%s; set APEX_LIB to libapex.so.1's path)", path,
-                     h ? "symbols missing" : dlerror());
-        }
-    } else if (g_lib_state < 0) {
-        snprintf(why, n, "libapex could not be loaded");
-    }
-    const apex_lib *r = g_lib_state == 1 ? &g_lib : NULL;
-    pthread_mutex_unlock(&g_lib_lock);
-    return r;
+    (void)why, (void)n;
+    return &g_lib;
 }
 
 typedef struct tier_layer {
@@ -465,7 +443,7 @@ static void run_planned(gpu_tier *t) {
 
 static void *worker_main(void *arg) {
     gpu_tier *t = arg;
-    if (shim_trace_active()) shim_trace_.thread_name("apex-gpu-tier");
+    if (shim_trace_active()) apex_trace_thread_name("apex-gpu-tier");
     pthread_mutex_lock(&t->lock);
     for (;;) {
         while (!t->job && !t->quit) pthread_cond_wait(&t->cv, &t->lock);
