@@ -247,8 +247,8 @@ static struct ggml_backend_buffer_type g_kv_hybrid_buft = {.iface = KV_BUFT_IFAC
 /* The hook llama.cpp calls per layer (proc "ggml_backend_kv_cache_buffer_type"):
  * buft is what llama.cpp would use. APEX_Host, or NULL to leave it. */
 ggml_backend_buffer_type_t shim_kv_cache_buffer_type(ggml_backend_buffer_type_t buft, enum ggml_type type_k,
-                                                       enum ggml_type type_v, int64_t n_embd_head_k,
-                                                       int64_t n_embd_head_v, bool v_trans) {
+                                                     enum ggml_type type_v, int64_t n_embd_head_k,
+                                                     int64_t n_embd_head_v, bool v_trans) {
     shim_kv_hook_asked = 1;
     if (shim_ops_mask() == 0) return NULL; /* APEX_GGML_DISABLE=1 / APEX_GGML_OPS=none */
     if (!kv_pool_enabled()) {

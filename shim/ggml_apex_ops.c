@@ -41,7 +41,7 @@ static void log_decline(const char *why) {
 /* The KV geometry APEX runs: NULL, or why not (the checks of shim_supports_fa
  * that the KV cache's types and head sizes decide). */
 const char *shim_kv_geometry_why(enum ggml_type tk, enum ggml_type tv, int64_t dk, int64_t dv, char *why,
-                                   size_t n) {
+                                 size_t n) {
     if (tk != GGML_TYPE_F16 && tk != GGML_TYPE_F32)
         snprintf(why, n, "KV cache type %s; APEX supports f16 and f32", type_name(tk));
     else if (tv != tk)

@@ -63,23 +63,6 @@ static apex_status strided_check(const char *fn, const apex_strided_desc *d) {
     return APEX_OK;
 }
 
-/* The kernel's descriptor: the same fields, without the public header. */
-static void to_kernel(const apex_strided_desc *d, cpu_attn_strided_desc *k) {
-    *k = (cpu_attn_strided_desc){
-        .head_dim = d->head_dim, .n_q_heads = d->n_q_heads, .n_kv_heads = d->n_kv_heads,
-        .n_tokens = d->n_tokens, .n_streams = d->n_streams, .n_kv = d->n_kv,
-        .q = d->q, .q_nb_tok = d->q_nb_tok, .q_nb_head = d->q_nb_head, .q_nb_stream = d->q_nb_stream,
-        .kv_dtype = d->kv_dtype,
-        .k = d->k, .k_nb_row = d->k_nb_row, .k_nb_head = d->k_nb_head, .k_nb_stream = d->k_nb_stream,
-        .v = d->v, .v_nb_row = d->v_nb_row, .v_nb_head = d->v_nb_head, .v_nb_stream = d->v_nb_stream,
-        .mask = d->mask, .mask_nb_tok = d->mask_nb_tok, .mask_nb_stream = d->mask_nb_stream,
-        .out = d->out, .out_nb_head = d->out_nb_head, .out_nb_tok = d->out_nb_tok,
-        .out_nb_stream = d->out_nb_stream,
-        .scale = d->scale, .softcap = d->softcap,
-        .ggml_compat = d->ggml_compat, .ggml_n_threads = d->ggml_n_threads, .ggml_streams = d->ggml_streams,
-    };
-}
-
 APEX_API apex_status apex_strided_check(const apex_strided_desc *d) {
     const apex_status st = strided_check("apex_strided_check", d);
     if (st == APEX_OK) apex_clear_error();
@@ -91,10 +74,8 @@ APEX_API apex_status apex_strided_attention(const apex_strided_desc *d, int32_t 
     apex_status st = strided_check(fn, d);
     if (st != APEX_OK) return st;
     if (n_threads < 0) return apex_fail(APEX_ERR_INVALID_ARG, "%s: n_threads %d (0 = the OpenMP default)", fn, n_threads);
-    cpu_attn_strided_desc k;
-    to_kernel(d, &k);
     /* Checked above: the kernel fails now only to allocate its scratch. */
-    if (cpu_attn_strided(&k, n_threads) != 0)
+    if (cpu_attn_strided(d, n_threads) != 0)
         return apex_fail(APEX_ERR_NO_MEMORY, "%s: out of memory for the kernel's scratch", fn);
     apex_clear_error();
     return APEX_OK;
@@ -182,10 +163,7 @@ struct apex_metrics_file {
 
 APEX_API apex_status apex_metrics_values_init(apex_metrics_values *m, const char *engine) {
     if (!m) return apex_fail(APEX_ERR_INVALID_ARG, "apex_metrics_values_init: m is NULL");
-    memset(m, 0, sizeof *m);
-    m->struct_size = (uint32_t)sizeof *m;
-    m->engine = engine;
-    for (int t = 0; t < 2; t++) m->blocks_used[t] = m->blocks_free[t] = m->kv_bytes[t] = m->seqs[t] = -1;
+    apex_metrics_init(m, engine);
     apex_clear_error();
     return APEX_OK;
 }
@@ -212,24 +190,7 @@ APEX_API apex_status apex_metrics_file_write(apex_metrics_file *f, const apex_me
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: values of %u bytes; this libapex takes %zu "
                          "(apex_metrics_values_init sets it)", fn, m->struct_size, sizeof *m);
     if (!m->engine || !*m->engine) return apex_fail(APEX_ERR_INVALID_ARG, "%s: engine is NULL or empty", fn);
-    apex_metrics c;
-    apex_metrics_init(&c, m->engine);
-    c.attention_calls = m->attention_calls;
-    c.kv_rows_written = m->kv_rows_written;
-    c.fallbacks = m->fallbacks;
-    c.errors = m->errors;
-    c.attention_seconds = m->attention_seconds;
-    for (int t = 0; t < 2; t++) {
-        c.seq_attentions[t] = m->seq_attentions[t];
-        c.migrations[t] = m->migrations[t];
-        c.blocks_used[t] = m->blocks_used[t];
-        c.blocks_free[t] = m->blocks_free[t];
-        c.kv_bytes[t] = m->kv_bytes[t];
-        c.seqs[t] = m->seqs[t];
-    }
-    c.has_step_summary = m->has_step_summary != 0;
-    c.step = m->step;
-    apex_metrics_tick(&f->sink, &c, force);
+    apex_metrics_tick(&f->sink, m, force);
     apex_clear_error();
     return APEX_OK;
 }

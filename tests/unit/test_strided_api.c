@@ -52,17 +52,10 @@ static void fx_init(fixture *f, apex_dtype kv) {
     d->scale = 0.125f;
 }
 
-/* The same operands in the kernel's own descriptor, writing into out. */
+/* The same operands, writing into out (the kernel takes the same struct). */
 static cpu_attn_strided_desc kernel_desc(const apex_strided_desc *d, float *out) {
-    cpu_attn_strided_desc k = {
-        .head_dim = d->head_dim, .n_q_heads = d->n_q_heads, .n_kv_heads = d->n_kv_heads, .n_tokens = d->n_tokens,
-        .n_streams = d->n_streams, .n_kv = d->n_kv, .q = d->q, .q_nb_tok = d->q_nb_tok, .q_nb_head = d->q_nb_head,
-        .q_nb_stream = d->q_nb_stream, .kv_dtype = d->kv_dtype, .k = d->k, .k_nb_row = d->k_nb_row,
-        .k_nb_head = d->k_nb_head, .k_nb_stream = d->k_nb_stream, .v = d->v, .v_nb_row = d->v_nb_row,
-        .v_nb_head = d->v_nb_head, .v_nb_stream = d->v_nb_stream, .mask = d->mask, .mask_nb_tok = d->mask_nb_tok,
-        .mask_nb_stream = d->mask_nb_stream, .out = out, .out_nb_head = d->out_nb_head,
-        .out_nb_tok = d->out_nb_tok, .out_nb_stream = d->out_nb_stream, .scale = d->scale, .softcap = d->softcap,
-        .ggml_compat = d->ggml_compat, .ggml_n_threads = d->ggml_n_threads, .ggml_streams = d->ggml_streams};
+    cpu_attn_strided_desc k = *d;
+    k.out = out;
     return k;
 }
 
