@@ -71,14 +71,18 @@ static inline const float *q_row(const cpu_attn_strided_desc *d, int32_t s, int3
                            (size_t)h * d->q_nb_head);
 }
 
+/* Out of line, as GCC compiled them when the kernel was one file: the
+ * item loops keep the code they had. */
+#define STRIDED_OUTLINE static __attribute__((noinline, unused))
+
 /* q as the dot product sees it: rounded to f16 when K is f16 (as ggml-cpu
  * converts q to K's vec-dot type). */
-static inline void load_q(const cpu_attn_strided_desc *d, const float *src, float *dst) {
+STRIDED_OUTLINE void load_q(const cpu_attn_strided_desc *d, const float *src, float *dst) {
     for (int32_t i = 0; i < d->head_dim; i++)
         dst[i] = d->kv_dtype == APEX_DTYPE_F16 ? apex_f16_to_f32(apex_f32_to_f16(src[i])) : src[i];
 }
 
-static inline void load_row(const cpu_attn_strided_desc *d, const char *src, float *dst) {
+STRIDED_OUTLINE void load_row(const cpu_attn_strided_desc *d, const char *src, float *dst) {
     if (d->kv_dtype == APEX_DTYPE_F16) {
         const uint16_t *h = (const uint16_t *)src;
         for (int32_t i = 0; i < d->head_dim; i++) dst[i] = apex_f16_to_f32(h[i]);
@@ -98,7 +102,7 @@ static inline size_t scratch_floats(int32_t D, int32_t nq) {
 
 /* Loads the mask of block [r, r+nr) for the tile into mv[t][BR]; returns
  * whether any entry is visible. */
-static inline int load_mask_block(const cpu_attn_strided_desc *d, const unit *u, int32_t r, int32_t nr,
+STRIDED_OUTLINE int load_mask_block(const cpu_attn_strided_desc *d, const unit *u, int32_t r, int32_t nr,
                            float *mv) {
     int any = 0;
     for (int32_t t = 0; t < u->tt; t++) {
