@@ -9,6 +9,7 @@
  * is never used: the host copy is llama.cpp's tensor. */
 #include "shim/ggml_apex_tier.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
