@@ -17,7 +17,20 @@
 
 static int g_logged_takeover, g_logged_fa_off, g_logged_decline;
 
-static int head_dim_ok(int64_t d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+/* The head dims libapex runs (apex_limits_get: the one list), and the
+ * list as text for the decline message. */
+static int head_dim_ok(int64_t d, char *list, size_t n) {
+    apex_limits l;
+    int ok = 0;
+    size_t at = 0;
+    list[0] = '\0';
+    if (apex_limits_get(&l) != APEX_OK) return 0;
+    for (size_t i = 0; i < sizeof l.head_dims / sizeof l.head_dims[0] && l.head_dims[i] > 0; i++) {
+        ok |= l.head_dims[i] == d;
+        if (at < n) at += (size_t)snprintf(list + at, n - at, "%s%d", i ? ", " : "", l.head_dims[i]);
+    }
+    return ok;
+}
 
 static const char *type_name(enum ggml_type t) { return ggml_type_name(t); }
 
@@ -42,13 +55,13 @@ static void log_decline(const char *why) {
  * that the KV cache's types and head sizes decide). */
 const char *shim_kv_geometry_why(enum ggml_type tk, enum ggml_type tv, int64_t dk, int64_t dv, char *why,
                                  size_t n) {
+    char dims[64];
     if (tk != GGML_TYPE_F16 && tk != GGML_TYPE_F32)
         snprintf(why, n, "KV cache type %s; APEX supports f16 and f32", type_name(tk));
     else if (tv != tk)
         snprintf(why, n, "K cache %s and V cache %s differ", type_name(tk), type_name(tv));
-    else if (!head_dim_ok(dk) || dv != dk)
-        snprintf(why, n, "head_dim %lld (V %lld); APEX supports 64, 80, 96, 128, 256", (long long)dk,
-                 (long long)dv);
+    else if (!head_dim_ok(dk, dims, sizeof dims) || dv != dk)
+        snprintf(why, n, "head_dim %lld (V %lld); APEX supports %s", (long long)dk, (long long)dv, dims);
     else
         return NULL;
     return why;
