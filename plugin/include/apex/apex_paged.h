@@ -205,6 +205,12 @@ typedef struct apex_place_plan {
     int32_t n_to_host;      /* items whose tier goes device -> host (idle and
                                finished ones on the device free their room)  */
     double predicted_step_ms;
+    int32_t n_host_idle;    /* decoding items on the host tier (counted in
+                               n_host, not moved) that the plan's step form
+                               leaves out of the CPU cohort: running them too
+                               would lower the step's decode rate or miss the
+                               latency target. The cohort is taken in priority
+                               order, so these are the last host decoders    */
 } apex_place_plan;
 
 /* Places n items for this step: out_tier[i] is where item i's KV is to be.
