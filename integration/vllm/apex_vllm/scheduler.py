@@ -224,7 +224,7 @@ class ApexScheduler(Scheduler):
         if not old or q.free(tier) < len(old) or any(b.ref_cnt > 1 for b in old):
             # No room there now, or blocks another request shares (a prefix
             # hit): the move waits for a later plan.
-            self.apex_stats["moves_deferred"] += 1
+            self.apex_stats["moves_waiting"] += 1
             return False
         new = q.pop_tier_n(tier, len(old))
         for b in new:
@@ -240,10 +240,19 @@ class ApexScheduler(Scheduler):
         for o, n in zip(old, new):
             if o.block_hash is not None:
                 pool.move_block_hashes(o, n)  # prefix-cache entries follow the KV
-        # Freed once the worker has copied them (after the next step with a
-        # forward): until then no other request may get, and vLLM's worker
-        # zero, a source block.
-        self._apex_deferred.append(old)
+        if tier == HOST:
+            # A spill's sources are device-tier blocks: free at once, so the
+            # plan's room is there for this step's growth. Safe because the
+            # worker applies the copies before the step's first KV write, and
+            # vLLM's zeroing of a block it hands out reaches only vLLM's own
+            # pages of a device id, which hold no KV (APEX's device tier does).
+            pool.free_blocks(old)
+        else:
+            # A promotion's sources are host-tier blocks, i.e. vLLM's tensor:
+            # freed once the worker has copied them (after the next step with
+            # a forward): until then no other request may get, and vLLM's
+            # worker zero, a source block.
+            self._apex_deferred.append(old)
         self.apex_tier[rid] = tier
         self._apex_remapped.add(rid)
         self.apex_stats["blocks_copied"] += len(old)
@@ -374,7 +383,7 @@ class ApexScheduler(Scheduler):
         for t in on:
             mx[t] = max(mx[t], on[t])
         st = self.apex_stats
-        snap = (st["decisions"], st["promotions"], st["spills"], st["moves_deferred"],
+        snap = (st["decisions"], st["promotions"], st["spills"], st["moves_waiting"],
                 sum(st["waits"].values()), on[DEVICE], on[HOST])
         if snap != self._apex_last_written:
             self._apex_last_written = snap

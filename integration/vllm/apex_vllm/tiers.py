@@ -163,7 +163,7 @@ DEVICE, HOST = "device", "host"
 def new_stats() -> dict:
     return {"decisions": 0, "decided": {"step": 0, "admit": 0, "outgrown": 0},
             "admitted": {DEVICE: 0, HOST: 0}, "waits": {"plan": 0, "host_cap": 0},
-            "promotions": 0, "spills": 0, "moves_deferred": 0, "blocks_copied": 0,
+            "promotions": 0, "spills": 0, "moves_waiting": 0, "blocks_copied": 0,
             "remapped_to_worker": 0, "steps": 0, "strategies": {},
             "max_running": {DEVICE: 0, HOST: 0}, "device_blocks": 0, "pool_blocks": 0,
             "migrations": "off"}
