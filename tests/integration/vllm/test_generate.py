@@ -38,7 +38,9 @@ def test_greedy_tokens_identical_with_and_without_apex(model_dir, base):
     # variable is unset; 1 GiB, vLLM's pool unbounded by num_gpu_blocks_override.
     apex = run(model_dir, "apex", {"APEX_HOST_KV_GB": "1"}, WORKLOAD)
     assert apex["tokens"] == base["tokens"], (apex["text"], base["text"])
-    assert all(len(t) == MAX_TOKENS for t in base["tokens"])
+    # each output is MAX_TOKENS long unless the model ended it (EOS) earlier
+    n_out = [len(t) for t in base["tokens"]]
+    assert all(0 < n <= MAX_TOKENS for n in n_out) and max(n_out) == MAX_TOKENS
     st, layers = apex["apex"], apex["apex_layers"]
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     assert layers == cfg["num_hidden_layers"]
@@ -46,7 +48,7 @@ def test_greedy_tokens_identical_with_and_without_apex(model_dir, base):
     assert st["attention_calls"] % layers == 0
     assert st["attention_calls"] >= layers * MAX_TOKENS
     prompt_and_decode_rows = st["rows_attended_host"] // layers
-    assert prompt_and_decode_rows >= len(base["tokens"]) * (MAX_TOKENS - 1)
+    assert prompt_and_decode_rows >= sum(n - 1 for n in n_out)
     assert st["kv_rows_written"] == st["rows_attended_host"]
     assert st["errors"] == 0 and st["host_mode"] == 1
     # 1 GiB of blocks: block 32 tokens x kv heads x head_dim x K,V x fp32, all layers
