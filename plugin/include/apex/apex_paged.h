@@ -173,8 +173,9 @@ APEX_API apex_status apex_paged_copy_blocks(apex_context *ctx, int64_t n, const 
 /* ------------------------------------------------ placement by the scheduler
  *
  * For an engine that owns its tables and keeps some sequences' KV on the
- * device tier and the rest on the host (llama.cpp's GPU tier does): each
- * decode step it asks which of its sequences hold their KV on the device.
+ * device tier and the rest on the host (llama.cpp's GPU tier does, and
+ * vLLM's ApexScheduler, docs/vllm.md): each decode step it asks which of
+ * its sequences hold their KV on the device.
  * APEX builds the scheduler's state from the engine's items (not from its
  * own sequence tables: a claimed context has none), runs apex_sched_plan
  * (docs/sched.md) with the profile of apex_sched_enable and the online
