@@ -24,47 +24,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "apex/apex.h"
+#include "apex/apex_strided.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-typedef struct cpu_attn_strided_desc {
-    int32_t head_dim;    /* of K and of V                                 */
-    int32_t n_q_heads;   /* a multiple of n_kv_heads                      */
-    int32_t n_kv_heads;
-    int32_t n_tokens;    /* query tokens per stream                       */
-    int32_t n_streams;
-    int32_t n_kv;        /* KV rows per stream                            */
-    const float *q;      /* strides in bytes                              */
-    size_t q_nb_tok, q_nb_head, q_nb_stream;
-    apex_dtype kv_dtype; /* APEX_DTYPE_F16 or APEX_DTYPE_F32              */
-    const void *k;
-    size_t k_nb_row, k_nb_head, k_nb_stream;
-    const void *v;
-    size_t v_nb_row, v_nb_head, v_nb_stream;
-    const uint16_t *mask;  /* f16 bits; NULL = every row visible           */
-    size_t mask_nb_tok;    /* bytes                                        */
-    size_t mask_nb_stream; /* bytes; 0 = one mask for all streams          */
-    float *out;
-    size_t out_nb_head, out_nb_tok, out_nb_stream;
-    float scale;         /* never 0                                       */
-    float softcap;       /* 0 = off                                       */
-    /* 1: reproduce ggml-cpu's FLASH_ATTN_EXT arithmetic bit for bit (its
-     * row-by-row path with an f16 output accumulator, on an AVX-512 build):
-     * same results as the engine, so greedy tokens match. Needs f16 KV,
-     * head_dim a multiple of 64 and AVX-512. Ranges are split only where
-     * ggml splits them: one query token of one stream over >= 512 rows
-     * (its split-KV path) is cut into ggml's chunks, ceil(n_kv /
-     * ggml_n_threads) rows each, merged in chunk order as ggml merges. */
-    int32_t ggml_compat;
-    int32_t ggml_n_threads; /* ggml-cpu's thread count for the op; 0 = the
-                             * n_threads of cpu_attn_strided              */
-    int32_t ggml_streams;   /* streams of ggml's op when this call runs a
-                             * part of it (0 = n_streams): ggml splits only
-                             * an op of one stream                        */
-} cpu_attn_strided_desc;
+/* The descriptor is the public one (apex_strided.h documents every field):
+ * the kernel reads the fields, the ABI (plugin/src/apex_strided_api.c)
+ * checks struct_size and version before it calls in. Exact mode
+ * (ggml_compat) reproduces ggml-cpu's FLASH_ATTN_EXT arithmetic bit for
+ * bit; its split-KV decode is cut where ggml cuts it, given ggml_n_threads
+ * and ggml_streams. */
+typedef apex_strided_desc cpu_attn_strided_desc;
 
 /* 0 if the descriptor is well formed and supported, else -1. */
 int cpu_attn_strided_compat_ok(int32_t head_dim, apex_dtype kv_dtype);

@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "apex/apex.h"
 #include "cpu_attn/dtype_convert.h"
@@ -94,6 +95,16 @@ static inline float apex_load_f32(const void *p, apex_dtype t, size_t i) {
 /* Stores v as element i of an array of type t. */
 static inline void apex_store_f32(void *p, apex_dtype t, size_t i, float v) {
     APEX_DISPATCH_KV_DTYPE(t, E, ((E *)p)[i] = E_from_f32(v));
+}
+
+/* count elements of type st at src, as type dt at dst (a copy when equal). */
+static inline void apex_dtype_convert(void *dst, apex_dtype dt, const void *src, apex_dtype st,
+                                      size_t count) {
+    if (dt == st) {
+        memcpy(dst, src, count * apex_dtype_size(dt));
+        return;
+    }
+    for (size_t i = 0; i < count; i++) apex_store_f32(dst, dt, i, apex_load_f32(src, st, i));
 }
 
 #endif /* APEX_DTYPE_TRAITS_H */

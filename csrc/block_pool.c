@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_attn/dtype_convert.h"
 #include "csrc/device.h"
 #include "csrc/error.h"
 #include "csrc/host_mem.h"
@@ -136,4 +137,23 @@ void block_pool_unref(block_pool *p, int32_t b) {
 void block_pool_copy(block_pool *p, int32_t dst, int32_t src) {
     for (int32_t l = 0; l < p->n_layers; l++)
         memcpy(block_pool_at(p, l, dst), block_pool_at(p, l, src), p->block_bytes);
+}
+
+void block_pool_store_rows(block_pool *p, const apex_kv_layout *l, apex_dtype kv_dtype,
+                           int32_t n_kv_heads, int32_t layer, int32_t n, const int64_t *slots,
+                           const void *k, const void *v, apex_dtype src) {
+    const size_t d = l->row / apex_dtype_size(kv_dtype);   /* head_dim */
+    const size_t hrow = d * apex_dtype_size(src);           /* one head's source row */
+    const size_t row = (size_t)n_kv_heads * hrow;
+    uint8_t *slab = block_pool_layer(p, layer);
+    for (int32_t i = 0; i < n; i++) {
+        uint8_t *blk = slab + (size_t)apex_kv_slot_block(slots[i], l->block_tokens) * p->block_bytes;
+        const int32_t t = apex_kv_slot_row(slots[i], l->block_tokens);
+        const uint8_t *ks = (const uint8_t *)k + (size_t)i * row;
+        const uint8_t *vs = (const uint8_t *)v + (size_t)i * row;
+        for (int32_t h = 0; h < n_kv_heads; h++) {
+            apex_dtype_convert(blk + apex_kv_offset(l, 0, h, t), kv_dtype, ks + h * hrow, src, d);
+            apex_dtype_convert(blk + apex_kv_offset(l, 1, h, t), kv_dtype, vs + h * hrow, src, d);
+        }
+    }
 }

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "apex/apex.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/cpu_workers.h"
 
 typedef struct apex_device apex_device;
@@ -76,5 +77,13 @@ static inline size_t block_pool_layer_bytes(const block_pool *p) {
 
 /* Copies block src to block dst in every layer (host pools only). */
 void block_pool_copy(block_pool *p, int32_t dst, int32_t src);
+
+/* Stores n K/V rows of layer into a host pool at slots[i] (block *
+ * block_tokens + row, this pool's block ids), converting from src to
+ * kv_dtype; row i of k (and v) is [n_kv_heads][head_dim] elements of src at
+ * k + i * that. l is the pool's layout (cpu_attn/kv_layout.h). */
+void block_pool_store_rows(block_pool *p, const apex_kv_layout *l, apex_dtype kv_dtype,
+                           int32_t n_kv_heads, int32_t layer, int32_t n, const int64_t *slots,
+                           const void *k, const void *v, apex_dtype src);
 
 #endif

@@ -187,6 +187,8 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
     }
     ctx->cfg.cpu_set = ctx->cpu_set;
     ctx->block_bytes = apex_config_block_bytes(cfg);
+    ctx->layout = apex_kv_layout_of(cfg->n_kv_heads, cfg->block_tokens, cfg->head_dim,
+                                    apex_dtype_size(cfg->kv_dtype));
     ctx->cfg.host_blocks = apex_config_host_blocks(cfg);
     ctx->pools[APEX_TIER_DEVICE].tier = APEX_TIER_DEVICE;
 
@@ -270,7 +272,6 @@ void context_destroy(apex_context *ctx) {
     apex_metrics_sink_close(&ctx->metrics);
     pipeline_destroy(ctx);
     if (ctx->dev) unpin_host_pool(ctx);
-    step_sched_destroy(&ctx->sched);
     cpu_attn_ws_destroy(ctx->ws);
     free(ctx->batch_lens);
     free(ctx->batch_table);
@@ -319,49 +320,16 @@ void context_metrics_tick(apex_context *ctx, int force) {
     apex_metrics_tick(&ctx->metrics, &m, 1);
 }
 
-/* Converts count elements from (src, st) to (dst, dt). */
-static void convert(void *dst, apex_dtype dt, const void *src, apex_dtype st, size_t count) {
-    if (dt == st) {
-        memcpy(dst, src, count * apex_dtype_size(dt));
-        return;
-    }
-    for (size_t i = 0; i < count; i++) apex_store_f32(dst, dt, i, apex_load_f32(src, st, i));
-}
-
 /* Byte offset of pool slot (block * bt + row), kv head 0, K (which 0) or V
  * (which 1) within its layer slab; head h is layout.panel further. */
-static apex_kv_layout ctx_layout(const apex_context *ctx) {
-    return apex_kv_layout_of(ctx->cfg.n_kv_heads, ctx->cfg.block_tokens, ctx->cfg.head_dim,
-                             apex_dtype_size(ctx->cfg.kv_dtype));
-}
-
 static size_t slot_offset(const apex_context *ctx, int64_t slot, int which) {
-    const apex_kv_layout l = ctx_layout(ctx);
+    const apex_kv_layout l = ctx->layout;
     return (size_t)apex_kv_slot_block(slot, l.block_tokens) * ctx->block_bytes +
            apex_kv_offset(&l, which, 0, apex_kv_slot_row(slot, l.block_tokens));
 }
 
 static int64_t pos_slot(const apex_context *ctx, int32_t seq, int32_t pos) {
     return apex_kv_slot_of(seq_table_row(&ctx->seqs, seq), pos, ctx->cfg.block_tokens);
-}
-
-void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_t n,
-                        const int64_t *slots, const void *k, const void *v, apex_dtype src) {
-    int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
-    size_t row = (size_t)hk * (size_t)d * apex_dtype_size(src);
-    size_t head_stride = ctx_layout(ctx).panel;
-    uint8_t *slab = block_pool_layer(&ctx->pools[tier], layer);
-    for (int32_t i = 0; i < n; i++) {
-        uint8_t *kd = slab + slot_offset(ctx, slots[i], 0);
-        uint8_t *vd = slab + slot_offset(ctx, slots[i], 1);
-        const uint8_t *ks = (const uint8_t *)k + (size_t)i * row;
-        const uint8_t *vs = (const uint8_t *)v + (size_t)i * row;
-        size_t hrow = row / (size_t)hk;
-        for (int32_t h = 0; h < hk; h++) {
-            convert(kd + h * head_stride, ctx->cfg.kv_dtype, ks + h * hrow, src, (size_t)d);
-            convert(vd + h * head_stride, ctx->cfg.kv_dtype, vs + h * hrow, src, (size_t)d);
-        }
-    }
 }
 
 apex_status context_seq_model(const apex_context *ctx, const char *fn) {
@@ -395,7 +363,7 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
     pipeline_sync(ctx);
     int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim;
     size_t kel = apex_dtype_size(ctx->cfg.kv_dtype), del = apex_dtype_size(dst);
-    size_t head_stride = ctx_layout(ctx).panel;
+    size_t head_stride = ctx->layout.panel;
     uint8_t tmp[2][256 * 4];
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
@@ -418,8 +386,8 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
                 }
             }
             size_t at = ((size_t)i * hk + (size_t)h) * (size_t)d * del;
-            convert((uint8_t *)k + at, dst, src[0], ctx->cfg.kv_dtype, (size_t)d);
-            convert((uint8_t *)v + at, dst, src[1], ctx->cfg.kv_dtype, (size_t)d);
+            apex_dtype_convert((uint8_t *)k + at, dst, src[0], ctx->cfg.kv_dtype, (size_t)d);
+            apex_dtype_convert((uint8_t *)v + at, dst, src[1], ctx->cfg.kv_dtype, (size_t)d);
         }
     }
     return APEX_OK;

@@ -16,7 +16,6 @@
 #include "csrc/metrics.h"
 #include "csrc/pipeline.h"
 #include "csrc/seq_table.h"
-#include "csrc/step_sched.h"
 
 /* Who owns the context's blocks. APEX's sequence model (apex.h) and an
  * engine's own block tables (apex_paged.h) cannot share them: a call of the
@@ -37,6 +36,7 @@ struct apex_context {
                                    device for DMA (0: not pinned)          */
     pipeline pipe;              /* the async hybrid path (with a device)   */
     size_t block_bytes;         /* one block, one layer                    */
+    apex_kv_layout layout;      /* offsets inside a block (kv_layout.h)    */
     cpu_workers workers;
     block_pool pools[2];        /* [APEX_TIER_DEVICE], [APEX_TIER_HOST]    */
     seq_table seqs;
@@ -53,7 +53,7 @@ struct apex_context {
     uint32_t *seq_mark;         /* [max_seqs]: batch stamps (repeat check) */
     uint32_t mark_epoch;
     apex_stats stats;           /* counters; pool figures filled on read   */
-    step_sched sched;           /* the step scheduler, once enabled        */
+    struct step_sched *sched;   /* csrc/step_sched.c; NULL until enabled   */
     uint64_t fallbacks;         /* mixed-tier sequences gathered to the CPU */
     apex_metrics_sink metrics;  /* APEX_METRICS_FILE (csrc/metrics.h)      */
     ctx_owner owner;            /* which model owns the blocks             */
@@ -69,11 +69,6 @@ void context_destroy(apex_context *ctx);
 /* Rewrites APEX_METRICS_FILE from the context's counters when a second has
  * passed since the last write (force: now). Called after attention calls. */
 void context_metrics_tick(apex_context *ctx, int force);
-
-/* Stores n K/V rows at pool slots (block * block_tokens + offset) of a
- * host-tier layer, converting from src. */
-void context_write_rows(apex_context *ctx, apex_tier tier, int32_t layer, int32_t n,
-                        const int64_t *slots, const void *k, const void *v, apex_dtype src);
 
 /* The model check of every apex.h sequence call: APEX_ERR_INVALID_ARG
  * (with a message naming fn) once the engine claimed the blocks. */

@@ -589,9 +589,10 @@ apex_status exec_kv_write(apex_context *ctx, const exec_rows *r) {
     for (int64_t i = 0; i < r->n; i++) {
         if (r->slots[i] < dev_slots) continue;
         int64_t slot = r->slots[i] - dev_slots;
-        context_write_rows(ctx, APEX_TIER_HOST, r->layer, 1, &slot,
-                           row_at(r->k, r->dtype, r->k_stride, i),
-                           row_at(r->v, r->dtype, r->v_stride, i), r->dtype);
+        block_pool_store_rows(&ctx->pools[APEX_TIER_HOST], &ctx->layout, ctx->cfg.kv_dtype,
+                              ctx->cfg.n_kv_heads, r->layer, 1, &slot,
+                              row_at(r->k, r->dtype, r->k_stride, i),
+                              row_at(r->v, r->dtype, r->v_stride, i), r->dtype);
     }
     return APEX_OK;
 }

@@ -1,9 +1,12 @@
 #include "csrc/host_mem.h"
 
+#include <dlfcn.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
+#include "csrc/env.h"
 #include "csrc/error.h"
 #include "csrc/fault.h"
 
@@ -42,4 +45,49 @@ void *host_mem_alloc(const cpu_workers *w, size_t bytes) {
 
 void host_mem_free(void *p, size_t bytes) {
     if (p) munmap(p, bytes ? bytes : 1);
+}
+
+/* A CUDA runtime function, if the process already has the runtime (e.g. a
+ * CUDA build of ggml); never loads it. */
+static void *cuda_rt_sym(const char *name) {
+    void *f = dlsym(RTLD_DEFAULT, name);
+    static const char *const libs[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
+                                       "libcudart.so"};
+    for (size_t i = 0; !f && i < sizeof libs / sizeof *libs; i++) {
+        void *h = dlopen(libs[i], RTLD_NOW | RTLD_NOLOAD);
+        if (h && !(f = dlsym(h, name))) dlclose(h);
+    }
+    return f;
+}
+
+/* A failed registration is not sticky in CUDA, but the engine's next
+ * cudaGetLastError check would see it: clear it. */
+static void cuda_rt_clear_error(void) {
+    int (*last)(void) = (int (*)(void))cuda_rt_sym("cudaGetLastError");
+    if (last) last();
+}
+
+apex_status host_mem_pin(void *p, size_t bytes) {
+    const char *e = apex_env_get(APEX_ENV_PIN_HOST_POOL);
+    if (e && strcmp(e, "0") == 0) return apex_fail(APEX_ERR_UNSUPPORTED, "APEX_PIN_HOST_POOL=0");
+    int (*reg)(void *, size_t, unsigned int) = (int (*)(void *, size_t, unsigned int))cuda_rt_sym("cudaHostRegister");
+    if (!reg) return apex_fail(APEX_ERR_UNSUPPORTED, "no CUDA runtime in this process");
+    const int rc = reg(p, bytes, 1u /* cudaHostRegisterPortable */);
+    if (rc != 0) {
+        cuda_rt_clear_error();
+        return apex_fail(APEX_ERR_INTERNAL,
+                         "cudaHostRegister failed with CUDA error %d; copies to the GPU are slower", rc);
+    }
+    return APEX_OK;
+}
+
+apex_status host_mem_unpin(void *p) {
+    int (*unreg)(void *) = (int (*)(void *))cuda_rt_sym("cudaHostUnregister");
+    if (!unreg) return apex_fail(APEX_ERR_UNSUPPORTED, "no CUDA runtime in this process");
+    const int rc = unreg(p);
+    if (rc != 0) {
+        cuda_rt_clear_error();
+        return apex_fail(APEX_ERR_INTERNAL, "cudaHostUnregister failed with CUDA error %d", rc);
+    }
+    return APEX_OK;
 }

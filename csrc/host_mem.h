@@ -2,6 +2,7 @@
  * host_mem.h - page-aligned host memory for the host KV tier, bound to the
  * NUMA nodes of the worker cores. Pages are committed on first touch, so a
  * large pool costs address space, not memory, until sequences use it.
+ * Also pinning such memory for a CUDA runtime the process already has.
  */
 #ifndef APEX_HOST_MEM_H
 #define APEX_HOST_MEM_H
@@ -13,5 +14,14 @@
 /* NULL (with apex_last_error set) if the mapping fails. */
 void *host_mem_alloc(const cpu_workers *w, size_t bytes);
 void host_mem_free(void *p, size_t bytes);
+
+/* Registers [p, p + bytes) with the CUDA runtime the process already has
+ * (found by symbol, never loaded: for clients such as the ggml backend whose
+ * engine brings its own). APEX_OK, or why not: APEX_ERR_UNSUPPORTED (no
+ * runtime, APEX_PIN_HOST_POOL=0), APEX_ERR_INTERNAL (the runtime refused;
+ * its sticky-looking last error is cleared). A context pins through its
+ * device instead (csrc/context.c). */
+apex_status host_mem_pin(void *p, size_t bytes);
+apex_status host_mem_unpin(void *p);
 
 #endif

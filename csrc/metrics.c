@@ -17,6 +17,7 @@ static const char *const tier_label[2] = {"gpu", "host"}; /* [APEX_TIER_DEVICE],
 
 void apex_metrics_init(apex_metrics *m, const char *engine) {
     memset(m, 0, sizeof *m);
+    m->struct_size = (uint32_t)sizeof *m;
     m->engine = engine;
     for (int t = 0; t < 2; t++) m->blocks_used[t] = m->blocks_free[t] = m->kv_bytes[t] = m->seqs[t] = -1;
 }

@@ -3,9 +3,10 @@
  * node-exporter "textfile" convention), rewritten atomically (write to a
  * temporary file in the same directory, then rename) at most once a second.
  *
- * Engine-neutral: libapex (csrc/context.c feeds it from apex_stats) and the
- * ggml backend (shim/ggml_apex.c feeds it from apex_ggml_stats) fill one
- * apex_metrics and call apex_metrics_tick. Metric names (all documented with
+ * Engine-neutral: libapex (csrc/context.c feeds it from apex_stats) and,
+ * through apex_metrics_file_* (apex_strided.h), the ggml backend
+ * (shim/ggml_apex_metrics.c feeds it from apex_ggml_stats) fill one
+ * apex_metrics and tick the sink. Metric names (all documented with
  * # HELP / # TYPE in the file):
  *   apex_attention_calls_total            counter  attention calls run by APEX
  *   apex_kv_rows_written_total            counter  tokens stored in the KV cache (rows, all layers)
@@ -30,26 +31,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "apex/apex.h"
+#include "apex/apex_strided.h"
 
-typedef struct apex_metrics {
-    const char *engine;             /* label value: "libapex", "llama.cpp" */
-    uint64_t attention_calls;
-    uint64_t kv_rows_written;
-    uint64_t seq_attentions[2];     /* [APEX_TIER_DEVICE], [APEX_TIER_HOST] */
-    uint64_t migrations[2];         /* to [DEVICE], to [HOST]               */
-    uint64_t fallbacks;
-    uint64_t errors;
-    double attention_seconds;
-    int64_t blocks_used[2];         /* -1: not known                        */
-    int64_t blocks_free[2];
-    int64_t kv_bytes[2];
-    int64_t seqs[2];
-    int has_step_summary;           /* 1: step below is the trace's summary */
-    apex_step_summary step;
-} apex_metrics;
+/* The figures of one write: the public struct (apex_strided.h documents
+ * the fields), which engine adapters fill for apex_metrics_file_write. */
+typedef apex_metrics_values apex_metrics;
 
-/* All gauges -1 (not known), counters 0. */
+/* All gauges -1 (not known), counters 0, struct_size set. */
 void apex_metrics_init(apex_metrics *m, const char *engine);
 
 /* The file's text into buf (NUL-terminated). Returns its length, or -1 when

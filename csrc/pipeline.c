@@ -186,8 +186,10 @@ apex_status pipeline_abandon(pipeline *pl, device_stream *s, apex_status st) {
 static void job_kv_write(void *arg) {
     stage_slot *sl = arg;
     TRACE_SCOPE(APEX_TRACE_COPY, "host kv rows", sl->layer);
-    context_write_rows(sl->ctx, APEX_TIER_HOST, sl->layer, sl->n_c, sl->c_slots, sl->h_k,
-                       sl->h_v, sl->dtype_in);
+    apex_context *ctx = sl->ctx;
+    block_pool_store_rows(&ctx->pools[APEX_TIER_HOST], &ctx->layout, ctx->cfg.kv_dtype,
+                          ctx->cfg.n_kv_heads, sl->layer, sl->n_c, sl->c_slots, sl->h_k, sl->h_v,
+                          sl->dtype_in);
 }
 
 /* ---- enqueue paths (engine thread) */

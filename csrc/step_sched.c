@@ -20,7 +20,7 @@ static apex_status from_sched(sched_status s, const char *what) {
     return apex_fail(st, "%s: %s", what, sched_last_error());
 }
 
-void step_sched_destroy(step_sched *s) {
+static void step_sched_destroy(step_sched *s) {
     sched_scratch_free(&s->scratch);
     free(s->seqs);
     free(s->action);
@@ -33,12 +33,25 @@ void step_sched_destroy(step_sched *s) {
     memset(s, 0, sizeof *s);
 }
 
+void step_sched_free(apex_context *ctx) {
+    if (!ctx || !ctx->sched) return;
+    step_sched_destroy(ctx->sched);
+    free(ctx->sched);
+    ctx->sched = NULL;
+}
+
+void step_sched_forget(apex_context *ctx, int32_t seq) {
+    if (ctx->sched && ctx->sched->waited) ctx->sched->waited[seq] = 0;
+}
+
 apex_status step_sched_enable(apex_context *ctx, const apex_sched_options *o) {
     if (o->weight_bytes < 0 || o->hidden < 0 || o->ffn < 0 || o->vocab < 0 ||
         !(o->tpot_target_ms >= 0) || o->prefill_budget < 0)
         return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_enable: sizes, the latency target "
                                                "and the prefill budget must be >= 0");
-    step_sched *s = &ctx->sched;
+    if (!ctx->sched && !(ctx->sched = calloc(1, sizeof *ctx->sched)))
+        return apex_fail(APEX_ERR_NO_MEMORY, "apex_sched_enable: out of memory");
+    step_sched *s = ctx->sched;
     step_sched fresh;
     memset(&fresh, 0, sizeof fresh);
     const char *preset = o->gpu_preset ? o->gpu_preset : apex_env_get(APEX_ENV_GPU_PRESET);
@@ -89,7 +102,7 @@ static double catt_seconds(const apex_context *ctx) {
 /* What CPU attention really took since the last plan corrects its model
  * (nothing when APEX ran none: the correction ignores a zero). */
 static void correct_catt(apex_context *ctx) {
-    step_sched *s = &ctx->sched;
+    step_sched *s = ctx->sched;
     if (s->have_last && s->last.catt_s > 0) {
         double measured = catt_seconds(ctx) - s->catt_mark_s;
         apex_correction_update(&s->corr, APEX_C_CATT, s->last.catt_s / s->corr.f[APEX_C_CATT],
@@ -99,8 +112,8 @@ static void correct_catt(apex_context *ctx) {
 
 apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
                             apex_step_decision *out, apex_step_plan *plan) {
-    step_sched *s = &ctx->sched;
-    if (!s->enabled)
+    step_sched *s = ctx->sched;
+    if (!s || !s->enabled)
         return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_step: call apex_sched_enable first");
     if (n < 0 || n > s->capacity)
         return apex_fail(APEX_ERR_OUT_OF_RANGE, "apex_sched_step: %d items, at most %d", n,
@@ -202,8 +215,8 @@ apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *
 }
 
 apex_status step_sched_observe(apex_context *ctx, double step_seconds) {
-    step_sched *s = &ctx->sched;
-    if (!s->enabled)
+    step_sched *s = ctx->sched;
+    if (!s || !s->enabled)
         return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_observe: scheduler not enabled");
     if (!(step_seconds > 0) || step_seconds > 3600)
         return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_observe: step time %g s", step_seconds);
@@ -242,9 +255,9 @@ static int64_t blocks_of(int64_t len, int32_t bt) { return (len + bt - 1) / bt; 
 apex_status step_sched_place(apex_context *ctx, int32_t n, const apex_place_item *items,
                              int64_t device_blocks, int32_t device_seqs, apex_tier *out_tier,
                              apex_place_plan *plan) {
-    step_sched *s = &ctx->sched;
+    step_sched *s = ctx->sched;
     const int32_t bt = ctx->cfg.block_tokens;
-    if (!s->enabled)
+    if (!s || !s->enabled)
         return apex_fail(APEX_ERR_INVALID_ARG, "apex_sched_place: call apex_sched_enable first");
     if (n < 0) return apex_fail(APEX_ERR_OUT_OF_RANGE, "apex_sched_place: %d items", n);
     if (n > 0 && (!items || !out_tier))

@@ -37,7 +37,11 @@ typedef struct step_sched {
 typedef struct apex_context apex_context;
 
 apex_status step_sched_enable(apex_context *ctx, const apex_sched_options *o);
-void step_sched_destroy(step_sched *s);
+/* Frees ctx's scheduler (NULL or never enabled: nothing); the context's
+ * owner calls it before context_destroy. */
+void step_sched_free(apex_context *ctx);
+/* A new request took slot seq: its idle-step count starts again. */
+void step_sched_forget(apex_context *ctx, int32_t seq);
 apex_status step_sched_step(apex_context *ctx, int32_t n, const apex_step_item *items,
                             apex_step_decision *out, apex_step_plan *plan);
 apex_status step_sched_observe(apex_context *ctx, double step_seconds);

@@ -26,6 +26,10 @@
  *
  * Loading: GGML_BACKEND_PATH=.../libggml-apex.so (ggml_backend_init), or
  * LD_PRELOAD=.../libapex-preload.so (a constructor registers the backend).
+ * libggml-apex.so is a client of libapex.so.1, a dependency found through
+ * its rpath (the APEX build it was built against; $ORIGIN/.. installed):
+ * the kernel, host KV memory and metrics file of apex_strided.h, the GPU
+ * tier's apex_paged.h, the tracer of apex.h.
  * Environment: APEX_GGML_DISABLE=1 declines everything; APEX_STATS_FILE=path
  * writes the counters as JSON at exit; APEX_GGML_QUIET=1 drops the exit line;
  * APEX_GGML_KV_POOL=0 leaves the KV memory to llama.cpp;

@@ -1,4 +1,5 @@
-/* ggml_apex_metrics.c - see ggml_apex_metrics.h. A thread rather than a
+/* ggml_apex_metrics.c - see ggml_apex_metrics.h; the file is libapex's
+ * (apex_metrics_file_*, apex_strided.h). A thread rather than a
  * write from graph_compute: an idle llama-server runs no graph, and its
  * "sequences per tier" must still fall to 0. The counters are read under
  * the backend's lock (stats_get), so the thread shares nothing else. */
@@ -10,13 +11,13 @@
 #include <string.h>
 #include <time.h>
 
-#include "csrc/metrics.h"
+#include "apex/apex_strided.h"
 
 static pthread_mutex_t m_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t m_cond = PTHREAD_COND_INITIALIZER;
 static pthread_t m_thread;
 static int m_running, m_stop;
-static apex_metrics_sink m_sink;
+static apex_metrics_file *m_file;
 static void (*m_stats_get)(apex_ggml_stats *out);
 static apex_ggml_step_summary_t m_summary_get;
 /* Per stream slot, the attention counts at the last write: a slot whose
@@ -26,8 +27,8 @@ static uint64_t m_prev_attn[APEX_GGML_MAX_STREAMS], m_prev_gpu[APEX_GGML_MAX_STR
 static void write_now(void) {
     static apex_ggml_stats s; /* large (per-stream arrays): not on the stack; only this thread and stop use it */
     m_stats_get(&s);
-    apex_metrics m;
-    apex_metrics_init(&m, "llama.cpp");
+    apex_metrics_values m;
+    apex_metrics_values_init(&m, "llama.cpp");
     m.attention_calls = s.attention_calls;
     m.kv_rows_written = s.kv_rows_written;
     uint64_t all = 0;
@@ -50,7 +51,7 @@ static void write_now(void) {
     m.seqs[APEX_TIER_DEVICE] = seqs[APEX_TIER_DEVICE];
     m.seqs[APEX_TIER_HOST] = seqs[APEX_TIER_HOST];
     m.has_step_summary = m_summary_get(&m.step, 0);
-    apex_metrics_tick(&m_sink, &m, 1);
+    apex_metrics_file_write(m_file, &m, 1);
 }
 
 static void *loop(void *arg) {
@@ -71,7 +72,8 @@ static void *loop(void *arg) {
 
 void ggml_apex_metrics_start(void (*stats_get)(apex_ggml_stats *out), apex_ggml_step_summary_t summary_get) {
     pthread_mutex_lock(&m_lock);
-    if (!m_running && !m_stop && apex_metrics_sink_open(&m_sink, "the APEX ggml backend")) {
+    if (!m_running && !m_stop && !m_file && apex_metrics_file_open("the APEX ggml backend", &m_file) == APEX_OK &&
+        m_file) {
         m_stats_get = stats_get;
         m_summary_get = summary_get;
         write_now(); /* the file exists from the start */
@@ -90,8 +92,9 @@ void ggml_apex_metrics_stop(void) {
     pthread_cond_signal(&m_cond);
     pthread_mutex_unlock(&m_lock);
     if (running) pthread_join(m_thread, NULL);
-    if (m_stats_get && m_sink.path[0]) {
+    if (m_stats_get && m_file) {
         write_now();
-        apex_metrics_sink_close(&m_sink);
+        apex_metrics_file_close(m_file);
+        m_file = NULL;
     }
 }

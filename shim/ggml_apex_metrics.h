@@ -1,5 +1,5 @@
 /* ggml_apex_metrics.h - APEX_METRICS_FILE for the ggml backend: a thread
- * that rewrites the Prometheus file (csrc/metrics.h) once a second from the
+ * that rewrites the Prometheus file (libapex's writer) once a second from the
  * backend's counters, and a last write at exit. */
 #ifndef APEX_GGML_APEX_METRICS_H
 #define APEX_GGML_APEX_METRICS_H

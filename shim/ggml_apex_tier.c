@@ -25,67 +25,7 @@
 #define TIER_MAX_STREAMS 256
 #define F16_NEG_INF 0xFC00u
 
-/* libapex's entry points, resolved once per process. */
-typedef struct apex_lib {
-    apex_status (*config_init)(apex_config *);
-    apex_status (*context_create)(const apex_config *, apex_context **);
-    apex_status (*context_destroy)(apex_context *);
-    apex_status (*paged_claim)(apex_context *, int64_t *);
-    apex_status (*paged_layer_kv)(apex_context *, int32_t, apex_tier, void **, int64_t *);
-    apex_status (*paged_kv_write)(apex_context *, int32_t, int64_t, const int64_t *, const void *, int64_t,
-                                  const void *, int64_t, apex_dtype);
-    apex_status (*paged_attention)(apex_context *, int32_t, int32_t, const int32_t *, const int32_t *,
-                                   const int32_t *, int32_t, const void *, void *, const apex_attn_opts *);
-    const char *(*last_error)(void);
-    apex_status (*sched_enable)(apex_context *, const apex_sched_options *);
-    apex_status (*sched_place)(apex_context *, int32_t, const apex_place_item *, int64_t, int32_t, apex_tier *,
-                               apex_place_plan *);
-    apex_status (*sched_observe)(apex_context *, double);
-} apex_lib;
-
-static pthread_mutex_t g_lib_lock = PTHREAD_MUTEX_INITIALIZER;
-static apex_lib g_lib;
-static int g_lib_state; /* 0 not tried, 1 loaded, -1 failed */
-
-/* NULL, or why libapex could not be loaded (into why). */
-static const apex_lib *lib_get(char *why, size_t n) {
-    pthread_mutex_lock(&g_lib_lock);
-    if (g_lib_state == 0) {
-        const char *path = getenv("APEX_LIB");
-        if (!path || !*path) path = "libapex.so.1";
-        void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-        apex_lib l;
-        memset(&l, 0, sizeof l);
-        if (h) {
-            *(void **)&l.config_init = dlsym(h, "apex_config_init");
-            *(void **)&l.context_create = dlsym(h, "apex_context_create");
-            *(void **)&l.context_destroy = dlsym(h, "apex_context_destroy");
-            *(void **)&l.paged_claim = dlsym(h, "apex_paged_claim");
-            *(void **)&l.paged_layer_kv = dlsym(h, "apex_paged_layer_kv");
-            *(void **)&l.paged_kv_write = dlsym(h, "apex_paged_kv_write");
-            *(void **)&l.paged_attention = dlsym(h, "apex_paged_attention");
-            *(void **)&l.last_error = dlsym(h, "apex_last_error");
-            *(void **)&l.sched_enable = dlsym(h, "apex_sched_enable");
-            *(void **)&l.sched_place = dlsym(h, "apex_sched_place");
-            *(void **)&l.sched_observe = dlsym(h, "apex_sched_observe");
-        }
-        if (h && l.config_init && l.context_create && l.context_destroy && l.paged_claim && l.paged_layer_kv && l.paged_kv_write &&
-            l.paged_attention && l.last_error && l.sched_enable && l.sched_place && l.sched_observe) {
-            g_lib = l;
-            g_lib_state = 1;
-        } else {
-            g_lib_state = -1;
-            snprintf(why, n, "cannot load %s (%s; set APEX_LIB to libapex.so.1's path)", path,
-                     h ? "symbols missing" : dlerror());
-        }
-    } else if (g_lib_state < 0) {
-        snprintf(why, n, "libapex could not be loaded");
-    }
-    const apex_lib *r = g_lib_state == 1 ? &g_lib : NULL;
-    pthread_mutex_unlock(&g_lib_lock);
-    return r;
-}
-
+/* libapex's entry points the tier calls. */
 typedef struct tier_layer {
     int il;                           /* llama.cpp's layer index            */
     const struct ggml_tensor *k, *v;  /* the layer's KV tensors             */
@@ -114,7 +54,6 @@ struct gpu_tier {
     double step_t0;     /* when the last one started (s), for apex_sched_observe */
     size_t row_bytes; /* one cell's K (or V): n_kv_heads * head_dim elements */
     apex_dtype kv_dtype;
-    const apex_lib *lib;
     apex_context *ctx;
     /* Scratch, grown as needed. */
     void *k_rows, *v_rows;
@@ -190,7 +129,7 @@ void gpu_tier_free(gpu_tier *t) {
         pthread_join(t->worker, NULL);
     }
     pthread_cond_destroy(&t->cv);
-    if (t->ctx) t->lib->context_destroy(t->ctx);
+    if (t->ctx) apex_context_destroy(t->ctx);
     for (int i = 0; i < t->n_layers; i++) free(t->layers[i].stale);
     free(t->k_rows), free(t->v_rows), free(t->slots);
     free(t->q), free(t->out), free(t->qsl), free(t->lens), free(t->table);
@@ -325,8 +264,6 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         snprintf(why, sizeof why, "kv_size %lld is not a multiple of 8", (long long)t->kv_size);
     else if (t->n_stream > TIER_MAX_STREAMS)
         snprintf(why, sizeof why, "%lld sequence slots, at most %d", (long long)t->n_stream, TIER_MAX_STREAMS);
-    else if (!(t->lib = lib_get(why, sizeof why)))
-        ;
     else
         budget = budget_bytes(&all, why, sizeof why);
     if (why[0]) {
@@ -348,7 +285,7 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         return;
     }
     apex_config cfg;
-    apex_status st = t->lib->config_init(&cfg);
+    apex_status st = apex_config_init(&cfg);
     if (st == APEX_OK) {
         cfg.n_layers = t->n_layers;
         cfg.n_q_heads = t->n_q_heads;
@@ -363,18 +300,18 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         cfg.max_batch = (int32_t)g;
         cfg.max_seq_len = (int32_t)t->kv_size;
         cfg.n_threads = 1; /* the host tier is llama.cpp's tensor, attended by the backend */
-        st = t->lib->context_create(&cfg, &t->ctx);
+        st = apex_context_create(&cfg, &t->ctx);
     }
-    if (st == APEX_OK) st = t->lib->paged_claim(t->ctx, NULL);
+    if (st == APEX_OK) st = apex_paged_claim(t->ctx, NULL);
     /* A context without a device (APEX_DEVICE=none, or auto and no GPU
      * answers) has no device tier to hold the slots. */
     void *base = NULL;
     int64_t dev_blocks = 0;
-    if (st == APEX_OK && (t->lib->paged_layer_kv(t->ctx, 0, APEX_TIER_DEVICE, &base, &dev_blocks) != APEX_OK ||
+    if (st == APEX_OK && (apex_paged_layer_kv(t->ctx, 0, APEX_TIER_DEVICE, &base, &dev_blocks) != APEX_OK ||
                           dev_blocks < g * t->bps)) {
         fprintf(stderr, "APEX: no GPU tier for this KV cache (APEX's context has no device: APEX_DEVICE=%s): every "
                         "sequence attends on the CPU\n", getenv("APEX_DEVICE") ? getenv("APEX_DEVICE") : "auto");
-        t->lib->context_destroy(t->ctx);
+        apex_context_destroy(t->ctx);
         t->ctx = NULL;
         return;
     }
@@ -382,8 +319,8 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         fprintf(stderr,
                 "APEX: no GPU tier for this KV cache (APEX's context for %lld sequences, %.1f MiB: %s): every "
                 "sequence attends on the CPU\n",
-                (long long)g, (double)(per_stream * (uint64_t)g) / 1048576.0, t->lib->last_error());
-        if (t->ctx) t->lib->context_destroy(t->ctx);
+                (long long)g, (double)(per_stream * (uint64_t)g) / 1048576.0, apex_last_error());
+        if (t->ctx) apex_context_destroy(t->ctx);
         t->ctx = NULL;
         return;
     }
@@ -398,10 +335,10 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
     so.hidden = t->n_q_heads * t->head_dim;
     so.ffn = 4 * so.hidden;
     so.vocab = 32000;
-    if (t->lib->sched_enable(t->ctx, &so) != APEX_OK) {
+    if (apex_sched_enable(t->ctx, &so) != APEX_OK) {
         fprintf(stderr, "APEX: no GPU tier for this KV cache (APEX's scheduler: %s): every sequence attends on "
-                        "the CPU\n", t->lib->last_error());
-        t->lib->context_destroy(t->ctx);
+                        "the CPU\n", apex_last_error());
+        apex_context_destroy(t->ctx);
         t->ctx = NULL;
         return;
     }
@@ -415,7 +352,7 @@ static void tier_open(gpu_tier *t, const struct ggml_tensor *op) {
         t->layers[i].stale = malloc((size_t)g * (size_t)t->words * sizeof(uint64_t));
         if (!t->layers[i].stale) {
             fprintf(stderr, "APEX: no GPU tier for this KV cache (out of memory)\n");
-            t->lib->context_destroy(t->ctx);
+            apex_context_destroy(t->ctx);
             t->ctx = NULL;
             return;
         }
@@ -493,7 +430,7 @@ static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_
         }
     }
     const int64_t elems = (int64_t)t->n_kv_heads * t->head_dim;
-    if (t->lib->paged_kv_write(t->ctx, li, (int64_t)rows, t->slots, t->k_rows, elems, t->v_rows, elems,
+    if (apex_paged_kv_write(t->ctx, li, (int64_t)rows, t->slots, t->k_rows, elems, t->v_rows, elems,
                                t->kv_dtype) != APEX_OK)
         return -1;
     for (int i = 0; i < n; i++) {
@@ -537,7 +474,7 @@ static void run_planned(gpu_tier *t) {
         memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
         o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
         o.out_dtype = APEX_DTYPE_F32;
-        if (t->lib->paged_attention(t->ctx, t->li, n, t->qsl, t->plan_lens, t->table, t->bps, t->q, t->out, &o) ==
+        if (apex_paged_attention(t->ctx, t->li, n, t->qsl, t->plan_lens, t->table, t->bps, t->q, t->out, &o) ==
             APEX_OK) {
             for (int i = 0; i < n; i++)
                 for (int h = 0; h < t->n_q_heads; h++)
@@ -550,7 +487,7 @@ static void run_planned(gpu_tier *t) {
     if (rc < 0) {
         static int logged;
         if (!logged)
-            fprintf(stderr, "APEX: the GPU tier failed (%s); its sequences attend on the CPU\n", t->lib->last_error());
+            fprintf(stderr, "APEX: the GPU tier failed (%s); its sequences attend on the CPU\n", apex_last_error());
         logged = 1;
     }
     t->rc = rc;
@@ -558,7 +495,7 @@ static void run_planned(gpu_tier *t) {
 
 static void *worker_main(void *arg) {
     gpu_tier *t = arg;
-    if (shim_trace_active()) shim_trace_.thread_name("apex-gpu-tier");
+    if (shim_trace_active()) apex_trace_thread_name("apex-gpu-tier");
     pthread_mutex_lock(&t->lock);
     for (;;) {
         while (!t->job && !t->quit) pthread_cond_wait(&t->cv, &t->lock);
@@ -598,15 +535,15 @@ static void place_step(gpu_tier *t, int64_t s0, int64_t ns, const int32_t *lens)
         t->item_here[n++] = L > 0;
     }
     const double now = now_s();
-    if (t->steps > 0) t->lib->sched_observe(t->ctx, now - t->step_t0); /* refused if absurd: no harm */
+    if (t->steps > 0) apex_sched_observe(t->ctx, now - t->step_t0); /* refused if absurd: no harm */
     t->step_t0 = now;
     apex_place_plan plan;
-    if (t->lib->sched_place(t->ctx, n, t->items, (int64_t)t->n_gpu * t->bps, t->n_gpu, t->placed, &plan) !=
+    if (apex_sched_place(t->ctx, n, t->items, (int64_t)t->n_gpu * t->bps, t->n_gpu, t->placed, &plan) !=
         APEX_OK) {
         static int logged;
         if (!logged)
             fprintf(stderr, "APEX: the GPU tier's placement failed (%s); it keeps the last one\n",
-                    t->lib->last_error());
+                    apex_last_error());
         logged = 1;
         return;
     }

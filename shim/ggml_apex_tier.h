@@ -23,8 +23,8 @@
  * reported (gpu_tier_written*), marking the rows it touched stale, and an
  * attention first stores the stale rows it reads (apex_paged_kv_write).
  *
- * libapex.so.1 is loaded at the first attention (APEX_LIB names another
- * file); its device is APEX_DEVICE's (auto: CUDA when a GPU answers;
+ * The tier's paged context (libapex.so.1, which libggml-apex.so links) is
+ * made at the first attention; its device is APEX_DEVICE's (auto: CUDA when a GPU answers;
  * "emulated" runs the tier in host memory, for tests). Budget:
  * APEX_GGML_GPU_KV_MB (unset: the device's free memory less 1 GiB, or
  * every stream on an emulated device), and at most APEX_GGML_GPU_SEQS

@@ -2,6 +2,8 @@
 # Sets up llama.cpp (cached build) and the default model, then builds APEX's
 # llama.cpp pieces into build-llama/ (or $APEX_LLAMA_BUILD_DIR):
 #   lib/libggml-apex.so, lib/libapex-preload.so, bin/apex-llama-run.
+# The backend links libapex.so.1 of the APEX build $APEX_BUILD_DIR (default
+# build/: ./apex build first), found through its rpath at run time.
 # Prints three lines: KEY=VALUE for LLAMA_BIN (the llama.cpp tools),
 # APEX_GGML_LIB, APEX_PRELOAD_LIB, APEX_LLAMA_RUN, MODEL.
 set -euo pipefail
@@ -16,8 +18,10 @@ else
 fi
 llama_src=$(dirname "$llama_build")/src
 out=${APEX_LLAMA_BUILD_DIR:-build-llama}
+apex_build=$(cd "${APEX_BUILD_DIR:-build}" 2>/dev/null && pwd) \
+  || { echo "no APEX build at ${APEX_BUILD_DIR:-build} (./apex build first)" >&2; exit 1; }
 cmake -S integration/llama_cpp -B "$out" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DLLAMA_CPP_SRC="$llama_src" -DLLAMA_CPP_BUILD="$llama_build" >"$out.configure.log" 2>&1 \
+  -DLLAMA_CPP_SRC="$llama_src" -DLLAMA_CPP_BUILD="$llama_build" -DAPEX_BUILD_DIR="$apex_build" >"$out.configure.log" 2>&1 \
   || { cat "$out.configure.log" >&2; exit 1; }
 rm -f "$out.configure.log"
 cmake --build "$out" -j"$JOBS" >&2

@@ -38,7 +38,6 @@ paths=$(bash integration/llama_cpp/build.sh) || { echo "apex serve: set-up faile
 eval "$(sed 's/^/local_/' <<<"$paths")"
 server=$local_LLAMA_BIN/llama-server
 [ -x "$server" ] || { echo "apex serve: no $server (setup_hooks/fetch_llama_cpp.sh builds it)" >&2; exit 1; }
-export APEX_LIB=${APEX_LIB:-$PWD/build/lib/libapex.so.1} # the GPU tier's libapex (CUDA builds)
 
 log=$(mktemp /tmp/apex-serve.XXXXXX.log)
 url="http://$host:$port"

@@ -10,6 +10,7 @@
 #include "csrc/context.h"
 #include "csrc/error.h"
 #include "csrc/config.h"
+#include "csrc/step_sched.h"
 #include "csrc/trace.h"
 
 static double now_seconds(void) {
@@ -57,6 +58,7 @@ APEX_API apex_status apex_context_create(const apex_config *cfg, apex_context **
 }
 
 APEX_API apex_status apex_context_destroy(apex_context *ctx) {
+    step_sched_free(ctx);
     context_destroy(ctx);
     return APEX_OK;
 }
@@ -77,7 +79,7 @@ APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_
 APEX_API apex_status apex_seq_add(apex_context *ctx, int32_t seq, apex_tier tier) {
     CHECK_SEQ_CTX(ctx);
     apex_status st = seq_table_add(&ctx->seqs, seq, tier);
-    if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[seq] = 0; /* a new request */
+    if (st == APEX_OK) step_sched_forget(ctx, seq); /* a new request */
     context_owner_update(ctx);
     return counted(ctx, st);
 }
@@ -91,7 +93,7 @@ APEX_API apex_status apex_seq_reserve(apex_context *ctx, int32_t seq, int32_t n,
 APEX_API apex_status apex_seq_fork(apex_context *ctx, int32_t src, int32_t dst) {
     CHECK_SEQ_CTX(ctx);
     apex_status st = seq_table_fork(&ctx->seqs, src, dst);
-    if (st == APEX_OK && ctx->sched.waited) ctx->sched.waited[dst] = 0;
+    if (st == APEX_OK) step_sched_forget(ctx, dst);
     context_owner_update(ctx);
     return counted(ctx, st);
 }

@@ -8,6 +8,7 @@
 #include "apex/apex_paged.h"
 #include "csrc/context.h"
 #include "csrc/error.h"
+#include "csrc/step_sched.h"
 
 APEX_API apex_status apex_sched_place(apex_context *ctx, int32_t n, const apex_place_item *items,
                                       int64_t device_blocks, int32_t device_seqs,

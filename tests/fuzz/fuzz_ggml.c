@@ -1,5 +1,5 @@
 /*
- * fuzz_ggml.c - the ggml backend's entry points (shim/ggml_apex.c) under
+ * fuzz_ggml.c - the ggml backend's entry points (shim/ggml_apex*.c) under
  * libFuzzer, against ggml-cpu as the reference:
  *  - FLASH_ATTN_EXT with arbitrary head dims, head counts, KV lengths,
  *    query tokens, streams, K/V types, views (strides), masks and op params

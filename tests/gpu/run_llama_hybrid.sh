@@ -52,7 +52,7 @@ if cmake -S . -B build-gpu-llama -DAPEX_CUDA=ON -DAPEX_CUDA_ARCHS="${APEX_CUDA_A
    cmake --build build-gpu-llama -j"$(nproc)" --target apex apex-sweep-predict >>"$LOG" 2>&1 &&
    cmake -S integration/llama_cpp -B build-llama-gpu -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined \
-        -DLLAMA_CPP_SRC="$LB/src" -DLLAMA_CPP_BUILD="$LB" >>"$LOG" 2>&1 &&
+        -DLLAMA_CPP_SRC="$LB/src" -DLLAMA_CPP_BUILD="$LB" -DAPEX_BUILD_DIR="$ROOT/build-gpu-llama" >>"$LOG" 2>&1 &&
    cmake --build build-llama-gpu -j"$(nproc)" --target ggml-apex apex-llama-run apex-random-model >>"$LOG" 2>&1; then
     say "built in $(( $(date +%s) - t0 )) s"
 else
@@ -61,7 +61,7 @@ fi
 export LD_LIBRARY_PATH=$LB/bin:${LD_LIBRARY_PATH:-}
 RUN=$ROOT/build-llama-gpu/bin/apex-llama-run
 SHIM=$ROOT/build-llama-gpu/lib/libggml-apex.so
-export APEX_LIB=$ROOT/build-gpu-llama/lib/libapex.so.1
+APEX_LIB=$ROOT/build-gpu-llama/lib/libapex.so.1 # the one libggml-apex.so links (its rpath)
 THREADS=$(nproc)
 # Exact mode (the default) needs AVX-512 for the CPU side; fp32 mode otherwise.
 EXACT=1

@@ -23,6 +23,10 @@ done
 [ "$(objdump -p "$P/lib/libapex.so.1" | awk '/SONAME/ {print $2}')" = libapex.so.1 ] || fail "SONAME is not libapex.so.1"
 if grep -q '^LLAMA_CPP_BUILD:PATH=..*' "$build/CMakeCache.txt"; then
   for f in lib/apex/libggml-apex.so lib/apex/libapex-preload.so; do [ -e "$P/$f" ] || fail "missing $f"; done
+  # The backend is a client of the installed libapex.so.1 (rpath $ORIGIN/..).
+  used=$(ldd "$P/lib/apex/libggml-apex.so" | awk '$1 == "libapex.so.1" {print $3}')
+  [ -n "$used" ] && [ "$(realpath "$used")" = "$(realpath "$P/lib/libapex.so.1")" ] \
+    || fail "lib/apex/libggml-apex.so does not use the installed libapex.so.1 (it finds '$used')"
 fi
 if grep -q 'apex-sim' "$build/CMakeCache.txt" 2>/dev/null || [ -x "$build/bin/apex-sim" ]; then
   [ -x "$P/bin/apex-sim" ] || fail "missing bin/apex-sim"

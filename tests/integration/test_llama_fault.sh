@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fault injection inside llama.cpp (issue 14 §3): APEX_FAULT makes the Nth
-# failure point fail (csrc/fault.c; the ggml backend's host pool and libapex
-# each read it). What llama.cpp must see:
+# failure point fail (csrc/fault.c, in libapex: the ggml backend's host pool
+# and the GPU tier's context share its one count). What llama.cpp must see:
 #  1. the KV pool's mapping refused: llama.cpp fails the context cleanly
 #     (exit 1 from apex-llama-run, APEX's message, no signal);
 #  2. the GPU tier's device refusing a copy or a kernel launch, once or from
@@ -13,8 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "FAIL: $*" >&2; exit 1; }
 eval "$(bash integration/llama_cpp/build.sh 2>/dev/null | sed 's/^/export /')"
-export APEX_LIB=${APEX_LIB:-$PWD/build/lib/libapex.so.1}
-[ -f "$APEX_LIB" ] || fail "no $APEX_LIB (build the main tree first: ./apex build)"
 
 set +e
 log=$(APEX_FAULT=host_alloc:1 GGML_BACKEND_PATH=$APEX_GGML_LIB "$APEX_LLAMA_RUN" -m "$MODEL" -np 2 -n 4 -t 2 2>&1 >/dev/null)

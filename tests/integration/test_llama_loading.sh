@@ -7,7 +7,8 @@
 # llama.cpp adapter: lib/apex/). Each run must log APEX's start lines (KV in
 # APEX's pool, attention taken over) and its exit line with attention ops > 0.
 # And APEX is not silent when told twice: both ways at once give one line
-# saying the second is ignored, and still one APEX device.
+# saying the second is ignored, and still one APEX device. Neither library
+# defines any of the core's internals (tests/install/check_adapter_symbols.sh).
 # About 1.5 minutes on 2 cores (the install build is most of it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,6 +64,8 @@ check_all() {
   done
 }
 
+echo "adapter symbols (build tree):"
+bash tests/install/check_adapter_symbols.sh "$L_APEX_GGML_LIB" "$L_APEX_PRELOAD_LIB" || fail "core internals in the ggml backend"
 echo "build tree:"
 check_all "$L_APEX_GGML_LIB" "$L_APEX_PRELOAD_LIB" "build tree"
 
@@ -86,6 +89,8 @@ cmake --build $bi -j"${JOBS:-2}" >"$tmp/bld.log" 2>&1 || { tail -30 "$tmp/bld.lo
 bash tests/install/test_install.sh $bi
 P=$tmp/prefix
 cmake --install $bi --prefix "$P" >/dev/null
+bash tests/install/check_adapter_symbols.sh "$P/lib/apex/libggml-apex.so" "$P/lib/apex/libapex-preload.so" \
+  || fail "core internals in the installed ggml backend"
 echo "install tree ($P):"
 check_all "$P/lib/apex/libggml-apex.so" "$P/lib/apex/libapex-preload.so" "installed"
 echo "PASS: APEX loads both documented ways in llama-server, llama-cli, llama-bench, llama-batched ($((SECONDS - t0)) s)"

@@ -15,12 +15,12 @@
 #    results are the ones kept, so the tokens equal the CPU-only run's;
 #  - two identical runs make identical decisions (the logs are equal);
 #  - the harness's --json reports apex_sched_steps and apex_migrations.
-# Called from test_llama_cpp.sh (needs APEX_GGML_LIB, APEX_LLAMA_RUN, MODEL,
-# APEX_LIB in the environment).
+# Called from test_llama_cpp.sh (needs APEX_GGML_LIB, APEX_LLAMA_RUN and MODEL
+# in the environment).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "FAIL: $*" >&2; exit 1; }
-: "${APEX_GGML_LIB:?}" "${APEX_LLAMA_RUN:?}" "${MODEL:?}" "${APEX_LIB:?}"
+: "${APEX_GGML_LIB:?}" "${APEX_LLAMA_RUN:?}" "${MODEL:?}"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 run() { # name, extra env...

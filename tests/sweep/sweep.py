@@ -119,7 +119,7 @@ def main():
     t_start = time.time()
 
     gpu = [] if args.emulated else ["-ngl", "99"]
-    apex_env = {"GGML_BACKEND_PATH": args.shim, "APEX_LIB": args.lib, "APEX_TRACE_SUMMARY": "1",
+    apex_env = {"GGML_BACKEND_PATH": args.shim, "APEX_TRACE_SUMMARY": "1",
                 "APEX_GGML_EXACT": args.exact, "APEX_GGML_QUIET": "1"}
     if args.emulated:
         apex_env.update({"APEX_GGML_HYBRID": "1", "APEX_DEVICE": "emulated"})
