@@ -165,7 +165,7 @@ class ApexScheduler(Scheduler):
         else:
             logger.warning("APEX scheduler: executor %s; tiers are chosen at admission, requests "
                            "are not migrated", backend_kind)
-        self._apex_deferred: list = []  # moved-from blocks, freed after the worker copied them
+        self._apex_deferred: list = []  # a promotion's host sources, freed after the worker copied them
         self._apex_forward_ran = False
         manager = self.kv_cache_manager
         self._apex_allocate = manager.allocate_slots
