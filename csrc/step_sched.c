@@ -329,6 +329,8 @@ apex_status step_sched_place(apex_context *ctx, int32_t n, const apex_place_item
             else if (a == SCHED_ACT_TO_GPU && (device_seqs == 0 || on_dev < device_seqs)) {
                 t = APEX_TIER_DEVICE;
                 on_dev++;
+            } else if (a == SCHED_ACT_IDLE) {
+                r.n_host_idle++; /* a host decoder outside the cohort */
             }
             if (t == APEX_TIER_DEVICE) r.n_device++;
             else r.n_host++;

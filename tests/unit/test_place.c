@@ -171,6 +171,8 @@ static void test_placement(void **state) {
     assert_int_equal(out[3], APEX_TIER_HOST);
     assert_int_equal(p.n_device, 2);
     assert_int_equal(p.n_host, 2);
+    /* the cohort the step form leaves out is a part of the host decoders */
+    assert_true(p.n_host_idle >= 0 && p.n_host_idle <= p.n_host);
     assert_int_equal(p.n_to_device + p.n_to_host, 0);
     assert_non_null(p.strategy);
     assert_true(p.predicted_step_ms > 0);
@@ -185,6 +187,7 @@ static void test_placement(void **state) {
     assert_int_equal(p.n_to_host, 1);
     assert_int_equal(p.n_device, 2);
     assert_int_equal(p.n_host, 1);
+    assert_true(p.n_host_idle <= 1);
     /* the engine carried it out; now 11 idles: 13 takes its place */
     it[0].tier = APEX_TIER_HOST, it[2].tier = APEX_TIER_DEVICE;
     it[1].state = APEX_PLACE_IDLE;

@@ -47,6 +47,17 @@ def load():
     return torch.ops.apex
 
 
+def libapex() -> ctypes.CDLL:
+    """libapex.so as ctypes sees it: the library the shim links (one copy of
+    APEX's state and its thread-local last error)."""
+    load()
+    return _libapex
+
+
+def dtype_size(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class _Limits(ctypes.Structure):  # apex_limits (apex.h)
     _fields_ = [("head_dims", ctypes.c_int32 * 8), ("block_tokens", ctypes.c_int32 * 8),
                 ("kv_dtypes", ctypes.c_uint32), ("act_dtypes", ctypes.c_uint32),

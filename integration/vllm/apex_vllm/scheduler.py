@@ -1,5 +1,6 @@
 """APEX's scheduler for vLLM: vLLM's own v1 Scheduler, with each request's KV
-blocks on one tier that APEX chooses (apex_vllm.tiers.place).
+blocks on one tier that APEX's scheduler chooses (apex_sched_place through
+apex_vllm.place).
 
     vllm serve MODEL --attention-backend CUSTOM \\
         --scheduler-cls apex_vllm.scheduler.ApexScheduler
@@ -14,10 +15,11 @@ pool), without patching vLLM's files:
     a request's new blocks come from its tier's queue (the other tier's only
     when its own is empty: correct, slower, see apex_paged_attention);
   - admission: a new request's tier is chosen when vLLM first allocates for
-    it; a request the rule says must wait gets no blocks (vLLM keeps it
+    it; a request the plan would leave idle gets no blocks (vLLM keeps it
     waiting, as when the pool is full);
-  - migrations at the start of each step and when a device-tier request
-    outgrows the device: the request's blocks are replaced by blocks of the
+  - migrations at the start of each step (the plan's spills and promotions)
+    and when a device-tier request outgrows the device within a step: the
+    request's blocks are replaced by blocks of the
     other tier in vLLM's manager, APEX copies the KV (apex_paged_copy_blocks),
     and the step's SchedulerOutput hands the worker the request's whole new
     block list (vLLM's "resumed" form of CachedRequestData, which replaces the
@@ -32,17 +34,18 @@ argument is in that module). Ray or external launchers (workers possibly on
 other machines): tiers are chosen at admission, migrations are off (logged).
 """
 import os
+import time
 
 from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from . import copies, tiers
-from .tiers import DEVICE, HOST, WAIT
+from . import copies, place, tiers
+from .tiers import DEVICE, HOST
 
 logger = init_logger("vllm.apex_vllm")
 
-SPILL_COOLDOWN_STEPS = 8  # a spilled request is not promoted again this soon
+_TIER = {DEVICE: place.TIER_DEVICE, HOST: place.TIER_HOST}
 
 
 class TwoTierFreeQueue:
@@ -120,8 +123,8 @@ class ApexScheduler(Scheduler):
         self.apex_stats = tiers.new_stats()
         self.apex_tier: dict[str, str] = {}
         self._apex_remapped: set[str] = set()
-        self._apex_spilled_at: dict[str, int] = {}
-        self._apex_step = 0
+        self._apex_len: dict[str, int] = {}  # tokens a request's blocks cover after this step's allocation
+        self._apex_t_step = None  # when the last placed step began (apex_sched_observe)
         self._apex_last_written = None
         self.apex_active = False
         backend = getattr(getattr(self.vllm_config, "attention_config", None), "backend", None)
@@ -143,6 +146,13 @@ class ApexScheduler(Scheduler):
                                            cfg.device_blocks)
         pool.free_block_queue = self.apex_queue
         self.apex_host_max = int(os.environ.get("APEX_VLLM_HOST_MAX_SEQS", "0") or 0)
+        # APEX's scheduler, with its own small context (apex_vllm.place): the
+        # worker's context, which holds the KV, may be in another process.
+        mc = self.vllm_config.model_config
+        self.apex_max_len = mc.max_model_len
+        self.apex_placer = place.Placer(tiers.model_geometry(self.vllm_config), mc.max_model_len,
+                                        int(os.environ.get("APEX_MAX_BATCH", "256")),
+                                        place.model_shapes(self.vllm_config))
         # Copies reach the worker through a file (apex_vllm.copies): the
         # worker must be on this machine.
         backend_kind = self.vllm_config.parallel_config.distributed_executor_backend
@@ -155,7 +165,7 @@ class ApexScheduler(Scheduler):
         else:
             logger.warning("APEX scheduler: executor %s; tiers are chosen at admission, requests "
                            "are not migrated", backend_kind)
-        self._apex_deferred: list = []  # moved-from blocks, freed after the worker copied them
+        self._apex_deferred: list = []  # a promotion's host sources, freed after the worker copied them
         self._apex_forward_ran = False
         manager = self.kv_cache_manager
         self._apex_allocate = manager.allocate_slots
@@ -173,21 +183,48 @@ class ApexScheduler(Scheduler):
         return [b for m in self._managers() for b in m.req_to_blocks.get(rid, ())
                 if not b.is_null]
 
-    def _view(self, request, needs: int = 0) -> tiers.ReqView:
-        blocks = self._blocks(request.request_id)
-        return tiers.ReqView(request.request_id, self.apex_tier.get(request.request_id, HOST),
-                             len(blocks), needs, any(b.ref_cnt > 1 for b in blocks))
+    def _ordered(self, exclude: str | None = None):
+        """The running requests in vLLM's priority order, oldest first (its
+        priority policy's key; FCFS: all priorities 0, so arrival order)."""
+        return sorted((r for r in self.running if r.request_id != exclude),
+                      key=lambda r: (r.priority, r.arrival_time))
 
-    def _cooldown(self) -> frozenset:
-        return frozenset(r for r, s in self._apex_spilled_at.items()
-                         if self._apex_step - s < SPILL_COOLDOWN_STEPS)
+    def _item(self, request, length=None, tier=None):
+        """One apex_place_item: (KV length, tier, state). vLLM runs every
+        running request each step, so all are decoding."""
+        rid = request.request_id
+        if length is None:
+            length = self._apex_len.get(rid, request.num_computed_tokens)
+        return (min(length, self.apex_max_len), _TIER[tier or self.apex_tier.get(rid, HOST)],
+                place.DECODING)
+
+    def _device_room(self, items, extra: int = 0) -> int:
+        """The device blocks these items may use: the free ones plus those
+        the device items hold (as apex_sched_place counts them: a block per
+        block_tokens of length), plus `extra`."""
+        bs = self.block_size
+        return self.apex_queue.free(DEVICE) + extra + sum(
+            tiers.cdiv(ln, bs) for ln, t, _ in items if t == place.TIER_DEVICE)
+
+    def _place(self, kind: str, items, room: int):
+        """apex_sched_place: the tier of each item, and the plan."""
+        out, plan = self.apex_placer.place(items, room)
+        st = self.apex_stats
+        st["decided"][kind] += 1
+        st["decisions"] = self.apex_placer.calls
+        name = plan.strategy.decode() if plan.strategy else "?"
+        st["strategies"][name] = st["strategies"].get(name, 0) + 1
+        return out, plan
 
     def _move(self, rid: str, tier: str) -> bool:
         """Moves request rid's blocks, whole, to tier: new ids in vLLM's
         manager, the KV copied by APEX, the old blocks freed."""
         q, pool = self.apex_queue, self.kv_cache_manager.block_pool
         old = self._blocks(rid)
-        if not old or q.free(tier) < len(old):
+        if not old or q.free(tier) < len(old) or any(b.ref_cnt > 1 for b in old):
+            # No room there now, or blocks another request shares (a prefix
+            # hit): the move waits for a later plan.
+            self.apex_stats["moves_waiting"] += 1
             return False
         new = q.pop_tier_n(tier, len(old))
         for b in new:
@@ -203,16 +240,23 @@ class ApexScheduler(Scheduler):
         for o, n in zip(old, new):
             if o.block_hash is not None:
                 pool.move_block_hashes(o, n)  # prefix-cache entries follow the KV
-        # Freed once the worker has copied them (after the next step with a
-        # forward): until then no other request may get, and vLLM's worker
-        # zero, a source block.
-        self._apex_deferred.append(old)
+        if tier == HOST:
+            # A spill's sources are device-tier blocks: free at once, so the
+            # plan's room is there for this step's growth. Safe because the
+            # worker applies the copies before the step's first KV write, and
+            # vLLM's zeroing of a block it hands out reaches only vLLM's own
+            # pages of a device id, which hold no KV (APEX's device tier does).
+            pool.free_blocks(old)
+        else:
+            # A promotion's sources are host-tier blocks, i.e. vLLM's tensor:
+            # freed once the worker has copied them (after the next step with
+            # a forward): until then no other request may get, and vLLM's
+            # worker zero, a source block.
+            self._apex_deferred.append(old)
         self.apex_tier[rid] = tier
         self._apex_remapped.add(rid)
         self.apex_stats["blocks_copied"] += len(old)
         self.apex_stats["promotions" if tier == DEVICE else "spills"] += 1
-        if tier == HOST:
-            self._apex_spilled_at[rid] = self._apex_step
         return True
 
     # --------------------------------------------------- vLLM's entry points
@@ -221,46 +265,65 @@ class ApexScheduler(Scheduler):
         rid, q = request.request_id, self.apex_queue
         bs = self.block_size
         tier = self.apex_tier.get(rid)
+        total = (request.num_computed_tokens + kwargs.get("num_new_computed_tokens", 0) +
+                 num_new_tokens + kwargs.get("num_lookahead_tokens", 0))
         if tier is None:
-            # A new (or resumed) request: APEX's rule picks its tier or makes it wait.
-            running = [self._view(r) for r in self.running]
-            plan = tiers.place(running, q.free(DEVICE), q.free(HOST),
-                               new_blocks=tiers.cdiv(request.num_tokens + 1, bs),
-                               host_max_seqs=self.apex_host_max,
-                               cooldown=frozenset(v.req_id for v in running))
-            self.apex_stats["decisions"] += 1
-            if plan.admit == WAIT:
-                self.apex_stats["waits"] += 1
-                return None
-            tier = plan.admit
+            # A new (or resumed) request: the plan over the running ones and
+            # it, last in priority, as a host decoder of its whole length.
+            running = [self._item(r) for r in self._ordered(exclude=rid)]
+            items = running + [self._item(request, max(total, request.num_tokens), HOST)]
+            out, plan = self._place("admit", items, self._device_room(running))
+            if out[-1] == place.TIER_DEVICE:
+                tier = DEVICE  # the plan promotes it: device room for it and its growth
+            else:
+                on_host = sum(1 for ln, t, _ in running if t == place.TIER_HOST)
+                if self.apex_host_max and on_host >= self.apex_host_max:
+                    self.apex_stats["waits"]["host_cap"] += 1
+                    return None
+                if plan.n_host_idle > 0:
+                    # The plan's CPU cohort leaves it out (it is the last host
+                    # decoder): running it would lower the step's decode rate.
+                    self.apex_stats["waits"]["plan"] += 1
+                    return None
+                tier = HOST
         elif tier == DEVICE and self.apex_migrate:
             held = len(self._blocks(rid))
-            total = (request.num_computed_tokens + kwargs.get("num_new_computed_tokens", 0) +
-                     num_new_tokens + kwargs.get("num_lookahead_tokens", 0))
             needs = max(0, tiers.cdiv(total, bs) - held)
             if needs > q.free(DEVICE):
-                plan = tiers.place([self._view(request, needs)], q.free(DEVICE), q.free(HOST))
-                self.apex_stats["decisions"] += 1
-                if rid in plan.spill and self._move(rid, HOST):
+                # More than the step's plan foresaw (one token of growth):
+                # where would the plan put it, its blocks counted free?
+                reqs = self._ordered()
+                items = [self._item(r, total, HOST) if r.request_id == rid else self._item(r)
+                         for r in reqs]
+                out, _ = self._place("outgrown", items, self._device_room(items, held))
+                k = next((i for i, r in enumerate(reqs) if r.request_id == rid), None)
+                if (k is None or out[k] == place.TIER_HOST) and self._move(rid, HOST):
                     tier = HOST
         q.prefer = tier
         blocks = self._apex_allocate(request, num_new_tokens, *args, **kwargs)
-        if blocks is not None and rid not in self.apex_tier:
-            self.apex_tier[rid] = tier
-            self.apex_stats["admitted"][tier] += 1
+        if blocks is not None:
+            self._apex_len[rid] = total
+            if rid not in self.apex_tier:
+                self.apex_tier[rid] = tier
+                self.apex_stats["admitted"][tier] += 1
         return blocks
 
     def _free(self, request):
         rid = request.request_id
         self.apex_tier.pop(rid, None)
         self._apex_remapped.discard(rid)
-        self._apex_spilled_at.pop(rid, None)
+        self._apex_len.pop(rid, None)
         return self._apex_free(request)
 
     def schedule(self, *args, **kwargs):
         if not self.apex_active:
             return super().schedule(*args, **kwargs)
-        self._apex_step += 1
+        now = time.monotonic()
+        if self._apex_t_step is not None:
+            # vLLM's last step, schedule to schedule: the plan's correction
+            self.apex_placer.observe(now - self._apex_t_step)
+        calls = self.apex_placer.calls
+        self._apex_len = {}
         self.apex_stats["steps"] += 1
         if self._apex_deferred and self._apex_forward_ran:
             pool = self.kv_cache_manager.block_pool
@@ -268,18 +331,26 @@ class ApexScheduler(Scheduler):
                 pool.free_blocks(blocks)
             self._apex_deferred = []
         if self.apex_migrate and self.running:
-            q = self.apex_queue
-            plan = tiers.place([self._view(r) for r in self.running], q.free(DEVICE),
-                               q.free(HOST), cooldown=self._cooldown())
-            self.apex_stats["decisions"] += 1
-            for rid in plan.promote:
-                self._move(rid, DEVICE)
+            reqs = self._ordered()
+            items = [self._item(r) for r in reqs]
+            out, _ = self._place("step", items, self._device_room(items))
+            moves = [(r.request_id, t) for r, (_, cur, _), t in zip(reqs, items, out) if t != cur]
+            # spills first: the room they free is what promotions take
+            for rid, t in sorted(moves, key=lambda m: m[1] != place.TIER_HOST):
+                self._move(rid, DEVICE if t == place.TIER_DEVICE else HOST)
         out = super().schedule(*args, **kwargs)
         self._hand_over(out)
         # A step with tokens runs a forward, whose metadata build applies the
         # copies sent so far (apex_vllm.copies).
         self._apex_forward_ran = out.total_num_scheduled_tokens > 0
+        self._apex_t_step = now if (self._apex_forward_ran and
+                                    self.apex_placer.calls > calls) else None
         return out
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.apex_active:
+            self.apex_placer.close()
 
     def _hand_over(self, out):
         """The worker learns a moved request's new block ids: its whole list,
@@ -298,21 +369,22 @@ class ApexScheduler(Scheduler):
                 self._apex_remapped.discard(rid)
                 self.apex_stats["remapped_to_worker"] += 1
             cached.resumed_req_ids = resumed
-        copies = out.kv_cache_block_copies
-        if copies:
+        cow = out.kv_cache_block_copies
+        if cow:
             d = self.apex_device_blocks
-            mine = [c for c in copies if c[0] < d or c[1] < d]
+            mine = [c for c in cow if c[0] < d or c[1] < d]
             if mine:
                 copies.send([c[0] for c in mine], [c[1] for c in mine])
-                out.kv_cache_block_copies = [c for c in copies if c[0] >= d and c[1] >= d] or None
+                out.kv_cache_block_copies = [c for c in cow if c[0] >= d and c[1] >= d] or None
         on = {DEVICE: 0, HOST: 0}
         for r in self.running:
             on[self.apex_tier.get(r.request_id, HOST)] += 1
         mx = self.apex_stats["max_running"]
         for t in on:
             mx[t] = max(mx[t], on[t])
-        snap = (self.apex_stats["decisions"], self.apex_stats["promotions"],
-                self.apex_stats["spills"], self.apex_stats["waits"], on[DEVICE], on[HOST])
+        st = self.apex_stats
+        snap = (st["decisions"], st["promotions"], st["spills"], st["moves_waiting"],
+                sum(st["waits"].values()), on[DEVICE], on[HOST])
         if snap != self._apex_last_written:
             self._apex_last_written = snap
             tiers.write_stats(self.apex_stats)

@@ -1,17 +1,17 @@
 """Two KV tiers under one vLLM block pool: the configuration, the checks that
-decide whether APEX serves a model at all, and the placement rule.
+decide whether APEX serves a model at all, and the scheduler's counters.
 
 vLLM's pool is device_blocks + host_blocks blocks: ids below device_blocks
 live on APEX's device tier (the emulated device here, a GPU elsewhere), the
 rest on the host tier (vLLM's own KV tensor). vLLM's scheduler admits against
-the whole pool; apex_vllm.scheduler.ApexScheduler picks each request's tier
-with `place` below.
+the whole pool; apex_vllm.scheduler.ApexScheduler has APEX's scheduler
+(apex_sched_place, apex_vllm.place) pick each request's tier.
 
     APEX_VLLM_DEVICE_BLOCKS=N   the device tier, in vLLM blocks (N >= 2:
                                 block 0 is vLLM's null block), or
     APEX_VLLM_DEVICE_MB=M       the device tier in MiB of KV (all layers)
     APEX_VLLM_HOST_MAX_SEQS=K   admission: at most K requests on the host
-                                tier at once (0: no limit)
+                                tier at once (0: no limit beyond the plan's)
     APEX_VLLM_TIER_STATS=FILE   the scheduler's counters as JSON, rewritten
                                 (atomically) when they change
 
@@ -24,7 +24,7 @@ own attention backend (`resolve`).
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
@@ -45,7 +45,7 @@ def _page_bytes(head_size, n_kv_heads, block_size, dtype) -> int:
     return 2 * n_kv_heads * block_size * head_size * torch.empty((), dtype=dtype).element_size()
 
 
-def _model_geometry(vllm_config):
+def model_geometry(vllm_config):
     """(layers, q heads, kv heads, head size, dtype, block size) of the model."""
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     return (mc.get_num_layers(pc), mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc),
@@ -99,7 +99,7 @@ def _probe_device(geometry, device_blocks) -> str | None:
 def check(vllm_config) -> TierConfig:
     """What APEX makes of this model and configuration (no caching)."""
     from . import ops
-    layers, hq, hk, d, dtype, bs = geometry = _model_geometry(vllm_config)
+    layers, hq, hk, d, dtype, bs = geometry = model_geometry(vllm_config)
     lim = ops.limits()
     if d not in lim["head_dims"]:
         return TierConfig(fallback=f"head size {d} is not one APEX supports {lim['head_dims']}")
@@ -155,75 +155,16 @@ def reset_for_tests():
     _RESOLVED = None
 
 
-# ---------------------------------------------------------------- placement
-
-DEVICE, HOST, WAIT = "device", "host", "wait"
-
-
-@dataclass
-class ReqView:
-    """What the placement rule sees of one running request."""
-    req_id: str
-    tier: str
-    blocks: int          # blocks it holds
-    needs: int = 0       # new blocks it needs this step (0 between steps)
-    shared: bool = False  # holds a block another request also holds (not movable)
-
-
-@dataclass
-class Plan:
-    promote: list[str] = field(default_factory=list)
-    spill: list[str] = field(default_factory=list)
-    admit: str | None = None  # DEVICE, HOST or WAIT for a new request
-
-
-def place(running: list[ReqView], device_free: int, host_free: int, new_blocks: int = 0,
-          host_max_seqs: int = 0, cooldown: frozenset = frozenset()) -> Plan:
-    """APEX's tier choice for vLLM's requests (oldest first in `running`).
-
-    The rule, until apex_sched_place (apex_sched_plan over engine-owned
-    tables) is bound here:
-      - spill: a device-tier request that needs more blocks than the device
-        tier has free moves, whole, to the host tier (if the host holds it);
-      - promote: a host-tier request moves, whole, to the device tier when the
-        device has room for it plus one block of growth (oldest first; not
-        within the cooldown after its spill);
-      - admit (new_blocks > 0): on the device tier when it has room for the
-        request plus one block of growth, else on the host tier, unless
-        host_max_seqs host requests already run: the CPU's attention would
-        then set the step time for everyone, so the request waits.
-    """
-    plan = Plan()
-    free_d, free_h = device_free, host_free
-    for r in running:
-        if r.tier == DEVICE and r.needs > free_d and not r.shared and \
-                free_h >= r.blocks + r.needs:
-            plan.spill.append(r.req_id)
-            free_d += r.blocks
-            free_h -= r.blocks
-    for r in running:
-        if r.tier == HOST and r.req_id not in plan.spill and r.req_id not in cooldown and \
-                not r.shared and r.blocks + r.needs + 1 <= free_d:
-            plan.promote.append(r.req_id)
-            free_d -= r.blocks
-            free_h += r.blocks
-    if new_blocks > 0:
-        host_now = sum(1 for r in running if (r.tier == HOST and r.req_id not in plan.promote)
-                       or r.req_id in plan.spill)
-        if new_blocks + 1 <= free_d:
-            plan.admit = DEVICE
-        elif host_max_seqs and host_now >= host_max_seqs:
-            plan.admit = WAIT
-        else:
-            plan.admit = HOST
-    return plan
+DEVICE, HOST = "device", "host"
 
 
 # -------------------------------------------------------------------- stats
 
 def new_stats() -> dict:
-    return {"decisions": 0, "admitted": {DEVICE: 0, HOST: 0}, "waits": 0, "promotions": 0,
-            "spills": 0, "blocks_copied": 0, "remapped_to_worker": 0, "steps": 0,
+    return {"decisions": 0, "decided": {"step": 0, "admit": 0, "outgrown": 0},
+            "admitted": {DEVICE: 0, HOST: 0}, "waits": {"plan": 0, "host_cap": 0},
+            "promotions": 0, "spills": 0, "moves_waiting": 0, "blocks_copied": 0,
+            "remapped_to_worker": 0, "steps": 0, "strategies": {},
             "max_running": {DEVICE: 0, HOST: 0}, "device_blocks": 0, "pool_blocks": 0,
             "migrations": "off"}
 

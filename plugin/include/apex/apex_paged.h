@@ -173,8 +173,9 @@ APEX_API apex_status apex_paged_copy_blocks(apex_context *ctx, int64_t n, const 
 /* ------------------------------------------------ placement by the scheduler
  *
  * For an engine that owns its tables and keeps some sequences' KV on the
- * device tier and the rest on the host (llama.cpp's GPU tier does): each
- * decode step it asks which of its sequences hold their KV on the device.
+ * device tier and the rest on the host (llama.cpp's GPU tier does, and
+ * vLLM's ApexScheduler, docs/vllm.md): each decode step it asks which of
+ * its sequences hold their KV on the device.
  * APEX builds the scheduler's state from the engine's items (not from its
  * own sequence tables: a claimed context has none), runs apex_sched_plan
  * (docs/sched.md) with the profile of apex_sched_enable and the online
@@ -205,6 +206,12 @@ typedef struct apex_place_plan {
     int32_t n_to_host;      /* items whose tier goes device -> host (idle and
                                finished ones on the device free their room)  */
     double predicted_step_ms;
+    int32_t n_host_idle;    /* decoding items on the host tier (counted in
+                               n_host, not moved) that the plan's step form
+                               leaves out of the CPU cohort: running them too
+                               would lower the step's decode rate or miss the
+                               latency target. The cohort is taken in priority
+                               order, so these are the last host decoders    */
 } apex_place_plan;
 
 /* Places n items for this step: out_tier[i] is where item i's KV is to be.

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from workload import POOL, WORKLOAD
+
 
 @pytest.fixture(scope="session")
 def model_dir():
@@ -11,3 +13,12 @@ def model_dir():
     if not path or not os.path.isdir(path):
         pytest.skip("APEX_VLLM_MODEL is not a model folder (run tests/integration/test_vllm.sh)")
     return path
+
+
+@pytest.fixture(scope="session")
+def base(model_dir):
+    """vLLM alone (its CPU attention backend, no APEX plugin selected) on the
+    workload, in a pool of POOL blocks: the tokens every APEX run must give."""
+    from test_generate import run
+    return run(model_dir, "vllm", {"VLLM_CPU_KVCACHE_SPACE": "1"},
+               WORKLOAD + ["--num-blocks", str(POOL)])

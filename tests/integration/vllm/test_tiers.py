@@ -1,19 +1,19 @@
-"""Two KV tiers under vLLM's pool, APEX's scheduler choosing each request's
-tier (apex_vllm.scheduler.ApexScheduler, apex_vllm.tiers), on vLLM's CPU
-platform with APEX's emulated device as the device tier: a device tier of 6
-blocks (block 0 is vLLM's null block) in a pool of 40, 8 requests with up to
-6 running: more than the device tier holds.
+"""Two KV tiers under vLLM's pool, APEX's scheduler (apex_sched_place through
+apex_vllm.place) choosing each request's tier (apex_vllm.scheduler.
+ApexScheduler), on vLLM's CPU platform with APEX's emulated device as the
+device tier: a device tier of 6 blocks (block 0 is vLLM's null block) in a
+pool of 40, 8 requests with up to 6 running: more than the device tier holds.
 
-  - offline generation and `vllm serve` (the openai client, 8 concurrent
-    requests; at most 3 on the host tier, so admission makes some wait):
-    greedy tokens identical to vLLM without APEX; requests on both tiers,
-    promotions and spills, the scheduler's decisions (its JSON stats),
-    attention on both tiers (APEX's counters);
+  - offline generation and `vllm serve` (the openai client, 8 requests):
+    greedy tokens identical to vLLM without APEX (conftest.py's session
+    `base`); requests on both tiers, promotions and spills, the scheduler's
+    decisions counted by kind (its JSON stats), attention on both tiers
+    (APEX's counters);
   - configurations APEX cannot serve: one warning with the reason and
-    vLLM's own backend, end to end (a device tier as large as the pool) and
-    for each reason against a real VllmConfig;
-  - the placement rule and the two-tier free queue under vLLM's BlockPool.
-vLLM starts slowly on 2 cores: one baseline run serves every comparison."""
+    vLLM's own backend, for each reason against a real VllmConfig and the CPU
+    platform's backend choice (in-process: no generation needed);
+  - the binding of apex_sched_place and the two-tier free queue under vLLM's
+    BlockPool."""
 import concurrent.futures
 import json
 import os
@@ -26,40 +26,41 @@ import pytest
 import torch
 
 from test_generate import GENERATE, run
+from workload import MAX_TOKENS, POOL, PROMPTS, WORKLOAD
 
 sys.path.insert(0, os.path.dirname(GENERATE))  # generate.py's prompts, for the serve test
 from generate import PROMPTS as TEXTS  # noqa: E402
 
-from apex_vllm import ops, tiers
+from apex_vllm import ops, place, tiers
 from apex_vllm.scheduler import TwoTierFreeQueue
 
-PROMPTS = 8
-MAX_TOKENS = 40
-POOL, DEVICE = 40, 6
-ARGS = ["--prompts", str(PROMPTS), "--max-num-seqs", "6", "--num-blocks", str(POOL),
-        "--max-tokens", str(MAX_TOKENS)]
+DEVICE = 6
+ARGS = WORKLOAD + ["--num-blocks", str(POOL)]
 # APEX_TEST_DEVICE=cuda: a real GPU as the device tier (tests/gpu/run_vllm_tiers.sh)
 TIER_ENV = {"APEX_DEVICE": os.environ.get("APEX_TEST_DEVICE", "emulated"),
             "APEX_VLLM_DEVICE_BLOCKS": str(DEVICE), "VLLM_CPU_KVCACHE_SPACE": "1"}
 FALLBACK_WARNING = "APEX: not used, vLLM's own attention backend runs instead"
 
 
-@pytest.fixture(scope="module")
-def base(model_dir):
-    """vLLM alone (its CPU attention backend), same requests and pool."""
-    return run(model_dir, "vllm", {"VLLM_CPU_KVCACHE_SPACE": "1"}, ARGS)
-
-
 def check_tier_stats(t):
     assert t["device_blocks"] == DEVICE and t["pool_blocks"] == POOL
     assert t["migrations"] == "on"
-    assert t["admitted"]["device"] >= 1 and t["admitted"]["host"] >= 1, t
+    # requests on both tiers: admitted on the device, on the host when the
+    # plan admits there or spills there (on this machine's profile the plan
+    # runs no host decoder by choice: gpu_only, so host requests come from spills)
+    assert t["admitted"]["device"] >= 1, t
     assert t["max_running"]["device"] >= 1 and t["max_running"]["host"] >= 1, t
     assert t["promotions"] >= 1 and t["spills"] >= 1, t
     assert t["blocks_copied"] >= t["promotions"] + t["spills"]
     assert 1 <= t["remapped_to_worker"] <= t["promotions"] + t["spills"]
-    # one decision per step (promotions) plus one per admission
-    assert t["decisions"] >= t["steps"] + t["admitted"]["device"] + t["admitted"]["host"]
+    # the decisions are apex_sched_place calls: one per step with running
+    # requests, one per admission asked (admitted or told to wait), one per
+    # device request outgrowing the device within a step
+    d = t["decided"]
+    assert t["decisions"] == d["step"] + d["admit"] + d["outgrown"], t
+    assert 1 <= d["step"] <= t["steps"]
+    assert d["admit"] >= sum(t["admitted"].values()) + sum(t["waits"].values())
+    assert sum(t["strategies"].values()) == t["decisions"]
 
 
 def test_offline_two_tiers_identical_tokens(model_dir, base, tmp_path):
@@ -70,6 +71,8 @@ def test_offline_two_tiers_identical_tokens(model_dir, base, tmp_path):
     assert r["apex_fallback"] is None and r["attn_backend"] == ["ApexAttentionBackend"]
     t = json.loads(stats.read_text())
     check_tier_stats(t)
+    # all 8 were admitted (oldest first), none left waiting
+    assert sum(t["admitted"].values()) == PROMPTS
     # every block the scheduler moved was copied by the worker's context
     assert r["apex_copies_applied"] == t["blocks_copied"]
     st = r["apex"]
@@ -84,20 +87,6 @@ def test_offline_two_tiers_identical_tokens(model_dir, base, tmp_path):
     assert st["host_kv_external_bytes"] == cfg["num_hidden_layers"] * (POOL - DEVICE) * page
     assert r["apex_kv_ptrs"] == [p for p, _ in r["vllm_kv"]["tensors"]]
     print("\nAPEX tiers offline:", json.dumps(t), json.dumps(st))
-
-
-def test_fallback_to_vllm_backend_end_to_end(model_dir, base):
-    """A device tier as large as the pool: one warning, vLLM's own backend,
-    vLLM's tokens."""
-    env = {**TIER_ENV, "APEX_VLLM_DEVICE_BLOCKS": str(POOL)}
-    r = run(model_dir, "apex", env, ["--prompts", "2", "--num-blocks", str(POOL),
-                                     "--max-tokens", "8", "--apex-scheduler"])
-    assert r["attn_backend"] and "ApexAttentionBackend" not in r["attn_backend"]
-    assert r["apex"] is None and r["apex_fallback"]
-    assert r["_log"].count(FALLBACK_WARNING) == 1, r["_log"][-3000:]
-    assert f"a device tier of {POOL} blocks is not smaller than vLLM's pool of {POOL}" in \
-        r["_log"]
-    assert r["tokens"] == [t[:8] for t in base["tokens"][:2]]
 
 
 # ------------------------------------------------------------- vllm serve
@@ -129,14 +118,29 @@ def _free_port():
 
 
 def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
+    """Requests 0-3 are sent one at a time, each once the scheduler admitted
+    the one before (its stats file says so); 4-7 once 0 and 1 are done. Why
+    a spill and a promotion are then certain, whatever the profile and the
+    timing: the device's 5 usable blocks take 0-3 (one block each, the plan
+    admitting on the device while room for a request and its next token
+    stays above its 1-block reserve). Requests 1-3 decode 40 tokens from
+    prompts of 5-10, so each comes to hold two blocks (33-63 tokens) while
+    all three run (3 was admitted a few steps after 1, which runs 40): six
+    blocks, more than five, so the plan spills, from the back (the youngest
+    device request first). 1 is never spilled (only younger ones are
+    evicted before it, and it alone fits). When 1 ends, a spilled request
+    (2 or 3, admitted after 1) still runs on the host, unless one was
+    already promoted; the device then holds at most one other request of
+    two blocks, so three blocks are free: the oldest host request (two
+    blocks) plus the reserve fit, and the step's plan promotes it."""
     import openai
 
     port = _free_port()
     stats = tmp_path / "tiers.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "APEX_HOST_KV_GB", "APEX_METRICS_FILE")}
-    # Admission by the plan: at most 3 requests on the host tier at once;
-    # a fourth that fits only there waits.
+    # At most 3 requests on the host tier at once: where the plan would admit
+    # there, a fourth waits.
     env.update(TIER_ENV, APEX_VLLM_TIER_STATS=str(stats), APEX_VLLM_HOST_MAX_SEQS="3")
     log = open(tmp_path / "serve.log", "w")
     cmd = [sys.executable, "-c", VLLM_CLI, "serve", model_dir,
@@ -158,18 +162,38 @@ def test_vllm_serve_two_tiers_openai_client(model_dir, base, tmp_path):
             except openai.APIConnectionError:
                 assert time.time() < deadline, "vllm serve did not come up"
                 time.sleep(2)
+
         def complete(i):
             c = client.completions.create(model=model_dir, prompt=TEXTS[i],
                                           max_tokens=MAX_TOKENS, temperature=0,
                                           extra_body={"return_token_ids": True})
             return list(c.choices[0].token_ids)
 
+        def admitted():
+            try:
+                return sum(json.loads(stats.read_text())["admitted"].values())
+            except (OSError, ValueError):
+                return 0
+
         with concurrent.futures.ThreadPoolExecutor(PROMPTS) as pool:
-            tokens = list(pool.map(complete, range(PROMPTS)))
+            futures = []
+            for i in range(4):
+                futures.append(pool.submit(complete, i))
+                limit = time.time() + 120
+                while admitted() < i + 1:
+                    assert time.time() < limit, f"request {i} was not admitted"
+                    time.sleep(0.02)
+            futures[0].result(), futures[1].result()
+            # the promotion comes with the step after 1 ended (2 and 3 run on)
+            limit = time.time() + 60
+            while json.loads(stats.read_text())["promotions"] < 1:
+                assert time.time() < limit, json.loads(stats.read_text())
+                time.sleep(0.02)
+            futures += [pool.submit(complete, i) for i in range(4, PROMPTS)]
+            tokens = [f.result() for f in futures]
         assert tokens == base["tokens"]
         t = json.loads(stats.read_text())
         check_tier_stats(t)
-        assert t["waits"] >= 1, t
         print("\nAPEX tiers under vllm serve:", json.dumps(t))
     finally:
         server.terminate()
@@ -239,38 +263,57 @@ def test_bad_configurations_fall_back(vllm_config, monkeypatch, case, want):
     tiers.reset_for_tests()
     sel = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto",
                                   block_size=32)
+    warned = []
+    monkeypatch.setattr(tiers.logger, "warning", lambda fmt, *a: warned.append(fmt % a))
     try:
         with set_current_vllm_config(vllm_config):
             path = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, sel)
+        # the scheduler asks again in the same process (the engine core):
+        # the same answer, no second warning
+        assert tiers.resolve(vllm_config) == cfg
     finally:
         tiers.reset_for_tests()
     assert path == (apex_vllm.BACKEND_PATH if want is None
                     else AttentionBackendEnum.CPU_ATTN.get_path())
+    # one clear message, with the reason
+    assert warned == ([] if want is None else [f"{FALLBACK_WARNING}: {cfg.fallback}"]), warned
 
 
 # ------------------------------------------------ placement and the queue
 
-def test_place_rule():
-    R = tiers.ReqView
-    # a device request outgrowing the device spills; the host has room
-    p = tiers.place([R("a", "device", 3, needs=1), R("b", "host", 1)], 0, 10)
-    assert p.spill == ["a"] and p.promote == ["b"]  # a's 3 blocks let b (1 + 1) in
-    # promotion needs room for the request plus one block of growth
-    p = tiers.place([R("b", "host", 2)], 2, 10)
-    assert p.promote == []
-    p = tiers.place([R("b", "host", 2)], 3, 10)
-    assert p.promote == ["b"]
-    # not right after its spill, nor a request sharing blocks
-    assert tiers.place([R("b", "host", 2)], 9, 10, cooldown=frozenset({"b"})).promote == []
-    assert tiers.place([R("b", "host", 2, shared=True)], 9, 10).promote == []
-    # admission: device with room, else host, else (host cap) wait
-    assert tiers.place([], 3, 10, new_blocks=2).admit == "device"
-    assert tiers.place([], 2, 10, new_blocks=2).admit == "host"
-    running = [R("x", "host", 1), R("y", "host", 1)]
-    assert tiers.place(running, 0, 10, new_blocks=1, host_max_seqs=2,
-                       cooldown=frozenset({"x", "y"})).admit == "wait"
-    assert tiers.place(running, 0, 10, new_blocks=1, host_max_seqs=3,
-                       cooldown=frozenset({"x", "y"})).admit == "host"
+def test_sched_place_binding(vllm_config):
+    """apex_sched_place through apex_vllm.place, on a scheduler context of the
+    model's geometry: what the scheduler's decisions rest on."""
+    D, H, DEC = place.TIER_DEVICE, place.TIER_HOST, place.DECODING
+    p = place.Placer(tiers.model_geometry(vllm_config), 256, 256,
+                     place.model_shapes(vllm_config))
+    try:
+        # decoders stay where they are while the device has room; a host one
+        # is promoted (oldest first) while room for it and its next token,
+        # less the plan's reserve block, is free: 5 blocks, 2 held, 2 promoted
+        items = [(10, D, DEC), (10, D, DEC), (10, H, DEC), (10, H, DEC), (10, H, DEC)]
+        out, plan = p.place(items, 5)
+        assert out == [D, D, D, D, H]
+        assert (plan.n_device, plan.n_host, plan.n_to_device, plan.n_to_host) == (4, 1, 2, 0)
+        assert 0 <= plan.n_host_idle <= plan.n_host and plan.strategy
+        assert p.place(items, 5)[0] == out  # deterministic
+        # both device requests need a block for their next token (64 tokens
+        # fill two), none is free: the youngest spills
+        out, plan = p.place([(64, D, DEC), (64, D, DEC)], 4)
+        assert out == [D, H] and plan.n_to_host == 1
+        # promotion: 41 tokens take 2 blocks; 4 free leave the reserve, 2 do not
+        assert p.place([(40, H, DEC)], 4)[0] == [D]
+        assert p.place([(40, H, DEC)], 2)[0] == [H]
+        # an idle request leaves the device
+        assert p.place([(10, D, place.IDLE)], 4)[0] == [H]
+        # bad input: APEX's message, nothing counted
+        calls = p.calls
+        with pytest.raises(RuntimeError, match="apex_sched_place.*more than the device"):
+            p.place([(64, D, DEC), (64, D, DEC)], 3)
+        assert p.calls == calls
+        p.observe(0.05)  # vLLM's step time corrects the model
+    finally:
+        p.close()
 
 
 def test_two_tier_queue_under_vllm_block_pool():
