@@ -22,7 +22,7 @@ static const apex_env_info k_vars[APEX_ENV_N] = {
  * scripts), so the typo guard leaves them alone; and the prefixes whose
  * names belong to one part, which checks its own. */
 static const char *const k_other[] = {
-    "APEX_LIB",          "APEX_LIB_PATH",      "APEX_STATS_FILE",     "APEX_CACHE_DIR",
+    "APEX_STATS_FILE",   "APEX_CACHE_DIR",
     "APEX_PRELOAD_LIB",  "APEX_TEST_DEVICE",   "APEX_ISA_EXPECT",     "APEX_FAULT_TRACE",
     "APEX_FAULT_SWEEP_FROM", "APEX_GPU_BUILD", "APEX_GPU_STAGE",      "APEX_GPU_VOCAB",
     "APEX_MODEL",        "APEX_MODEL_DIR",     "APEX_PYTHON",         "APEX_ROOT",
