@@ -193,18 +193,20 @@ int bench_vs_ggml_main(int argc, char **argv);
 
 /* argv[0] is the subcommand's name, as apex-bench passes it. */
 int bench_vs_ggml_main(int argc, char **argv) {
-    int json = 0, quick = 0, n_threads = omp_get_max_threads(), reps = 5;
+    int json = 0, quick = 0, n_threads = omp_get_max_threads(), reps = 5, one_batch = 0, one_ctx = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json")) json = 1;
         else if (!strcmp(argv[i], "--quick")) quick = 1;
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) one_batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) one_ctx = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: apex-bench vs-ggml [--json] [--quick] [--threads N] [--reps N]\n");
+            fprintf(stderr, "usage: apex-bench vs-ggml [--json] [--quick] [--threads N] [--reps N] [--batch N] [--ctx N]\n");
             return 2;
         }
     }
-    if (n_threads < 1 || reps < 1) return 2;
+    if (n_threads < 1 || reps < 1 || one_batch < 0 || one_ctx < 0) return 2;
     ggml_cpu_init();
     const geom geoms[] = {
         {"llama-3.1-8b", 32, 8, 128},
@@ -214,7 +216,10 @@ int bench_vs_ggml_main(int argc, char **argv) {
     const int batches_full[] = {1, 8, 32}, ctxs_full[] = {1024, 4096, 16384};
     const int batches_quick[] = {1, 8}, ctxs_quick[] = {1024, 4096};
     const int *batches = quick ? batches_quick : batches_full, *ctxs = quick ? ctxs_quick : ctxs_full;
-    const int nb = quick ? 2 : 3, nc = quick ? 2 : 3;
+    int nb = quick ? 2 : 3, nc = quick ? 2 : 3;
+    /* --batch / --ctx pin one point of the grid (e.g. the harness's short contexts). */
+    if (one_batch) batches = &one_batch, nb = 1;
+    if (one_ctx) ctxs = &one_ctx, nc = 1;
     int ok = 1, first = 1;
     if (json)
         printf("{\"benchmark\": \"vs-ggml\", \"threads\": %d, \"isa\": \"%s\", \"kv_dtype\": \"f16\", \"cases\": [",
