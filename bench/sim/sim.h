@@ -81,7 +81,9 @@ typedef struct sub_batch {
     double prefill_tokens;
 } sub_batch;
 
-typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX } policy_kind;
+/* POL_NEO_BASE (NEO's GPU-only engine, the baseline of its published
+ * gains) comes last: `--policy all` runs the first four. */
+typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX, POL_NEO_BASE, POL_N } policy_kind;
 
 typedef struct policy {
     policy_kind kind;
@@ -120,6 +122,8 @@ void policy_observe(policy *pol, const sim_hw *h, exec_mode m, const sched_work 
 void policy_free(policy *pol);
 /* The neo baseline (neo.c). */
 exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl);
+/* NEO's GPU-only mode, swap-out preemption (neo.c). */
+exec_mode plan_neo_base(policy *pol, const sched_state *st, sched_plan *pl);
 /* Evicts GPU decoders from the newest until the growth of the rest fits:
  * to the host if swap and it has room (hfree), else preempted. Returns the
  * GPU blocks left free. */

@@ -17,7 +17,7 @@ static void usage(FILE *f) {
             "  --preset     t4-llama2-7b, a10-llama2-7b, a10-llama3-8b, a100-40gb-llama3-8b,\n"
             "               h100-pcie-llama3-8b, ... (HW: t4 a10 a100-40gb h100-pcie h100-sxm)\n"
             "  --workload   chat | reasoning | summarize | neo-synthetic\n"
-            "  --policy     vllm | fastdecode | neo | apex | all\n"
+            "  --policy     vllm | fastdecode | neo | apex | all (these four) | neo-base\n"
             "  --requests N      requests to complete (default 400)\n"
             "  --clients N       closed loop with N clients (default 64)\n"
             "  --rate R          Poisson arrivals at R req/s instead of closed loop\n"
@@ -152,11 +152,11 @@ int main(int argc, char **argv) {
     if (sim_hw_init(&h, preset, drift, &ho)) return 2;
     g_target_user = target_ms >= 0;
     double target = target_ms < 0 ? default_target(&h, wname, budget) : target_ms * 1e-3;
-    policy_kind ks[4];
+    policy_kind ks[POL_N];
     int nk = 0;
-    if (!strcmp(pname, "all")) { for (int i = 0; i < 4; i++) ks[nk++] = (policy_kind)i; }
+    if (!strcmp(pname, "all")) { for (int i = 0; i < POL_APEX + 1; i++) ks[nk++] = (policy_kind)i; }
     else {
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < POL_N; i++)
             if (!strcmp(pname, policy_name((policy_kind)i))) ks[nk++] = (policy_kind)i;
         if (!nk) { fprintf(stderr, "apex-sim: unknown policy '%s'\n", pname); return 2; }
     }
