@@ -29,8 +29,9 @@
  * gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and output copies.
  * Its constants are the released ones (swiftllm/perfpredictor.py,
  * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
- * lnch_T is a scheduler constant here (it makes NEO admit fewer CPU
- * decodes); the simulated hardware's own per-layer CPU costs are in exec.c.
+ * lnch_T is both what NEO's scheduler assumes and what its engine pays:
+ * exec.c charges it to the host thread per layer and sub-batch of a
+ * pipelined neo step (policy.launch_s), serial with the CPU attention.
  * Deviations: swapped-out decodes rejoin the CPU queue in arrival order (NEO
  * puts them at its front); a swap-in costs the step of the migration (the
  * engine moves KV between steps); the batch budget does not evict GPU
@@ -42,8 +43,7 @@
 
 #define NEO_WIDTH_MIN 128      /* NEO's linr_S_threshold                */
 #define NEO_SWAP_IN_FRAC 0.95  /* swap in below this GPU pool occupancy */
-#define NEO_LNCH_S 0.8e-3      /* NEO's lnch_T: CPU-side cost per layer and
-                                  sub-batch its scheduler assumes          */
+#define NEO_LNCH_S SIM_NEO_LNCH_S /* NEO's lnch_T (sim.h)             */
 /* temporary marks of a dealt CPU decode (replaced before returning) */
 enum { NEO_CDEC_SB0 = -2, NEO_CDEC_SB1 = -1 };
 

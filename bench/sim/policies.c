@@ -36,6 +36,7 @@ void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target
     if (k == POL_APEX && g_gpu_horizon >= 0) pol->cfg.gpu_horizon = g_gpu_horizon;
     apex_correction_init(&pol->corr);
     pol->use_correction = k == POL_APEX;
+    pol->launch_s = k == POL_NEO ? SIM_NEO_LNCH_S : 0; /* NEO's engine is Python */
     sched_scratch_init(&pol->scratch, capacity);
 }
 
