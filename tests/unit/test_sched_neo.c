@@ -306,7 +306,7 @@ static void test_host_options(void **state) {
     double kv = apex_kv_bytes_per_token(&h.geom);
     assert_true(fabs(h.truth.catt[h.truth.n_catt - 1].per_token - kv / (0.65 * 100e9)) <
                 1e-6 * kv / 65e9);
-    /* --host-kv-gb (NEO's --swap-space) replaces the preset's host pool */
+    /* --host-kv-gib (NEO's --swap-space) replaces the preset's host pool */
     sim_hw_opts okv = {4, 0, 0, 15.0 * 1073741824.0};
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &okv), 0);
     assert_true(h.host_blocks == (int64_t)(15.0 * 1073741824.0 / (kv * 16)));
