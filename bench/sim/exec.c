@@ -9,7 +9,9 @@
  * runs each sub-batch as a chain per layer: [its linear layers (post of l-1
  * + pre of l)] -> [attention of l: its GPU part inline on the stream and its
  * CPU part d2h -> CPU -> h2d, in parallel] -> ..., with the in-order GPU
- * stream alternating between the sub-batches' work in issue order. */
+ * stream alternating between the sub-batches' work in issue order. An
+ * engine whose one host thread both launches the GPU work and runs the CPU
+ * attention (NEO's) pays launch_s of that thread per layer and sub-batch. */
 #include <math.h>
 #include <string.h>
 
@@ -33,7 +35,7 @@ typedef struct chain {
 } chain;
 
 void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batch *sb1,
-               sim_rng *rn, step_out *o) {
+               double launch_s, sim_rng *rn, step_out *o) {
     const apex_profile *p = &h->truth;
     const apex_model_geom *g = &p->geom;
     double L = g->n_layers, nz = h->noise;
@@ -102,9 +104,14 @@ void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batc
             chain *ch = &c[k];
             if (ch->lin_l <= 0 && ch->cpu_l <= 0 && ch->gatt_l <= 0) continue;
             double st = mx(gpu, ch->ready); /* waits for its previous stage */
+
             lin_tot += ch->lin_l;
             gpu_busy += ch->lin_l + ch->gatt_l;
+            /* the engine's host thread launches each stage (NEO: while the
+             * other sub-batch's work runs), serial with its CPU attention */
+            double lnch = nch == 2 ? launch_s : 0;
             if (ch->cpu_l <= 0) { /* all on the GPU */
+                if (lnch > 0) cpu_free = mx(cpu_free, st) + lnch;
                 gpu = st + ch->lin_l + ch->gatt_l;
                 continue;
             }
@@ -113,7 +120,7 @@ void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batc
             double dt = fp * (p->d2h.lat_s + ch->d2h_B / p->d2h.bw_Bps);
             d2h_free = d0 + dt;
             double c0 = mx(cpu_free, d2h_free);
-            cpu_free = c0 + ch->cpu_l + p->layer_sync_s;
+            cpu_free = c0 + ch->cpu_l + p->layer_sync_s + lnch;
             catt_tot += ch->cpu_l;
             double h0 = mx(h2d_free, cpu_free);
             double ht = fp * (p->h2d.lat_s + ch->h2d_B / p->h2d.bw_Bps);

@@ -29,8 +29,9 @@
  * gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and output copies.
  * Its constants are the released ones (swiftllm/perfpredictor.py,
  * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
- * lnch_T is a scheduler constant here (it makes NEO admit fewer CPU
- * decodes); the simulated hardware's own per-layer CPU costs are in exec.c.
+ * lnch_T is both what NEO's scheduler assumes and what its engine pays:
+ * exec.c charges it to the host thread per layer and sub-batch of a
+ * pipelined neo step (policy.launch_s), serial with the CPU attention.
  * Deviations: swapped-out decodes rejoin the CPU queue in arrival order (NEO
  * puts them at its front); a swap-in costs the step of the migration (the
  * engine moves KV between steps); the batch budget does not evict GPU
@@ -42,8 +43,7 @@
 
 #define NEO_WIDTH_MIN 128      /* NEO's linr_S_threshold                */
 #define NEO_SWAP_IN_FRAC 0.95  /* swap in below this GPU pool occupancy */
-#define NEO_LNCH_S 0.8e-3      /* NEO's lnch_T: CPU-side cost per layer and
-                                  sub-batch its scheduler assumes          */
+#define NEO_LNCH_S SIM_NEO_LNCH_S /* NEO's lnch_T (sim.h)             */
 /* temporary marks of a dealt CPU decode (replaced before returning) */
 enum { NEO_CDEC_SB0 = -2, NEO_CDEC_SB1 = -1 };
 
@@ -252,4 +252,98 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
     pl->strategy = pipe ? SCHED_PIPELINE : SCHED_GPU_ONLY;
     pol->sb1 = s1;
     return pipe ? EX_TWO : EX_GPU_ONLY;
+}
+
+/* The `neo-base` baseline: NEO's own engine in its GPU-only mode, the
+ * baseline of NEO's published throughput gains (evaluation/server.py starts
+ * it with --always-use-gpu; scheduler.py get_next_batch then runs
+ * _get_next_batch_old). Per step:
+ *   1. GPU decodes stay; the newest are swapped out to host memory while
+ *      their KV outgrows the GPU pool or they exceed the batch size
+ *      (swapped, not recomputed: the KV crosses PCIe, priced by exec.c's
+ *      copy engines).
+ *   2. With nothing swapped out, waiting prompts are admitted FCFS, whole,
+ *      while the pool (100 %), the batch size and the width budget
+ *      (max_tokens_in_batch, GPU decodes included) allow; the decodes ride
+ *      in the same batch.
+ *   3. With sequences swapped out, no prompt is admitted; unless this step
+ *      swapped out, the head of the swapped queue swaps back in while it
+ *      fits the pool. Swapped-out sequences do not decode (no CPU attention
+ *      in this mode).
+ * Deviation as in `neo`: a swap-in spends its step migrating. */
+exec_mode plan_neo_base(policy *pol, const sched_state *st, sched_plan *pl) {
+    const sched_config *cfg = &pol->cfg;
+    int32_t bt = st->block_tokens;
+    int n = st->n_seqs, n_run = 0, n_gdec = 0;
+    for (int i = 0; i < n; i++) {
+        const sched_seq *q = &st->seqs[i];
+        int gdec = q->phase == SCHED_DECODING && q->tier == SCHED_TIER_GPU;
+        pl->action[i] = gdec ? SCHED_ACT_DECODE_GPU : SCHED_ACT_IDLE;
+        pl->chunk[i] = 0;
+        if (q->phase != SCHED_WAITING) n_run++;
+    }
+    int64_t hfree = st->host_blocks_free;
+    int64_t gfree = relieve_gpu(st, pl, 1, &hfree, &n_run);
+    /* the batch size binds too: the newest decodes beyond it swap out */
+    for (int i = 0; i < n; i++) n_gdec += pl->action[i] == SCHED_ACT_DECODE_GPU;
+    for (int i = n - 1; i >= 0 && n_gdec > cfg->max_batch; i--) {
+        if (pl->action[i] != SCHED_ACT_DECODE_GPU) continue;
+        int64_t nb = blocks_for(st->seqs[i].ctx_len, bt);
+        if (hfree < nb + 1) break;
+        pl->action[i] = SCHED_ACT_TO_HOST;
+        pl->n_to_host++;
+        hfree -= nb;
+        gfree += nb;
+        n_gdec--;
+    }
+    int swapped = pl->n_to_host > 0;
+    for (int i = 0; i < n && !swapped; i++)
+        swapped = st->seqs[i].phase == SCHED_DECODING && st->seqs[i].tier == SCHED_TIER_CPU;
+
+    int64_t seats = cfg->max_batch - n_gdec, width = cfg->prefill_budget - n_gdec;
+    if (!swapped) {
+        /* 2. prompts ride with the decodes (a prompt over the width budget,
+         * which NEO refuses, is chunked so the run can finish) */
+        for (int i = 0; i < n; i++) {
+            const sched_seq *q = &st->seqs[i];
+            if (q->phase != SCHED_PREFILLING || q->prompt_left <= 0 || seats < 1 || width < 1)
+                continue;
+            int32_t c = q->prompt_left < width ? q->prompt_left : (int32_t)width;
+            pl->action[i] = SCHED_ACT_PREFILL_GPU;
+            pl->chunk[i] = c;
+            seats--;
+            width -= c;
+            pl->n_prefill++;
+        }
+        for (int i = 0; i < n; i++) {
+            const sched_seq *q = &st->seqs[i];
+            if (q->phase != SCHED_WAITING) continue;
+            int64_t nb = blocks_for(q->ctx_len + q->prompt_left + 1, bt);
+            int32_t c = q->prompt_left;
+            if (c > cfg->prefill_budget && width == cfg->prefill_budget - n_gdec)
+                c = (int32_t)width; /* never fits whole */
+            if (seats < 1 || c < 1 || c > width || gfree < nb) break; /* strict FCFS */
+            pl->action[i] = SCHED_ACT_PREFILL_GPU;
+            pl->chunk[i] = c;
+            gfree -= nb;
+            seats--;
+            width -= c;
+            pl->n_prefill++;
+            pl->n_admit++;
+        }
+    } else if (pl->n_to_host == 0) {
+        /* 3. swap in from the head while it fits */
+        for (int i = 0; i < n; i++) {
+            const sched_seq *q = &st->seqs[i];
+            if (q->phase != SCHED_DECODING || q->tier != SCHED_TIER_CPU) continue;
+            int64_t nb = blocks_for(q->ctx_len + 1, bt);
+            if (seats < 1 || gfree < nb) break;
+            pl->action[i] = SCHED_ACT_TO_GPU;
+            pl->n_to_gpu++;
+            gfree -= nb;
+            seats--;
+        }
+    }
+    pl->strategy = SCHED_GPU_ONLY;
+    return EX_GPU_ONLY;
 }

@@ -8,6 +8,7 @@
  *               GPU linear layers, two sub-batches pipelined (FastDecode's
  *               CPU/GPU pipeline); FCFS admission up to the batch cap.
  *   neo         NEO's released scheduler, in neo.c.
+ *   neo-base    NEO's engine in GPU-only mode (swap-out preemption), in neo.c.
  */
 #include <math.h>
 #include <string.h>
@@ -18,7 +19,7 @@
 int32_t g_gpu_horizon = -1;
 
 const char *policy_name(policy_kind k) {
-    static const char *n[] = {"vllm", "fastdecode", "neo", "apex"};
+    static const char *n[] = {"vllm", "fastdecode", "neo", "apex", "neo-base"};
     return n[k];
 }
 
@@ -35,6 +36,7 @@ void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target
     if (k == POL_APEX && g_gpu_horizon >= 0) pol->cfg.gpu_horizon = g_gpu_horizon;
     apex_correction_init(&pol->corr);
     pol->use_correction = k == POL_APEX;
+    pol->launch_s = k == POL_NEO ? SIM_NEO_LNCH_S : 0; /* NEO's engine is Python */
     sched_scratch_init(&pol->scratch, capacity);
 }
 
@@ -178,6 +180,7 @@ exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st, sched
     case POL_VLLM: m = plan_vllm(pol, st, pl); break;
     case POL_FASTDECODE: m = plan_fastdecode(pol, st, pl); break;
     case POL_NEO: m = plan_neo(pol, h, st, pl); break;
+    case POL_NEO_BASE: m = plan_neo_base(pol, st, pl); break;
     default:
         if (apex_sched_plan(st, &h->belief, pol->use_correction ? &pol->corr : NULL,
                             &pol->cfg, &pol->scratch, pl) != SCHED_OK)

@@ -39,9 +39,10 @@ int sim_hw_init(sim_hw *h, const char *preset, double drift_catt, const sim_hw_o
     if (apex_model_preset(model, &h->geom, &h->weight_bytes)) return -1;
     if (opts) {
         if (opts->host_cores < 0 || opts->host_cores > 1024 || !(opts->host_bw_Bps >= 0) ||
-            opts->host_bw_Bps > 1e14 || opts->gpu_kv_tokens < 0) {
+            opts->host_bw_Bps > 1e14 || opts->gpu_kv_tokens < 0 || !(opts->host_kv_B >= 0) ||
+            opts->host_kv_B > 1e14) {
             fprintf(stderr, "apex-sim: host cores must be 0..1024, host bandwidth 0..1e5 GB/s, "
-                            "GPU KV tokens >= 0\n");
+                            "GPU KV tokens >= 0, host KV 0..1e5 GB\n");
             return -1;
         }
         if (opts->host_cores > 0) h->host.cpu_cores = opts->host_cores;
@@ -63,6 +64,7 @@ int sim_hw_init(sim_hw *h, const char *preset, double drift_catt, const sim_hw_o
     double gpu_kv = SIM_GPU_MEM_FRAC * h->hw->gpu_mem_B - h->weight_bytes - SIM_ACT_RESERVE_B;
     h->gpu_blocks = gpu_kv > 0 ? (int64_t)(gpu_kv / kvB) : 0;
     if (opts && opts->gpu_kv_tokens > 0) h->gpu_blocks = opts->gpu_kv_tokens / h->block_tokens;
+    if (opts && opts->host_kv_B > 0) h->host.host_kv_B = opts->host_kv_B;
     h->host_blocks = (int64_t)(h->hw->host_kv_B / kvB);
     h->noise = 0.03;
     return 0;
@@ -145,7 +147,7 @@ int sim_run(const sim_hw *h, policy_kind kind, const workload *wl, double tpot_t
         pl.capacity = N;
         exec_mode m = policy_plan(&pol, h, &st, &pl);
         step_out o;
-        exec_step(h, m, &pl.work, &pol.sb1, &nr, &o);
+        exec_step(h, m, &pl.work, &pol.sb1, pol.launch_s, &nr, &o);
         if (!(o.t > 0)) o.t = h->truth.step_overhead_s;
         policy_observe(&pol, h, m, &pl.work, &o);
         t += o.t;

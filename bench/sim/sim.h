@@ -47,11 +47,12 @@ int workload_lengths(const char *name, sim_rng *r, int32_t *prompt, int32_t *out
  * same roofline as the presets: APEX_ROOF_CPU_BW_EFF of the bandwidth,
  * capped per core); gpu_kv_tokens replaces the GPU KV pool the engine
  * derives from memory (an engine setting, like vLLM's
- * num_gpu_blocks_override). */
+ * num_gpu_blocks_override); host_kv_B replaces the preset's host KV pool. */
 typedef struct sim_hw_opts {
     int32_t host_cores;
     double host_bw_Bps;
     int64_t gpu_kv_tokens;
+    double host_kv_B;      /* host KV pool (NEO's --swap-space)           */
 } sim_hw_opts;
 
 typedef struct sim_hw {
@@ -81,7 +82,9 @@ typedef struct sub_batch {
     double prefill_tokens;
 } sub_batch;
 
-typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX } policy_kind;
+/* POL_NEO_BASE (NEO's GPU-only engine, the baseline of its published
+ * gains) comes last: `--policy all` runs the first four. */
+typedef enum { POL_VLLM, POL_FASTDECODE, POL_NEO, POL_APEX, POL_NEO_BASE, POL_N } policy_kind;
 
 typedef struct policy {
     policy_kind kind;
@@ -90,6 +93,8 @@ typedef struct policy {
     sched_scratch scratch;
     int use_correction;
     sub_batch sb1;         /* sub-batch 1 of the last plan (EX_TWO)       */
+    double launch_s;       /* engine's host launch time per layer and
+                              sub-batch in a pipelined step (exec_step)   */
 } policy;
 
 /* exec mode of a step: GPU only; one batch with asynchronous overlap; two
@@ -106,9 +111,11 @@ typedef struct step_out {
 } step_out;
 
 /* Times a step of `w` in mode m on h's true hardware; sb1 (EX_TWO only) is
- * the part of w in sub-batch 1. */
+ * the part of w in sub-batch 1. launch_s (EX_TWO only): host-thread time per
+ * layer and sub-batch the engine spends launching work, serial with its CPU
+ * attention (0: none, APEX's C workers). */
 void exec_step(const sim_hw *h, exec_mode m, const sched_work *w, const sub_batch *sb1,
-               sim_rng *noise, step_out *o);
+               double launch_s, sim_rng *noise, step_out *o);
 
 /* Fills plan (action, chunk, strategy) for the state; returns exec mode. */
 exec_mode policy_plan(policy *pol, const sim_hw *h, const sched_state *st,
@@ -118,8 +125,14 @@ void policy_init(policy *pol, policy_kind k, const sim_hw *h, double tpot_target
 void policy_observe(policy *pol, const sim_hw *h, exec_mode m, const sched_work *w,
                     const step_out *o);
 void policy_free(policy *pol);
+/* NEO's lnch_T (swiftllm/perfpredictor.py): its engine's host-side launch
+ * time per layer and sub-batch, profiled by NEO (profiler.py _profile_lnch,
+ * avg_lnch_time) and fixed at 0.8 ms in the released code. */
+#define SIM_NEO_LNCH_S 0.8e-3
 /* The neo baseline (neo.c). */
 exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_plan *pl);
+/* NEO's GPU-only mode, swap-out preemption (neo.c). */
+exec_mode plan_neo_base(policy *pol, const sched_state *st, sched_plan *pl);
 /* Evicts GPU decoders from the newest until the growth of the rest fits:
  * to the host if swap and it has room (hfree), else preempted. Returns the
  * GPU blocks left free. */

@@ -17,7 +17,7 @@ static void usage(FILE *f) {
             "  --preset     t4-llama2-7b, a10-llama2-7b, a10-llama3-8b, a100-40gb-llama3-8b,\n"
             "               h100-pcie-llama3-8b, ... (HW: t4 a10 a100-40gb h100-pcie h100-sxm)\n"
             "  --workload   chat | reasoning | summarize | neo-synthetic\n"
-            "  --policy     vllm | fastdecode | neo | apex | all\n"
+            "  --policy     vllm | fastdecode | neo | apex | all (these four) | neo-base\n"
             "  --requests N      requests to complete (default 400)\n"
             "  --clients N       closed loop with N clients (default 64)\n"
             "  --rate R          Poisson arrivals at R req/s instead of closed loop\n"
@@ -36,6 +36,7 @@ static void usage(FILE *f) {
             "  --host-bw-gbs X   host's theoretical DRAM bandwidth in GB/s (default: the\n"
             "                    preset's); the CPU model draws min(cores x 12, 0.65 x X)\n"
             "  --gpu-kv-tokens N GPU KV pool in tokens (default: derived from GPU memory)\n"
+            "  --host-kv-gib X   host KV pool in GiB, NEO's --swap-space (default: the preset's)\n"
             "  --json            one JSON object on stdout (an array of them for --policy all)\n");
 }
 
@@ -103,8 +104,8 @@ static void print_json(const sim_hw *h, const char *wname, policy_kind k, const 
 int main(int argc, char **argv) {
     const char *preset = NULL, *wname = NULL, *pname = NULL;
     workload wl = {NULL, 1, 64, 0, 400, 1};
-    double target_ms = -1, drift = 1, host_bw_gbs = 0;
-    sim_hw_opts ho = {0, 0, 0};
+    double target_ms = -1, drift = 1, host_bw_gbs = 0, host_kv_gib = 0;
+    sim_hw_opts ho = {0, 0, 0, 0};
     int json = 0, max_batch = 256, budget = 2048;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -129,13 +130,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--host-cores")) ho.host_cores = atoi(v);
         else if (!strcmp(a, "--host-bw-gbs")) host_bw_gbs = atof(v);
         else if (!strcmp(a, "--gpu-kv-tokens")) ho.gpu_kv_tokens = atoll(v);
+        else if (!strcmp(a, "--host-kv-gib")) host_kv_gib = atof(v);
         else { fprintf(stderr, "apex-sim: unknown option %s\n", a); usage(stderr); return 2; }
     }
     if (!preset || !wname || !pname) { usage(stderr); return 2; }
     if (wl.n_requests <= 0 || wl.clients <= 0 || (!wl.closed && wl.rate <= 0) ||
         max_batch <= 0 || budget <= 0 || g_neo_out <= 0 || drift <= 0 || g_gpu_horizon < -1 ||
         !(target_ms >= 0 || target_ms == -1) || ho.host_cores < 0 || !(host_bw_gbs >= 0) ||
-        ho.gpu_kv_tokens < 0) {
+        ho.gpu_kv_tokens < 0 || !(host_kv_gib >= 0)) {
         fprintf(stderr, "apex-sim: bad numeric option\n");
         return 2;
     }
@@ -149,14 +151,15 @@ int main(int argc, char **argv) {
     wl.name = wname;
     sim_hw h;
     ho.host_bw_Bps = host_bw_gbs * 1e9;
+    ho.host_kv_B = host_kv_gib * 1073741824.0;
     if (sim_hw_init(&h, preset, drift, &ho)) return 2;
     g_target_user = target_ms >= 0;
     double target = target_ms < 0 ? default_target(&h, wname, budget) : target_ms * 1e-3;
-    policy_kind ks[4];
+    policy_kind ks[POL_N];
     int nk = 0;
-    if (!strcmp(pname, "all")) { for (int i = 0; i < 4; i++) ks[nk++] = (policy_kind)i; }
+    if (!strcmp(pname, "all")) { for (int i = 0; i < POL_APEX + 1; i++) ks[nk++] = (policy_kind)i; }
     else {
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < POL_N; i++)
             if (!strcmp(pname, policy_name((policy_kind)i))) ks[nk++] = (policy_kind)i;
         if (!nk) { fprintf(stderr, "apex-sim: unknown policy '%s'\n", pname); return 2; }
     }

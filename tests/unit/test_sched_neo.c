@@ -8,7 +8,9 @@
  *                               +29.7 / +79.3 % over the non-offloading
  *                               baseline on g5.2x/4x/8x/16xlarge, i.e. 4 / 8 /
  *                               16 / 32 cores of EPYC 7R32; Llama-3-8B; input
- *                               U[900,1100], output U[0.9,1.1] x {50 .. 400}).
+ *                               U[900,1100], output U[0.9,1.1] x {50 .. 400}),
+ *                               held against NEO's own GPU-only engine
+ *                               (`neo-base`), as NEO measured them.
  *                               Tolerance: 10 percentage points of gain; see
  *                               docs/sched.md "neo against NEO's numbers".
  * The published check prints its comparison as one JSON object on stdout. */
@@ -40,7 +42,7 @@ typedef struct fixture {
  * blocks, all free unless the test takes some. */
 static void fx_init(fixture *f, int32_t cores, int64_t gpu_blocks) {
     memset(f, 0, sizeof *f);
-    sim_hw_opts o = {cores, 0, gpu_blocks * 16};
+    sim_hw_opts o = {cores, 0, gpu_blocks * 16, 0};
     assert_int_equal(sim_hw_init(&f->h, "a10-llama3-8b", 1, &o), 0);
     policy_init(&f->pol, POL_NEO, &f->h, 0, 1024, 20480, CAP);
     f->pl.action = f->act;
@@ -195,20 +197,108 @@ static void test_admission_and_sequential_trim(void **state) {
     policy_free(&f.pol);
 }
 
+/* neo-base (NEO's --always-use-gpu engine): the newest GPU decode whose
+ * growth does not fit is swapped out to the host, not recomputed; while a
+ * sequence is swapped out no prompt is admitted and nothing decodes on the
+ * CPU; the swapped queue's head swaps back in when it fits the whole pool
+ * (not NEO's 95 %), and prompts ride with the decodes otherwise. */
+static void test_neo_base_swaps_and_holds_admission(void **state) {
+    (void)state;
+    fixture f;
+    fx_init(&f, 16, 126); /* two 1008-token decodes fill it (63 blocks each) */
+    f.pol.kind = POL_NEO_BASE;
+    int a = add(&f, SCHED_DECODING, SCHED_TIER_GPU, 1008, 0);
+    int b = add(&f, SCHED_DECODING, SCHED_TIER_GPU, 1008, 0);
+    int w = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 100);
+    f.st.gpu_blocks_free = 0; /* both need a block to grow */
+    assert_int_equal(run(&f), EX_GPU_ONLY);
+    assert_int_equal(f.act[a], SCHED_ACT_DECODE_GPU);
+    assert_int_equal(f.act[b], SCHED_ACT_TO_HOST);
+    assert_int_equal(f.pl.n_preempt, 0);
+    assert_int_equal(f.act[w], SCHED_ACT_IDLE);
+    policy_free(&f.pol);
+
+    /* one swapped out, room for it at 100 % (not under 95 %): it swaps in,
+     * and the waiting prompt still waits */
+    fx_init(&f, 16, 200);
+    f.pol.kind = POL_NEO_BASE;
+    a = add(&f, SCHED_DECODING, SCHED_TIER_GPU, 1500, 0); /* 94 blocks */
+    b = add(&f, SCHED_DECODING, SCHED_TIER_CPU, 1550, 0); /* 97: 191 > 190 */
+    w = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 10);
+    run(&f);
+    assert_int_equal(f.act[a], SCHED_ACT_DECODE_GPU);
+    assert_int_equal(f.act[b], SCHED_ACT_TO_GPU);
+    assert_int_equal(f.act[w], SCHED_ACT_IDLE);
+    assert_int_equal(f.pl.n_cpu, 0);
+    policy_free(&f.pol);
+
+    /* nothing swapped: prompts join the decodes' batch, whole, FCFS, while
+     * the pool holds them */
+    fx_init(&f, 16, 200);
+    f.pol.kind = POL_NEO_BASE;
+    a = add(&f, SCHED_DECODING, SCHED_TIER_GPU, 1500, 0);
+    int p0 = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 900);
+    int p1 = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 900);
+    run(&f);
+    assert_int_equal(f.act[a], SCHED_ACT_DECODE_GPU);
+    assert_int_equal(f.act[p0], SCHED_ACT_PREFILL_GPU);
+    assert_int_equal(f.chunk[p0], 900);
+    assert_int_equal(f.act[p1], SCHED_ACT_IDLE);
+    assert_int_equal(f.pl.n_admit, 1);
+    policy_free(&f.pol);
+}
+
+/* NEO's engine pays its lnch_T (0.8 ms) of host-thread time per layer and
+ * sub-batch of a pipelined step, serial with its CPU attention: a CPU-bound
+ * pipelined step takes about 2 x layers x 0.8 ms longer; a GPU-only step
+ * does not change; only the neo policy carries it. */
+static void test_neo_engine_launch_cost(void **state) {
+    (void)state;
+    sim_hw h;
+    sim_hw_opts o = {4, 0, 0, 0};
+    assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &o), 0);
+    h.noise = 0;
+    sched_work w;
+    memset(&w, 0, sizeof w);
+    w.cpu_seqs = 100;
+    w.cpu_tokens = 100 * 1000;
+    sub_batch sb1 = {0, 0, 50, 50 * 1000, 0};
+    sim_rng r;
+    rng_seed(&r, 1);
+    step_out a, b;
+    exec_step(&h, EX_TWO, &w, &sb1, 0, &r, &a);
+    exec_step(&h, EX_TWO, &w, &sb1, SIM_NEO_LNCH_S, &r, &b);
+    double L = h.geom.n_layers;
+    assert_true(b.t - a.t > 0.9 * 2 * L * SIM_NEO_LNCH_S);
+    assert_true(b.t - a.t < 1.1 * 2 * L * SIM_NEO_LNCH_S);
+    memset(&w, 0, sizeof w);
+    w.gpu_seqs = 20;
+    w.gpu_tokens = 20 * 1000;
+    exec_step(&h, EX_GPU_ONLY, &w, NULL, 0, &r, &a);
+    exec_step(&h, EX_GPU_ONLY, &w, NULL, SIM_NEO_LNCH_S, &r, &b);
+    assert_true(a.t == b.t);
+    policy pol;
+    for (int k = 0; k < POL_N; k++) {
+        policy_init(&pol, (policy_kind)k, &h, 0, 256, 2048, 8);
+        assert_true(pol.launch_s == (k == POL_NEO ? SIM_NEO_LNCH_S : 0));
+        policy_free(&pol);
+    }
+}
+
 /* Host options reach the CPU model; bad values are refused. */
 static void test_host_options(void **state) {
     (void)state;
     sim_hw h;
-    sim_hw_opts bad = {-1, 0, 0};
+    sim_hw_opts bad = {-1, 0, 0, 0};
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &bad), -1);
-    sim_hw_opts badbw = {4, -5e9, 0};
+    sim_hw_opts badbw = {4, -5e9, 0, 0};
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &badbw), -1);
-    sim_hw_opts o4 = {4, 0, 26400};
+    sim_hw_opts o4 = {4, 0, 26400, 0};
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &o4), 0);
     assert_int_equal(h.threads, 4);
     assert_int_equal(h.gpu_blocks, 1650);
     double t4 = apex_t_catt(&h.truth, 100000, 100, 4);
-    sim_hw_opts o32 = {32, 100e9, 0}; /* 32 cores, but a 100 GB/s host */
+    sim_hw_opts o32 = {32, 100e9, 0, 0}; /* 32 cores, but a 100 GB/s host */
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &o32), 0);
     assert_int_equal(h.threads, 32);
     assert_true(h.hw->cpu_bw_Bps == 100e9);
@@ -218,6 +308,12 @@ static void test_host_options(void **state) {
     double kv = apex_kv_bytes_per_token(&h.geom);
     assert_true(fabs(h.truth.catt[h.truth.n_catt - 1].per_token - kv / (0.65 * 100e9)) <
                 1e-6 * kv / 65e9);
+    /* --host-kv-gib (NEO's --swap-space) replaces the preset's host pool */
+    sim_hw_opts okv = {4, 0, 0, 15.0 * 1073741824.0};
+    assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &okv), 0);
+    assert_true(h.host_blocks == (int64_t)(15.0 * 1073741824.0 / (kv * 16)));
+    sim_hw_opts badkv = {4, 0, 0, -1};
+    assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &badkv), -1);
     /* the default is the preset's: 16 cores of EPYC 7R32 */
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, NULL), 0);
     assert_int_equal(h.threads, 16);
@@ -225,13 +321,16 @@ static void test_host_options(void **state) {
 
 /* ------------------------------------------------------- published points */
 
-/* NEO's experiment (evaluation/reproduce-fig10a.py, configs/config-a10-8b.json
- * of the NEO repository): 2000 requests sent at once, max 1024 sequences and
- * 20480 tokens per iteration, GPU pool 1650 blocks of 16 for the baseline and
- * 1650 x 32/33 = 1600 for NEO (an extra layer of GPU KV for host-bound
- * prefills); throughput = completions per second between the 30 % and 70 %
- * marks; the gain at a CPU size is the largest over the five output lengths. */
+/* NEO's experiment (evaluation/reproduce-fig10a.py, server.py,
+ * configs/config-a10-8b.json of the NEO repository): 2000 requests sent at
+ * once, max 1024 sequences and 20480 tokens per iteration, GPU pool 1650
+ * blocks of 16 for the baseline and 1650 x 32/33 = 1600 for NEO (an extra
+ * layer of GPU KV for host-bound prefills), host KV --swap-space 120 GiB for
+ * NEO and 120 // 8 for the baseline on the g5.16xlarge; throughput =
+ * completions per second between the 30 % and 70 % marks; the gain at a CPU
+ * size is the largest over the five output lengths. */
 #define PUB_REQUESTS 2000
+#define PUB_SWAP_GIB 120
 #define PUB_TOL 0.10
 static const int pub_cores[4] = {4, 8, 16, 32};
 static const double pub_gain[4] = {0.122, 0.133, 0.297, 0.793};
@@ -241,7 +340,12 @@ static double steady(int cores, int out, policy_kind k) {
     extern int32_t g_neo_out;
     g_neo_out = out;
     sim_hw h;
-    sim_hw_opts o = {cores, 0, k == POL_NEO ? 1600 * 16 : 1650 * 16};
+    /* NEO's --swap-space: 120 GiB on the g5.16xlarge (32 cores, 256 GB);
+     * the smaller instances have 16 GB per 2 cores, so the same share of
+     * memory; the baseline gets swap_space // 8 (evaluation/server.py) */
+    double swap_gib = floor(PUB_SWAP_GIB * cores / 32);
+    if (k == POL_NEO_BASE) swap_gib = floor(swap_gib / 8);
+    sim_hw_opts o = {cores, 0, k == POL_NEO ? 1600 * 16 : 1650 * 16, swap_gib * 1073741824.0};
     assert_int_equal(sim_hw_init(&h, "a10-llama3-8b", 1, &o), 0);
     workload wl = {"neo-synthetic", 1, PUB_REQUESTS, 0, PUB_REQUESTS, 1};
     sim_result r;
@@ -250,23 +354,31 @@ static double steady(int cores, int out, policy_kind k) {
     return r.steady_req_s;
 }
 
+/* The gain is held against NEO's own baseline (`neo-base`: its engine with
+ * --always-use-gpu, the "base" of reproduce-fig10a.py); the gain over
+ * `vllm` (recompute preemption) is printed beside it. */
 static void test_published_points(void **state) {
     (void)state;
-    double gain[4];
+    double gain[4], gain_vllm[4];
     int ok = 0;
     printf("{\"source\": \"NEO README, Generation Throughput (A10G, Llama-3-8B)\", "
-           "\"tolerance_pp\": %.0f, \"points\": [", PUB_TOL * 100);
+           "\"baseline\": \"neo-base\", \"tolerance_pp\": %.0f, \"points\": [",
+           PUB_TOL * 100);
     for (int c = 0; c < 4; c++) {
-        gain[c] = -1;
+        gain[c] = gain_vllm[c] = -1;
+        int best = 0;
         for (int j = 0; j < 5; j++) {
-            double g = steady(pub_cores[c], pub_out[j], POL_NEO) /
-                       steady(pub_cores[c], pub_out[j], POL_VLLM) - 1;
-            if (g > gain[c]) gain[c] = g;
+            double neo = steady(pub_cores[c], pub_out[j], POL_NEO);
+            double g = neo / steady(pub_cores[c], pub_out[j], POL_NEO_BASE) - 1;
+            double gv = neo / steady(pub_cores[c], pub_out[j], POL_VLLM) - 1;
+            if (g > gain[c]) { gain[c] = g; best = pub_out[j]; }
+            if (gv > gain_vllm[c]) gain_vllm[c] = gv;
         }
         int in = fabs(gain[c] - pub_gain[c]) <= PUB_TOL;
         ok += in;
         printf("%s{\"host_cores\": %d, \"published_gain\": %.3f, \"model_gain\": %.3f, "
-               "\"within\": %s}", c ? ", " : "", pub_cores[c], pub_gain[c], gain[c],
+               "\"best_out\": %d, \"model_gain_over_vllm\": %.3f, \"within\": %s}",
+               c ? ", " : "", pub_cores[c], pub_gain[c], gain[c], best, gain_vllm[c],
                in ? "true" : "false");
     }
     printf("], \"reproduced\": %d}\n", ok);
@@ -286,6 +398,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_skip_rule),
         cmocka_unit_test(test_swap_in_head_under_95),
         cmocka_unit_test(test_admission_and_sequential_trim),
+        cmocka_unit_test(test_neo_base_swaps_and_holds_admission),
+        cmocka_unit_test(test_neo_engine_launch_cost),
         cmocka_unit_test(test_host_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
