@@ -144,10 +144,34 @@ static inline int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, 
     return npc;
 }
 
+/* e^x for x <= 0 (x - the running max), for P that is rounded to bf16
+ * next: Taylor to degree 5 on |r| <= ln2/2 (relative error < 3e-6, far
+ * below bf16's 2^-9): three vector ops fewer than avx512_exp16, and no
+ * upper clamp (x <= 0). */
+SPAN_INL __m512 span_exp16_bf(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* Online softmax over the span (see cpu_attn_kernel.span); scratch holds
- * the NH*G score rows first (the kernel may use what follows). */
+ * the NH*G score rows first (the kernel may use what follows). pb: NULL,
+ * or where P goes as bf16 (row h at pb + h * CPU_ATTN_SROW) for a kernel
+ * that rounds it so anyway; its exp is then the cheaper span_exp16_bf.
+ * Such a kernel defines SPAN_TO_BF16(p) (__m512 to __m256i, round to
+ * nearest even) before including this file; without it pb must be NULL. */
 SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float *acc,
-                              float *scratch, span_qk_fn qk, span_pv_fn pv, const void *ctx) {
+                              float *scratch, uint16_t *pb, span_qk_fn qk, span_pv_fn pv,
+                              const void *ctx) {
     const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt;
     const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
     /* Group: whole blocks, at most 256 KiB of K+V (stays in L2 between QK
@@ -178,11 +202,17 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
     if (ge > sp->t1) ge = sp->t1;
     int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
+    /* The first group's K in one burst (the QK needs it now); its V a
+     * share after each QK call of that group, where the lines overlap
+     * with work (the burst was 5% of an in-cache 128-token call). */
+    pf_list v0;
+    int v0_left;
     {
-        pf_list k, v;
+        pf_list k;
         pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
-        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
+        v0_left = pf_list_init(&v0, sp, pieces[cur], npc, sp->v_off, rowb);
     }
+    const int v0_per = (v0_left + npc * NH - 1) / (npc * NH);
 
     while (gs < sp->t1) {
         const span_piece *pc = pieces[cur];
@@ -199,10 +229,14 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
-            for (int hh = 0; hh < NH; hh++)
+            for (int hh = 0; hh < NH; hh++) {
                 qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, pc[x].n,
                    sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
+                if (v0_left) pf_share(&v0, &v0_left, v0_per);
+            }
         pf_list_some(&pfk, k_lines);
+        pf_list_some(&v0, v0_left);
+        v0_left = 0;
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
         for (int h = 0; h < NQ; h++) {
@@ -231,11 +265,24 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
             }
             const __m512 mv = _mm512_set1_ps(m[h]);
             __m512 vsum = _mm512_setzero_ps();
-            for (j = 0; j < n; j += 16) {
-                const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
-                const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
-                _mm512_mask_storeu_ps(row + j, k, p);
-                vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+#ifdef SPAN_TO_BF16
+            if (pb) {
+                uint16_t *prow = pb + (size_t)h * CPU_ATTN_SROW;
+                for (j = 0; j < n; j += 16) {
+                    const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                    const __m512 p = span_exp16_bf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
+                    _mm256_mask_storeu_epi16(prow + j, k, SPAN_TO_BF16(p));
+                    vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+                }
+            } else
+#endif
+            {
+                for (j = 0; j < n; j += 16) {
+                    const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+                    const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
+                    _mm512_mask_storeu_ps(row + j, k, p);
+                    vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+                }
             }
             l[h] += _mm512_reduce_add_ps(vsum);
         }
