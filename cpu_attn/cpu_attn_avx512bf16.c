@@ -74,7 +74,7 @@ INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t r
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_dpbf16_ps(a[h * TT + j], qv[h], kv);
         }
     }
-    const __m512 r = _mm512_mul_ps(avx512_hsum16(a, TT * HT), _mm512_set1_ps(scale));
+    const __m512 r = _mm512_mul_ps(avx512_hsum16_blend(a, TT * HT), _mm512_set1_ps(scale));
 #pragma GCC unroll 8
     for (int h = 0; h < HT; h++)
         _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
