@@ -164,13 +164,14 @@ SPAN_INL __m512 span_exp16_bf(__m512 x) {
 }
 
 /* Online softmax over the span (see cpu_attn_kernel.span); scratch holds
- * the NH*G score rows first (the kernel may use what follows). pb: NULL,
- * or where P goes as bf16 (row h at pb + h * CPU_ATTN_SROW) for a kernel
- * that rounds it so anyway; its exp is then the cheaper span_exp16_bf.
- * Such a kernel defines SPAN_TO_BF16(p) (__m512 to __m256i, round to
- * nearest even) before including this file; without it pb must be NULL. */
+ * the NH*G score rows first (the kernel may use what follows). The rows
+ * hold P (fp32) for pv(); p_bf16: the kernel rounds P to bf16 for its PV,
+ * so its exp is the cheaper span_exp16_bf. (Writing P as bf16 here, and
+ * so dropping the kernel's rounding pass, was 4-5% slower with MHA in
+ * cache in the two forms tried, all heads' P to one buffer and each KV
+ * head's just before its PV, though up to 10% faster with GQA.) */
 SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float *acc,
-                              float *scratch, uint16_t *pb, span_qk_fn qk, span_pv_fn pv,
+                              float *scratch, int p_bf16, span_qk_fn qk, span_pv_fn pv,
                               const void *ctx) {
     const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt;
     const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
@@ -265,18 +266,14 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
             }
             const __m512 mv = _mm512_set1_ps(m[h]);
             __m512 vsum = _mm512_setzero_ps();
-#ifdef SPAN_TO_BF16
-            if (pb) {
-                uint16_t *prow = pb + (size_t)h * CPU_ATTN_SROW;
+            if (p_bf16) {
                 for (j = 0; j < n; j += 16) {
                     const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
                     const __m512 p = span_exp16_bf(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
-                    _mm256_mask_storeu_epi16(prow + j, k, SPAN_TO_BF16(p));
+                    _mm512_mask_storeu_ps(row + j, k, p);
                     vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
                 }
-            } else
-#endif
-            {
+            } else {
                 for (j = 0; j < n; j += 16) {
                     const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
                     const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));

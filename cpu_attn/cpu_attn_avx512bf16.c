@@ -20,8 +20,6 @@
 #include <immintrin.h>
 #include <string.h>
 
-/* The driver's P to bf16: this file is built with AVX512-BF16. */
-#define SPAN_TO_BF16(p) ((__m256i)_mm512_cvtneps_pbh(p))
 #include "cpu_attn/avx512_span.h"
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/simd_avx512.h"
@@ -32,7 +30,7 @@
 
 typedef struct {
     const uint16_t *q; /* [NH*G][Dq] bf16, unscaled, zero past D      */
-    uint16_t *p;       /* [NH*G][PROW] bf16 P, written by the driver  */
+    uint16_t *p;       /* [G][PROW] bf16 P of the KV head in PV       */
     int D, Dq, G;
     size_t rowb;
     float scale;
@@ -186,12 +184,8 @@ INL void bf_pv_slice(const pv_piece *pc, int npc, size_t rowb, const uint16_t *p
     for (int x = 0; x < npc; x++)
         for (int r0 = 0; r0 < pc[x].n; r0 += 16) {
             const int n = pc[x].n - r0 < 16 ? pc[x].n - r0 : 16;
-            const uint8_t *v = pc[x].v + (size_t)r0 * rowb + (size_t)c * 2;
-            /* A full run with a constant count: the compiler then keeps
-             * the V rows in registers (a variable n, unrolled with a
-             * compare per pair, spilled them). */
-            if (n == 16) bf_pv_run(a, v, rowb, 16, p + pc[x].so + r0, HP, NS, half);
-            else bf_pv_run(a, v, rowb, n, p + pc[x].so + r0, HP, NS, half);
+            bf_pv_run(a, pc[x].v + (size_t)r0 * rowb + (size_t)c * 2, rowb, n, p + pc[x].so + r0,
+                      HP, NS, half);
             pf_share(pf, pf_left, pf_per);
         }
     const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -227,10 +221,19 @@ INL void bf_pv_heads(const bf_ctx *cx, const pv_piece *pc, int npc, const uint16
 static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
                     float *acc, pf_list *pf, int pf_lines) {
     const bf_ctx *cx = ctx;
-    (void)p; /* the driver wrote P as bf16 to cx->p */
+    (void)hh;
+    /* This KV head's P rows to bf16 (round to nearest even). */
+    const int n = pc[npc - 1].so + pc[npc - 1].n;
+    const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
+    for (int h = 0; h < cx->G; h++)
+        for (int j = 0; j < n; j += 16) {
+            const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, p + (size_t)h * CPU_ATTN_SROW + j));
+            _mm256_mask_storeu_epi16(cx->p + (size_t)h * PROW + j, k, (__m256i)b);
+        }
     for (int h0 = 0; h0 < cx->G; h0 += 8) {
         const int HP = cx->G - h0 < 8 ? cx->G - h0 : 8;
-        const uint16_t *ph = cx->p + ((size_t)hh * cx->G + (size_t)h0) * PROW;
+        const uint16_t *ph = cx->p + (size_t)h0 * PROW;
         float *ah = acc + (size_t)h0 * cx->D;
         switch (HP) {
         case 1: bf_pv_heads(cx, pc, npc, ph, ah, 1, pf, pf_lines); break;
@@ -266,7 +269,7 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
             _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
         }
     const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale};
-    avx512_span_run(sp, m, l, acc, scratch, pb, qk_bf16, pv_bf16, &cx);
+    avx512_span_run(sp, m, l, acc, scratch, 1, qk_bf16, pv_bf16, &cx);
 }
 
 const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,
