@@ -145,7 +145,7 @@ static inline int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, 
 }
 
 /* e^x for x <= 0 (x - the running max), for P that is rounded to bf16
- * next: Taylor to degree 5 on |r| <= ln2/2 (relative error < 3e-6, far
+ * next: Taylor to degree 5 on |r| <= ln2/2 (relative error < 5e-6, far
  * below bf16's 2^-9): three vector ops fewer than avx512_exp16, and no
  * upper clamp (x <= 0). */
 SPAN_INL __m512 span_exp16_bf(__m512 x) {
@@ -203,17 +203,11 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
     if (ge > sp->t1) ge = sp->t1;
     int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
-    /* The first group's K in one burst (the QK needs it now); its V a
-     * share after each QK call of that group, where the lines overlap
-     * with work (the burst was 5% of an in-cache 128-token call). */
-    pf_list v0;
-    int v0_left;
     {
-        pf_list k;
+        pf_list k, v;
         pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
-        v0_left = pf_list_init(&v0, sp, pieces[cur], npc, sp->v_off, rowb);
+        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
     }
-    const int v0_per = (v0_left + npc * NH - 1) / (npc * NH);
 
     while (gs < sp->t1) {
         const span_piece *pc = pieces[cur];
@@ -230,14 +224,10 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
-            for (int hh = 0; hh < NH; hh++) {
+            for (int hh = 0; hh < NH; hh++)
                 qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, pc[x].n,
                    sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
-                if (v0_left) pf_share(&v0, &v0_left, v0_per);
-            }
         pf_list_some(&pfk, k_lines);
-        pf_list_some(&v0, v0_left);
-        v0_left = 0;
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
         for (int h = 0; h < NQ; h++) {
