@@ -236,9 +236,11 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
          * (1 thread from DRAM, batch 16 ctx 8192: 18.3 -> 19.5 GB/s,
          * medians of 4 alternating runs); a quarter measured about the
          * same, a third or a half (bigger bursts per row) slower, 16 GB/s
-         * at a half. */
+         * at a half. Only for the bf16 kernel: the fp32 one (f16 KV) is
+         * compute-bound from DRAM too (20 GB/s in cache, 18 from DRAM, same
+         * either way) and lost 2.5% in cache to it. */
         int v_left = v_lines;
-        const int v_sm = (v_lines / 8 + NQ - 1) / NQ;
+        const int v_sm = p_bf16 ? (v_lines / 8 + NQ - 1) / NQ : 0;
         for (int h = 0; h < NQ; h++) {
             float *row = sc + (size_t)h * CPU_ATTN_SROW;
             __m512 vmax = _mm512_set1_ps(-INFINITY);
