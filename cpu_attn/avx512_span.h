@@ -233,8 +233,8 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         /* An eighth of the next group's V lines go out during the softmax,
          * a few after each row, the rest during the PV: with none here the
          * PV phase asked for lines faster than one core's misses drain
-         * (1 thread from DRAM, batch 16 ctx 8192: 18.3 -> 19.5 GB/s,
-         * medians of 4 alternating runs); a quarter measured about the
+         * (1 thread from DRAM, batch 16 ctx 8192: 18.3 -> 19.5 GB/s, mean
+         * of 4 alternating runs' medians); a quarter measured about the
          * same, a third or a half (bigger bursts per row) slower, 16 GB/s
          * at a half. Only for the bf16 kernel: the fp32 one (f16 KV) is
          * compute-bound from DRAM too (20 GB/s in cache, 18 from DRAM, same
