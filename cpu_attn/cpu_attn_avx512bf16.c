@@ -72,7 +72,7 @@ INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t r
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_dpbf16_ps(a[h * TT + j], qv[h], kv);
         }
     }
-    const __m512 r = _mm512_mul_ps(avx512_hsum16(a, TT * HT), _mm512_set1_ps(scale));
+    const __m512 r = _mm512_mul_ps(avx512_hsum16_blend(a, TT * HT), _mm512_set1_ps(scale));
 #pragma GCC unroll 8
     for (int h = 0; h < HT; h++)
         _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
@@ -269,7 +269,7 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
             _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
         }
     const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale};
-    avx512_span_run(sp, m, l, acc, scratch, qk_bf16, pv_bf16, &cx);
+    avx512_span_run(sp, m, l, acc, scratch, 1, qk_bf16, pv_bf16, &cx);
 }
 
 const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,

@@ -188,6 +188,9 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     /* q is scaled here unless the kernel scales the scores itself. */
     const int raw_q = kern->raw_q_bf16_kv && g->kv_dtype == APEX_DTYPE_BF16;
     const float qmul = raw_q ? 1.0f : b->scale;
+    /* No sequence split: no merge, so the item loop needs no barrier of
+     * its own (one wake-up fewer per call; a short call is a few us). */
+    const int merge = n_chunks > b->n_seqs;
 
 #pragma omp parallel num_threads(n_threads)
     {
@@ -198,7 +201,7 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
         float *l = m + round16((size_t)HQ);
         float *kscratch = l + round16((size_t)HQ);
 
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
         for (int32_t it = 0; it < n_items; it++) {
             const int32_t c = it / splits, h0 = (it % splits) * hper, i = ws->chunk_seq[c];
             const int32_t nh = H - h0 < hper ? H - h0 : hper;
@@ -235,28 +238,33 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
         }
 
         /* Merge the chunks of split sequences: out = sum_c acc_c e^(m_c-M)
-         * / sum_c l_c e^(m_c-M), M the largest m_c. */
-#pragma omp for schedule(dynamic, 4)
-        for (int32_t x = 0; x < b->n_seqs * HQ; x++) {
-            const int32_t i = x / HQ, j = x % HQ, nch = ws->seq_nchunks[i];
-            if (nch <= 1) continue;
-            const float *p0 = ws->partials + (size_t)ws->seq_first[i] * ws->part_floats;
-            float M = -INFINITY;
-            for (int32_t k = 0; k < nch; k++) {
-                const float mk = p0[(size_t)k * ws->part_floats + (size_t)j];
-                if (mk > M) M = mk;
+         * / sum_c l_c e^(m_c-M), M the largest m_c; after every item's
+         * partials are written. merge is the same in every thread; the
+         * parallel region's end is the last barrier. */
+        if (merge) {
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 4) nowait
+            for (int32_t x = 0; x < b->n_seqs * HQ; x++) {
+                const int32_t i = x / HQ, j = x % HQ, nch = ws->seq_nchunks[i];
+                if (nch <= 1) continue;
+                const float *p0 = ws->partials + (size_t)ws->seq_first[i] * ws->part_floats;
+                float M = -INFINITY;
+                for (int32_t k = 0; k < nch; k++) {
+                    const float mk = p0[(size_t)k * ws->part_floats + (size_t)j];
+                    if (mk > M) M = mk;
+                }
+                float L = 0.0f;
+                memset(acc, 0, (size_t)D * sizeof(float));
+                for (int32_t k = 0; k < nch; k++) {
+                    const float *p = p0 + (size_t)k * ws->part_floats;
+                    const float w = expf(p[j] - M);
+                    L += w * p[HQ + j];
+                    const float *pa = p + 2 * (size_t)HQ + (size_t)j * D;
+                    for (int32_t d = 0; d < D; d++) acc[d] += w * pa[d];
+                }
+                const size_t obase = ((size_t)i * (size_t)HQ + (size_t)j) * (size_t)D;
+                kern->store((uint8_t *)b->out + obase * osz, b->out_dtype, acc, 1.0f / L, D);
             }
-            float L = 0.0f;
-            memset(acc, 0, (size_t)D * sizeof(float));
-            for (int32_t k = 0; k < nch; k++) {
-                const float *p = p0 + (size_t)k * ws->part_floats;
-                const float w = expf(p[j] - M);
-                L += w * p[HQ + j];
-                const float *pa = p + 2 * (size_t)HQ + (size_t)j * D;
-                for (int32_t d = 0; d < D; d++) acc[d] += w * pa[d];
-            }
-            const size_t obase = ((size_t)i * (size_t)HQ + (size_t)j) * (size_t)D;
-            kern->store((uint8_t *)b->out + obase * osz, b->out_dtype, acc, 1.0f / L, D);
         }
     }
     return 0;
