@@ -71,6 +71,11 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 static void die(const char *msg) {
     fprintf(stderr, "apex-llama-run: %s\n", msg);
     exit(1);
@@ -209,6 +214,11 @@ int main(int argc, char **argv) {
     int *tokens = malloc((size_t)n_prompts * n_gen * sizeof(int));
     int *pos = malloc((size_t)n_prompts * sizeof(int));
     int *n_out = malloc((size_t)n_prompts * sizeof(int)); /* tokens prompt p generates */
+    /* Each decode step's time: on a shared machine the low quantiles of
+     * these move far less with other load than tok_s does. */
+    double *step_s = malloc((size_t)n_gen * sizeof(double));
+    int n_steps = 0;
+    if (!logit_idx || !tokens || !pos || !n_out || !step_s) die("out of memory");
     for (int p = 0; p < n_prompts; p++) {
         const long long m = (long long)n_gen - (long long)stagger * (n_prompts - 1 - p);
         n_out[p] = m < 1 ? 1 : (int)m;
@@ -259,11 +269,14 @@ int main(int argc, char **argv) {
             batch.logits[b] = 1;
             logit_idx[p] = b;
         }
+        const double ts = now_s();
         if (llama_decode(ctx, batch) != 0) die("llama_decode failed while generating");
+        step_s[n_steps++] = now_s() - ts;
     }
     const double t_gen = now_s() - t1;
     long long n_decoded = 0; /* tokens decoded after the prompts (--stagger: fewer) */
     for (int p = 0; p < n_prompts; p++) n_decoded += n_out[p] - 1;
+    qsort(step_s, (size_t)n_steps, sizeof *step_s, cmp_double);
     apex_step_summary sum;
     const int have_sum = summary && summary(&sum, 0);
     if (lf) fclose(lf);
@@ -334,10 +347,12 @@ int main(int argc, char **argv) {
     fprintf(o, ", \"prompts\": %d, \"tokens_per_prompt\": %d, \"n_threads\": %d, \"n_vocab\": %d, "
                "\"logit_steps\": %d, \"prefill_tokens\": %d, \"t_prefill\": %.6f, \"t_gen\": %.6f, "
                "\"tok_s\": %.3f, \"ms_per_step\": %.3f, \"n_gpu_layers\": %d, \"offload_kqv\": %s, "
-               "\"fill_tokens\": %d, ",
+               "\"fill_tokens\": %d, \"step_ms_min\": %.3f, \"step_ms_p10\": %.3f, \"step_ms_median\": %.3f, ",
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
             (double)n_decoded / t_gen, n_gen > 1 ? 1e3 * t_gen / (n_gen - 1) : 0.0,
-            n_gpu_layers == -1000 ? mp.n_gpu_layers : n_gpu_layers, no_kv_offload ? "false" : "true", n_fill);
+            n_gpu_layers == -1000 ? mp.n_gpu_layers : n_gpu_layers, no_kv_offload ? "false" : "true", n_fill,
+            n_steps ? 1e3 * step_s[0] : 0.0, n_steps ? 1e3 * step_s[n_steps / 10] : 0.0,
+            n_steps ? 1e3 * step_s[n_steps / 2] : 0.0);
     if (state_diff >= 0)
         fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g, "
                    "\"kshift_top\": %d, \"kshift_sum\": %.17g}, ",
@@ -414,7 +429,7 @@ int main(int argc, char **argv) {
     llama_free(ctx);
     llama_model_free(model);
     for (int p = 0; p < n_prompts; p++) free(ptoks[p]);
-    free(ptoks), free(plen), free(logit_idx), free(tokens), free(pos), free(n_out);
+    free(ptoks), free(plen), free(logit_idx), free(tokens), free(pos), free(n_out), free(step_s);
     llama_backend_free();
     return 0;
 }
