@@ -18,10 +18,13 @@
  *
  *   apex-llama-run -m MODEL [-np 8] [-n 128] [-t THREADS] [--logit-steps 4]
  *                  [--logits-out FILE] [--fa on|off] [-ngl N] [-nkvo]
- *                  [--fill N] [--stagger N] [--no-checks] [-v]
+ *                  [--fill N] [--share-fill] [--stagger N] [--no-checks] [-v]
  * -ngl: layers on the GPU (a CUDA build; llama.cpp's default otherwise);
  * -nkvo: KV cache and attention on the host (llama.cpp's offload_kqv off);
  * --fill N: N tokens of filler text before each prompt (long contexts);
+ * --share-fill: prefill the filler once (sequence 0) and copy it to the
+ *   other sequences (llama_memory_seq_cp): long contexts for many sequences
+ *   at the prefill cost of one;
  * --stagger N: prompt p stops after n - N * (np - 1 - p) tokens (at least
  *   1): the sequences finish one after another, the last one runs all n
  *   (its "tokens" row is the shortest first); implies --no-checks;
@@ -121,7 +124,7 @@ static int argmax(const float *x, int n) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *logits_out = NULL;
-    int fa_on = 1, n_gpu_layers = -1000, no_kv_offload = 0, n_fill = 0, checks = 1, stagger = 0;
+    int fa_on = 1, n_gpu_layers = -1000, no_kv_offload = 0, n_fill = 0, checks = 1, stagger = 0, share_fill = 0;
     int n_prompts = 8, n_gen = 128, n_threads = (int)sysconf(_SC_NPROCESSORS_ONLN), logit_steps = 4;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -136,13 +139,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-ngl") && val) n_gpu_layers = atoi(val), i++;
         else if (!strcmp(a, "-nkvo")) no_kv_offload = 1;
         else if (!strcmp(a, "--fill") && val) n_fill = atoi(val), i++;
+        else if (!strcmp(a, "--share-fill")) share_fill = 1;
         else if (!strcmp(a, "--stagger") && val) stagger = atoi(val), i++;
         else if (!strcmp(a, "--no-checks")) checks = 0;
         else if (!strcmp(a, "-v")) g_verbose = 1;
         else {
             fprintf(stderr,
                     "usage: %s -m MODEL [-np N] [-n N] [-t N] [--logit-steps N] [--logits-out FILE] [--fa on|off] "
-                    "[-ngl N] [-nkvo] [--fill N] [--stagger N] [--no-checks] [-v]\n",
+                    "[-ngl N] [-nkvo] [--fill N] [--share-fill] [--stagger N] [--no-checks] [-v]\n",
                     argv[0]);
             return 2;
         }
@@ -224,10 +228,28 @@ int main(int argc, char **argv) {
         n_out[p] = m < 1 ? 1 : (int)m;
     }
 
-    /* Prefill: every prompt in one batch, logits of each last token. */
+    /* Prefill: every prompt in one batch, logits of each last token.
+     * --share-fill: the filler (the same tokens in every sequence) is
+     * prefilled once, in sequence 0, copied to the other sequences' streams
+     * (llama_memory_seq_cp), and only the prompts follow it. */
+    const double t0 = now_s();
+    const int shared = share_fill && n_fill > 0 && n_prompts > 1 ? n_fill : 0;
+    if (shared) {
+        batch.n_tokens = 0;
+        for (int i = 0; i < n_fill; i++) {
+            const int b = batch.n_tokens++;
+            batch.token[b] = ptoks[0][i];
+            batch.pos[b] = i;
+            batch.n_seq_id[b] = 1;
+            batch.seq_id[b][0] = 0;
+            batch.logits[b] = 0;
+        }
+        if (llama_decode(ctx, batch) != 0) die("llama_decode failed on the filler");
+        for (int p = 1; p < n_prompts; p++) llama_memory_seq_cp(llama_get_memory(ctx), 0, p, -1, -1);
+    }
     batch.n_tokens = 0;
     for (int p = 0; p < n_prompts; p++)
-        for (int i = 0; i < plen[p]; i++) {
+        for (int i = shared; i < plen[p]; i++) {
             const int b = batch.n_tokens++;
             batch.token[b] = ptoks[p][i];
             batch.pos[b] = i;
@@ -236,7 +258,6 @@ int main(int argc, char **argv) {
             batch.logits[b] = i == plen[p] - 1;
             if (i == plen[p] - 1) logit_idx[p] = b;
         }
-    const double t0 = now_s();
     if (llama_decode(ctx, batch) != 0) die("llama_decode failed on the prompts");
     const double t_prefill = now_s() - t0;
     for (int p = 0; p < n_prompts; p++) pos[p] = plen[p];
