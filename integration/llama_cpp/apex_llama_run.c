@@ -298,6 +298,9 @@ int main(int argc, char **argv) {
     long long n_decoded = 0; /* tokens decoded after the prompts (--stagger: fewer) */
     for (int p = 0; p < n_prompts; p++) n_decoded += n_out[p] - 1;
     qsort(step_s, (size_t)n_steps, sizeof *step_s, cmp_double);
+    /* Graphs llama.cpp reused instead of rebuilding (the decode loop reuses
+     * one per step when nothing in its topology changed). */
+    const int graphs_reused = llama_perf_context(ctx).n_reused;
     apex_step_summary sum;
     const int have_sum = summary && summary(&sum, 0);
     if (lf) fclose(lf);
@@ -368,12 +371,12 @@ int main(int argc, char **argv) {
     fprintf(o, ", \"prompts\": %d, \"tokens_per_prompt\": %d, \"n_threads\": %d, \"n_vocab\": %d, "
                "\"logit_steps\": %d, \"prefill_tokens\": %d, \"t_prefill\": %.6f, \"t_gen\": %.6f, "
                "\"tok_s\": %.3f, \"ms_per_step\": %.3f, \"n_gpu_layers\": %d, \"offload_kqv\": %s, "
-               "\"fill_tokens\": %d, \"step_ms_min\": %.3f, \"step_ms_p10\": %.3f, \"step_ms_median\": %.3f, ",
+               "\"fill_tokens\": %d, \"step_ms_min\": %.3f, \"step_ms_p10\": %.3f, \"step_ms_median\": %.3f, \"graphs_reused\": %d, ",
             n_prompts, n_gen, n_threads, n_vocab, logit_steps, total_ptoks, t_prefill, t_gen,
             (double)n_decoded / t_gen, n_gen > 1 ? 1e3 * t_gen / (n_gen - 1) : 0.0,
             n_gpu_layers == -1000 ? mp.n_gpu_layers : n_gpu_layers, no_kv_offload ? "false" : "true", n_fill,
             n_steps ? 1e3 * step_s[0] : 0.0, n_steps ? 1e3 * step_s[n_steps / 10] : 0.0,
-            n_steps ? 1e3 * step_s[n_steps / 2] : 0.0);
+            n_steps ? 1e3 * step_s[n_steps / 2] : 0.0, graphs_reused);
     if (state_diff >= 0)
         fprintf(o, "\"kv_checks\": {\"state_bytes\": %zu, \"state_load_max_diff\": %g, \"seq_cp_max_diff\": %g, "
                    "\"kshift_top\": %d, \"kshift_sum\": %.17g}, ",
