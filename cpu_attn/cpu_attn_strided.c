@@ -197,39 +197,43 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
             fn(d, u, it->r0, it->r1, scr, m, l, acc);
             if (it->part < 0) write_out(d, u, l, acc);
         }
-        /* Merge the chunks of split units by log-sum-exp. */
+        /* Merge the chunks of split units by log-sum-exp. Without split
+         * units (most decode calls) the loop, and its barrier, is skipped:
+         * nparts is the same in every thread. */
+        if (nparts > 0) {
 #pragma omp for schedule(dynamic, 1)
-        for (int32_t ui = 0; ui < nunits; ui++) {
-            const unit *u = &units[ui];
-            if (u->nsplit <= 1) continue;
-            const int32_t nq = nh * G * u->tt;
-            float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
-            if (ggml_split) {
-                merge_ggml(items, u, parts, part_floats, nq, nq_max, D, l, acc);
+            for (int32_t ui = 0; ui < nunits; ui++) {
+                const unit *u = &units[ui];
+                if (u->nsplit <= 1) continue;
+                const int32_t nq = nh * G * u->tt;
+                float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
+                if (ggml_split) {
+                    merge_ggml(items, u, parts, part_floats, nq, nq_max, D, l, acc);
+                    write_out(d, u, l, acc);
+                    continue;
+                }
+                for (int32_t qi = 0; qi < nq; qi++) {
+                    float mx = -INFINITY;
+                    for (int32_t c = 0; c < u->nsplit; c++) {
+                        const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
+                        if (pp[qi] > mx) mx = pp[qi];
+                    }
+                    m[qi] = mx;
+                    l[qi] = 0.0f;
+                    float *a = acc + (size_t)qi * D;
+                    memset(a, 0, (size_t)D * sizeof(float));
+                    if (mx == -INFINITY) continue;
+                    for (int32_t c = 0; c < u->nsplit; c++) {
+                        const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
+                        if (pp[qi] == -INFINITY) continue;
+                        const float w = expf(pp[qi] - mx);
+                        l[qi] += w * pp[nq_max + qi];
+                        const float *pa = pp + 2 * nq_max + (size_t)qi * D;
+                        for (int32_t i2 = 0; i2 < D; i2++) a[i2] += w * pa[i2];
+                    }
+                }
                 write_out(d, u, l, acc);
-                continue;
             }
-            for (int32_t qi = 0; qi < nq; qi++) {
-                float mx = -INFINITY;
-                for (int32_t c = 0; c < u->nsplit; c++) {
-                    const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
-                    if (pp[qi] > mx) mx = pp[qi];
-                }
-                m[qi] = mx;
-                l[qi] = 0.0f;
-                float *a = acc + (size_t)qi * D;
-                memset(a, 0, (size_t)D * sizeof(float));
-                if (mx == -INFINITY) continue;
-                for (int32_t c = 0; c < u->nsplit; c++) {
-                    const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
-                    if (pp[qi] == -INFINITY) continue;
-                    const float w = expf(pp[qi] - mx);
-                    l[qi] += w * pp[nq_max + qi];
-                    const float *pa = pp + 2 * nq_max + (size_t)qi * D;
-                    for (int32_t i2 = 0; i2 < D; i2++) a[i2] += w * pa[i2];
-                }
-            }
-            write_out(d, u, l, acc);
         }
     }
     free(units), free(items), free(parts), free(scratch);
