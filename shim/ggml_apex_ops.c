@@ -204,6 +204,17 @@ static void row_to_f16(uint16_t *h, const float *s, int64_t w) {
     for (; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
 }
 
+/* Source row i into its cache row. */
+static void store_row(struct ggml_tensor *op, const struct ggml_tensor *src, const struct ggml_tensor *idx, int64_t i,
+                      int64_t w) {
+    const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
+    char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
+    if (op->type == GGML_TYPE_F16)
+        row_to_f16((uint16_t *)d, s, w);
+    else
+        memcpy(d, s, (size_t)w * sizeof(float));
+}
+
 /* The rows are checked first (a bad index changes nothing), converted on
  * n_threads (a prefill writes many), then reported to the GPU tier. */
 enum ggml_status shim_run_set_rows(struct ggml_tensor *op, int n_threads) {
@@ -220,19 +231,17 @@ enum ggml_status shim_run_set_rows(struct ggml_tensor *op, int n_threads) {
         }
     }
     SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "KV rows (SET_ROWS)", shim_kv_layer(op));
+    /* A decode step's few rows stay on this thread: a one-thread OpenMP
+     * team would cost more than converting them. */
     const int par = n * w >= (1 << 16) ? n_threads : 1;
 #if defined(__x86_64__) || defined(__i386__)
     (void)have_f16c(); /* cached before the threads read it */
 #endif
+    if (par > 1) {
 #pragma omp parallel for num_threads(par) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
-        char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
-        if (op->type == GGML_TYPE_F16) {
-            row_to_f16((uint16_t *)d, s, w);
-        } else {
-            memcpy(d, s, (size_t)w * sizeof(float));
-        }
+        for (int64_t i = 0; i < n; i++) store_row(op, src, idx, i, w);
+    } else {
+        for (int64_t i = 0; i < n; i++) store_row(op, src, idx, i, w);
     }
     for (int64_t i = 0; tier && i < n; i++)
         gpu_tier_written(tier, root, (size_t)((const char *)op->data - (const char *)root->data) +
