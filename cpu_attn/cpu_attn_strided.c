@@ -94,11 +94,29 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
         for (nh = d->n_kv_heads; nh > 1; nh--)
             if (d->n_kv_heads % nh == 0 && nh * G * tt_max <= MAX_Q_UNIT) break;
 #endif
-    const int32_t nunits = d->n_streams * ntiles * (d->n_kv_heads / nh);
     const int32_t nq_max = nh * G * (nh > 1 ? tt_max : TILE_T);
+    const int32_t target = ITEMS_PER_THREAD * nth;
+    const int32_t op_streams = d->ggml_streams > 0 ? d->ggml_streams : d->n_streams;
+    const int ggml_split = d->ggml_compat && d->n_tokens == 1 && op_streams == 1 && d->n_kv >= 512;
+    /* Exact mode cuts no unit's rows (ggml does not, outside its split-KV
+     * decode), so with fewer units than the threads want (one sequence: a
+     * unit per KV head, 3 for 2 threads) it cuts a unit's query heads
+     * instead: qs parts, each a unit over a descriptor narrowed to its heads
+     * (every query's arithmetic is its own: the bits do not change). */
+    const int32_t nkv_units = d->n_streams * ntiles * (d->n_kv_heads / nh);
+    int32_t qs = 1;
+    if (d->ggml_compat && !ggml_split && nh == 1 && G > 1 && nkv_units < target) {
+        qs = (target + nkv_units - 1) / nkv_units;
+        if (qs > G) qs = G;
+    }
+    const int32_t nunits = nkv_units * qs;
 
     unit *units = malloc((size_t)nunits * sizeof *units);
-    if (!units) return -1;
+    cpu_attn_strided_desc *narrow = qs > 1 ? malloc((size_t)nunits * sizeof *narrow) : NULL;
+    if (!units || (qs > 1 && !narrow)) {
+        free(units), free(narrow);
+        return -1;
+    }
 
     /* Visible range of each tile: the union over its tokens of [first, last]
      * finite mask entry; rows outside it are never read. */
@@ -124,16 +142,29 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
                 }
                 if (lo >= hi) lo = hi = 0;
             }
-            for (int32_t h = 0; h < d->n_kv_heads; h += nh, ui++)
-                units[ui] = (unit){.s = s, .t0 = t0, .tt = tt, .kvh = h, .nh = nh, .lo = lo, .hi = hi};
+            for (int32_t h = 0; h < d->n_kv_heads; h += nh)
+                for (int32_t p = 0; p < qs; p++, ui++) {
+                    units[ui] = (unit){.s = s, .t0 = t0, .tt = tt, .kvh = h, .nh = nh, .lo = lo, .hi = hi, .d = d};
+                    if (qs == 1) continue;
+                    /* Query heads [g0, g1) of KV head h, as heads of a
+                     * one-KV-head call. */
+                    const int32_t g0 = p * G / qs, g1 = (p + 1) * G / qs;
+                    cpu_attn_strided_desc *n = &narrow[ui];
+                    *n = *d;
+                    n->n_kv_heads = 1;
+                    n->n_q_heads = g1 - g0;
+                    n->q = (const float *)((const char *)d->q + (size_t)(h * G + g0) * d->q_nb_head);
+                    n->out = (float *)((char *)d->out + (size_t)(h * G + g0) * d->out_nb_head);
+                    n->k = (const char *)d->k + (size_t)h * d->k_nb_head;
+                    n->v = (const char *)d->v + (size_t)h * d->v_nb_head;
+                    units[ui].kvh = 0;
+                    units[ui].d = n;
+                }
         }
 
     /* Split units into chunks only when there are too few for the threads;
      * in exact mode only where ggml does (its split-KV decode), into its
      * chunks of gcs rows. */
-    const int32_t target = ITEMS_PER_THREAD * nth;
-    const int32_t op_streams = d->ggml_streams > 0 ? d->ggml_streams : d->n_streams;
-    const int ggml_split = d->ggml_compat && d->n_tokens == 1 && op_streams == 1 && d->n_kv >= 512;
     const int32_t gnth = d->ggml_n_threads > 0 ? d->ggml_n_threads : nth;
     const int32_t gcs = (d->n_kv + gnth - 1) / gnth;
     int32_t nitems = 0, nparts = 0;
@@ -160,7 +191,7 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
     const size_t scr_floats = scratch_floats(D, nq_max) + part_floats;
     float *scratch = malloc((size_t)nth * scr_floats * sizeof(float));
     if (!items || (nparts && !parts) || !scratch) {
-        free(units), free(items), free(parts), free(scratch);
+        free(units), free(narrow), free(items), free(parts), free(scratch);
         return -1;
     }
     for (int32_t ui = 0, p = 0; ui < nunits; ui++) {
@@ -194,44 +225,48 @@ int cpu_attn_strided(const cpu_attn_strided_desc *d, int32_t n_threads) {
             const unit *u = &units[it->u];
             float *dst = it->part >= 0 ? parts + (size_t)it->part * part_floats : own;
             float *m = dst, *l = dst + nq_max, *acc = dst + 2 * nq_max;
-            fn(d, u, it->r0, it->r1, scr, m, l, acc);
-            if (it->part < 0) write_out(d, u, l, acc);
+            fn(u->d, u, it->r0, it->r1, scr, m, l, acc);
+            if (it->part < 0) write_out(u->d, u, l, acc);
         }
-        /* Merge the chunks of split units by log-sum-exp. */
+        /* Merge the chunks of split units by log-sum-exp. Without split
+         * units (most decode calls) the loop, and its barrier, is skipped:
+         * nparts is the same in every thread. */
+        if (nparts > 0) {
 #pragma omp for schedule(dynamic, 1)
-        for (int32_t ui = 0; ui < nunits; ui++) {
-            const unit *u = &units[ui];
-            if (u->nsplit <= 1) continue;
-            const int32_t nq = nh * G * u->tt;
-            float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
-            if (ggml_split) {
-                merge_ggml(items, u, parts, part_floats, nq, nq_max, D, l, acc);
-                write_out(d, u, l, acc);
-                continue;
-            }
-            for (int32_t qi = 0; qi < nq; qi++) {
-                float mx = -INFINITY;
-                for (int32_t c = 0; c < u->nsplit; c++) {
-                    const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
-                    if (pp[qi] > mx) mx = pp[qi];
+            for (int32_t ui = 0; ui < nunits; ui++) {
+                const unit *u = &units[ui];
+                if (u->nsplit <= 1) continue;
+                const int32_t nq = nh * (u->d->n_q_heads / u->d->n_kv_heads) * u->tt;
+                float *m = own, *l = own + nq_max, *acc = own + 2 * nq_max;
+                if (ggml_split) {
+                    merge_ggml(items, u, parts, part_floats, nq, nq_max, D, l, acc);
+                    write_out(u->d, u, l, acc);
+                    continue;
                 }
-                m[qi] = mx;
-                l[qi] = 0.0f;
-                float *a = acc + (size_t)qi * D;
-                memset(a, 0, (size_t)D * sizeof(float));
-                if (mx == -INFINITY) continue;
-                for (int32_t c = 0; c < u->nsplit; c++) {
-                    const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
-                    if (pp[qi] == -INFINITY) continue;
-                    const float w = expf(pp[qi] - mx);
-                    l[qi] += w * pp[nq_max + qi];
-                    const float *pa = pp + 2 * nq_max + (size_t)qi * D;
-                    for (int32_t i2 = 0; i2 < D; i2++) a[i2] += w * pa[i2];
+                for (int32_t qi = 0; qi < nq; qi++) {
+                    float mx = -INFINITY;
+                    for (int32_t c = 0; c < u->nsplit; c++) {
+                        const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
+                        if (pp[qi] > mx) mx = pp[qi];
+                    }
+                    m[qi] = mx;
+                    l[qi] = 0.0f;
+                    float *a = acc + (size_t)qi * D;
+                    memset(a, 0, (size_t)D * sizeof(float));
+                    if (mx == -INFINITY) continue;
+                    for (int32_t c = 0; c < u->nsplit; c++) {
+                        const float *pp = parts + (size_t)items[u->first + c].part * part_floats;
+                        if (pp[qi] == -INFINITY) continue;
+                        const float w = expf(pp[qi] - mx);
+                        l[qi] += w * pp[nq_max + qi];
+                        const float *pa = pp + 2 * nq_max + (size_t)qi * D;
+                        for (int32_t i2 = 0; i2 < D; i2++) a[i2] += w * pa[i2];
+                    }
                 }
+                write_out(u->d, u, l, acc);
             }
-            write_out(d, u, l, acc);
         }
     }
-    free(units), free(items), free(parts), free(scratch);
+    free(units), free(narrow), free(items), free(parts), free(scratch);
     return 0;
 }

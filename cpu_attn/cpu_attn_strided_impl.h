@@ -42,6 +42,9 @@ typedef struct unit {
                              * on the fp32 SIMD path)                  */
     int32_t lo, hi;         /* visible row range of the tile         */
     int32_t nsplit, first;  /* chunks, index of the first item       */
+    const cpu_attn_strided_desc *d; /* the call's, or one narrowed to
+                             * some of a KV head's query heads (exact mode,
+                             * few units: cpu_attn_strided)            */
 } unit;
 
 typedef struct item {

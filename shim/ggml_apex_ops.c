@@ -5,6 +5,9 @@
  * beside the GPU tier of an APEX_Hybrid KV cache (ggml_apex_tier.h). */
 #include <math.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -173,6 +176,45 @@ static int64_t row_index(const struct ggml_tensor *idx, int64_t i) {
     return idx->type == GGML_TYPE_I64 ? ((const int64_t *)idx->data)[i] : ((const int32_t *)idx->data)[i];
 }
 
+/* f32 -> f16, round to nearest even: F16C where the CPU has it (ggml-cpu's
+ * own conversion, so the bits are the ones native SET_ROWS stores), eight at
+ * a time; the scalar conversion (identical for every non-NaN value) for the
+ * tail and other CPUs. A decode step's rows are a few hundred values per
+ * layer: the scalar loop alone cost 5-15 us per layer. */
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx,f16c"))) static int64_t f16c_row(uint16_t *h, const float *s, int64_t w) {
+    int64_t j = 0;
+    for (; j + 8 <= w; j += 8)
+        _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(s + j), _MM_FROUND_TO_NEAREST_INT));
+    return j;
+}
+
+static int have_f16c(void) {
+    static int cached = -1;
+    if (cached < 0) cached = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    return cached;
+}
+#endif
+
+static void row_to_f16(uint16_t *h, const float *s, int64_t w) {
+    int64_t j = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    if (have_f16c()) j = f16c_row(h, s, w);
+#endif
+    for (; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
+}
+
+/* Source row i into its cache row. */
+static void store_row(struct ggml_tensor *op, const struct ggml_tensor *src, const struct ggml_tensor *idx, int64_t i,
+                      int64_t w) {
+    const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
+    char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
+    if (op->type == GGML_TYPE_F16)
+        row_to_f16((uint16_t *)d, s, w);
+    else
+        memcpy(d, s, (size_t)w * sizeof(float));
+}
+
 /* The rows are checked first (a bad index changes nothing), converted on
  * n_threads (a prefill writes many), then reported to the GPU tier. */
 enum ggml_status shim_run_set_rows(struct ggml_tensor *op, int n_threads) {
@@ -189,17 +231,17 @@ enum ggml_status shim_run_set_rows(struct ggml_tensor *op, int n_threads) {
         }
     }
     SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "KV rows (SET_ROWS)", shim_kv_layer(op));
+    /* A decode step's few rows stay on this thread: a one-thread OpenMP
+     * team would cost more than converting them. */
     const int par = n * w >= (1 << 16) ? n_threads : 1;
+#if defined(__x86_64__) || defined(__i386__)
+    (void)have_f16c(); /* cached before the threads read it */
+#endif
+    if (par > 1) {
 #pragma omp parallel for num_threads(par) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
-        char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
-        if (op->type == GGML_TYPE_F16) {
-            uint16_t *h = (uint16_t *)d;
-            for (int64_t j = 0; j < w; j++) h[j] = apex_f32_to_f16(s[j]);
-        } else {
-            memcpy(d, s, (size_t)w * sizeof(float));
-        }
+        for (int64_t i = 0; i < n; i++) store_row(op, src, idx, i, w);
+    } else {
+        for (int64_t i = 0; i < n; i++) store_row(op, src, idx, i, w);
     }
     for (int64_t i = 0; tier && i < n; i++)
         gpu_tier_written(tier, root, (size_t)((const char *)op->data - (const char *)root->data) +
