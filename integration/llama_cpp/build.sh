@@ -25,8 +25,9 @@ cmake -S integration/llama_cpp -B "$out" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   || { cat "$out.configure.log" >&2; exit 1; }
 rm -f "$out.configure.log"
 cmake --build "$out" -j"$JOBS" >&2
+out=$(cd "$out" && pwd) # APEX_LLAMA_BUILD_DIR may be relative or absolute
 echo "LLAMA_BIN=$llama_build/bin"
-echo "APEX_GGML_LIB=$PWD/$out/lib/libggml-apex.so"
-echo "APEX_PRELOAD_LIB=$PWD/$out/lib/libapex-preload.so"
-echo "APEX_LLAMA_RUN=$PWD/$out/bin/apex-llama-run"
+echo "APEX_GGML_LIB=$out/lib/libggml-apex.so"
+echo "APEX_PRELOAD_LIB=$out/lib/libapex-preload.so"
+echo "APEX_LLAMA_RUN=$out/bin/apex-llama-run"
 echo "MODEL=$model"
