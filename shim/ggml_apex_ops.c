@@ -6,6 +6,7 @@
 #include <math.h>
 #include <pthread.h>
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 #include <stdio.h>
@@ -191,7 +192,11 @@ __attribute__((target("avx,f16c"))) static int64_t f16c_row(uint16_t *h, const f
 
 static int have_f16c(void) {
     static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    if (cached < 0) {
+        /* cpuid leaf 1 for F16C: clang's __builtin_cpu_supports has no "f16c" */
+        unsigned a, b, c, d;
+        cached = __builtin_cpu_supports("avx") && __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    }
     return cached;
 }
 #endif
