@@ -7,9 +7,12 @@
  *      swapped out to the host (they become CPU decodes).
  *   2. Otherwise CPU decodes at the head of the queue are swapped back in
  *      while the GPU pool stays under 95 % full.
- *   3. Waiting prompts are admitted FCFS, whole, within the batch budget:
- *      to the GPU while it has room and no earlier one of this step went to
- *      the host, else to the host (prefilled on the GPU, KV sent down).
+ *   3. Waiting prompts are admitted FCFS, whole, within the batch budget
+ *      and while the host KV (CPU decodes + host-bound prompts) stays within
+ *      the host pool less a GPU pool -- a bound on every admission, the
+ *      GPU-bound too: to the GPU while it has room and no earlier one of
+ *      this step went to the host, else to the host (prefilled on the GPU,
+ *      KV sent down).
  *   4. Sub-batch 0 holds every prefill and GPU decode. CPU decodes are dealt
  *      one by one (oldest first), the first to sub-batch 1, each next one to
  *      the sub-batch with more slack, where the slack of sub-batch j is
@@ -159,8 +162,14 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         int32_t c = q->prompt_left;
         if (c > cfg->prefill_budget && np == 0) c = (int32_t)width; /* never fits whole */
         if (seats < 1 || c < 1 || c > width) break;
+        /* NEO bounds every admission, one bound for the GPU too: the
+         * host-bound prompts' intermediate GPU blocks within a GPU pool, and
+         * the host's KV (CPU decodes + host-bound prompts) within the host
+         * pool less a GPU pool (scheduler.py _get_next_batch_new, step 4:
+         * itm_block_needed, cpu_threshold, checked before the GPU-or-host
+         * choice) */
+        if (itm + nb > gtot || hfree - gtot < nb) break;
         int gpu = !to_host && gfree >= nb;
-        if (!gpu && (itm + nb > gtot || hfree - gtot < nb)) break;
         if (gpu) gfree -= nb;
         else { hfree -= nb; itm += nb; to_host = 1; }
         pl->action[i] = gpu ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;

@@ -197,6 +197,32 @@ static void test_admission_and_sequential_trim(void **state) {
     policy_free(&f.pol);
 }
 
+/* NEO bounds every admission by the host pool, the GPU-bound too
+ * (scheduler.py _get_next_batch_new step 4: cpu_block_needed, the CPU
+ * decodes' KV plus host-bound prompts', + the prompt's blocks must stay
+ * within num_cpu_blocks - num_gpu_blocks, checked before the GPU-or-host
+ * choice): with the host pool one block short of a GPU pool plus the prompt,
+ * a prompt that fits the GPU waits; with that block it goes to the GPU. */
+static void test_admission_bounded_by_host_pool(void **state) {
+    (void)state;
+    fixture f;
+    fx_init(&f, 16, 200);
+    int p = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 1000); /* 63 blocks */
+    f.st.host_blocks_free = 200 + 62; /* the rest holds CPU decodes' KV */
+    run(&f);
+    assert_int_equal(f.act[p], SCHED_ACT_IDLE);
+    assert_int_equal(f.pl.n_admit, 0);
+    policy_free(&f.pol);
+
+    fx_init(&f, 16, 200);
+    p = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 1000);
+    f.st.host_blocks_free = 200 + 63;
+    run(&f);
+    assert_int_equal(f.act[p], SCHED_ACT_PREFILL_GPU);
+    assert_int_equal(f.pl.n_admit, 1);
+    policy_free(&f.pol);
+}
+
 /* neo-base (NEO's --always-use-gpu engine): the newest GPU decode whose
  * growth does not fit is swapped out to the host, not recomputed; while a
  * sequence is swapped out no prompt is admitted and nothing decodes on the
@@ -398,6 +424,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_skip_rule),
         cmocka_unit_test(test_swap_in_head_under_95),
         cmocka_unit_test(test_admission_and_sequential_trim),
+        cmocka_unit_test(test_admission_bounded_by_host_pool),
         cmocka_unit_test(test_neo_base_swaps_and_holds_admission),
         cmocka_unit_test(test_neo_engine_launch_cost),
         cmocka_unit_test(test_host_options),
