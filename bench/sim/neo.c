@@ -28,8 +28,9 @@
  *      sub-batch 1) beats requests / GPU time of the sequential candidate;
  *      else it runs sequentially and the CPU decodes wait.
  * NEO's per-layer predictor is read from the policy's profile: linr =
- * T_lin(width), pref = T_pref - T_lin (the attention part of a prefill),
- * gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and output copies.
+ * T_lin(width), pref = sum over the prompts of T_pref - T_lin (each prompt's
+ * attention), gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and
+ * output copies.
  * Its constants are the released ones (swiftllm/perfpredictor.py,
  * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
  * lnch_T is both what NEO's scheduler assumes and what its engine pays:
@@ -59,17 +60,24 @@ typedef struct neo_pred {      /* per-layer times from the profile */
 typedef struct neo_sb {        /* one sub-batch's work */
     double x;                  /* requests                                */
     double s;                  /* width: prompt tokens + one per decode   */
-    double pref_tok, gdec_tok; /* prompt tokens; GPU decodes' context     */
+    double pref_att;           /* prefill attention, summed per prompt    */
+    double gdec_tok;           /* GPU decodes' context tokens             */
     double xc, nc;             /* CPU decodes; their context tokens       */
 } neo_sb;
 
 static double linr(const neo_pred *m, double s) { return s > 0 ? apex_t_lin(m->p, s) / m->L : 0; }
 
+/* NEO's pref_T of one prompt: its attention alone (the profile's prefill of
+ * `tok` tokens less its linear layers); a sub-batch's pref_T is the sum over
+ * its prompts (structs.py BatchPerfData.add_pref adds get_pref_T(prompt_len)
+ * per request; profiler.py _profile_pref times one prompt of each length). */
+static double pref_att(const neo_pred *m, double tok) {
+    return tok > 0 ? fmax(0, apex_t_pref(m->p, tok) - apex_t_lin(m->p, tok)) / m->L : 0;
+}
+
 static double gpu_att(const neo_pred *m, const neo_sb *b) {
-    double P = b->pref_tok;
-    double pref = P > 0 ? fmax(0, apex_t_pref(m->p, P) - apex_t_lin(m->p, P)) / m->L : 0;
     double gdec = b->gdec_tok > 0 ? apex_t_gatt(m->p, b->gdec_tok) / m->L : 0;
-    return pref + gdec;
+    return b->pref_att + gdec;
 }
 
 static double gpu_time(const neo_pred *m, const neo_sb *b) { return linr(m, b->s) + gpu_att(m, b); }
@@ -92,8 +100,16 @@ static double slack(const neo_pred *m, const neo_sb b[2], int j) {
     return linr(m, b[1 - j].s) + gpu_att(m, &b[j]) - cpu_time(m, &b[j]);
 }
 
-static void add_pref(neo_sb *b, double tok) { b->x++; b->s += tok; b->pref_tok += tok; }
-static void sub_pref(neo_sb *b, double tok) { b->x--; b->s -= tok; b->pref_tok -= tok; }
+static void add_pref(const neo_pred *m, neo_sb *b, double tok) {
+    b->x++;
+    b->s += tok;
+    b->pref_att += pref_att(m, tok);
+}
+static void sub_pref(const neo_pred *m, neo_sb *b, double tok) {
+    b->x--;
+    b->s -= tok;
+    b->pref_att -= pref_att(m, tok);
+}
 
 static int64_t blocks_for(int64_t t, int32_t bt) { return (t + bt - 1) / bt; }
 
@@ -151,7 +167,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         int32_t c = q->prompt_left < width ? q->prompt_left : (int32_t)width;
         pl->action[i] = q->tier == SCHED_TIER_GPU ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
         pl->chunk[i] = c;
-        add_pref(&b[0], c);
+        add_pref(&m, &b[0], c);
         seats--;
         width -= c;
     }
@@ -175,7 +191,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         pl->action[i] = gpu ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
         pl->chunk[i] = c;
         pref[np++] = i;
-        add_pref(&b[0], c);
+        add_pref(&m, &b[0], c);
         seats--;
         width -= c;
     }
@@ -192,7 +208,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
     int np_seq = np;
     while (np_seq > 0 && pl->action[pref[np_seq - 1]] == SCHED_ACT_PREFILL_HOST &&
            seq.s - pl->chunk[pref[np_seq - 1]] >= NEO_WIDTH_MIN)
-        sub_pref(&seq, pl->chunk[pref[--np_seq]]);
+        sub_pref(&m, &seq, pl->chunk[pref[--np_seq]]);
 
     /* CPU decodes dealt between the sub-batches. With nothing on the GPU
      * (no prefill, no GPU decode) NEO's rule would stall them all until a
@@ -229,8 +245,8 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         /* 5. drop host-bound prefills from sub-batch 0 while the CPU keeps up */
         while (np > 0 && pl->action[pref[np - 1]] == SCHED_ACT_PREFILL_HOST) {
             double c = pl->chunk[pref[np - 1]];
-            sub_pref(&b[0], c);
-            if (b[0].s < NEO_WIDTH_MIN || min_slack(&m, b) < 0) { add_pref(&b[0], c); break; }
+            sub_pref(&m, &b[0], c);
+            if (b[0].s < NEO_WIDTH_MIN || min_slack(&m, b) < 0) { add_pref(&m, &b[0], c); break; }
             np--;
         }
         /* 6. pipelined if its rate beats the sequential candidate's */

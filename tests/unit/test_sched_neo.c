@@ -223,6 +223,33 @@ static void test_admission_bounded_by_host_pool(void **state) {
     policy_free(&f.pol);
 }
 
+/* A prefill step that hides CPU decodes of 30000 tokens (too long to swap
+ * in): `prompts` prompts of `total` tokens in all, on the GPU. */
+static int hidden_cdecs(fixture *f, int prompts, int total) {
+    fx_init(f, 16, 600);
+    for (int i = 0; i < prompts; i++) add(f, SCHED_WAITING, SCHED_TIER_NONE, 0, total / prompts);
+    for (int i = 0; i < 80; i++) add(f, SCHED_DECODING, SCHED_TIER_CPU, 30000, 0);
+    assert_int_equal(run(f), EX_TWO);
+    assert_int_equal(f->pl.n_admit, prompts);
+    assert_int_equal(f->pl.n_to_gpu, 0);
+    assert_true(f->pl.n_cpu < 80); /* the slack binds */
+    return f->pl.n_cpu;
+}
+
+/* NEO's pref_T is summed per prompt (structs.py BatchPerfData.add_pref adds
+ * get_pref_T(prompt_len) for each; profiler.py times one prompt per
+ * length), so four 2000-token prompts hide less CPU attention under their
+ * prefill attention than one 8000-token prompt of the same width. */
+static void test_prefill_attention_per_prompt(void **state) {
+    (void)state;
+    fixture f;
+    int one = hidden_cdecs(&f, 1, 8000);
+    policy_free(&f.pol);
+    int four = hidden_cdecs(&f, 4, 8000);
+    policy_free(&f.pol);
+    assert_true(one > four);
+}
+
 /* neo-base (NEO's --always-use-gpu engine): the newest GPU decode whose
  * growth does not fit is swapped out to the host, not recomputed; while a
  * sequence is swapped out no prompt is admitted and nothing decodes on the
@@ -425,6 +452,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_swap_in_head_under_95),
         cmocka_unit_test(test_admission_and_sequential_trim),
         cmocka_unit_test(test_admission_bounded_by_host_pool),
+        cmocka_unit_test(test_prefill_attention_per_prompt),
         cmocka_unit_test(test_neo_base_swaps_and_holds_admission),
         cmocka_unit_test(test_neo_engine_launch_cost),
         cmocka_unit_test(test_host_options),
