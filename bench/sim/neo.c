@@ -29,17 +29,19 @@
  *      else it runs sequentially and the CPU decodes wait.
  * NEO's per-layer predictor is read from the policy's profile: linr =
  * T_lin(width), pref = sum over the prompts of T_pref - T_lin (each prompt's
- * attention), gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and
- * output copies.
+ * attention), gdec = T_gatt, cdec = T_catt (the kernel alone: NEO's cdec_T
+ * excludes the q/k/v and output copies).
  * Its constants are the released ones (swiftllm/perfpredictor.py,
  * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
  * lnch_T is both what NEO's scheduler assumes and what its engine pays:
  * exec.c charges it to the host thread per layer and sub-batch of a
  * pipelined neo step (policy.launch_s), serial with the CPU attention.
  * Deviations: swapped-out decodes rejoin the CPU queue in arrival order (NEO
- * puts them at its front); a swap-in costs the step of the migration (the
- * engine moves KV between steps); the batch budget does not evict GPU
- * decodes (the GPU pool binds first at every preset). */
+ * puts them at its front); a swap, in or out, costs the step of the
+ * migration (the engine moves KV between steps; NEO swaps before the
+ * forward, so its swapped-out decodes may decode on the CPU the same step);
+ * the batch budget does not evict GPU decodes (the GPU pool binds first at
+ * every preset). */
 #include <math.h>
 #include <string.h>
 
@@ -53,7 +55,7 @@ enum { NEO_CDEC_SB0 = -2, NEO_CDEC_SB1 = -1 };
 
 typedef struct neo_pred {      /* per-layer times from the profile */
     const apex_profile *p;
-    double L, copy_per_seq, lnch;
+    double L, lnch;
     int32_t threads;
 } neo_pred;
 
@@ -82,10 +84,13 @@ static double gpu_att(const neo_pred *m, const neo_sb *b) {
 
 static double gpu_time(const neo_pred *m, const neo_sb *b) { return linr(m, b->s) + gpu_att(m, b); }
 
+/* NEO's cpu_time = cdec_T + lnch_T. cdec_T is the CPU kernel's time alone:
+ * NEO profiles it as the wall time of the pacpu call, started after the
+ * q/k/v copy has landed (transformer_layer.py: cdec_s after
+ * qkvtr_e.synchronize(), cdec_e after paged_attention_cpu returns), so the
+ * copies are not in it. */
 static double cpu_time(const neo_pred *m, const neo_sb *b) {
-    double c = b->xc > 0 ? apex_t_catt(m->p, b->nc, b->xc, m->threads) / m->L +
-                               b->xc * m->copy_per_seq
-                         : 0;
+    double c = b->xc > 0 ? apex_t_catt(m->p, b->nc, b->xc, m->threads) / m->L : 0;
     return c + m->lnch;
 }
 
@@ -118,10 +123,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
     const sched_config *cfg = &pol->cfg;
     int32_t bt = st->block_tokens;
     int n = st->n_seqs;
-    neo_pred m = {p, p->geom.n_layers,
-                  apex_cohort_d2h_bytes(&p->geom) / p->d2h.bw_Bps +
-                      apex_cohort_h2d_bytes(&p->geom) / p->h2d.bw_Bps,
-                  NEO_LNCH_S, h->threads};
+    neo_pred m = {p, p->geom.n_layers, NEO_LNCH_S, h->threads};
 
     /* 1. GPU decodes; the newest swapped out while their growth does not fit */
     int n_run = 0;

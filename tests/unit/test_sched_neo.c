@@ -250,6 +250,24 @@ static void test_prefill_attention_per_prompt(void **state) {
     assert_true(one > four);
 }
 
+/* NEO's cdec_T is the CPU kernel alone (transformer_layer.py: timed from
+ * after the q/k/v copy lands to the pacpu call's return), so its scheduler
+ * deals the same CPU decodes however slow the copies are. */
+static void test_cdec_excludes_copies(void **state) {
+    (void)state;
+    fixture f;
+    int fast = hidden_cdecs(&f, 1, 8000);
+    policy_free(&f.pol);
+    fx_init(&f, 16, 600);
+    f.h.belief.d2h.bw_Bps /= 1000;
+    f.h.belief.h2d.bw_Bps /= 1000;
+    add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 8000);
+    for (int i = 0; i < 80; i++) add(&f, SCHED_DECODING, SCHED_TIER_CPU, 30000, 0);
+    assert_int_equal(run(&f), EX_TWO);
+    assert_int_equal(f.pl.n_cpu, fast);
+    policy_free(&f.pol);
+}
+
 /* neo-base (NEO's --always-use-gpu engine): the newest GPU decode whose
  * growth does not fit is swapped out to the host, not recomputed; while a
  * sequence is swapped out no prompt is admitted and nothing decodes on the
@@ -453,6 +471,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_admission_and_sequential_trim),
         cmocka_unit_test(test_admission_bounded_by_host_pool),
         cmocka_unit_test(test_prefill_attention_per_prompt),
+        cmocka_unit_test(test_cdec_excludes_copies),
         cmocka_unit_test(test_neo_base_swaps_and_holds_admission),
         cmocka_unit_test(test_neo_engine_launch_cost),
         cmocka_unit_test(test_host_options),
