@@ -7,9 +7,12 @@
  *      swapped out to the host (they become CPU decodes).
  *   2. Otherwise CPU decodes at the head of the queue are swapped back in
  *      while the GPU pool stays under 95 % full.
- *   3. Waiting prompts are admitted FCFS, whole, within the batch budget:
- *      to the GPU while it has room and no earlier one of this step went to
- *      the host, else to the host (prefilled on the GPU, KV sent down).
+ *   3. Waiting prompts are admitted FCFS, whole, within the batch budget
+ *      and while the host KV (CPU decodes + host-bound prompts) stays within
+ *      the host pool less a GPU pool -- a bound on every admission, the
+ *      GPU-bound too: to the GPU while it has room and no earlier one of
+ *      this step went to the host, else to the host (prefilled on the GPU,
+ *      KV sent down).
  *   4. Sub-batch 0 holds every prefill and GPU decode. CPU decodes are dealt
  *      one by one (oldest first), the first to sub-batch 1, each next one to
  *      the sub-batch with more slack, where the slack of sub-batch j is
@@ -25,17 +28,20 @@
  *      sub-batch 1) beats requests / GPU time of the sequential candidate;
  *      else it runs sequentially and the CPU decodes wait.
  * NEO's per-layer predictor is read from the policy's profile: linr =
- * T_lin(width), pref = T_pref - T_lin (the attention part of a prefill),
- * gdec = T_gatt, cdec = T_catt plus the cohort's q/k/v and output copies.
+ * T_lin(width), pref = sum over the prompts of T_pref - T_lin (each prompt's
+ * attention), gdec = T_gatt, cdec = T_catt (the kernel alone: NEO's cdec_T
+ * excludes the q/k/v and output copies).
  * Its constants are the released ones (swiftllm/perfpredictor.py,
  * scheduler.py): linr_S_threshold 128, lnch_T 0.8 ms, swap-in below 95 %.
  * lnch_T is both what NEO's scheduler assumes and what its engine pays:
  * exec.c charges it to the host thread per layer and sub-batch of a
  * pipelined neo step (policy.launch_s), serial with the CPU attention.
  * Deviations: swapped-out decodes rejoin the CPU queue in arrival order (NEO
- * puts them at its front); a swap-in costs the step of the migration (the
- * engine moves KV between steps); the batch budget does not evict GPU
- * decodes (the GPU pool binds first at every preset). */
+ * puts them at its front); a swap, in or out, costs the step of the
+ * migration (the engine moves KV between steps; NEO swaps before the
+ * forward, so its swapped-out decodes may decode on the CPU the same step);
+ * the batch budget does not evict GPU decodes (the GPU pool binds first at
+ * every preset). */
 #include <math.h>
 #include <string.h>
 
@@ -49,32 +55,42 @@ enum { NEO_CDEC_SB0 = -2, NEO_CDEC_SB1 = -1 };
 
 typedef struct neo_pred {      /* per-layer times from the profile */
     const apex_profile *p;
-    double L, copy_per_seq, lnch;
+    double L, lnch;
     int32_t threads;
 } neo_pred;
 
 typedef struct neo_sb {        /* one sub-batch's work */
     double x;                  /* requests                                */
     double s;                  /* width: prompt tokens + one per decode   */
-    double pref_tok, gdec_tok; /* prompt tokens; GPU decodes' context     */
+    double pref_att;           /* prefill attention, summed per prompt    */
+    double gdec_tok;           /* GPU decodes' context tokens             */
     double xc, nc;             /* CPU decodes; their context tokens       */
 } neo_sb;
 
 static double linr(const neo_pred *m, double s) { return s > 0 ? apex_t_lin(m->p, s) / m->L : 0; }
 
+/* NEO's pref_T of one prompt: its attention alone (the profile's prefill of
+ * `tok` tokens less its linear layers); a sub-batch's pref_T is the sum over
+ * its prompts (structs.py BatchPerfData.add_pref adds get_pref_T(prompt_len)
+ * per request; profiler.py _profile_pref times one prompt of each length). */
+static double pref_att(const neo_pred *m, double tok) {
+    return tok > 0 ? fmax(0, apex_t_pref(m->p, tok) - apex_t_lin(m->p, tok)) / m->L : 0;
+}
+
 static double gpu_att(const neo_pred *m, const neo_sb *b) {
-    double P = b->pref_tok;
-    double pref = P > 0 ? fmax(0, apex_t_pref(m->p, P) - apex_t_lin(m->p, P)) / m->L : 0;
     double gdec = b->gdec_tok > 0 ? apex_t_gatt(m->p, b->gdec_tok) / m->L : 0;
-    return pref + gdec;
+    return b->pref_att + gdec;
 }
 
 static double gpu_time(const neo_pred *m, const neo_sb *b) { return linr(m, b->s) + gpu_att(m, b); }
 
+/* NEO's cpu_time = cdec_T + lnch_T. cdec_T is the CPU kernel's time alone:
+ * NEO profiles it as the wall time of the pacpu call, started after the
+ * q/k/v copy has landed (transformer_layer.py: cdec_s after
+ * qkvtr_e.synchronize(), cdec_e after paged_attention_cpu returns), so the
+ * copies are not in it. */
 static double cpu_time(const neo_pred *m, const neo_sb *b) {
-    double c = b->xc > 0 ? apex_t_catt(m->p, b->nc, b->xc, m->threads) / m->L +
-                               b->xc * m->copy_per_seq
-                         : 0;
+    double c = b->xc > 0 ? apex_t_catt(m->p, b->nc, b->xc, m->threads) / m->L : 0;
     return c + m->lnch;
 }
 
@@ -89,8 +105,16 @@ static double slack(const neo_pred *m, const neo_sb b[2], int j) {
     return linr(m, b[1 - j].s) + gpu_att(m, &b[j]) - cpu_time(m, &b[j]);
 }
 
-static void add_pref(neo_sb *b, double tok) { b->x++; b->s += tok; b->pref_tok += tok; }
-static void sub_pref(neo_sb *b, double tok) { b->x--; b->s -= tok; b->pref_tok -= tok; }
+static void add_pref(const neo_pred *m, neo_sb *b, double tok) {
+    b->x++;
+    b->s += tok;
+    b->pref_att += pref_att(m, tok);
+}
+static void sub_pref(const neo_pred *m, neo_sb *b, double tok) {
+    b->x--;
+    b->s -= tok;
+    b->pref_att -= pref_att(m, tok);
+}
 
 static int64_t blocks_for(int64_t t, int32_t bt) { return (t + bt - 1) / bt; }
 
@@ -99,10 +123,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
     const sched_config *cfg = &pol->cfg;
     int32_t bt = st->block_tokens;
     int n = st->n_seqs;
-    neo_pred m = {p, p->geom.n_layers,
-                  apex_cohort_d2h_bytes(&p->geom) / p->d2h.bw_Bps +
-                      apex_cohort_h2d_bytes(&p->geom) / p->h2d.bw_Bps,
-                  NEO_LNCH_S, h->threads};
+    neo_pred m = {p, p->geom.n_layers, NEO_LNCH_S, h->threads};
 
     /* 1. GPU decodes; the newest swapped out while their growth does not fit */
     int n_run = 0;
@@ -148,7 +169,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         int32_t c = q->prompt_left < width ? q->prompt_left : (int32_t)width;
         pl->action[i] = q->tier == SCHED_TIER_GPU ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
         pl->chunk[i] = c;
-        add_pref(&b[0], c);
+        add_pref(&m, &b[0], c);
         seats--;
         width -= c;
     }
@@ -159,14 +180,20 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         int32_t c = q->prompt_left;
         if (c > cfg->prefill_budget && np == 0) c = (int32_t)width; /* never fits whole */
         if (seats < 1 || c < 1 || c > width) break;
+        /* NEO bounds every admission, one bound for the GPU too: the
+         * host-bound prompts' intermediate GPU blocks within a GPU pool, and
+         * the host's KV (CPU decodes + host-bound prompts) within the host
+         * pool less a GPU pool (scheduler.py _get_next_batch_new, step 4:
+         * itm_block_needed, cpu_threshold, checked before the GPU-or-host
+         * choice) */
+        if (itm + nb > gtot || hfree - gtot < nb) break;
         int gpu = !to_host && gfree >= nb;
-        if (!gpu && (itm + nb > gtot || hfree - gtot < nb)) break;
         if (gpu) gfree -= nb;
         else { hfree -= nb; itm += nb; to_host = 1; }
         pl->action[i] = gpu ? SCHED_ACT_PREFILL_GPU : SCHED_ACT_PREFILL_HOST;
         pl->chunk[i] = c;
         pref[np++] = i;
-        add_pref(&b[0], c);
+        add_pref(&m, &b[0], c);
         seats--;
         width -= c;
     }
@@ -183,7 +210,7 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
     int np_seq = np;
     while (np_seq > 0 && pl->action[pref[np_seq - 1]] == SCHED_ACT_PREFILL_HOST &&
            seq.s - pl->chunk[pref[np_seq - 1]] >= NEO_WIDTH_MIN)
-        sub_pref(&seq, pl->chunk[pref[--np_seq]]);
+        sub_pref(&m, &seq, pl->chunk[pref[--np_seq]]);
 
     /* CPU decodes dealt between the sub-batches. With nothing on the GPU
      * (no prefill, no GPU decode) NEO's rule would stall them all until a
@@ -220,8 +247,8 @@ exec_mode plan_neo(policy *pol, const sim_hw *h, const sched_state *st, sched_pl
         /* 5. drop host-bound prefills from sub-batch 0 while the CPU keeps up */
         while (np > 0 && pl->action[pref[np - 1]] == SCHED_ACT_PREFILL_HOST) {
             double c = pl->chunk[pref[np - 1]];
-            sub_pref(&b[0], c);
-            if (b[0].s < NEO_WIDTH_MIN || min_slack(&m, b) < 0) { add_pref(&b[0], c); break; }
+            sub_pref(&m, &b[0], c);
+            if (b[0].s < NEO_WIDTH_MIN || min_slack(&m, b) < 0) { add_pref(&m, &b[0], c); break; }
             np--;
         }
         /* 6. pipelined if its rate beats the sequential candidate's */

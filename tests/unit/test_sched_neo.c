@@ -197,6 +197,77 @@ static void test_admission_and_sequential_trim(void **state) {
     policy_free(&f.pol);
 }
 
+/* NEO bounds every admission by the host pool, the GPU-bound too
+ * (scheduler.py _get_next_batch_new step 4: cpu_block_needed, the CPU
+ * decodes' KV plus host-bound prompts', + the prompt's blocks must stay
+ * within num_cpu_blocks - num_gpu_blocks, checked before the GPU-or-host
+ * choice): with the host pool one block short of a GPU pool plus the prompt,
+ * a prompt that fits the GPU waits; with that block it goes to the GPU. */
+static void test_admission_bounded_by_host_pool(void **state) {
+    (void)state;
+    fixture f;
+    fx_init(&f, 16, 200);
+    int p = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 1000); /* 63 blocks */
+    f.st.host_blocks_free = 200 + 62; /* the rest holds CPU decodes' KV */
+    run(&f);
+    assert_int_equal(f.act[p], SCHED_ACT_IDLE);
+    assert_int_equal(f.pl.n_admit, 0);
+    policy_free(&f.pol);
+
+    fx_init(&f, 16, 200);
+    p = add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 1000);
+    f.st.host_blocks_free = 200 + 63;
+    run(&f);
+    assert_int_equal(f.act[p], SCHED_ACT_PREFILL_GPU);
+    assert_int_equal(f.pl.n_admit, 1);
+    policy_free(&f.pol);
+}
+
+/* A prefill step that hides CPU decodes of 30000 tokens (too long to swap
+ * in): `prompts` prompts of `total` tokens in all, on the GPU. */
+static int hidden_cdecs(fixture *f, int prompts, int total) {
+    fx_init(f, 16, 600);
+    for (int i = 0; i < prompts; i++) add(f, SCHED_WAITING, SCHED_TIER_NONE, 0, total / prompts);
+    for (int i = 0; i < 80; i++) add(f, SCHED_DECODING, SCHED_TIER_CPU, 30000, 0);
+    assert_int_equal(run(f), EX_TWO);
+    assert_int_equal(f->pl.n_admit, prompts);
+    assert_int_equal(f->pl.n_to_gpu, 0);
+    assert_true(f->pl.n_cpu < 80); /* the slack binds */
+    return f->pl.n_cpu;
+}
+
+/* NEO's pref_T is summed per prompt (structs.py BatchPerfData.add_pref adds
+ * get_pref_T(prompt_len) for each; profiler.py times one prompt per
+ * length), so four 2000-token prompts hide less CPU attention under their
+ * prefill attention than one 8000-token prompt of the same width. */
+static void test_prefill_attention_per_prompt(void **state) {
+    (void)state;
+    fixture f;
+    int one = hidden_cdecs(&f, 1, 8000);
+    policy_free(&f.pol);
+    int four = hidden_cdecs(&f, 4, 8000);
+    policy_free(&f.pol);
+    assert_true(one > four);
+}
+
+/* NEO's cdec_T is the CPU kernel alone (transformer_layer.py: timed from
+ * after the q/k/v copy lands to the pacpu call's return), so its scheduler
+ * deals the same CPU decodes however slow the copies are. */
+static void test_cdec_excludes_copies(void **state) {
+    (void)state;
+    fixture f;
+    int fast = hidden_cdecs(&f, 1, 8000);
+    policy_free(&f.pol);
+    fx_init(&f, 16, 600);
+    f.h.belief.d2h.bw_Bps /= 1000;
+    f.h.belief.h2d.bw_Bps /= 1000;
+    add(&f, SCHED_WAITING, SCHED_TIER_NONE, 0, 8000);
+    for (int i = 0; i < 80; i++) add(&f, SCHED_DECODING, SCHED_TIER_CPU, 30000, 0);
+    assert_int_equal(run(&f), EX_TWO);
+    assert_int_equal(f.pl.n_cpu, fast);
+    policy_free(&f.pol);
+}
+
 /* neo-base (NEO's --always-use-gpu engine): the newest GPU decode whose
  * growth does not fit is swapped out to the host, not recomputed; while a
  * sequence is swapped out no prompt is admitted and nothing decodes on the
@@ -398,6 +469,9 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_skip_rule),
         cmocka_unit_test(test_swap_in_head_under_95),
         cmocka_unit_test(test_admission_and_sequential_trim),
+        cmocka_unit_test(test_admission_bounded_by_host_pool),
+        cmocka_unit_test(test_prefill_attention_per_prompt),
+        cmocka_unit_test(test_cdec_excludes_copies),
         cmocka_unit_test(test_neo_base_swaps_and_holds_admission),
         cmocka_unit_test(test_neo_engine_launch_cost),
         cmocka_unit_test(test_host_options),
