@@ -158,7 +158,7 @@ T512 void cpu_attn_strided_item_exact(const cpu_attn_strided_desc *d, const unit
     float *scq = mv + (size_t)TILE_T * BR; /* [nq][BR] the block's scores */
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++)
-            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
+            load_q16(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
     for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
     memset(acc, 0, (size_t)nq * D * sizeof(float));
     const float cap = d->softcap, scale = cap != 0.0f ? d->scale / cap : d->scale;
