@@ -122,7 +122,7 @@ T512 void cpu_attn_strided_item_avx512(const cpu_attn_strided_desc *d, const uni
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++) {
             float *dst = qb + (size_t)(g * tt + t) * D;
-            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G0 + g), dst);
+            load_q16(d, q_row(d, u->s, u->t0 + t, u->kvh * G0 + g), dst);
             for (int32_t i = 0; i < D; i++) dst[i] *= qs;
         }
     for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;

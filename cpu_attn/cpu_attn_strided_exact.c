@@ -74,43 +74,42 @@ T512 static __m512 compat_dots_any(const float *q, const float *kb, int nr, int 
 /* x rounded to f16 and back, as ggml stores its f16 accumulator. */
 T512 INL __m512 r16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
 
-/* ggml's accumulator updates for nqp (1 or 2) queries of one token over a
+/* ggml's accumulator updates for nqp (1 to 3) queries of one token over a
  * block, held in NV registers each: acc = r16(acc * ms) where the max grew
- * (ms < 1; ggml scales only then), then acc = r16(v * vs + acc). Two
- * queries make two independent chains and share each V slice load. */
+ * (ms < 1; ggml scales only then), then acc = r16(v * vs + acc). Each query
+ * is its own dependency chain (FMA and two conversions per row); more
+ * queries share each V slice load and fill the chain's latency (GQA 3, as
+ * SmolLM2's, runs as one triple rather than a pair and a lone query). */
 T512 INL void compat_apply(const float *vb, int D, const uint8_t *idx, const float *ms, const float *vs, int n,
-                           float *acc0, float *acc1, int NV, int nqp) {
-    __m512 a[16], b[16];
+                           float *const *accp, int NV, int nqp) {
+    __m512 a[3][16];
+#pragma GCC unroll 3
+    for (int j = 0; j < nqp; j++)
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; i++) {
-        a[i] = _mm512_loadu_ps(acc0 + 16 * i);
-        if (nqp == 2) b[i] = _mm512_loadu_ps(acc1 + 16 * i);
-    }
+        for (int i = 0; i < NV; i++) a[j][i] = _mm512_loadu_ps(accp[j] + 16 * i);
     for (int x = 0; x < n; x++) {
         const float *v = vb + (size_t)idx[x] * D;
-        if (ms[x] != 1.0f) {
-            const __m512 w = _mm512_set1_ps(ms[x]);
+#pragma GCC unroll 3
+        for (int j = 0; j < nqp; j++)
+            if (ms[j * BR + x] != 1.0f) {
+                const __m512 w = _mm512_set1_ps(ms[j * BR + x]);
 #pragma GCC unroll 16
-            for (int i = 0; i < NV; i++) a[i] = r16(_mm512_mul_ps(a[i], w));
-        }
-        if (nqp == 2 && ms[BR + x] != 1.0f) {
-            const __m512 w = _mm512_set1_ps(ms[BR + x]);
-#pragma GCC unroll 16
-            for (int i = 0; i < NV; i++) b[i] = r16(_mm512_mul_ps(b[i], w));
-        }
-        const __m512 w0 = _mm512_set1_ps(vs[x]), w1 = _mm512_set1_ps(nqp == 2 ? vs[BR + x] : 0.0f);
+                for (int i = 0; i < NV; i++) a[j][i] = r16(_mm512_mul_ps(a[j][i], w));
+            }
+        __m512 w[3];
+#pragma GCC unroll 3
+        for (int j = 0; j < nqp; j++) w[j] = _mm512_set1_ps(vs[j * BR + x]);
 #pragma GCC unroll 16
         for (int i = 0; i < NV; i++) {
             const __m512 y = _mm512_loadu_ps(v + 16 * i);
-            a[i] = r16(_mm512_fmadd_ps(y, w0, a[i]));
-            if (nqp == 2) b[i] = r16(_mm512_fmadd_ps(y, w1, b[i]));
+#pragma GCC unroll 3
+            for (int j = 0; j < nqp; j++) a[j][i] = r16(_mm512_fmadd_ps(y, w[j], a[j][i]));
         }
     }
+#pragma GCC unroll 3
+    for (int j = 0; j < nqp; j++)
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; i++) {
-        _mm512_storeu_ps(acc0 + 16 * i, a[i]);
-        if (nqp == 2) _mm512_storeu_ps(acc1 + 16 * i, b[i]);
-    }
+        for (int i = 0; i < NV; i++) _mm512_storeu_ps(accp[j] + 16 * i, a[j][i]);
 }
 
 /* The same for any head dim, the accumulator in memory. */
@@ -129,14 +128,15 @@ T512 static void compat_apply_any(const float *vb, int D, const uint8_t *idx, co
 
 #define COMPAT_APPLY(NAME, NV, NQP)                                                                          \
     T512 static void NAME(const float *vb, const uint8_t *idx, const float *ms, const float *vs, int n,      \
-                          float *acc0, float *acc1) {                                                        \
-        compat_apply(vb, 16 * (NV), idx, ms, vs, n, acc0, acc1, NV, NQP);                                    \
+                          float *const *accp) {                                                              \
+        compat_apply(vb, 16 * (NV), idx, ms, vs, n, accp, NV, NQP);                                          \
     }
 COMPAT_APPLY(compat_apply_64x1, 4, 1)
 COMPAT_APPLY(compat_apply_128x1, 8, 1)
 COMPAT_APPLY(compat_apply_256x1, 16, 1)
 COMPAT_APPLY(compat_apply_64x2, 4, 2)
 COMPAT_APPLY(compat_apply_128x2, 8, 2)
+COMPAT_APPLY(compat_apply_64x3, 4, 3)
 
 /* ggml-cpu's row-by-row FLASH_ATTN_EXT (ggml_compute_forward_flash_attn_ext_
  * f16_one_chunk) for f16 KV on AVX-512, operation for operation: q rounded to
@@ -158,7 +158,7 @@ T512 void cpu_attn_strided_item_exact(const cpu_attn_strided_desc *d, const unit
     float *scq = mv + (size_t)TILE_T * BR; /* [nq][BR] the block's scores */
     for (int32_t g = 0; g < G; g++)
         for (int32_t t = 0; t < tt; t++)
-            load_q(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
+            load_q16(d, q_row(d, u->s, u->t0 + t, u->kvh * G + g), qb + (size_t)(g * tt + t) * D);
     for (int32_t qi = 0; qi < nq; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
     memset(acc, 0, (size_t)nq * D * sizeof(float));
     const float cap = d->softcap, scale = cap != 0.0f ? d->scale / cap : d->scale;
@@ -211,22 +211,29 @@ T512 void cpu_attn_strided_item_exact(const cpu_attn_strided_desc *d, const unit
             if (!(tvis >> t & 1)) continue;
             const float *mrow = mv + (size_t)t * BR;
             for (int32_t g = 0; g < G;) {
-                const int32_t q0 = g * tt + t, q1 = q0 + tt;
-                const int pair = g + 1 < G && (D == 64 || D == 128);
+                /* Queries of the token that advance together: three for
+                 * D 64 (GQA 3), two for D 64 and 128, else one. */
+                const int32_t nqp = D == 64 && g + 2 < G && G % 2 ? 3 : g + 1 < G && (D == 64 || D == 128) ? 2 : 1;
                 uint8_t idx[BR];
-                float ms[2 * BR], vs[2 * BR];
-                const int n = compat_weights(scq + (size_t)q0 * BR, mrow, nr, &m[q0], &l[q0], ms, vs, idx);
-                if (pair) compat_weights(scq + (size_t)q1 * BR, mrow, nr, &m[q1], &l[q1], ms + BR, vs + BR, idx);
-                float *a0 = acc + (size_t)q0 * D, *a1 = acc + (size_t)q1 * D;
-                switch (D * 4 + pair) {
-                case 64 * 4: compat_apply_64x1(vb, idx, ms, vs, n, a0, NULL); break;
-                case 64 * 4 + 1: compat_apply_64x2(vb, idx, ms, vs, n, a0, a1); break;
-                case 128 * 4: compat_apply_128x1(vb, idx, ms, vs, n, a0, NULL); break;
-                case 128 * 4 + 1: compat_apply_128x2(vb, idx, ms, vs, n, a0, a1); break;
-                case 256 * 4: compat_apply_256x1(vb, idx, ms, vs, n, a0, NULL); break;
-                default: compat_apply_any(vb, D, idx, ms, vs, n, a0); break;
+                float ms[3 * BR], vs[3 * BR];
+                float *accp[3];
+                int n = 0;
+                for (int32_t j = 0; j < nqp; j++) {
+                    const int32_t qj = (g + j) * tt + t;
+                    /* Every query of the token sees the same mask row: the same idx. */
+                    n = compat_weights(scq + (size_t)qj * BR, mrow, nr, &m[qj], &l[qj], ms + j * BR, vs + j * BR, idx);
+                    accp[j] = acc + (size_t)qj * D;
                 }
-                g += 1 + pair;
+                switch (D * 4 + nqp) {
+                case 64 * 4 + 1: compat_apply_64x1(vb, idx, ms, vs, n, accp); break;
+                case 64 * 4 + 2: compat_apply_64x2(vb, idx, ms, vs, n, accp); break;
+                case 64 * 4 + 3: compat_apply_64x3(vb, idx, ms, vs, n, accp); break;
+                case 128 * 4 + 1: compat_apply_128x1(vb, idx, ms, vs, n, accp); break;
+                case 128 * 4 + 2: compat_apply_128x2(vb, idx, ms, vs, n, accp); break;
+                case 256 * 4 + 1: compat_apply_256x1(vb, idx, ms, vs, n, accp); break;
+                default: compat_apply_any(vb, D, idx, ms, vs, n, accp[0]); break;
+                }
+                g += nqp;
             }
         }
     }
