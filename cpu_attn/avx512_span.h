@@ -236,11 +236,12 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
          * (1 thread from DRAM, batch 16 ctx 8192: 18.3 -> 19.5 GB/s, mean
          * of 4 alternating runs' medians); a quarter measured about the
          * same, a third or a half (bigger bursts per row) slower, 16 GB/s
-         * at a half. Only for the bf16 kernel: the fp32 one (f16 KV) is
-         * compute-bound from DRAM too (20 GB/s in cache, 18 from DRAM, same
-         * either way) and lost 2.5% in cache to it. */
+         * at a half. The fp32 kernel (f16 KV) too: on one core it is
+         * compute-bound and gained nothing, but on two in the slow memory
+         * mode it is DRAM-bound and gained 4-9 % (block 128, batch 1-16,
+         * ctx 1k-8k, 2 alternating rounds), in-cache ceiling the same. */
         int v_left = v_lines;
-        const int v_sm = p_bf16 ? (v_lines / 8 + NQ - 1) / NQ : 0;
+        const int v_sm = (v_lines / 8 + NQ - 1) / NQ;
         for (int h = 0; h < NQ; h++) {
             float *row = sc + (size_t)h * CPU_ATTN_SROW;
             __m512 vmax = _mm512_set1_ps(-INFINITY);

@@ -33,6 +33,27 @@ static int32_t items_per_thread(int32_t n_seqs, int32_t n_threads) {
     return n_seqs <= 2 * n_threads ? 2 : ITEMS_PER_THREAD;
 }
 
+/* The simulation below is O(items x threads); past this it is skipped. */
+#define SIM_MAX_THREADS 64
+/* Per-item cost in tokens for the simulation: an item's first group is
+ * fetched with nothing to hide it. */
+#define ITEM_COST_TOKENS 64
+
+/* Finish time, in tokens, of dynamic scheduling (each thread takes the
+ * next item when it is free, in item order) of items of the given token
+ * counts over n_threads, each item costing ITEM_COST_TOKENS more. */
+static int64_t sim_makespan(const int32_t *t0, const int32_t *t1, int32_t n, int32_t n_threads) {
+    int64_t load[SIM_MAX_THREADS] = {0}, mx = 0;
+    for (int32_t k = 0; k < n; k++) {
+        int32_t j = 0;
+        for (int32_t u = 1; u < n_threads; u++)
+            if (load[u] < load[j]) j = u;
+        load[j] += (int64_t)(t1[k] - t0[k]) + ITEM_COST_TOKENS;
+        if (load[j] > mx) mx = load[j];
+    }
+    return mx;
+}
+
 struct cpu_attn_ws {
     cpu_attn_geom g;
     int32_t max_seqs, max_len, n_threads;
@@ -113,19 +134,75 @@ static int32_t seq_start(const cpu_attn_batch *b, int32_t len) {
     return b->window > 0 && len > b->window ? len - b->window : 0;
 }
 
-/* Cuts every sequence's attended range into chunks on block borders, about
- * total / (items_per_thread() * n_threads) tokens each, no fewer than
- * MIN_CHUNK_TOKENS. Returns the number of chunks, or -1 if the workspace is
- * too small for this batch. */
+/* Cuts every sequence's attended range into chunks of `chunk` tokens
+ * (rounded to blocks, spread evenly) into ws; returns the number of
+ * chunks, or 0 if they would not fit cap_chunks. */
+static int32_t cut(const cpu_attn_batch *b, cpu_attn_ws *ws, int32_t bt, int64_t chunk) {
+    const int64_t cb = (chunk + bt - 1) / bt; /* blocks per chunk */
+    int32_t n = 0;
+    for (int32_t i = 0; i < b->n_seqs; i++) {
+        const int32_t len = b->seq_lens[i], start = seq_start(b, len);
+        const int32_t fb = start / bt, nb = (len - 1) / bt - fb + 1;
+        const int32_t nch = (int32_t)((nb + cb - 1) / cb);
+        if (n + nch > ws->cap_chunks) return 0;
+        ws->seq_first[i] = n;
+        ws->seq_nchunks[i] = nch;
+        for (int32_t k = 0; k < nch; k++) {
+            /* Spread the blocks evenly over the chunks. */
+            int32_t b0 = fb + (int32_t)((int64_t)nb * k / nch);
+            int32_t b1 = fb + (int32_t)((int64_t)nb * (k + 1) / nch);
+            int32_t t0 = b0 * bt, t1 = b1 * bt;
+            ws->chunk_seq[n] = i;
+            ws->chunk_t0[n] = t0 > start ? t0 : start;
+            ws->chunk_t1[n] = t1 < len ? t1 : len;
+            n++;
+        }
+    }
+    return n;
+}
+
+/* Cuts every sequence's attended range into chunks on block borders:
+ * the fewest items whose dynamic schedule (simulated, sim_makespan) ends
+ * within 1/16 of an even split, trying whole sequences, then 1, 2 and
+ * items_per_thread() items per thread; failing that, or with more than
+ * SIM_MAX_THREADS threads, total / (items_per_thread() * n_threads)
+ * tokens each. Never fewer than MIN_CHUNK_TOKENS a chunk. Every item
+ * costs a stall at its start and split sequences a merge, so with equal
+ * lengths (batch 8 on 2 threads) whole sequences, 4 per thread, beat
+ * 8 half-sequences per thread (vs-vllm, cold, ctx 1k: see
+ * docs/cpu_kernel.md). *balanced: a simulated plan was taken (its items
+ * need no further split over KV heads). Returns the number of chunks, or
+ * -1 if the workspace is too small for this batch. */
 static int32_t plan(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws *ws,
-                    int32_t n_threads) {
+                    int32_t n_threads, int *balanced) {
     const int32_t bt = g->block_tokens;
+    *balanced = 0;
     if (b->n_seqs > ws->max_seqs) return -1;
     int64_t total = 0;
     for (int32_t i = 0; i < b->n_seqs; i++) total += b->seq_lens[i] - seq_start(b, b->seq_lens[i]);
     int64_t chunk = INT32_MAX;
     if (n_threads > 1) {
-        int64_t target = (int64_t)items_per_thread(b->n_seqs, n_threads) * n_threads;
+        const int32_t ipt = items_per_thread(b->n_seqs, n_threads);
+        if (n_threads <= SIM_MAX_THREADS) {
+            const int32_t per[4] = {0, 1, 2, ipt};
+            for (int c = 0; c < 4; c++) {
+                if (c > 1 && per[c] <= per[c - 1]) continue;
+                int64_t ck = INT32_MAX;
+                if (per[c]) {
+                    const int64_t target = (int64_t)per[c] * n_threads;
+                    ck = (total + target - 1) / target;
+                    if (ck < MIN_CHUNK_TOKENS) ck = MIN_CHUNK_TOKENS;
+                }
+                const int32_t n = cut(b, ws, bt, ck);
+                if (n >= n_threads &&
+                    sim_makespan(ws->chunk_t0, ws->chunk_t1, n, n_threads) * 16 <=
+                        (total + (int64_t)n * ITEM_COST_TOKENS) * 17 / n_threads) {
+                    *balanced = 1;
+                    return n;
+                }
+            }
+        }
+        int64_t target = (int64_t)ipt * n_threads;
         chunk = (total + target - 1) / target;
         if (chunk < MIN_CHUNK_TOKENS) chunk = MIN_CHUNK_TOKENS;
     }
@@ -133,30 +210,8 @@ static int32_t plan(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
      * ends, rounding), and sum(tokens) / chunk <= target, so the plan fits
      * cap_chunks; the doubling below only guards the arithmetic. */
     for (;;) {
-        int64_t cb = (chunk + bt - 1) / bt; /* blocks per chunk */
-        int32_t n = 0, fits = 1;
-        for (int32_t i = 0; i < b->n_seqs && fits; i++) {
-            const int32_t len = b->seq_lens[i], start = seq_start(b, len);
-            const int32_t fb = start / bt, nb = (len - 1) / bt - fb + 1;
-            const int32_t nch = (int32_t)((nb + cb - 1) / cb);
-            if (n + nch > ws->cap_chunks) {
-                fits = 0;
-                break;
-            }
-            ws->seq_first[i] = n;
-            ws->seq_nchunks[i] = nch;
-            for (int32_t k = 0; k < nch; k++) {
-                /* Spread the blocks evenly over the chunks. */
-                int32_t b0 = fb + (int32_t)((int64_t)nb * k / nch);
-                int32_t b1 = fb + (int32_t)((int64_t)nb * (k + 1) / nch);
-                int32_t t0 = b0 * bt, t1 = b1 * bt;
-                ws->chunk_seq[n] = i;
-                ws->chunk_t0[n] = t0 > start ? t0 : start;
-                ws->chunk_t1[n] = t1 < len ? t1 : len;
-                n++;
-            }
-        }
-        if (fits) return n;
+        const int32_t n = cut(b, ws, bt, chunk);
+        if (n > 0) return n;
         if (chunk >= INT32_MAX) return -1;
         chunk *= 2;
     }
@@ -167,7 +222,8 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     if (b->n_seqs <= 0) return 0;
     if (n_threads > ws->n_threads) n_threads = ws->n_threads;
     if (n_threads < 1) n_threads = 1;
-    const int32_t n_chunks = plan(g, b, ws, n_threads);
+    int balanced;
+    const int32_t n_chunks = plan(g, b, ws, n_threads, &balanced);
     if (n_chunks < 0) return -1;
 
     const cpu_attn_kernel *kern = cpu_attn_kernel_get(cpu_attn_isa_selected());
@@ -178,7 +234,7 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     /* KV heads per item: all, unless chunks alone leave threads idle. */
     int32_t splits = 1;
     const int32_t target = items_per_thread(b->n_seqs, n_threads) * n_threads;
-    if (n_threads > 1 && n_chunks < target) {
+    if (n_threads > 1 && !balanced && n_chunks < target) {
         splits = (target + n_chunks - 1) / n_chunks;
         if (splits > H) splits = H;
     }

@@ -322,6 +322,27 @@ static void test_long(void **state) {
     fprintf(stderr, "long: worst fp32 abs error %.3g\n", worst);
 }
 
+/* Equal lengths, the plans the scheduler simulation picks (cpu_attn_decode.c
+ * plan()): whole sequences (4 on 2 threads), one chunk per thread (batch 1),
+ * and the fallback split (4 on 3 threads); with a window, so the attended
+ * ranges start mid-block. */
+static void test_equal_lengths(void **state) {
+    (void)state;
+    static const int32_t lens4[] = {600, 600, 600, 600};
+    static const int32_t lens1[] = {1000};
+    double worst = 0.0;
+    tcase a = {32, 8, 128, 16, APEX_DTYPE_BF16, APEX_DTYPE_BF16, APEX_DTYPE_F32, 4, lens4,
+               0.0f, 0, 4.0f, 0};
+    run_case(&a, &worst);
+    tcase b = {32, 8, 128, 128, APEX_DTYPE_F16, APEX_DTYPE_F16, APEX_DTYPE_F32, 1, lens1,
+               0.0f, 0, 4.0f, 0};
+    run_case(&b, &worst);
+    tcase c = {9, 3, 64, 64, APEX_DTYPE_BF16, APEX_DTYPE_F32, APEX_DTYPE_BF16, 4, lens4,
+               0.0f, 517, 1.0f, 0};
+    run_case(&c, &worst);
+    fprintf(stderr, "equal lengths: worst fp32 abs error %.3g\n", worst);
+}
+
 /* Sliding windows that start mid-block (and windows longer than the
  * sequence), soft-cap, and both together. */
 static void test_window_softcap(void **state) {
@@ -414,6 +435,7 @@ int main(void) {
         cmocka_unit_test(test_grid),
         cmocka_unit_test(test_long),
         cmocka_unit_test(test_window_softcap),
+        cmocka_unit_test(test_equal_lengths),
         cmocka_unit_test(test_workspace),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
