@@ -10,6 +10,7 @@
 #include "csrc/error.h"
 #include "csrc/trace.h"
 #include "csrc/env.h"
+#include "csrc/executor.h"
 
 #define ALIGN 256
 
@@ -139,6 +140,7 @@ void pipeline_sync(apex_context *ctx) {
     if (pl->last_done) pl->dev->iface->event_sync(pl->dev, pl->last_done);
     if (pl->copy_stream) pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
     if (pl->own_stream) pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
+    if (pl->sub_state == 1) exec_complete(ctx); /* after the wait above: no block */
 }
 
 stage_slot *pipeline_sync_slot(apex_context *ctx) { return &ctx->pipe.slots[0]; }
