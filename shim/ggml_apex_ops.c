@@ -201,7 +201,7 @@ static int have_f16c(void) {
 }
 #endif
 
-static void row_to_f16(uint16_t *h, const float *s, int64_t w) {
+void shim_row_to_f16(uint16_t *h, const float *s, int64_t w) {
     int64_t j = 0;
 #if defined(__x86_64__) || defined(__i386__)
     if (have_f16c()) j = f16c_row(h, s, w);
@@ -215,7 +215,7 @@ static void store_row(struct ggml_tensor *op, const struct ggml_tensor *src, con
     const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
     char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
     if (op->type == GGML_TYPE_F16)
-        row_to_f16((uint16_t *)d, s, w);
+        shim_row_to_f16((uint16_t *)d, s, w);
     else
         memcpy(d, s, (size_t)w * sizeof(float));
 }

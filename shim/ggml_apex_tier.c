@@ -475,7 +475,7 @@ static void submit_planned(gpu_tier *t) {
             const float *src = (const float *)((const char *)q->data + h * q->nb[2] + t->js[i] * q->nb[3]);
             const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
             if (q16)
-                for (size_t x = 0; x < hd; x++) ((uint16_t *)t->q)[row + x] = apex_f32_to_f16(src[x]);
+                shim_row_to_f16((uint16_t *)t->q + row, src, (int64_t)hd);
             else
                 memcpy(t->q + row, src, hd * sizeof(float));
         }

@@ -156,6 +156,35 @@ APEX_API apex_status apex_paged_layer_kv(apex_context *ctx, int32_t layer, apex_
     return APEX_OK;
 }
 
+/* 1 if the count elements of dtype t at p are all finite. By the bits for
+ * the 16-bit types (exponent all ones: Inf or NaN), without converting
+ * each: a decode layer's q and rows are checked on every call. */
+static int all_finite(const void *p, apex_dtype t, size_t count) {
+    const uint8_t *b = p; /* memcpy loads: an engine's slice need not be aligned */
+    if (t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16) {
+        const uint16_t m = t == APEX_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+        int bad = 0;
+        for (size_t e = 0; e < count; e++) {
+            uint16_t h;
+            memcpy(&h, b + 2 * e, 2);
+            bad |= (h & m) == m;
+        }
+        return !bad;
+    }
+    if (t == APEX_DTYPE_F32) {
+        int bad = 0;
+        for (size_t e = 0; e < count; e++) {
+            uint32_t f;
+            memcpy(&f, b + 4 * e, 4);
+            bad |= (f & 0x7f800000u) == 0x7f800000u;
+        }
+        return !bad;
+    }
+    for (size_t e = 0; e < count; e++)
+        if (!isfinite(apex_load_f32(p, t, e))) return 0;
+    return 1;
+}
+
 /* Row i's element e of an array of dtype t with the given row stride. */
 static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_t i) {
     return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
@@ -192,9 +221,7 @@ static apex_status paged_check_rows(apex_context *ctx, const char *fn, int32_t l
         if (st) return st;
         const uint8_t *kr = row_at(k, src_dtype, k_row_stride, i);
         const uint8_t *vr = row_at(v, src_dtype, v_row_stride, i);
-        for (int64_t e = 0; e < row_el; e++)
-            if (!isfinite(apex_load_f32(kr, src_dtype, (size_t)e)) ||
-                !isfinite(apex_load_f32(vr, src_dtype, (size_t)e)))
+        if (!all_finite(kr, src_dtype, (size_t)row_el) || !all_finite(vr, src_dtype, (size_t)row_el))
                 return apex_fail(APEX_ERR_INVALID_ARG, "%s: row %lld (slot %lld) has a NaN or Inf",
                                  fn, (long long)i, (long long)slots[i]);
         (*written)++;
@@ -274,11 +301,12 @@ static apex_status paged_check_attention(apex_context *ctx, const char *fn, int3
     int64_t rows = qsl[n_seqs];
     if (rows > 0 && (!q || !out))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: q and out must not be NULL", fn);
-    size_t count = (size_t)rows * (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
-    for (size_t e = 0; e < count; e++)
-        if (!isfinite(apex_load_f32(q, o->q_dtype, e)))
+    size_t per_row = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
+    for (int64_t r = 0; r < rows; r++)
+        if (!all_finite((const uint8_t *)q + (size_t)r * per_row * apex_dtype_size(o->q_dtype),
+                        o->q_dtype, per_row))
             return apex_fail(APEX_ERR_INVALID_ARG, "%s: q row %lld has a NaN or Inf", fn,
-                             (long long)(e / (count / (size_t)rows)));
+                             (long long)r);
     return APEX_OK;
 }
 
