@@ -401,9 +401,14 @@ static int gather_stale(gpu_tier *t, int li, const int64_t *streams, const int32
     tier_layer *l = &t->layers[li];
     size_t rows = 0;
     *n_rows = 0;
+    /* Word by word: a decode step has one stale cell per stream. */
     for (int i = 0; i < n; i++) {
         const uint64_t *w = l->stale + (size_t)slots[i] * t->words;
-        for (int64_t c = 0; c < lens[i]; c++) rows += (w[c / 64] >> (c % 64)) & 1;
+        for (int64_t x = 0; x * 64 < lens[i]; x++) {
+            const int64_t rem = lens[i] - x * 64;
+            const uint64_t bits = w[x] & (rem >= 64 ? ~0ull : (1ull << rem) - 1);
+            rows += (size_t)__builtin_popcountll(bits);
+        }
     }
     if (rows == 0) return 0;
     if (scratch(t, rows, 0)) return -1;
@@ -411,13 +416,17 @@ static int gather_stale(gpu_tier *t, int li, const int64_t *streams, const int32
     for (int i = 0; i < n; i++) {
         const int64_t s = streams[i];
         uint64_t *w = l->stale + (size_t)slots[i] * t->words;
-        for (int64_t c = 0; c < lens[i]; c++) {
-            if (!((w[c / 64] >> (c % 64)) & 1)) continue;
-            const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
-            memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
-            memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
-            t->slots[r++] = (int64_t)slots[i] * t->kv_size + c;
-            w[c / 64] &= ~(1ull << (c % 64));
+        for (int64_t x = 0; x * 64 < lens[i]; x++) {
+            const int64_t rem = lens[i] - x * 64;
+            uint64_t bits = w[x] & (rem >= 64 ? ~0ull : (1ull << rem) - 1);
+            w[x] &= ~bits;
+            for (; bits; bits &= bits - 1) {
+                const int64_t c = x * 64 + __builtin_ctzll(bits);
+                const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
+                memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
+                memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
+                t->slots[r++] = (int64_t)slots[i] * t->kv_size + c;
+            }
         }
     }
     *n_rows = rows;

@@ -417,5 +417,7 @@ APEX_API apex_status apex_paged_wait(apex_context *ctx) {
         return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
                                             "apex_paged_wait: no submission in flight"));
     TRACE_SCOPE(APEX_TRACE_WAIT, "apex_paged_wait", ctx->pipe.sub_layer);
-    return paged_counted(ctx, exec_wait(ctx));
+    apex_status st = exec_wait(ctx);
+    if (st == APEX_OK) context_metrics_tick(ctx, 0); /* as apex_paged_attention does */
+    return paged_counted(ctx, st);
 }
