@@ -328,8 +328,8 @@ enum ggml_status shim_run_fa(struct ggml_tensor *op, int n_threads) {
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && shim_tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
     SHIM_TRACE_END();
-    /* Its own spans (the stale rows' COPY, the submit) directly in the
-     * attention's: the gather is a copy, the submit APEX's overhead. */
+    /* Its own spans directly in the attention's: the stale rows' gather
+     * (COPY), the submit (GPU_ATTN: the tier's attention, host side). */
     if (n_plan) gpu_tier_start(tier);
     SHIM_TRACE_BEGIN(APEX_TRACE_CPU_ATTN, "CPU kernel (cpu_attn_strided)", layer);
     int ok = run_streams(&d, gpu, 0, n_threads);

@@ -475,7 +475,11 @@ static void submit_planned(gpu_tier *t) {
         tier_failed_once();
         return;
     }
-    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: submit", layer);
+    /* The GPU tier's attention, host side (apex.h's GPU_ATTN): its queries
+     * staged and its work enqueued, on this thread now that no tier
+     * thread does it beside the engine; the device's own time is in the
+     * wait (WAIT). */
+    SHIM_TRACE_BEGIN(APEX_TRACE_GPU_ATTN, "GPU tier: submit", layer);
     /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
     const size_t hd = (size_t)t->head_dim;
     const int q16 = t->kv_dtype == APEX_DTYPE_F16;
