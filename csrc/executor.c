@@ -181,8 +181,9 @@ static int dev_timer(apex_context *ctx) {
 }
 
 /* Enqueues the packed device batch on the context's own stream: q, lengths
- * and tables up, paged_decode, outputs down into the staging slot. */
-static apex_status dev_launch(apex_context *ctx, const exec_batch *b, dev_pack *p) {
+ * and tables up (unless up is 0: the caller copied them), paged_decode,
+ * outputs down into the staging slot. */
+static apex_status dev_launch(apex_context *ctx, const exec_batch *b, dev_pack *p, int up) {
     if (!p->filled) return APEX_OK;
     apex_device *dev = ctx->dev;
     const device_iface *f = dev->iface;
@@ -204,9 +205,9 @@ static apex_status dev_launch(apex_context *ctx, const exec_batch *b, dev_pack *
     };
     apex_status st;
     p->timed = dev_timer(ctx);
-    if ((st = f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)m * 4, s)) ||
-        (st = f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)m * mb * 4, s)) ||
-        (st = f->memcpy_async(dev, sl->d_q_g, sl->h_q, (size_t)m * qrow, s)) ||
+    if ((up && (st = f->memcpy_async(dev, sl->d_lens, sl->h_lens, (size_t)m * 4, s))) ||
+        (up && (st = f->memcpy_async(dev, sl->d_table, sl->h_table, (size_t)m * mb * 4, s))) ||
+        (up && (st = f->memcpy_async(dev, sl->d_q_g, sl->h_q, (size_t)m * qrow, s))) ||
         (p->timed && (st = f->event_record(dev, pl->tm_start, s))) ||
         (st = f->paged_decode(dev, &a, s)) ||
         (p->timed && (st = f->event_record(dev, pl->tm_end, s))) ||
@@ -261,7 +262,7 @@ static apex_status dev_seq(apex_context *ctx, const exec_batch *b, dev_pack *p, 
                (const uint8_t *)b->q + (size_t)(row0 + j) * qrow, qrow);
         if (n > p->max_len) p->max_len = n;
         if (p->filled == ctx->cfg.max_batch &&
-            ((st = dev_launch(ctx, b, p)) || (st = dev_finish(ctx, b, p))))
+            ((st = dev_launch(ctx, b, p, 1)) || (st = dev_finish(ctx, b, p))))
             return st;
     }
     return APEX_OK;
@@ -351,7 +352,7 @@ static apex_status run_tier(apex_context *ctx, const exec_batch *b, int want, de
                              : dev_seq(ctx, b, pd, row0, ql, len, ids, tokens);
     }
     if (st) return st;
-    return want == ON_HOST ? cpu_flush(ctx, b, &pc) : dev_launch(ctx, b, pd);
+    return want == ON_HOST ? cpu_flush(ctx, b, &pc) : dev_launch(ctx, b, pd, 1);
 }
 
 /* Device-tier sequences first (their last batch runs on the device while
@@ -530,9 +531,11 @@ static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_
     return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
 }
 
-/* Stores one staged chunk of device-tier rows (h_slots, h_k, h_v of the
- * sync slot) with the device's kv_append kernel, and waits for it. */
-static apex_status append_chunk(apex_context *ctx, int32_t layer, int32_t m, apex_dtype src) {
+/* Enqueues the store of one staged chunk of device-tier rows (h_slots,
+ * h_k, h_v of the sync slot, copied up unless up is 0) with the device's
+ * kv_append kernel. */
+static apex_status append_enqueue(apex_context *ctx, int32_t layer, int32_t m, apex_dtype src,
+                                  int up) {
     apex_device *dev = ctx->dev;
     const device_iface *f = dev->iface;
     device_stream *s = ctx->pipe.own_stream;
@@ -545,12 +548,18 @@ static apex_status append_chunk(apex_context *ctx, int32_t layer, int32_t m, ape
         .block_bytes = ctx->block_bytes, .kv_dtype = ctx->cfg.kv_dtype,
     };
     apex_status st;
-    if ((st = f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)m * 8, s)) ||
-        (st = f->memcpy_async(dev, sl->d_k, sl->h_k, (size_t)m * row, s)) ||
-        (st = f->memcpy_async(dev, sl->d_v, sl->h_v, (size_t)m * row, s)) ||
+    if ((up && (st = f->memcpy_async(dev, sl->d_slots, sl->h_slots, (size_t)m * 8, s))) ||
+        (up && (st = f->memcpy_async(dev, sl->d_k, sl->h_k, (size_t)m * row, s))) ||
+        (up && (st = f->memcpy_async(dev, sl->d_v, sl->h_v, (size_t)m * row, s))) ||
         (st = f->kv_append(dev, &a, s)))
         return st;
-    return f->stream_sync(dev, s);
+    return APEX_OK;
+}
+
+/* The same, waited for. */
+static apex_status append_chunk(apex_context *ctx, int32_t layer, int32_t m, apex_dtype src) {
+    apex_status st = append_enqueue(ctx, layer, m, src, 1);
+    return st ? st : ctx->dev->iface->stream_sync(ctx->dev, ctx->pipe.own_stream);
 }
 
 /* The device-tier rows (slots below dev_slots: the device slot itself). */
@@ -595,6 +604,106 @@ apex_status exec_kv_write(apex_context *ctx, const exec_rows *r) {
                               row_at(r->v, r->dtype, r->v_stride, i), r->dtype);
     }
     return APEX_OK;
+}
+
+/* ---- one layer asynchronously: apex_paged_submit / apex_paged_wait */
+
+int exec_in_flight(const apex_context *ctx) { return ctx->pipe.sub_state != 0; }
+
+apex_status exec_submit(apex_context *ctx, const exec_rows *r, const exec_batch *b) {
+    TRACE_SCOPE(APEX_TRACE_CALL, "exec_submit", b->layer);
+    const device_iface *f = ctx->dev->iface;
+    pipeline *pl = &ctx->pipe;
+    stage_slot *sl = pipeline_sync_slot(ctx);
+    pipeline_sync(ctx);
+    apex_status st = pipeline_sync_slot_wait(ctx);
+    if (st) return st;
+    /* Everything is staged before the first enqueue, so the caller's
+     * buffers (but out) are free on return. The rows (h_slots, h_k, h_v)
+     * and the attention (h_lens, h_table, h_q, h_out, h_idx_g) are disjoint
+     * pieces of the slot (pipeline.c's layout): one slot holds both. */
+    size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(r->dtype);
+    int32_t m = 0;
+    uint64_t written = 0;
+    for (int64_t i = 0; i < r->n; i++) {
+        if (r->slots[i] < 0) continue;
+        memcpy((uint8_t *)sl->h_k + (size_t)m * row, row_at(r->k, r->dtype, r->k_stride, i), row);
+        memcpy((uint8_t *)sl->h_v + (size_t)m * row, row_at(r->v, r->dtype, r->v_stride, i), row);
+        sl->h_slots[m++] = r->slots[i];
+        written++;
+    }
+    int32_t mb = ctx->seqs.max_blocks_per_seq;
+    size_t qrow = q_row_bytes(ctx, b->o.q_dtype);
+    dev_pack p = {0};
+    uint64_t tokens = 0;
+    for (int32_t i = 0; i < b->n_seqs; i++) {
+        int64_t row0;
+        int32_t ql = seq_rows(b, i, &row0), len = b->seq_lens[i];
+        const int32_t *ids = seq_ids(b, i);
+        for (int32_t j = 0; j < ql; j++) {
+            int32_t n = row_len(len, ql, j, b->o.window, &tokens);
+            int32_t k = p.filled++;
+            sl->h_idx_g[k] = (int32_t)(row0 + j);
+            sl->h_lens[k] = n;
+            memcpy(sl->h_table + (size_t)k * mb, ids, (size_t)n_blocks_of(ctx, n) * 4);
+            memcpy((uint8_t *)sl->h_q + (size_t)k * qrow,
+                   (const uint8_t *)b->q + (size_t)(row0 + j) * qrow, qrow);
+            if (n > p.max_len) p.max_len = n;
+        }
+    }
+    /* Inputs up in one copy when the pieces lie alike in both halves
+     * (pipeline.c's layout) and the span is mostly used bytes: fewer
+     * commands, and on the emulated device fewer wake-ups of its thread. */
+    const uint8_t *h0 = (const uint8_t *)sl->h_lens;
+    uint8_t *d0 = (uint8_t *)sl->d_lens;
+    const int alike = (uint8_t *)sl->d_slots - d0 == (const uint8_t *)sl->h_slots - h0 &&
+                      (uint8_t *)sl->d_table - d0 == (const uint8_t *)sl->h_table - h0 &&
+                      (uint8_t *)sl->d_q_g - d0 == (const uint8_t *)sl->h_q - h0 &&
+                      (uint8_t *)sl->d_k - d0 == (const uint8_t *)sl->h_k - h0 &&
+                      (uint8_t *)sl->d_v - d0 == (const uint8_t *)sl->h_v - h0;
+    const size_t used = (size_t)p.filled * (4 + (size_t)mb * 4 + qrow) + (size_t)m * (8 + 2 * row);
+    const size_t span = m ? (size_t)((const uint8_t *)sl->h_v - h0) + (size_t)m * row
+                          : (size_t)((const uint8_t *)sl->h_q - h0) + (size_t)p.filled * qrow;
+    const int one = alike && (m || p.filled) && span <= 2 * used + 16384;
+    /* The rows first: the kernel reads them (one stream: in order). */
+    if ((one && (st = f->memcpy_async(ctx->dev, d0, h0, span, pl->own_stream))) ||
+        (m && (st = append_enqueue(ctx, r->layer, m, r->dtype, !one))) ||
+        (st = dev_launch(ctx, b, &p, !one))) {
+        f->stream_sync(ctx->dev, pl->own_stream); /* nothing outlives a failed submit */
+        return st;
+    }
+    pl->sub_state = 1;
+    pl->sub_timed = p.timed;
+    pl->sub_rows = p.filled;
+    pl->sub_layer = b->layer;
+    pl->sub_out = b->out;
+    pl->sub_out_dtype = b->o.out_dtype;
+    pl->sub_tokens = tokens;
+    pl->sub_written = written;
+    return APEX_OK;
+}
+
+void exec_complete(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    exec_batch b = {.layer = pl->sub_layer, .out = pl->sub_out};
+    b.o.out_dtype = pl->sub_out_dtype;
+    dev_pack p = {.filled = pl->sub_rows, .launched = pl->sub_rows > 0, .timed = pl->sub_timed};
+    apex_status st = p.launched
+                         ? dev_finish(ctx, &b, &p)
+                         : ctx->dev->iface->stream_sync(ctx->dev, pl->own_stream); /* rows only */
+    if (st == APEX_OK) {
+        ctx->stats.kv_tokens_attended += pl->sub_tokens;
+        ctx->stats.kv_rows_written += pl->sub_written;
+    }
+    pl->sub_status = st;
+    pl->sub_state = 2;
+}
+
+apex_status exec_wait(apex_context *ctx) {
+    pipeline *pl = &ctx->pipe;
+    if (pl->sub_state == 1) exec_complete(ctx);
+    pl->sub_state = 0; /* whatever the status: a failed wait leaves nothing in flight */
+    return pl->sub_status;
 }
 
 /* ---- the entry point */

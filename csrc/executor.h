@@ -73,6 +73,23 @@ typedef struct exec_rows {
  * pipeline_kv_write's: only the sequence model has them.) */
 apex_status exec_kv_write(apex_context *ctx, const exec_rows *r);
 
+/* apex_paged_submit: validated rows r (device-tier slots or < 0, at most
+ * max_batch stored) and batch b (device-tier sequences only, at most
+ * max_batch rows; b->out host memory) staged into the sync slot and
+ * enqueued on the own stream: kv_append, then paged_decode, then the
+ * outputs down into the slot; returns without waiting. A device failure
+ * while enqueueing waits for what was enqueued and leaves nothing in
+ * flight. exec_wait waits, scatters the outputs into b->out, and clears
+ * the submission whatever the status. exec_in_flight: 1 from submit to
+ * exec_wait. */
+apex_status exec_submit(apex_context *ctx, const exec_rows *r, const exec_batch *b);
+apex_status exec_wait(apex_context *ctx);
+int exec_in_flight(const apex_context *ctx);
+/* A submission enqueued and not yet waited for: waits for it and writes
+ * its outputs now, keeping the status for exec_wait (pipeline_sync: any
+ * other call on the context finishes it first). */
+void exec_complete(apex_context *ctx);
+
 /* Frees the executor's host scratch (context_destroy). */
 void exec_destroy(apex_context *ctx);
 

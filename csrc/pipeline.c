@@ -10,52 +10,58 @@
 #include "csrc/error.h"
 #include "csrc/trace.h"
 #include "csrc/env.h"
+#include "csrc/executor.h"
 
 #define ALIGN 256
 
-/* Next ALIGN-aligned piece of `bytes` from a buffer walk. Addresses are
- * integers here: a walk from 0 only measures (no pointer arithmetic on a
- * null pointer, which is undefined). */
-static void *carve(uintptr_t *p, size_t bytes) {
+/* Next piece of `bytes` from a buffer walk: offset *p from base, rounded
+ * up to ALIGN. Offsets, not addresses, are aligned, so the pinned and the
+ * device half put like pieces at like offsets whatever their bases (both
+ * allocators return at least ALIGN-aligned memory on CUDA); base 0 only
+ * measures (no pointer arithmetic on a null pointer, which is undefined). */
+static void *carve(uintptr_t base, uintptr_t *p, size_t bytes) {
     uintptr_t a = (*p + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
     *p = a + bytes;
-    return (void *)a;
+    return (void *)(base + a);
 }
 
 /* Lays out one slot's pinned (host=1) or device (host=0) buffers from base
- * (NULL: just measure); returns the bytes needed. */
+ * (NULL: just measure); returns the bytes needed. The first six pieces are
+ * the same on both sides (lens, slots, table, q, k, v), so
+ * apex_paged_submit moves its staged inputs up in one copy
+ * (exec_submit). */
 static size_t layout(stage_slot *sl, uint8_t *base, int host, size_t B, size_t mb,
                      size_t row_q, size_t row_kv) {
     stage_slot dummy;
     if (!base) sl = &dummy;
-    uintptr_t p = (uintptr_t)base; /* 0: measuring */
+    uintptr_t b = (uintptr_t)base, p = 0;
     if (host) {
-        sl->h_lens = carve(&p, B * 4);
-        sl->h_table = carve(&p, (B * mb + 1) * 4); /* +1: prefill's cu_seqlens */
-        sl->h_idx_g = carve(&p, B * 4);
-        sl->h_idx_c = carve(&p, B * 4);
-        sl->h_slots = carve(&p, B * 8);
-        sl->c_slots = carve(&p, B * 8);
-        sl->c_lens = carve(&p, B * 4);
-        sl->c_table = carve(&p, B * mb * 4);
-        sl->h_q = carve(&p, B * row_q);
-        sl->h_out = carve(&p, B * row_q);
-        sl->h_k = carve(&p, B * row_kv);
-        sl->h_v = carve(&p, B * row_kv);
+        sl->h_lens = carve(b, &p, B * 4);
+        sl->h_slots = carve(b, &p, B * 8);
+        sl->h_table = carve(b, &p, (B * mb + 1) * 4); /* +1: prefill's cu_seqlens */
+        sl->h_q = carve(b, &p, B * row_q);
+        sl->h_k = carve(b, &p, B * row_kv);
+        sl->h_v = carve(b, &p, B * row_kv);
+        sl->h_out = carve(b, &p, B * row_q);
+        sl->h_idx_g = carve(b, &p, B * 4);
+        sl->h_idx_c = carve(b, &p, B * 4);
+        sl->c_slots = carve(b, &p, B * 8);
+        sl->c_lens = carve(b, &p, B * 4);
+        sl->c_table = carve(b, &p, B * mb * 4);
     } else {
-        sl->d_lens = carve(&p, B * 4);
-        sl->d_table = carve(&p, (B * mb + 1) * 4);
-        sl->d_idx_g = carve(&p, B * 4);
-        sl->d_idx_c = carve(&p, B * 4);
-        sl->d_slots = carve(&p, B * 8);
-        sl->d_q_g = carve(&p, B * row_q);
-        sl->d_out_g = carve(&p, B * row_q);
-        sl->d_q_c = carve(&p, B * row_q);
-        sl->d_out_c = carve(&p, B * row_q);
-        sl->d_k = carve(&p, B * row_kv);
-        sl->d_v = carve(&p, B * row_kv);
+        sl->d_lens = carve(b, &p, B * 4);
+        sl->d_slots = carve(b, &p, B * 8);
+        sl->d_table = carve(b, &p, (B * mb + 1) * 4);
+        sl->d_q_g = carve(b, &p, B * row_q);
+        sl->d_k = carve(b, &p, B * row_kv);
+        sl->d_v = carve(b, &p, B * row_kv);
+        sl->d_out_g = carve(b, &p, B * row_q);
+        sl->d_idx_g = carve(b, &p, B * 4);
+        sl->d_idx_c = carve(b, &p, B * 4);
+        sl->d_q_c = carve(b, &p, B * row_q);
+        sl->d_out_c = carve(b, &p, B * row_q);
     }
-    return (size_t)(p - (uintptr_t)base) + ALIGN;
+    return (size_t)p + ALIGN;
 }
 
 apex_status pipeline_init(apex_context *ctx) {
@@ -139,6 +145,7 @@ void pipeline_sync(apex_context *ctx) {
     if (pl->last_done) pl->dev->iface->event_sync(pl->dev, pl->last_done);
     if (pl->copy_stream) pl->dev->iface->stream_sync(pl->dev, pl->copy_stream);
     if (pl->own_stream) pl->dev->iface->stream_sync(pl->dev, pl->own_stream);
+    if (pl->sub_state == 1) exec_complete(ctx); /* after the wait above: no block */
 }
 
 stage_slot *pipeline_sync_slot(apex_context *ctx) { return &ctx->pipe.slots[0]; }

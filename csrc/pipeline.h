@@ -62,6 +62,16 @@ typedef struct pipeline {
     size_t row_q_bytes, row_kv_bytes;
     uint64_t catt_ns;           /* CPU attention time (worker; atomic)    */
     int32_t *chunk_seqs, *chunk_pos; /* [max_batch]: prefill's KV chunks */
+    /* apex_paged_submit's work on own_stream (staged in the sync slot):
+     * sub_state 1 enqueued, 2 completed by pipeline_sync (another call)
+     * with sub_status kept for apex_paged_wait, 0 none; where and how its
+     * outputs go. */
+    int sub_state, sub_timed;
+    apex_status sub_status;
+    int32_t sub_rows, sub_layer;
+    void *sub_out;
+    apex_dtype sub_out_dtype;
+    uint64_t sub_tokens, sub_written;
 } pipeline;
 
 apex_status pipeline_init(apex_context *ctx);
@@ -112,7 +122,8 @@ apex_status pipeline_abandon(pipeline *pl, device_stream *s, apex_status st);
 stage_slot *pipeline_sync_slot(apex_context *ctx);
 apex_status pipeline_sync_slot_wait(apex_context *ctx);
 
-/* Waits for everything: the CPU worker and every stream. */
+/* Waits for everything: the CPU worker and every stream; completes an
+ * apex_paged_submit in flight (its outputs written, exec_complete). */
 void pipeline_sync(apex_context *ctx);
 
 #endif

@@ -201,7 +201,7 @@ static int have_f16c(void) {
 }
 #endif
 
-static void row_to_f16(uint16_t *h, const float *s, int64_t w) {
+void shim_row_to_f16(uint16_t *h, const float *s, int64_t w) {
     int64_t j = 0;
 #if defined(__x86_64__) || defined(__i386__)
     if (have_f16c()) j = f16c_row(h, s, w);
@@ -215,7 +215,7 @@ static void store_row(struct ggml_tensor *op, const struct ggml_tensor *src, con
     const float *s = (const float *)((const char *)src->data + i * src->nb[1]);
     char *d = (char *)op->data + row_index(idx, i) * op->nb[1];
     if (op->type == GGML_TYPE_F16)
-        row_to_f16((uint16_t *)d, s, w);
+        shim_row_to_f16((uint16_t *)d, s, w);
     else
         memcpy(d, s, (size_t)w * sizeof(float));
 }
@@ -317,9 +317,9 @@ enum ggml_status shim_run_fa(struct ggml_tensor *op, int n_threads) {
     if (k->view_src && k->view_src->nb[2] > 0 && k->view_src->ne[2] > 1 && shim_is_kv_cache(k))
         s0 = (int64_t)(k->view_offs / k->view_src->nb[2]);
     const double t0 = shim_now_s();
-    /* The streams the GPU tier holds attend there, on its thread, while the
-     * others attend on the CPU (one thread fewer: the tier's waits on the
-     * device). */
+    /* The streams the GPU tier holds attend there: submitted to the device
+     * from this thread (no tier thread), while the others attend on the
+     * CPU, then waited for. */
     unsigned char gpu[APEX_GGML_MAX_STREAMS];
     memset(gpu, 0, sizeof gpu);
     int n_plan = 0, tier_failed = 0;
@@ -328,11 +328,11 @@ enum ggml_status shim_run_fa(struct ggml_tensor *op, int n_threads) {
     if (tier && d.n_streams <= APEX_GGML_MAX_STREAMS && shim_tier_of(v) == tier)
         n_plan = gpu_tier_plan(tier, op, s0, gpu);
     SHIM_TRACE_END();
-    SHIM_TRACE_BEGIN(APEX_TRACE_INFO, "GPU tier: start", layer);
+    /* Its own spans directly in the attention's: the stale rows' gather
+     * (COPY), the submit (GPU_ATTN: the tier's attention, host side). */
     if (n_plan) gpu_tier_start(tier);
-    SHIM_TRACE_END();
     SHIM_TRACE_BEGIN(APEX_TRACE_CPU_ATTN, "CPU kernel (cpu_attn_strided)", layer);
-    int ok = run_streams(&d, gpu, 0, n_plan && n_threads > 2 ? n_threads - 1 : n_threads);
+    int ok = run_streams(&d, gpu, 0, n_threads);
     SHIM_TRACE_END();
     if (n_plan) {
         SHIM_TRACE_BEGIN(APEX_TRACE_WAIT, "wait for the GPU tier", layer);

@@ -68,11 +68,10 @@ struct gpu_tier {
     int64_t streams[TIER_MAX_STREAMS], js[TIER_MAX_STREAMS];
     int32_t plan_slots[TIER_MAX_STREAMS];
     int32_t plan_lens[TIER_MAX_STREAMS];
-    /* ... runs on the tier's own thread between start and wait, while the
-     * caller's threads attend the other streams on the CPU. */
-    pthread_t worker;
-    int has_worker, quit, job, done, rc;
-    pthread_cond_t cv;
+    /* ... is submitted by start (apex_paged_submit, on the caller's
+     * thread) and runs on the device while the caller attends the other
+     * streams on the CPU; wait collects it. submitted: a wait is due. */
+    int submitted, rc;
 };
 
 /* Process-wide placement counters (every tier). */
@@ -112,24 +111,13 @@ static double now_s(void) {
 
 gpu_tier *gpu_tier_new(void) {
     gpu_tier *t = calloc(1, sizeof *t);
-    if (t) {
-        pthread_mutex_init(&t->lock, NULL);
-        pthread_cond_init(&t->cv, NULL);
-    }
+    if (t) pthread_mutex_init(&t->lock, NULL);
     return t;
 }
 
 void gpu_tier_free(gpu_tier *t) {
     if (!t) return;
-    if (t->has_worker) {
-        pthread_mutex_lock(&t->lock);
-        t->quit = 1;
-        pthread_cond_broadcast(&t->cv);
-        pthread_mutex_unlock(&t->lock);
-        pthread_join(t->worker, NULL);
-    }
-    pthread_cond_destroy(&t->cv);
-    if (t->ctx) apex_context_destroy(t->ctx);
+    if (t->ctx) apex_context_destroy(t->ctx); /* drops a submission never waited for */
     for (int i = 0; i < t->n_layers; i++) free(t->layers[i].stale);
     free(t->k_rows), free(t->v_rows), free(t->slots);
     free(t->q), free(t->out), free(t->qsl), free(t->lens), free(t->table);
@@ -404,109 +392,130 @@ static int scratch(gpu_tier *t, size_t rows, size_t seqs) {
     return 0;
 }
 
-/* Stores the stale cells [0, lens[i]) of streams streams[i], held in GPU
- * slots slots[i], of layer l (K and V rows from the host copy, stored as
- * they are). */
-static int store_stale(gpu_tier *t, int li, const int64_t *streams, const int32_t *slots, const int32_t *lens,
-                       int n) {
+/* Gathers the stale cells [0, lens[i]) of streams streams[i], held in GPU
+ * slots slots[i], of layer li (K and V rows from the host copy, as they
+ * are) into the scratch rows; *n_rows gets how many. Their stale bits are
+ * cleared (a failed store marks the slots stale again: restore_stale). */
+static int gather_stale(gpu_tier *t, int li, const int64_t *streams, const int32_t *slots, const int32_t *lens,
+                        int n, size_t *n_rows) {
     tier_layer *l = &t->layers[li];
     size_t rows = 0;
+    *n_rows = 0;
+    /* Word by word: a decode step has one stale cell per stream. */
     for (int i = 0; i < n; i++) {
         const uint64_t *w = l->stale + (size_t)slots[i] * t->words;
-        for (int64_t c = 0; c < lens[i]; c++) rows += (w[c / 64] >> (c % 64)) & 1;
+        for (int64_t x = 0; x * 64 < lens[i]; x++) {
+            const int64_t rem = lens[i] - x * 64;
+            const uint64_t bits = w[x] & (rem >= 64 ? ~0ull : (1ull << rem) - 1);
+            rows += (size_t)__builtin_popcountll(bits);
+        }
     }
     if (rows == 0) return 0;
     if (scratch(t, rows, 0)) return -1;
     size_t r = 0;
     for (int i = 0; i < n; i++) {
         const int64_t s = streams[i];
-        const uint64_t *w = l->stale + (size_t)slots[i] * t->words;
-        for (int64_t c = 0; c < lens[i]; c++) {
-            if (!((w[c / 64] >> (c % 64)) & 1)) continue;
-            const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
-            memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
-            memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
-            t->slots[r++] = (int64_t)slots[i] * t->kv_size + c;
+        uint64_t *w = l->stale + (size_t)slots[i] * t->words;
+        for (int64_t x = 0; x * 64 < lens[i]; x++) {
+            const int64_t rem = lens[i] - x * 64;
+            uint64_t bits = w[x] & (rem >= 64 ? ~0ull : (1ull << rem) - 1);
+            w[x] &= ~bits;
+            for (; bits; bits &= bits - 1) {
+                const int64_t c = x * 64 + __builtin_ctzll(bits);
+                const size_t src = (size_t)(s * t->kv_size + c) * t->row_bytes;
+                memcpy((char *)t->k_rows + r * t->row_bytes, (const char *)l->k->data + src, t->row_bytes);
+                memcpy((char *)t->v_rows + r * t->row_bytes, (const char *)l->v->data + src, t->row_bytes);
+                t->slots[r++] = (int64_t)slots[i] * t->kv_size + c;
+            }
         }
     }
-    const int64_t elems = (int64_t)t->n_kv_heads * t->head_dim;
-    if (apex_paged_kv_write(t->ctx, li, (int64_t)rows, t->slots, t->k_rows, elems, t->v_rows, elems,
-                               t->kv_dtype) != APEX_OK)
-        return -1;
-    for (int i = 0; i < n; i++) {
-        uint64_t *w = l->stale + (size_t)slots[i] * t->words;
-        for (int64_t c = 0; c < lens[i]; c++) w[c / 64] &= ~(1ull << (c % 64));
-    }
+    *n_rows = rows;
     return 0;
 }
 
-/* The attention planned by gpu_tier_plan; t->rc = 0 or -1. */
-static void run_planned(gpu_tier *t) {
-    const struct ggml_tensor *op = t->op, *q = op->src[0];
-    const int n = t->n;
-    int rc = -1;
-    const int layer = t->layers[t->li].il;
-    SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "GPU tier: store stale rows", layer);
-    const int stored = scratch(t, 0, (size_t)n) == 0 && store_stale(t, t->li, t->streams, t->plan_slots, t->plan_lens, n) == 0;
-    SHIM_TRACE_END();
-    SHIM_TRACE_BEGIN(APEX_TRACE_GPU_ATTN, "GPU tier: attention", layer);
-    if (stored) {
-        /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
-        const size_t hd = (size_t)t->head_dim;
-        const int q16 = t->kv_dtype == APEX_DTYPE_F16;
-        for (int i = 0; i < n; i++) {
-            for (int h = 0; h < t->n_q_heads; h++) {
-                const float *src = (const float *)((const char *)q->data + h * q->nb[2] + t->js[i] * q->nb[3]);
-                const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
-                if (q16)
-                    for (size_t x = 0; x < hd; x++) ((uint16_t *)t->q)[row + x] = apex_f32_to_f16(src[x]);
-                else
-                    memcpy(t->q + row, src, hd * sizeof(float));
-            }
-            t->qsl[i] = i;
-            for (int32_t b = 0; b < t->bps; b++)
-                t->table[(size_t)i * t->bps + b] = t->plan_slots[i] * t->bps + b;
-        }
-        t->qsl[n] = n;
-        apex_attn_opts o;
-        memset(&o, 0, sizeof o);
-        memcpy(&o.scale, (const float *)op->op_params + 0, sizeof(float));
-        memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
-        o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
-        o.out_dtype = APEX_DTYPE_F32;
-        if (apex_paged_attention(t->ctx, t->li, n, t->qsl, t->plan_lens, t->table, t->bps, t->q, t->out, &o) ==
-            APEX_OK) {
-            for (int i = 0; i < n; i++)
-                for (int h = 0; h < t->n_q_heads; h++)
-                    memcpy((char *)op->data + h * op->nb[1] + t->js[i] * op->nb[3],
-                           t->out + ((size_t)i * t->n_q_heads + h) * hd, hd * sizeof(float));
-            rc = 0;
-        }
-    }
-    SHIM_TRACE_END();
-    if (rc < 0) {
-        static int logged;
-        if (!logged)
-            fprintf(stderr, "APEX: the GPU tier failed (%s); its sequences attend on the CPU\n", apex_last_error());
-        logged = 1;
-    }
-    t->rc = rc;
+/* After a failed store or attention: the planned streams' rows of the
+ * layer are stale again (some may not be on the GPU). */
+static void restore_stale(gpu_tier *t) {
+    tier_layer *l = &t->layers[t->li];
+    for (int i = 0; i < t->n; i++)
+        memset(l->stale + (size_t)t->plan_slots[i] * t->words, 0xff, (size_t)t->words * sizeof(uint64_t));
 }
 
-static void *worker_main(void *arg) {
-    gpu_tier *t = arg;
-    if (shim_trace_active()) apex_trace_thread_name("apex-gpu-tier");
-    pthread_mutex_lock(&t->lock);
-    for (;;) {
-        while (!t->job && !t->quit) pthread_cond_wait(&t->cv, &t->lock);
-        if (t->quit) break;
-        run_planned(t); /* under the lock: no host write can race the stale rows it reads */
-        t->job = 0;
-        t->done = 1;
-        pthread_cond_broadcast(&t->cv);
+static void tier_failed_once(void) {
+    static int logged;
+    if (!logged)
+        fprintf(stderr, "APEX: the GPU tier failed (%s); its sequences attend on the CPU\n", apex_last_error());
+    logged = 1;
+}
+
+/* Submits the attention planned by gpu_tier_plan (under t->lock): the
+ * stale rows and the queries staged on this thread, the store and the
+ * attention enqueued on the device by one apex_paged_submit; t->rc = 0,
+ * or -1 with nothing in flight. A step's rows beyond one staging slot
+ * (max_batch = n_gpu rows: a promoted stream's whole KV) are stored first
+ * by the synchronous apex_paged_kv_write. */
+static void submit_planned(gpu_tier *t) {
+    const struct ggml_tensor *op = t->op, *q = op->src[0];
+    const int n = t->n;
+    const int layer = t->layers[t->li].il;
+    const int64_t elems = (int64_t)t->n_kv_heads * t->head_dim;
+    size_t rows = 0;
+    t->rc = -1;
+    SHIM_TRACE_BEGIN(APEX_TRACE_COPY, "GPU tier: gather stale rows", layer);
+    int ok = scratch(t, 0, (size_t)n) == 0 &&
+             gather_stale(t, t->li, t->streams, t->plan_slots, t->plan_lens, n, &rows) == 0;
+    if (ok && rows > (size_t)t->n_gpu) {
+        ok = apex_paged_kv_write(t->ctx, t->li, (int64_t)rows, t->slots, t->k_rows, elems, t->v_rows, elems,
+                                 t->kv_dtype) == APEX_OK;
+        rows = 0;
     }
-    pthread_mutex_unlock(&t->lock);
-    return NULL;
+    SHIM_TRACE_END();
+    if (!ok) {
+        restore_stale(t);
+        tier_failed_once();
+        return;
+    }
+    /* The GPU tier's attention, host side (apex.h's GPU_ATTN): its queries
+     * staged and its work enqueued, on this thread now that no tier
+     * thread does it beside the engine; the device's own time is in the
+     * wait (WAIT). */
+    SHIM_TRACE_BEGIN(APEX_TRACE_GPU_ATTN, "GPU tier: submit", layer);
+    /* q as ggml's FLASH_ATTN_EXT reads it: rounded to f16 for an f16 cache. */
+    const size_t hd = (size_t)t->head_dim;
+    const int q16 = t->kv_dtype == APEX_DTYPE_F16;
+    for (int i = 0; i < n; i++) {
+        for (int h = 0; h < t->n_q_heads; h++) {
+            const float *src = (const float *)((const char *)q->data + h * q->nb[2] + t->js[i] * q->nb[3]);
+            const size_t row = ((size_t)i * t->n_q_heads + h) * hd;
+            if (q16)
+                shim_row_to_f16((uint16_t *)t->q + row, src, (int64_t)hd);
+            else
+                memcpy(t->q + row, src, hd * sizeof(float));
+        }
+        t->qsl[i] = i;
+        for (int32_t b = 0; b < t->bps; b++) t->table[(size_t)i * t->bps + b] = t->plan_slots[i] * t->bps + b;
+    }
+    t->qsl[n] = n;
+    apex_attn_opts o;
+    memset(&o, 0, sizeof o);
+    memcpy(&o.scale, (const float *)op->op_params + 0, sizeof(float));
+    memcpy(&o.softcap, (const float *)op->op_params + 2, sizeof(float));
+    o.q_dtype = q16 ? APEX_DTYPE_F16 : APEX_DTYPE_F32;
+    o.out_dtype = APEX_DTYPE_F32;
+    const apex_paged_step step = {
+        .layer = t->li, .n_rows = (int64_t)rows, .slots = t->slots, .k = t->k_rows, .v = t->v_rows,
+        .k_row_stride = elems, .v_row_stride = elems, .kv_src_dtype = t->kv_dtype,
+        .n_seqs = n, .query_start_loc = t->qsl, .seq_lens = t->plan_lens, .block_table = t->table,
+        .block_table_stride = t->bps, .q = t->q, .out = t->out, .opts = &o,
+    };
+    if (apex_paged_submit(t->ctx, &step) == APEX_OK) {
+        t->submitted = 1;
+        t->rc = 0;
+    } else {
+        restore_stale(t);
+        tier_failed_once();
+    }
+    SHIM_TRACE_END();
 }
 
 /* One decode step's placement, at the first layer's decode attention:
@@ -597,10 +606,7 @@ int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigne
     if (!t || q->ne[1] != 1) return 0; /* the tier runs decode queries */
     pthread_mutex_lock(&t->lock);
     const struct ggml_tensor *kr = k->view_src ? k->view_src : k, *vr = v->view_src ? v->view_src : v;
-    if (t->state == 0) {
-        tier_open(t, op);
-        if (t->state == 1) t->has_worker = pthread_create(&t->worker, NULL, worker_main, t) == 0;
-    }
+    if (t->state == 0) tier_open(t, op);
     tier_layer *l = t->state == 1 ? layer_of(t, kr) : NULL;
     t->n = 0;
     /* The op must read the tensors as llama.cpp's views do: rows nb[1]
@@ -641,20 +647,27 @@ int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigne
 
 void gpu_tier_start(gpu_tier *t) {
     pthread_mutex_lock(&t->lock);
-    t->done = 0;
-    if (t->has_worker) {
-        t->job = 1;
-        pthread_cond_broadcast(&t->cv);
-    } else {
-        run_planned(t);
-        t->done = 1;
-    }
+    submit_planned(t);
     pthread_mutex_unlock(&t->lock);
 }
 
 int gpu_tier_wait(gpu_tier *t) {
     pthread_mutex_lock(&t->lock);
-    while (!t->done) pthread_cond_wait(&t->cv, &t->lock);
+    if (t->submitted) {
+        t->submitted = 0;
+        if (apex_paged_wait(t->ctx) == APEX_OK) {
+            const struct ggml_tensor *op = t->op;
+            const size_t hd = (size_t)t->head_dim;
+            for (int i = 0; i < t->n; i++)
+                for (int h = 0; h < t->n_q_heads; h++)
+                    memcpy((char *)op->data + h * op->nb[1] + t->js[i] * op->nb[3],
+                           t->out + ((size_t)i * t->n_q_heads + h) * hd, hd * sizeof(float));
+        } else {
+            t->rc = -1;
+            restore_stale(t);
+            tier_failed_once();
+        }
+    }
     const int rc = t->rc;
     pthread_mutex_unlock(&t->lock);
     return rc;

@@ -156,9 +156,85 @@ APEX_API apex_status apex_paged_layer_kv(apex_context *ctx, int32_t layer, apex_
     return APEX_OK;
 }
 
+/* 1 if the count elements of dtype t at p are all finite. By the bits for
+ * the 16-bit types (exponent all ones: Inf or NaN), without converting
+ * each: a decode layer's q and rows are checked on every call. */
+static int all_finite(const void *p, apex_dtype t, size_t count) {
+    const uint8_t *b = p; /* memcpy loads: an engine's slice need not be aligned */
+    if (t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16) {
+        const uint16_t m = t == APEX_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+        int bad = 0;
+        for (size_t e = 0; e < count; e++) {
+            uint16_t h;
+            memcpy(&h, b + 2 * e, 2);
+            bad |= (h & m) == m;
+        }
+        return !bad;
+    }
+    if (t == APEX_DTYPE_F32) {
+        int bad = 0;
+        for (size_t e = 0; e < count; e++) {
+            uint32_t f;
+            memcpy(&f, b + 4 * e, 4);
+            bad |= (f & 0x7f800000u) == 0x7f800000u;
+        }
+        return !bad;
+    }
+    for (size_t e = 0; e < count; e++)
+        if (!isfinite(apex_load_f32(p, t, e))) return 0;
+    return 1;
+}
+
 /* Row i's element e of an array of dtype t with the given row stride. */
 static const uint8_t *row_at(const void *p, apex_dtype t, int64_t stride, int64_t i) {
     return (const uint8_t *)p + (size_t)i * (size_t)stride * apex_dtype_size(t);
+}
+
+/* Checks apex_paged_kv_write's rows (fn names the caller in messages);
+ * *written gets the rows not skipped. */
+static apex_status paged_check_rows(apex_context *ctx, const char *fn, int32_t layer, int64_t n,
+                                    const int64_t *slots, const void *k, int64_t k_row_stride,
+                                    const void *v, int64_t v_row_stride, apex_dtype src_dtype,
+                                    uint64_t *written) {
+    int32_t bt = ctx->cfg.block_tokens;
+    int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
+    apex_status model = paged_model(ctx, fn);
+    if (model) return model;
+    if (layer < 0 || layer >= ctx->cfg.n_layers)
+        return apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, layer,
+                         ctx->cfg.n_layers);
+    if (n < 0 || (n > 0 && (!slots || !k || !v)))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: n %lld < 0 or slots, k, v NULL", fn,
+                         (long long)n);
+    if (!apex_dtype_valid(src_dtype))
+        return apex_fail(APEX_ERR_INVALID_ARG, "%s: src_dtype %d is not an apex_dtype", fn,
+                         (int)src_dtype);
+    if (k_row_stride < row_el || v_row_stride < row_el)
+        return apex_fail(APEX_ERR_INVALID_ARG,
+                         "%s: row strides %lld, %lld below a row's %lld elements", fn,
+                         (long long)k_row_stride, (long long)v_row_stride, (long long)row_el);
+    for (int64_t i = 0; i < n; i++) {
+        if (slots[i] < 0) continue;
+        apex_tier tier = APEX_TIER_HOST;
+        int32_t blk = 0;
+        apex_status st = paged_block(ctx, fn, slots[i] / bt, &tier, &blk);
+        if (st) return st;
+        const uint8_t *kr = row_at(k, src_dtype, k_row_stride, i);
+        const uint8_t *vr = row_at(v, src_dtype, v_row_stride, i);
+        if (!all_finite(kr, src_dtype, (size_t)row_el) || !all_finite(vr, src_dtype, (size_t)row_el))
+                return apex_fail(APEX_ERR_INVALID_ARG, "%s: row %lld (slot %lld) has a NaN or Inf",
+                                 fn, (long long)i, (long long)slots[i]);
+        (*written)++;
+    }
+    return APEX_OK;
+}
+
+/* The paged calls other than submit finish a submission first
+ * (pipeline_sync); a second submit is refused. */
+static apex_status paged_idle(const apex_context *ctx, const char *fn) {
+    if (!exec_in_flight(ctx)) return APEX_OK;
+    return apex_fail(APEX_ERR_INVALID_ARG,
+                     "%s: a submission is in flight: call apex_paged_wait first", fn);
 }
 
 APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64_t n,
@@ -169,45 +245,13 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
     PAGED_CTX(ctx);
     TRACE_SCOPE(APEX_TRACE_CALL, "apex_paged_kv_write", layer);
     double t0 = paged_now();
-    int32_t bt = ctx->cfg.block_tokens;
-    int64_t row_el = (int64_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim;
-    apex_status model = paged_model(ctx, fn);
-    if (model) return paged_counted(ctx, model);
-    if (layer < 0 || layer >= ctx->cfg.n_layers)
-        return paged_counted(ctx, apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)",
-                                            fn, layer, ctx->cfg.n_layers));
-    if (n < 0 || (n > 0 && (!slots || !k || !v)))
-        return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                            "%s: n %lld < 0 or slots, k, v NULL", fn,
-                                            (long long)n));
-    if (!apex_dtype_valid(src_dtype))
-        return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: src_dtype %d is not an "
-                                            "apex_dtype", fn, (int)src_dtype));
-    if (k_row_stride < row_el || v_row_stride < row_el)
-        return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                            "%s: row strides %lld, %lld below a row's %lld "
-                                            "elements", fn, (long long)k_row_stride,
-                                            (long long)v_row_stride, (long long)row_el));
     uint64_t written = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (slots[i] < 0) continue;
-        apex_tier tier = APEX_TIER_HOST;
-        int32_t blk = 0;
-        apex_status st = paged_block(ctx, fn, slots[i] / bt, &tier, &blk);
-        if (st) return paged_counted(ctx, st);
-        const uint8_t *kr = row_at(k, src_dtype, k_row_stride, i);
-        const uint8_t *vr = row_at(v, src_dtype, v_row_stride, i);
-        for (int64_t e = 0; e < row_el; e++)
-            if (!isfinite(apex_load_f32(kr, src_dtype, (size_t)e)) ||
-                !isfinite(apex_load_f32(vr, src_dtype, (size_t)e)))
-                return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
-                                                    "%s: row %lld (slot %lld) has a NaN or Inf",
-                                                    fn, (long long)i, (long long)slots[i]));
-        written++;
-    }
+    apex_status st = paged_check_rows(ctx, fn, layer, n, slots, k, k_row_stride, v, v_row_stride,
+                                      src_dtype, &written);
+    if (st) return paged_counted(ctx, st);
     exec_rows r = {.layer = layer, .n = n, .slots = slots, .k = k, .k_stride = k_row_stride,
                    .v = v, .v_stride = v_row_stride, .dtype = src_dtype};
-    apex_status st = exec_kv_write(ctx, &r);
+    st = exec_kv_write(ctx, &r);
     if (st) return paged_counted(ctx, st);
     ctx->stats.kv_rows_written += written;
     ctx->stats.kv_write_seconds += paged_now() - t0;
@@ -215,12 +259,11 @@ APEX_API apex_status apex_paged_kv_write(apex_context *ctx, int32_t layer, int64
 }
 
 /* Checks the batch of apex_paged_attention and resolves opts into *o. */
-static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32_t n_seqs,
-                                         const int32_t *qsl, const int32_t *seq_lens,
-                                         const int32_t *block_table, int32_t stride,
-                                         const void *q, void *out, const apex_attn_opts *opts,
-                                         apex_attn_opts *o) {
-    static const char fn[] = "apex_paged_attention";
+static apex_status paged_check_attention(apex_context *ctx, const char *fn, int32_t layer,
+                                         int32_t n_seqs, const int32_t *qsl,
+                                         const int32_t *seq_lens, const int32_t *block_table,
+                                         int32_t stride, const void *q, void *out,
+                                         const apex_attn_opts *opts, apex_attn_opts *o) {
     apex_status st = paged_model(ctx, fn);
     if (st) return st;
     if (layer < 0 || layer >= ctx->cfg.n_layers)
@@ -258,11 +301,12 @@ static apex_status paged_check_attention(apex_context *ctx, int32_t layer, int32
     int64_t rows = qsl[n_seqs];
     if (rows > 0 && (!q || !out))
         return apex_fail(APEX_ERR_INVALID_ARG, "%s: q and out must not be NULL", fn);
-    size_t count = (size_t)rows * (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
-    for (size_t e = 0; e < count; e++)
-        if (!isfinite(apex_load_f32(q, o->q_dtype, e)))
+    size_t per_row = (size_t)ctx->cfg.n_q_heads * (size_t)ctx->cfg.head_dim;
+    for (int64_t r = 0; r < rows; r++)
+        if (!all_finite((const uint8_t *)q + (size_t)r * per_row * apex_dtype_size(o->q_dtype),
+                        o->q_dtype, per_row))
             return apex_fail(APEX_ERR_INVALID_ARG, "%s: q row %lld has a NaN or Inf", fn,
-                             (long long)(e / (count / (size_t)rows)));
+                             (long long)r);
     return APEX_OK;
 }
 
@@ -275,7 +319,8 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
     TRACE_SCOPE(APEX_TRACE_CALL_ATTN, "apex_paged_attention", layer);
     double t0 = paged_now();
     apex_attn_opts o;
-    apex_status st = paged_check_attention(ctx, layer, n_seqs, query_start_loc, seq_lens,
+    apex_status st = paged_check_attention(ctx, "apex_paged_attention", layer, n_seqs,
+                                           query_start_loc, seq_lens,
                                            block_table, block_table_stride, q, out, opts, &o);
     if (st) return paged_counted(ctx, st);
     if (n_seqs == 0) return APEX_OK; /* an empty batch (apex.h): nothing to do */
@@ -290,4 +335,89 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
     ctx->stats.attention_seconds += paged_now() - t0;
     context_metrics_tick(ctx, 0);
     return APEX_OK;
+}
+
+/* What apex_paged_submit cannot take (checked after the arguments): no
+ * device, a row or sequence on the host tier, more than one staging slot. */
+static apex_status paged_check_submit(const apex_context *ctx, const apex_paged_step *sp,
+                                      uint64_t written) {
+    static const char fn[] = "apex_paged_submit";
+    if (!ctx->dev)
+        return apex_fail(APEX_ERR_UNSUPPORTED, "%s: the context has no device", fn);
+    int32_t bt = ctx->cfg.block_tokens, mb = ctx->cfg.max_batch;
+    int64_t nd = ctx->pools[APEX_TIER_DEVICE].n_blocks;
+    if (written > (uint64_t)mb)
+        return apex_fail(APEX_ERR_UNSUPPORTED, "%s: %llu rows to store, at most max_batch %d "
+                         "(apex_paged_kv_write takes more)", fn, (unsigned long long)written, mb);
+    for (int64_t i = 0; i < sp->n_rows; i++)
+        if (sp->slots[i] >= 0 && sp->slots[i] / bt >= nd)
+            return apex_fail(APEX_ERR_UNSUPPORTED, "%s: row %lld's slot %lld is on the host tier "
+                             "(only device-tier rows: apex_paged_kv_write stores it)", fn,
+                             (long long)i, (long long)sp->slots[i]);
+    int64_t rows = 0;
+    for (int32_t i = 0; i < sp->n_seqs; i++) {
+        int32_t ql = sp->query_start_loc[i + 1] - sp->query_start_loc[i];
+        if (ql == 0) continue;
+        rows += ql;
+        int32_t nb = (sp->seq_lens[i] + bt - 1) / bt;
+        const int32_t *ids = sp->block_table + (size_t)i * sp->block_table_stride;
+        for (int32_t b = 0; b < nb; b++)
+            if (ids[b] >= nd)
+                return apex_fail(APEX_ERR_UNSUPPORTED, "%s: sequence %d has host-tier block %d "
+                                 "(only device-tier sequences: the caller attends it on the "
+                                 "CPU or with apex_paged_attention)", fn, i, ids[b]);
+    }
+    if (rows > mb)
+        return apex_fail(APEX_ERR_UNSUPPORTED, "%s: %lld query rows, at most max_batch %d", fn,
+                         (long long)rows, mb);
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_paged_submit(apex_context *ctx, const apex_paged_step *sp) {
+    static const char fn[] = "apex_paged_submit";
+    PAGED_CTX(ctx);
+    TRACE_SCOPE(APEX_TRACE_CALL, "apex_paged_submit", sp ? sp->layer : -1);
+    if (!sp) return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG, "%s: step is NULL", fn));
+    uint64_t written = 0;
+    apex_attn_opts o;
+    apex_status st = paged_idle(ctx, fn);
+    if (!st && !(st = paged_model(ctx, fn)) && (sp->layer < 0 || sp->layer >= ctx->cfg.n_layers))
+        st = apex_fail(APEX_ERR_OUT_OF_RANGE, "%s: layer %d outside [0, %d)", fn, sp->layer,
+                       ctx->cfg.n_layers);
+    /* An empty half (no rows; no sequences and no query_start_loc) is not
+     * described, so its pointers are not looked at. */
+    if (!st && sp->n_rows != 0)
+        st = paged_check_rows(ctx, fn, sp->layer, sp->n_rows, sp->slots, sp->k, sp->k_row_stride,
+                              sp->v, sp->v_row_stride, sp->kv_src_dtype, &written);
+    if (!st)
+        st = sp->n_seqs != 0 || sp->query_start_loc
+                 ? paged_check_attention(ctx, fn, sp->layer, sp->n_seqs, sp->query_start_loc,
+                                         sp->seq_lens, sp->block_table, sp->block_table_stride,
+                                         sp->q, sp->out, sp->opts, &o)
+                 : apex_attn_opts_resolve(&ctx->cfg, fn, sp->opts, &o);
+    if (!st) st = paged_check_submit(ctx, sp, written);
+    if (st) return paged_counted(ctx, st);
+    exec_rows r = {.layer = sp->layer, .n = sp->n_rows, .slots = sp->slots, .k = sp->k,
+                   .k_stride = sp->k_row_stride, .v = sp->v, .v_stride = sp->v_row_stride,
+                   .dtype = sp->kv_src_dtype};
+    exec_batch b = {
+        .layer = sp->layer, .n_seqs = sp->query_start_loc ? sp->n_seqs : 0,
+        .qsl = sp->query_start_loc,
+        .seq_lens = sp->seq_lens, .table = sp->block_table, .stride = sp->block_table_stride,
+        .q = sp->q, .out = sp->out, .o = o,
+    };
+    if ((st = exec_submit(ctx, &r, &b))) return paged_counted(ctx, st);
+    if (sp->n_seqs > 0) ctx->stats.attention_calls++;
+    return APEX_OK;
+}
+
+APEX_API apex_status apex_paged_wait(apex_context *ctx) {
+    PAGED_CTX(ctx);
+    if (!exec_in_flight(ctx))
+        return paged_counted(ctx, apex_fail(APEX_ERR_INVALID_ARG,
+                                            "apex_paged_wait: no submission in flight"));
+    TRACE_SCOPE(APEX_TRACE_WAIT, "apex_paged_wait", ctx->pipe.sub_layer);
+    apex_status st = exec_wait(ctx);
+    if (st == APEX_OK) context_metrics_tick(ctx, 0); /* as apex_paged_attention does */
+    return paged_counted(ctx, st);
 }

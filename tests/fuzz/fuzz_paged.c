@@ -244,6 +244,64 @@ static void op_attention(model *m, fz *f) {
     free(out);
 }
 
+/* apex_paged_submit + apex_paged_wait over arbitrary rows and tables:
+ * refused (device-tier only, one staging slot, bad input) with nothing
+ * changed, or both succeed and the rows are stored as apex_paged_kv_write
+ * stores them. */
+static void op_submit(model *m, fz *f) {
+    int32_t layer = fz_int(f, 0, m->c.n_layers - 1);
+    int64_t n_rows = fz_int(f, 0, MAX_ROWS);
+    if (n_rows > MAX_ROWS || n_rows < 0) n_rows = n_rows < 0 ? -1 : MAX_ROWS;
+    int64_t slots[MAX_ROWS];
+    float k[MAX_ROWS * 256], v[MAX_ROWS * 256]; /* rows of at most 2 heads x 128 */
+    for (int64_t i = 0; i < (n_rows > 0 ? n_rows : 0); i++) {
+        slots[i] = fz_u8(f) < 200 && m->n_dev ? (int64_t)(fz_u32(f) % (uint32_t)(m->n_dev * m->bt)) : pick_slot(m, f);
+        for (int e = 0; e < m->row; e++) k[i * m->row + e] = fz_randf(&m->rng), v[i * m->row + e] = fz_randf(&m->rng);
+    }
+    if (n_rows > 0 && fz_u8(f) > 245) k[fz_u32(f) % (uint32_t)(n_rows * m->row)] = NAN;
+    int32_t n = fz_int(f, 0, MAX_SEQS);
+    if (n > MAX_SEQS) n = MAX_SEQS;
+    int32_t ns = n >= 0 ? n : 1, qsl[MAX_SEQS + 1] = {0}, lens[MAX_SEQS], table[MAX_SEQS * 8];
+    for (int i = 0; i < ns; i++) {
+        lens[i] = 1 + fz_below(f, MAX_LEN);
+        qsl[i + 1] = qsl[i] + (fz_below(f, 4) ? 1 : fz_below(f, 3));
+        if (qsl[i + 1] - qsl[i] > lens[i]) qsl[i + 1] = qsl[i] + lens[i];
+        for (int b = 0; b < 8; b++) {
+            int64_t pool = fz_u8(f) < 230 && m->n_dev ? m->n_dev : m->total;
+            table[i * 8 + b] = fz_below(f, (int32_t)(pool < 255 ? pool : 255));
+        }
+    }
+    size_t count = (size_t)qsl[ns] * (size_t)m->qrow;
+    float *q = malloc(count * 4 + 4), *out = malloc(count * 4 + 4);
+    for (size_t i = 0; i < count; i++) q[i] = fz_randf(&m->rng);
+    apex_paged_step sp = {
+        .layer = layer, .n_rows = n_rows, .slots = slots, .k = k, .v = v, .k_row_stride = m->row,
+        .v_row_stride = m->row, .kv_src_dtype = APEX_DTYPE_F32, .n_seqs = n, .query_start_loc = qsl,
+        .seq_lens = lens, .block_table = table, .block_table_stride = 8, .q = q, .out = out,
+    };
+    snap b;
+    take(m, &b);
+    apex_status st = apex_paged_submit(m->ctx, &sp);
+    after(m, &b, st);
+    if (st == APEX_OK) {
+        FZ_CHECK(apex_paged_submit(m->ctx, &sp) == APEX_ERR_INVALID_ARG, "a second submit in flight");
+        FZ_CHECK(apex_paged_wait(m->ctx) == APEX_OK, "wait after a good submit: %s", apex_last_error());
+        for (int64_t i = 0; i < n_rows; i++) {
+            if (slots[i] < 0) continue;
+            FZ_CHECK(slots[i] / m->bt < m->n_dev, "a host-tier row was submitted");
+            float *kd = kv_at(m, layer, slots[i], 0), *vd = kv_at(m, layer, slots[i], 1);
+            for (int e = 0; e < m->row; e++) {
+                kd[e] = round_to(m->c.kv_dtype, k[i * m->row + e]);
+                vd[e] = round_to(m->c.kv_dtype, v[i * m->row + e]);
+            }
+            m->known[(size_t)layer * (size_t)(m->total * m->bt) + (size_t)slots[i]] = 1;
+        }
+    }
+    FZ_CHECK(apex_paged_wait(m->ctx) == APEX_ERR_INVALID_ARG, "nothing in flight after a wait");
+    free(q);
+    free(out);
+}
+
 /* Contexts (with their arena) are kept across inputs, keyed by config and
  * layout: a create costs ~7 ms of hwloc topology loading. A kept one is
  * claimed and has no state of its own but the KV bytes, which the model
@@ -357,10 +415,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     m.kv = calloc(cells * 2 * (size_t)m.row, sizeof(float));
     m.known = calloc(cells, 1);
     for (int op = 0; op < 32 && fz_more(&f); op++) {
-        switch (fz_u8(&f) % 3) {
+        switch (fz_u8(&f) % 4) {
         case 0: op_write(&m, &f); break;
         case 1: op_attention(&m, &f); break;
         case 2: check_memory(&m); break;
+        case 3: op_submit(&m, &f); break;
         }
     }
     check_memory(&m);

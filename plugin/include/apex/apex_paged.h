@@ -12,6 +12,9 @@
  *   apex_paged_kv_write(...)        per layer: new K/V rows by slot
  *   apex_paged_attention(...)       per layer: attention over the engine's
  *                                   block tables and lengths
+ *   apex_paged_submit(...),         per layer, asynchronously: a few rows
+ *   apex_paged_wait(ctx)            and a device-tier attention enqueued;
+ *                                   the wait writes the outputs
  *   apex_paged_copy_blocks(...)     whole blocks, all layers, between ids
  *                                   (a request moved between tiers)
  *
@@ -23,7 +26,9 @@
  * a block is K [n_kv_heads][block_tokens][head_dim] then V likewise.
  *
  * Both tiers work (device-tier ids exist only in a context with a device).
- * The calls are synchronous: q, out, k, v, slots and block tables are host
+ * The calls are synchronous (apex_paged_submit/_wait below are the
+ * asynchronous form of one layer's kv_write + attention): q, out, k, v,
+ * slots and block tables are host
  * memory; each call first waits for the context's earlier work (its async
  * calls included), does its device work on APEX's own stream of the context
  * (never an engine stream) through the device pipeline's pinned and device
@@ -153,6 +158,70 @@ APEX_API apex_status apex_paged_attention(apex_context *ctx, int32_t layer, int3
                                           const int32_t *seq_lens, const int32_t *block_table,
                                           int32_t block_table_stride, const void *q, void *out,
                                           const apex_attn_opts *opts);
+
+/* ------------------------------------------------ one layer, asynchronously
+ *
+ * For an engine whose calling thread has other work while the device
+ * attends (llama.cpp's GPU tier: the CPU kernel runs the host sequences
+ * meanwhile). apex_paged_submit enqueues, on APEX's own stream of the
+ * context, the store of a few K/V rows (apex_paged_kv_write's) and then a
+ * decode/extend attention (apex_paged_attention's) of the same layer, and
+ * returns without waiting; apex_paged_wait waits for it and writes the
+ * outputs into out. No APEX thread other than the device's is involved:
+ * the device starts on the enqueue, the engine blocks only in the wait and
+ * only if the device is not done yet. */
+typedef struct apex_paged_step {
+    int32_t layer;
+    /* Rows stored before the attention reads them, as apex_paged_kv_write
+     * takes them (slots < 0 skipped); n_rows 0: none (slots, k, v unused). */
+    int64_t n_rows;
+    const int64_t *slots;
+    const void *k, *v;
+    int64_t k_row_stride, v_row_stride;
+    apex_dtype kv_src_dtype;
+    /* The attention, as apex_paged_attention takes it; n_seqs 0: none. */
+    int32_t n_seqs;
+    const int32_t *query_start_loc; /* [n_seqs + 1] */
+    const int32_t *seq_lens;        /* [n_seqs]     */
+    const int32_t *block_table;
+    int32_t block_table_stride;
+    const void *q;
+    void *out; /* written by apex_paged_wait */
+    const apex_attn_opts *opts; /* NULL: defaults */
+} apex_paged_step;
+
+/* Enqueues step (see above) and returns. At submit every argument is
+ * checked before anything is enqueued, then the rows, slots, q, lengths and
+ * table rows are copied into the context's pinned staging: the caller may
+ * reuse every buffer of step as soon as the call returns, except out, which
+ * must stay valid (and unread) until the submission is finished (below).
+ * Limits (APEX_ERR_UNSUPPORTED, nothing enqueued; the synchronous calls
+ * take such batches): only the device tier - every stored row's slot and
+ * every table entry a sequence uses must be a device-tier id (a sequence
+ * with a host-tier block runs on the CPU: the caller attends it, or uses
+ * apex_paged_attention); at most max_batch stored rows and max_batch query
+ * rows (one staging slot; no splitting); a context without a device.
+ * One submission per context from apex_paged_submit to apex_paged_wait: a
+ * second submit meanwhile is refused (APEX_ERR_INVALID_ARG, "a submission
+ * is in flight: call apex_paged_wait first"), changing nothing. Any other
+ * call on the context that uses the device (apex_paged_kv_write,
+ * apex_paged_attention, apex_paged_copy_blocks, apex_context_destroy, ...)
+ * first finishes the submission as apex_paged_wait would - waits for it
+ * and writes out - and keeps its status for apex_paged_wait, which then
+ * returns it at once; so out must stay valid until apex_paged_wait or
+ * apex_context_destroy, whichever comes first.
+ * Errors: bad input as the synchronous calls report it (APEX_ERR_INVALID_ARG
+ * for step NULL), before anything is staged: nothing changes. A device
+ * failure while enqueueing is returned after waiting for what was enqueued:
+ * nothing is in flight, out is not written, some of the rows may be
+ * stored (store them again). */
+APEX_API apex_status apex_paged_submit(apex_context *ctx, const apex_paged_step *step);
+
+/* Waits for the submission in flight, writes its outputs into its out and
+ * returns the device's status (a device failure: out not written, some of
+ * the rows may be stored). Afterwards nothing is in flight, whatever the
+ * status. Nothing in flight: APEX_ERR_INVALID_ARG. */
+APEX_API apex_status apex_paged_wait(apex_context *ctx);
 
 /* Copies n whole blocks, all layers: block src_ids[i] onto dst_ids[i]
  * (engine ids, either tier to either tier). An engine that moves a request
