@@ -68,10 +68,12 @@ void gpu_tier_counters(uint64_t *sched_steps, uint64_t *to_device, uint64_t *to_
  * queries (one token) of the streams it holds whose mask is a prefix (cells
  * [0, L) visible, the rest hidden); gpu[j] = 1 for those, 0 for the ones the
  * caller runs on the CPU. Returns how many it picked (0: none; then no
- * start/wait). gpu_tier_start runs them on the tier's own thread, writing
- * their rows of op's output, while the caller attends the others on the CPU;
- * gpu_tier_wait waits for it: 0, or -1 when the tier failed and the caller
- * must run the picked streams too. */
+ * start/wait). gpu_tier_start submits them to the device from the caller's
+ * thread (apex_paged_submit: their stale rows and the attention) and
+ * returns while the device runs them; the caller attends the others on the
+ * CPU meanwhile; gpu_tier_wait waits (apex_paged_wait) and writes their rows
+ * of op's output: 0, or -1 when the tier failed and the caller must run the
+ * picked streams too. */
 int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigned char *gpu);
 void gpu_tier_start(gpu_tier *t);
 int gpu_tier_wait(gpu_tier *t);
