@@ -34,6 +34,7 @@
     X(HOST_KV_GB, "float", "2", "host-tier size over all layers when host_blocks is 0")         \
     X(ISA, "avx512bf16|avx512|avx2|scalar", "best", "CPU attention kernel (first call)")       \
     X(PIN_HOST_POOL, "0|1", "1", "0: do not cudaHostRegister the host pool")                    \
+    X(HUGE_ENGINE_KV, "0|1", "0", "1: an engine's host KV onto huge pages at context creation") \
     X(EMU_DEVICE_MB, "int", "256", "memory of the emulated device")                             \
     X(EMU_KERNEL_DELAY_US, "int", "0", "emulated device: sleep per kernel (0..1000000)")        \
     X(STAGING_SLOTS, "int", "2*layers", "pipeline staging slots (2..64)")                       \

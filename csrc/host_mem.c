@@ -43,6 +43,29 @@ void *host_mem_alloc(const cpu_workers *w, size_t bytes) {
     return p;
 }
 
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25 /* Linux 6.1 uapi; older headers lack it */
+#endif
+
+size_t host_mem_huge(void *p, size_t bytes) {
+    uintptr_t a = ((uintptr_t)p + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    uintptr_t e = ((uintptr_t)p + bytes) & ~(HUGE_PAGE - 1);
+    if (!p || e <= a) return 0;
+#ifdef MADV_HUGEPAGE
+    madvise((void *)a, e - a, MADV_HUGEPAGE);
+#endif
+    /* One call per 64 MiB: a refusal (EAGAIN: a page busy) costs only its
+     * piece, and the count says how much took. */
+    size_t done = 0;
+    for (uintptr_t x = a; x < e; x += (uintptr_t)64 << 20) {
+        size_t n = e - x < ((uintptr_t)64 << 20) ? (size_t)(e - x) : (size_t)64 << 20;
+        if (madvise((void *)x, n, MADV_COLLAPSE) == 0) done += n;
+        else if (errno == EINVAL) break; /* no MADV_COLLAPSE here */
+    }
+    return done;
+}
+
 void host_mem_free(void *p, size_t bytes) {
     if (p) munmap(p, bytes ? bytes : 1);
 }

@@ -15,6 +15,14 @@
 void *host_mem_alloc(const cpu_workers *w, size_t bytes);
 void host_mem_free(void *p, size_t bytes);
 
+/* Asks the kernel to back the whole 2 MiB pages inside [p, p + bytes) -
+ * memory an engine allocated (vLLM's KV tensors: 4 KiB pages) - with
+ * transparent huge pages, now (MADV_COLLAPSE, Linux 6.1+: copies what is
+ * resident) and later (MADV_HUGEPAGE). Returns the bytes collapsed; 0 where
+ * the kernel declines (older kernel, THP "never", pinned or busy pages,
+ * no memory): the contents never change, only their backing. */
+size_t host_mem_huge(void *p, size_t bytes);
+
 /* Registers [p, p + bytes) with the CUDA runtime the process already has
  * (found by symbol, never loaded: for clients such as the ggml backend whose
  * engine brings its own). APEX_OK, or why not: APEX_ERR_UNSUPPORTED (no

@@ -5,8 +5,11 @@
  * The device-tier tests run on the emulated device, or on a real GPU with
  * APEX_TEST_DEVICE=cuda (tests/gpu/run.sh).
  */
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "apex/apex_paged.h"
 #include "cpu_attn/dtype_convert.h"
@@ -314,6 +317,79 @@ static void test_external_host_memory(void **state) {
     /* Destroy freed nothing of it (ASan would report a double free here). */
     mem[0] = 1;
     free(mem);
+}
+
+/* Bytes of [p, p + n) on transparent huge pages (AnonHugePages of the
+ * mappings /proc/self/smaps lists over it); -1 if it cannot be read. */
+static long long huge_bytes(const void *p, size_t n) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return -1;
+    char line[512];
+    unsigned long lo = 0, hi = 0;
+    int in = 0;
+    long long sum = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long a, b;
+        long long kb;
+        if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            lo = a, hi = b;
+            in = lo < (unsigned long)p + n && (unsigned long)p < hi;
+        } else if (in && sscanf(line, "AnonHugePages: %lld kB", &kb) == 1) {
+            sum += kb * 1024;
+        }
+    }
+    fclose(f);
+    return sum;
+}
+
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+/* With APEX_HUGE_ENGINE_KV=1, engine memory on 4 KiB pages (vLLM's KV
+ * tensors) is moved onto huge pages when a context takes it (csrc/
+ * host_mem.c host_mem_huge), contents unchanged; by default it is left. Where this kernel cannot
+ * collapse at all (a probe on a scratch mapping fails) only the contents
+ * are checked. */
+static void test_external_huge_pages(void **state) {
+    (void)state;
+    const size_t huge = (size_t)2 << 20, bytes = 4 * huge;
+    int can = 0;
+    {
+        uint8_t *probe = mmap(NULL, 2 * huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        assert_true(probe != MAP_FAILED);
+        uint8_t *a = (uint8_t *)(((uintptr_t)probe + huge - 1) & ~(uintptr_t)(huge - 1));
+        memset(a, 1, huge);
+        can = madvise(a, huge, MADV_COLLAPSE) == 0;
+        munmap(probe, 2 * huge);
+    }
+    for (int off = 0; off < 2; off++) {
+        /* L layers of 4 whole huge pages each, 2 MiB-aligned, first touched
+         * on 4 KiB pages (no MADV_HUGEPAGE: THP "madvise" mode gives none). */
+        uint8_t *raw = mmap(NULL, L * bytes + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                            -1, 0);
+        assert_true(raw != MAP_FAILED);
+        uint8_t *mem = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+        for (size_t i = 0; i < L * bytes; i++) mem[i] = (uint8_t)(i * 7 + 3);
+        const long long before = huge_bytes(mem, L * bytes);
+        void *kv[L];
+        for (int l = 0; l < L; l++) kv[l] = mem + (size_t)l * bytes;
+        if (!off) setenv("APEX_HUGE_ENGINE_KV", "1", 1);
+        apex_config c = paged_config(APEX_DEVICE_NONE, 0);
+        c.host_blocks = 0; /* every block of the 8 MiB */
+        apex_context *ctx = NULL;
+        assert_ok(apex_paged_context_create(&c, kv, bytes, &ctx));
+        const long long after = huge_bytes(mem, L * bytes);
+        fprintf(stderr, "huge pages (APEX_HUGE_ENGINE_KV %s): %lld -> %lld bytes of %zu (collapse %s)\n",
+                off ? "unset" : "1", before, after, L * bytes, can ? "works here" : "refused here");
+        for (size_t i = 0; i < L * bytes; i++)
+            if (mem[i] != (uint8_t)(i * 7 + 3)) fail_msg("byte %zu changed", i);
+        if (can && before == 0 && !off) assert_true(after == (long long)(L * bytes));
+        if (off) assert_true(after == before);
+        apex_context_destroy(ctx);
+        munmap(raw, L * bytes + huge);
+        if (!off) unsetenv("APEX_HUGE_ENGINE_KV");
+    }
 }
 
 /* host_blocks 0 takes every whole block the bytes hold; separate
@@ -769,6 +845,7 @@ int main(void) {
         cmocka_unit_test(test_tiers_half_dtypes),
         cmocka_unit_test(test_tiers_errors_change_nothing),
         cmocka_unit_test(test_external_host_memory),
+        cmocka_unit_test(test_external_huge_pages),
         cmocka_unit_test(test_external_sizes_and_device),
         cmocka_unit_test(test_external_bad_args),
     };
