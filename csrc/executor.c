@@ -623,14 +623,12 @@ apex_status exec_submit(apex_context *ctx, const exec_rows *r, const exec_batch 
      * and the attention (h_lens, h_table, h_q, h_out, h_idx_g) are disjoint
      * pieces of the slot (pipeline.c's layout): one slot holds both. */
     size_t row = (size_t)ctx->cfg.n_kv_heads * ctx->cfg.head_dim * apex_dtype_size(r->dtype);
-    int32_t m = 0;
-    uint64_t written = 0;
+    int32_t m = 0; /* rows stored */
     for (int64_t i = 0; i < r->n; i++) {
         if (r->slots[i] < 0) continue;
         memcpy((uint8_t *)sl->h_k + (size_t)m * row, row_at(r->k, r->dtype, r->k_stride, i), row);
         memcpy((uint8_t *)sl->h_v + (size_t)m * row, row_at(r->v, r->dtype, r->v_stride, i), row);
         sl->h_slots[m++] = r->slots[i];
-        written++;
     }
     int32_t mb = ctx->seqs.max_blocks_per_seq;
     size_t qrow = q_row_bytes(ctx, b->o.q_dtype);
@@ -679,7 +677,7 @@ apex_status exec_submit(apex_context *ctx, const exec_rows *r, const exec_batch 
     pl->sub_out = b->out;
     pl->sub_out_dtype = b->o.out_dtype;
     pl->sub_tokens = tokens;
-    pl->sub_written = written;
+    pl->sub_written = (uint64_t)m;
     return APEX_OK;
 }
 

@@ -49,6 +49,9 @@ int shim_supports_set_rows(const struct ggml_tensor *op);
 int shim_supports_fa(const struct ggml_tensor *op);
 enum ggml_status shim_run_set_rows(struct ggml_tensor *op, int n_threads);
 enum ggml_status shim_run_fa(struct ggml_tensor *op, int n_threads);
+/* f32 -> f16 as SET_ROWS stores it (F16C where the CPU has it): the GPU
+ * tier rounds its queries with it too. */
+void shim_row_to_f16(uint16_t *h, const float *s, int64_t w);
 
 /* ---- ggml_apex_buffer.c */
 /* llama.cpp asked for the KV cache's buffer type (the patch's hook): an

@@ -19,6 +19,7 @@
 #include "apex/apex.h"
 #include "apex/apex_paged.h"
 #include "cpu_attn/dtype_convert.h"
+#include "shim/ggml_apex_impl.h"
 #include "shim/ggml_apex_trace.h"
 
 #define TIER_MAX_LAYERS 1024

@@ -78,10 +78,6 @@ int gpu_tier_plan(gpu_tier *t, const struct ggml_tensor *op, int64_t s0, unsigne
 void gpu_tier_start(gpu_tier *t);
 int gpu_tier_wait(gpu_tier *t);
 
-/* f32 -> f16 as SET_ROWS stores it (F16C where the CPU has it;
- * ggml_apex_ops.c): the tier rounds its queries with it. */
-void shim_row_to_f16(uint16_t *h, const float *s, int64_t w);
-
 #ifdef __cplusplus
 }
 #endif

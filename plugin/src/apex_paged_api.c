@@ -4,7 +4,6 @@
  * before anything changes; failures are counted in the context's stats.
  * The work itself is the executor's (csrc/executor.c), as for apex.h.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -156,33 +155,25 @@ APEX_API apex_status apex_paged_layer_kv(apex_context *ctx, int32_t layer, apex_
     return APEX_OK;
 }
 
-/* 1 if the count elements of dtype t at p are all finite. By the bits for
- * the 16-bit types (exponent all ones: Inf or NaN), without converting
+/* 1 if the count elements of dtype t (a valid apex_dtype) at p are all
+ * finite. By the bits (exponent all ones: Inf or NaN), without converting
  * each: a decode layer's q and rows are checked on every call. */
 static int all_finite(const void *p, apex_dtype t, size_t count) {
     const uint8_t *b = p; /* memcpy loads: an engine's slice need not be aligned */
-    if (t == APEX_DTYPE_F16 || t == APEX_DTYPE_BF16) {
-        const uint16_t m = t == APEX_DTYPE_F16 ? 0x7c00u : 0x7f80u;
-        int bad = 0;
-        for (size_t e = 0; e < count; e++) {
+    const uint32_t m = t == APEX_DTYPE_F32 ? 0x7f800000u : t == APEX_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+    int bad = 0;
+    for (size_t e = 0; e < count; e++) {
+        uint32_t x;
+        if (t == APEX_DTYPE_F32) {
+            memcpy(&x, b + 4 * e, 4);
+        } else {
             uint16_t h;
             memcpy(&h, b + 2 * e, 2);
-            bad |= (h & m) == m;
+            x = h;
         }
-        return !bad;
+        bad |= (x & m) == m;
     }
-    if (t == APEX_DTYPE_F32) {
-        int bad = 0;
-        for (size_t e = 0; e < count; e++) {
-            uint32_t f;
-            memcpy(&f, b + 4 * e, 4);
-            bad |= (f & 0x7f800000u) == 0x7f800000u;
-        }
-        return !bad;
-    }
-    for (size_t e = 0; e < count; e++)
-        if (!isfinite(apex_load_f32(p, t, e))) return 0;
-    return 1;
+    return !bad;
 }
 
 /* Row i's element e of an array of dtype t with the given row stride. */
@@ -222,8 +213,8 @@ static apex_status paged_check_rows(apex_context *ctx, const char *fn, int32_t l
         const uint8_t *kr = row_at(k, src_dtype, k_row_stride, i);
         const uint8_t *vr = row_at(v, src_dtype, v_row_stride, i);
         if (!all_finite(kr, src_dtype, (size_t)row_el) || !all_finite(vr, src_dtype, (size_t)row_el))
-                return apex_fail(APEX_ERR_INVALID_ARG, "%s: row %lld (slot %lld) has a NaN or Inf",
-                                 fn, (long long)i, (long long)slots[i]);
+            return apex_fail(APEX_ERR_INVALID_ARG, "%s: row %lld (slot %lld) has a NaN or Inf", fn,
+                             (long long)i, (long long)slots[i]);
         (*written)++;
     }
     return APEX_OK;
