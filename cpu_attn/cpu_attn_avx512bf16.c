@@ -8,14 +8,17 @@
  * of the DRAM bandwidth on two cores).
  *  QK  q is rounded to bf16 once per span (exact when q came as bf16, as
  *      from a bf16 model; q is passed unscaled and the scale applied to the
- *      fp32 scores), K is read as is, 32 columns per instruction; tiles of
- *      TT tokens x HT heads as in the avx512 kernel.
+ *      fp32 scores), K is read as is; tiles of TT tokens x HT heads as in
+ *      the avx512 kernel. With 3-4 heads a tile the products are 256-bit
+ *      (16 columns), which halves the transpose-reduce's width; else
+ *      512-bit (32 columns).
  *  PV  P is rounded to bf16 (as a GPU flash-attention kernel does before
  *      its P.V product; the softmax sum l stays fp32 over unrounded P).
  *      vdpbf16ps sums adjacent pairs, so two V rows are interleaved
  *      (unpacklo/hi) and multiplied by the broadcast pair (p_t, p_t+1):
  *      each accumulator lane gets one column of two tokens. The interleave
- *      permutes the columns; they are put back once per group.
+ *      permutes the columns; they are put back once per group. With 4
+ *      heads a pass covers 64 columns (128 bytes of each row).
  * The span driver (groups, prefetch, online softmax) is avx512_span.h's. */
 #include <immintrin.h>
 #include <string.h>
@@ -40,10 +43,40 @@ INL __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 /* ---------------------------------------------------------------- QK */
 
+/* The 16 horizontal sums of x[0..n) (8 lanes each; zero past n), sum k in
+ * lane k: a transpose-reduce in 256-bit halves, 3 levels of blend, shuffle
+ * and add on 8 vectors, 4 and 2. Inputs are taken in ORD order (an
+ * involution) so that sums land in input order. */
+INL __m512 hsum16_ymm(const __m256 *x, int n) {
+    static const int ORD[16] = {0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15};
+    __m256 y[16], a[8], b[4], c[2];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) y[k] = ORD[k] < n ? x[ORD[k]] : _mm256_setzero_ps();
+    /* Lanes i, i+4: the 128-bit halves. */
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm256_add_ps(_mm256_blend_ps(y[2 * i], y[2 * i + 1], 0xF0),
+                             _mm256_permute2f128_ps(y[2 * i], y[2 * i + 1], 0x21));
+    /* Lanes i, i+2 within each 128 bits. */
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_blend_ps(a[2 * i], a[2 * i + 1], 0xCC),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x4E));
+    /* Lanes i, i+1. */
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm256_add_ps(_mm256_blend_ps(b[2 * i], b[2 * i + 1], 0xAA),
+                             _mm256_permute_ps(_mm256_blend_ps(b[2 * i + 1], b[2 * i], 0xAA), 0xB1));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(c[0])),
+                                               _mm256_castps_pd(c[1]), 1));
+}
+
 /* s[h * SROW + j] = scale * q[h] . k[j] for TT rows x HT heads, 32
- * columns per vdpbf16ps; a head_dim of 16 mod 32 ends with a 16-column
- * step (K masked, q zero-padded). */
-INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
+ * columns per 512-bit vdpbf16ps; a head_dim of 16 mod 32 ends with a
+ * 16-column step (K masked, q zero-padded). For one head (TT 16), where
+ * each K load feeds one product: the 256-bit form's twice as many loads
+ * made it 4-5 % slower there. */
+INL void bf_qk_tile512(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
                     float scale, int TT, int HT) {
     __m512 a[16];
 #pragma GCC unroll 16
@@ -77,6 +110,44 @@ INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t r
     for (int h = 0; h < HT; h++)
         _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
                               (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+/* The same with 16 columns per 256-bit vdpbf16ps (Zen 4 issues two a
+ * cycle: the 512-bit form's rate) and 256-bit accumulators, whose
+ * transpose-reduce is half as wide: with 3-4 heads (TT 4-5) the 512-bit
+ * one cost about as much as the products it sums (1.5 cycles a 512-bit
+ * product in cache, 1.1 with a plain sum in its place). */
+INL void bf_qk_tile256(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
+                       float scale, int TT, int HT) {
+    __m256 a[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < TT * HT; i++) a[i] = _mm256_setzero_ps();
+    for (int c = 0; c < D; c += 16) {
+        __m256bh qv[8];
+#pragma GCC unroll 8
+        for (int h = 0; h < HT; h++)
+            qv[h] = (__m256bh)_mm256_loadu_si256((const __m256i *)(q + (size_t)h * Dq + c));
+#pragma GCC unroll 16
+        for (int j = 0; j < TT; j++) {
+            const __m256bh kv =
+                (__m256bh)_mm256_loadu_si256((const __m256i *)(k + (size_t)j * rowb + (size_t)c * 2));
+#pragma GCC unroll 8
+            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm256_dpbf16_ps(a[h * TT + j], qv[h], kv);
+        }
+    }
+    const __m512 r = _mm512_mul_ps(hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale));
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
+                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
+/* 256-bit where measured faster (3 heads +4-7 % in cache, 4 heads +2-3 %);
+ * 2 heads lost 10 % from DRAM with it (head_dim 256) and 8 gained nothing. */
+INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
+                    float scale, int TT, int HT) {
+    if (HT == 3 || HT == 4) bf_qk_tile256(q, Dq, D, k, rowb, s, scale, TT, HT);
+    else bf_qk_tile512(q, Dq, D, k, rowb, s, scale, TT, HT);
 }
 
 INL void bf_qk_rows(const bf_ctx *cx, const uint16_t *q, const uint8_t *k, int n, float *s, int HT,
@@ -130,54 +201,72 @@ INL __m512i ld_vrow(const uint8_t *v, int half) {
     return half ? _mm512_maskz_loadu_epi16(0xffff, v) : _mm512_loadu_si512(v);
 }
 
-/* a[(u * HP + h) * 2 + {0, 1}] += the pair products of the n rows of one
- * run (v at the slice's first column), P at p (row h at h * PROW); pairs
- * go to set u round-robin, the tail pair to set 0, an odd last row pairs
- * with a zero row and p = 0. */
+/* a[((u * W + w) * HP + h) * 2 + {0, 1}] += the pair products of the n
+ * rows of one run for W adjacent 32-column slices w (v at the first
+ * slice's first column), P at p (row h at h * PROW); pairs go to set u
+ * round-robin, the tail pair to set 0, an odd last row pairs with a zero
+ * row and p = 0. W = 2 reads 128 contiguous bytes of each row per pass and
+ * broadcasts each P pair once for both slices. */
 INL void bf_pv_run(__m512 *a, const uint8_t *v, size_t rowb, int n, const uint16_t *p, int HP,
-                   int NS, int half) {
+                   int NS, int W, int half) {
     int t = 0;
     for (; t + 2 * NS <= n; t += 2 * NS) {
 #pragma GCC unroll 4
         for (int u = 0; u < NS; u++) {
             const uint8_t *r = v + (size_t)(t + 2 * u) * rowb;
-            const __m512i v0 = ld_vrow(r, half), v1 = ld_vrow(r + rowb, half);
-            const __m512bh lo = as_bh(_mm512_unpacklo_epi16(v0, v1));
-            const __m512bh hi = as_bh(_mm512_unpackhi_epi16(v0, v1));
+            __m512bh lo[2], hi[2];
+#pragma GCC unroll 2
+            for (int w = 0; w < W; w++) {
+                const __m512i v0 = ld_vrow(r + 64 * w, half), v1 = ld_vrow(r + rowb + 64 * w, half);
+                lo[w] = as_bh(_mm512_unpacklo_epi16(v0, v1));
+                hi[w] = as_bh(_mm512_unpackhi_epi16(v0, v1));
+            }
 #pragma GCC unroll 8
             for (int h = 0; h < HP; h++) {
                 const __m512bh pp =
                     as_bh(_mm512_set1_epi32((int)ld_pair(p + (size_t)h * PROW + t + 2 * u)));
-                a[(u * HP + h) * 2] = _mm512_dpbf16_ps(a[(u * HP + h) * 2], lo, pp);
-                a[(u * HP + h) * 2 + 1] = _mm512_dpbf16_ps(a[(u * HP + h) * 2 + 1], hi, pp);
+#pragma GCC unroll 2
+                for (int w = 0; w < W; w++) {
+                    const int i = ((u * W + w) * HP + h) * 2;
+                    a[i] = _mm512_dpbf16_ps(a[i], lo[w], pp);
+                    a[i + 1] = _mm512_dpbf16_ps(a[i + 1], hi[w], pp);
+                }
             }
         }
     }
     for (; t < n; t += 2) {
         const uint8_t *r = v + (size_t)t * rowb;
         const int two = t + 1 < n;
-        const __m512i v0 = ld_vrow(r, half), v1 = two ? ld_vrow(r + rowb, half) : _mm512_setzero_si512();
-        const __m512bh lo = as_bh(_mm512_unpacklo_epi16(v0, v1));
-        const __m512bh hi = as_bh(_mm512_unpackhi_epi16(v0, v1));
+        __m512bh lo[2], hi[2];
+#pragma GCC unroll 2
+        for (int w = 0; w < W; w++) {
+            const __m512i v0 = ld_vrow(r + 64 * w, half),
+                          v1 = two ? ld_vrow(r + rowb + 64 * w, half) : _mm512_setzero_si512();
+            lo[w] = as_bh(_mm512_unpacklo_epi16(v0, v1));
+            hi[w] = as_bh(_mm512_unpackhi_epi16(v0, v1));
+        }
 #pragma GCC unroll 8
         for (int h = 0; h < HP; h++) {
             const uint16_t *ph = p + (size_t)h * PROW + t;
             const __m512bh pp = as_bh(_mm512_set1_epi32((int)(two ? ld_pair(ph) : (uint32_t)ph[0])));
-            a[h * 2] = _mm512_dpbf16_ps(a[h * 2], lo, pp);
-            a[h * 2 + 1] = _mm512_dpbf16_ps(a[h * 2 + 1], hi, pp);
+#pragma GCC unroll 2
+            for (int w = 0; w < W; w++) {
+                a[(w * HP + h) * 2] = _mm512_dpbf16_ps(a[(w * HP + h) * 2], lo[w], pp);
+                a[(w * HP + h) * 2 + 1] = _mm512_dpbf16_ps(a[(w * HP + h) * 2 + 1], hi[w], pp);
+            }
         }
     }
 }
 
-/* acc[h][c..c+32) (c..c+16 if half) += P.V for HP heads over all pieces,
- * a share of the prefetch list after each. The lo accumulator holds
- * columns {0-3, 8-11, 16-19, 24-27} of the slice, hi the others. */
+/* acc[h][c..c+32W) (c..c+16 if half, W 1) += P.V for HP heads over all
+ * pieces, a share of the prefetch list after each. Of a slice's pair of
+ * accumulators, lo holds columns {0-3, 8-11, 16-19, 24-27}, hi the others. */
 INL void bf_pv_slice(const pv_piece *pc, int npc, size_t rowb, const uint16_t *p, float *acc,
-                     int D, int c, int HP, int half, pf_list *pf, int *pf_left, int pf_per) {
-    const int NS = bf_pv_sets(HP);
+                     int D, int c, int HP, int NS, int W, int half, pf_list *pf, int *pf_left,
+                     int pf_per) {
     __m512 a[16];
 #pragma GCC unroll 16
-    for (int i = 0; i < 2 * NS * HP; i++) a[i] = _mm512_setzero_ps();
+    for (int i = 0; i < 2 * NS * W * HP; i++) a[i] = _mm512_setzero_ps();
     /* Runs of at most 16 rows (whole pairs) with a share of the prefetch
      * list after each: spread that thin, a bf16 slice's fewer, faster
      * steps keep the prefetches ahead as the fp32 kernel's do. */
@@ -185,36 +274,46 @@ INL void bf_pv_slice(const pv_piece *pc, int npc, size_t rowb, const uint16_t *p
         for (int r0 = 0; r0 < pc[x].n; r0 += 16) {
             const int n = pc[x].n - r0 < 16 ? pc[x].n - r0 : 16;
             bf_pv_run(a, pc[x].v + (size_t)r0 * rowb + (size_t)c * 2, rowb, n, p + pc[x].so + r0,
-                      HP, NS, half);
+                      HP, NS, W, half);
             pf_share(pf, pf_left, pf_per);
         }
     const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i idx1 =
         _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 2
+    for (int w = 0; w < W; w++)
 #pragma GCC unroll 8
-    for (int h = 0; h < HP; h++) {
-        __m512 lo = a[h * 2], hi = a[h * 2 + 1];
+        for (int h = 0; h < HP; h++) {
+            __m512 lo = a[(w * HP + h) * 2], hi = a[(w * HP + h) * 2 + 1];
 #pragma GCC unroll 4
-        for (int u = 1; u < NS; u++) {
-            lo = _mm512_add_ps(lo, a[(u * HP + h) * 2]);
-            hi = _mm512_add_ps(hi, a[(u * HP + h) * 2 + 1]);
+            for (int u = 1; u < NS; u++) {
+                lo = _mm512_add_ps(lo, a[((u * W + w) * HP + h) * 2]);
+                hi = _mm512_add_ps(hi, a[((u * W + w) * HP + h) * 2 + 1]);
+            }
+            float *o = acc + (size_t)h * D + c + 32 * w;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_permutex2var_ps(lo, idx0, hi)));
+            if (!half)
+                _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16),
+                                                        _mm512_permutex2var_ps(lo, idx1, hi)));
         }
-        float *o = acc + (size_t)h * D + c;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_permutex2var_ps(lo, idx0, hi)));
-        if (!half)
-            _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16),
-                                                    _mm512_permutex2var_ps(lo, idx1, hi)));
-    }
 }
 
 INL void bf_pv_heads(const bf_ctx *cx, const pv_piece *pc, int npc, const uint16_t *p, float *acc,
                      int HP, pf_list *pf, int pf_lines) {
+    /* Two slices a pass for 4 heads (16 accumulators); else one, with
+     * bf_pv_sets' sets. */
+    const int W = HP == 4 ? 2 : 1;
+    const int NS = W == 2 ? 1 : bf_pv_sets(HP);
     int runs = 0;
     for (int x = 0; x < npc; x++) runs += (pc[x].n + 15) / 16;
     const int D = cx->D, parts = (D + 31) / 32 * runs, per = (pf_lines + parts - 1) / parts;
     int left = pf_lines, c = 0;
-    for (; c + 32 <= D; c += 32) bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, 0, pf, &left, per);
-    if (c < D) bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, 1, pf, &left, per);
+    if (W == 2)
+        for (; c + 64 <= D; c += 64)
+            bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, NS, 2, 0, pf, &left, 2 * per);
+    for (; c + 32 <= D; c += 32)
+        bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, bf_pv_sets(HP), 1, 0, pf, &left, per);
+    if (c < D) bf_pv_slice(pc, npc, cx->rowb, p, acc, D, c, HP, bf_pv_sets(HP), 1, 1, pf, &left, per);
     pf_list_some(pf, left);
 }
 
