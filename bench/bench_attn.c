@@ -8,7 +8,10 @@
  * layer after layer. kv_gbps = K+V bytes attended / time; ratio =
  * kv_gbps / stream_gbps. in_cache_gbps, measured first, is the kernel on a
  * small KV re-read from the caches: its compute ceiling, so a case can be
- * read as memory- or compute-bound. Times are the best of the timed iterations (the
+ * read as memory- or compute-bound; product_peak_gbps (product_peak.h) is
+ * the bound that ceiling is under, measured in the same process (the
+ * kernel's dot-product instruction alone at its issue rate, as KV bytes).
+ * Times are the best of the timed iterations (the
  * median is reported too); the STREAM figure is the best of its reads.
  * --json also gives pair_*: STREAM reads and kernel calls alternated one
  * for one, medians, and the median of the per-pair ratios (the memory
@@ -22,6 +25,7 @@
 #include <sys/mman.h>
 
 #include "bench/bench.h"
+#include "bench/product_peak.h"
 #include "bench/stream.h"
 #include "csrc/host_mem.h"
 #include "cpu_attn/cpu_attn.h"
@@ -300,18 +304,28 @@ int bench_attn_main(int argc, char **argv) {
     const double c_bytes = 2.0 * o.threads * 128.0 * o.kv_heads * o.head_dim *
                            (double)apex_dtype_size(o.kv_dtype);
     double ceiling = run_case(&o, o.threads, 128, c_bytes, &cr, 1) ? 0 : cr.kv_gbps;
+    /* The bound the ceiling is read against: the kernel's dot-product
+     * instruction at its issue rate, as KV bytes (a token of one KV head
+     * is 2 G D multiply-adds for 2 D elements). 0: not measured. */
+    const double G = (double)o.q_heads / o.kv_heads;
+    const double peak = product_peak_macs_per_s(isa, o.kv_dtype, o.threads) *
+                        (double)apex_dtype_size(o.kv_dtype) / G / 1e9;
     if (o.json)
         printf("{\"bench\":\"attn\",\"isa\":\"%s\",\"timing\":\"best of iters (median also "
                "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,"
-               "\"in_cache_gbps\":%.4g,\"cases\":[",
-               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false", ceiling);
+               "\"in_cache_gbps\":%.4g,\"product_peak_gbps\":%.4g,\"in_cache_of_peak\":%.3f,"
+               "\"cases\":[",
+               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false", ceiling,
+               peak, peak > 0 ? ceiling / peak : 0.0);
     else
         printf("apex-bench attn: isa %s, %d threads, %d q / %d kv heads, head_dim %d, %s KV, "
                "block %d\ntimes: best of the timed iterations (median in brackets)\n"
-               "compute ceiling: %.2f GB/s (the kernel on KV re-read from the caches)\n\n"
+               "compute ceiling: %.2f GB/s (the kernel on KV re-read from the caches)\n"
+               "product peak: %.2f GB/s (its dot-product instruction alone at its issue rate; "
+               "0: not measured)\n\n"
                "%6s %7s %7s %15s %8s %17s %11s %14s\n",
                isa, o.threads, o.q_heads, o.kv_heads, o.head_dim, apex_dtype_name(o.kv_dtype),
-               o.block_tokens, ceiling, "batch", "ctx", "iters", "ms", "KV GB", "kv GB/s",
+               o.block_tokens, ceiling, peak, "batch", "ctx", "iters", "ms", "KV GB", "kv GB/s",
                "stream GB/s", "ratio");
     int first = 1, rc = 0;
     for (int bi = 0; bi < o.n_batch; bi++)
