@@ -43,34 +43,6 @@ INL __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 /* ---------------------------------------------------------------- QK */
 
-/* The 16 horizontal sums of x[0..n) (8 lanes each; zero past n), sum k in
- * lane k: a transpose-reduce in 256-bit halves, 3 levels of blend, shuffle
- * and add on 8 vectors, 4 and 2. Inputs are taken in ORD order (an
- * involution) so that sums land in input order. */
-INL __m512 hsum16_ymm(const __m256 *x, int n) {
-    static const int ORD[16] = {0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15};
-    __m256 y[16], a[8], b[4], c[2];
-#pragma GCC unroll 16
-    for (int k = 0; k < 16; k++) y[k] = ORD[k] < n ? x[ORD[k]] : _mm256_setzero_ps();
-    /* Lanes i, i+4: the 128-bit halves. */
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm256_add_ps(_mm256_blend_ps(y[2 * i], y[2 * i + 1], 0xF0),
-                             _mm256_permute2f128_ps(y[2 * i], y[2 * i + 1], 0x21));
-    /* Lanes i, i+2 within each 128 bits. */
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm256_add_ps(_mm256_blend_ps(a[2 * i], a[2 * i + 1], 0xCC),
-                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x4E));
-    /* Lanes i, i+1. */
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm256_add_ps(_mm256_blend_ps(b[2 * i], b[2 * i + 1], 0xAA),
-                             _mm256_permute_ps(_mm256_blend_ps(b[2 * i + 1], b[2 * i], 0xAA), 0xB1));
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(c[0])),
-                                               _mm256_castps_pd(c[1]), 1));
-}
-
 /* s[h * SROW + j] = scale * q[h] . k[j] for TT rows x HT heads, 32
  * columns per 512-bit vdpbf16ps; a head_dim of 16 mod 32 ends with a
  * 16-column step (K masked, q zero-padded). For one head (TT 16), where
@@ -135,7 +107,7 @@ INL void bf_qk_tile256(const uint16_t *q, int Dq, int D, const uint8_t *k, size_
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm256_dpbf16_ps(a[h * TT + j], qv[h], kv);
         }
     }
-    const __m512 r = _mm512_mul_ps(hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale));
+    const __m512 r = _mm512_mul_ps(avx512_hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale));
 #pragma GCC unroll 8
     for (int h = 0; h < HT; h++)
         _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,

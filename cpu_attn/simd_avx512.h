@@ -91,6 +91,35 @@ AVX512_INL __m512 avx512_hsum16_blend(const __m512 *x, int n) {
                          _mm512_permute_ps(_mm512_mask_blend_ps(0xAAAA, c[1], c[0]), 0xB1));
 }
 
+/* The 16 horizontal sums of x[0..n) (8 lanes each; zero past n), sum k in
+ * lane k: a transpose-reduce in 256-bit halves, 3 levels of blend, shuffle
+ * and add on 8 vectors, 4 and 2. Inputs are taken in ORD order (an
+ * involution) so that sums land in input order. The avx512bf16 kernel's
+ * q.K with 3-4 heads a tile: half the width of avx512_hsum16_blend. */
+AVX512_INL __m512 avx512_hsum16_ymm(const __m256 *x, int n) {
+    static const int ORD[16] = {0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15};
+    __m256 y[16], a[8], b[4], c[2];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) y[k] = ORD[k] < n ? x[ORD[k]] : _mm256_setzero_ps();
+    /* Lanes i, i+4: the 128-bit halves. */
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm256_add_ps(_mm256_blend_ps(y[2 * i], y[2 * i + 1], 0xF0),
+                             _mm256_permute2f128_ps(y[2 * i], y[2 * i + 1], 0x21));
+    /* Lanes i, i+2 within each 128 bits. */
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_blend_ps(a[2 * i], a[2 * i + 1], 0xCC),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x4E));
+    /* Lanes i, i+1. */
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm256_add_ps(_mm256_blend_ps(b[2 * i], b[2 * i + 1], 0xAA),
+                             _mm256_permute_ps(_mm256_blend_ps(b[2 * i + 1], b[2 * i], 0xAA), 0xB1));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(c[0])),
+                                               _mm256_castps_pd(c[1]), 1));
+}
+
 /* e^x, relative error ~2e-7 (Cephes expf polynomial on x - n ln2, scaled by
  * 2^n with vscalefps). x is clamped to >= -104, where e^x is 0 in fp32. */
 AVX512_INL __m512 avx512_exp16(__m512 x) {
