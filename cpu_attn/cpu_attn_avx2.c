@@ -10,19 +10,12 @@
 
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/simd_avx2.h"
 
 #define INL static inline __attribute__((always_inline))
 /* Software prefetch hint: T1 (L2) measured ~1.5x faster from DRAM than T0
  * here (Zen 4): T0 fills hold L1 miss buffers the demand loads need. */
 #define PF_HINT _MM_HINT_T1
-
-INL __m256 ld8(const uint8_t *p, int dt) {
-    if (dt == APEX_DTYPE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    if (dt == APEX_DTYPE_BF16)
-        return _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-    return _mm256_loadu_ps((const float *)p);
-}
 
 /* Lane j = sum of the lanes of x[j], x[n..7] counting as 0. The network
  * puts input P[j] in lane j (P is its own inverse). */
@@ -87,21 +80,8 @@ INL __m256 tanh8(__m256 y) {
 
 INL void qk_tile(const float *q, int D, const uint8_t *k, size_t rowb, float *s, int dt,
                  int TT, int HT) {
-    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m256 a[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < TT * HT; i++) a[i] = _mm256_setzero_ps();
-    for (int c = 0; c < D; c += 8) {
-        __m256 qv[4];
-#pragma GCC unroll 4
-        for (int h = 0; h < HT; h++) qv[h] = _mm256_loadu_ps(q + (size_t)h * D + c);
-#pragma GCC unroll 8
-        for (int j = 0; j < TT; j++) {
-            const __m256 kv = ld8(k + (size_t)j * rowb + (size_t)c * esz, dt);
-#pragma GCC unroll 4
-            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm256_fmadd_ps(qv[h], kv, a[h * TT + j]);
-        }
-    }
+    avx2_qk_dots(a, q, D, k, rowb, (apex_dtype)dt, TT, HT);
     const __m256 r = hsum8(a, TT * HT);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 4
@@ -161,7 +141,7 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
         for (; t + NS <= n; t += NS) {
 #pragma GCC unroll 8
             for (int u = 0; u < NS; u++) {
-                const __m256 vv = ld8(v + (size_t)(t + u) * rowb, dt);
+                const __m256 vv = avx2_ld8(v + (size_t)(t + u) * rowb, dt);
 #pragma GCC unroll 8
                 for (int h = 0; h < HP; h++)
                     a[u * HP + h] = _mm256_fmadd_ps(
@@ -169,7 +149,7 @@ INL void pv_slice(const pv_piece *pc, int npc, size_t rowb, const float *s, floa
             }
         }
         for (; t < n; t++) {
-            const __m256 vv = ld8(v + (size_t)t * rowb, dt);
+            const __m256 vv = avx2_ld8(v + (size_t)t * rowb, dt);
 #pragma GCC unroll 8
             for (int h = 0; h < HP; h++)
                 a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)h * CPU_ATTN_SROW + t), vv, a[h]);

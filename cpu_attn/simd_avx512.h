@@ -14,6 +14,7 @@
 
 #include "apex/apex.h"
 #include "cpu_attn/dtype_traits.h"
+#include "cpu_attn/simd_avx2.h"
 
 #define AVX512_INL \
     static inline __attribute__((target("avx512f,avx2,fma,f16c"), always_inline))
@@ -25,15 +26,6 @@ AVX512_INL __m512 avx512_ld16(const void *p, apex_dtype dt) {
         return _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
     return _mm512_loadu_ps((const float *)p);
-}
-
-/* 8 elements of type dt at p as fp32 (avx512_ld16's 256-bit twin). */
-AVX512_INL __m256 avx512_ld8(const void *p, apex_dtype dt) {
-    if (dt == APEX_DTYPE_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    if (dt == APEX_DTYPE_BF16)
-        return _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-    return _mm256_loadu_ps((const float *)p);
 }
 
 /* Lane j of the result = the sum of the lanes of x[j] (x[n..15] read as 0):
@@ -192,21 +184,8 @@ AVX512_INL void avx512_qk_tile(const float *q, int D, const void *k, size_t rowb
  * (avx512_hsum16_ymm) is half as wide. Not bitwise avx512_qk_tile's sums. */
 AVX512_INL void avx512_qk_tile_ymm(const float *q, int D, const void *k, size_t rowb, float *s,
                                    ptrdiff_t srow, apex_dtype dt, int TT, int HT) {
-    const size_t esz = apex_dtype_size((apex_dtype)dt);
     __m256 a[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < TT * HT; i++) a[i] = _mm256_setzero_ps();
-    for (int c = 0; c < D; c += 8) {
-        __m256 qv[8];
-#pragma GCC unroll 8
-        for (int h = 0; h < HT; h++) qv[h] = _mm256_loadu_ps(q + (size_t)h * D + c);
-#pragma GCC unroll 16
-        for (int j = 0; j < TT; j++) {
-            const __m256 kv = avx512_ld8((const uint8_t *)k + (size_t)j * rowb + (size_t)c * esz, dt);
-#pragma GCC unroll 8
-            for (int h = 0; h < HT; h++) a[h * TT + j] = _mm256_fmadd_ps(qv[h], kv, a[h * TT + j]);
-        }
-    }
+    avx2_qk_dots(a, q, D, k, rowb, dt, TT, HT);
     const __m512 r = avx512_hsum16_ymm(a, TT * HT);
 #pragma GCC unroll 8
     for (int h = 0; h < HT; h++)
