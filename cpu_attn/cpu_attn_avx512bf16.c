@@ -77,11 +77,7 @@ INL void bf_qk_tile512(const uint16_t *q, int Dq, int D, const uint8_t *k, size_
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_dpbf16_ps(a[h * TT + j], qv[h], kv);
         }
     }
-    const __m512 r = _mm512_mul_ps(avx512_hsum16_blend(a, TT * HT), _mm512_set1_ps(scale));
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
-                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+    avx512_store_tile(s, CPU_ATTN_SROW, _mm512_mul_ps(avx512_hsum16_blend(a, TT * HT), _mm512_set1_ps(scale)), TT, HT);
 }
 
 /* The same with 16 columns per 256-bit vdpbf16ps (Zen 4 issues two a
@@ -107,11 +103,7 @@ INL void bf_qk_tile256(const uint16_t *q, int Dq, int D, const uint8_t *k, size_
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm256_dpbf16_ps(a[h * TT + j], qv[h], kv);
         }
     }
-    const __m512 r = _mm512_mul_ps(avx512_hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale));
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + h * CPU_ATTN_SROW - h * TT,
-                              (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+    avx512_store_tile(s, CPU_ATTN_SROW, _mm512_mul_ps(avx512_hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale)), TT, HT);
 }
 
 /* 256-bit where measured faster (3 heads +4-7 % in cache, 4 heads +2-3 %);

@@ -150,6 +150,15 @@ AVX512_INL __m512 avx512_tanh16(__m512 y) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, yi)));
 }
 
+/* Stores a tile's transpose-reduced scores r: lanes [h*TT, h*TT+TT) belong
+ * to head h, one masked store per head, addressed so that lane h*TT lands
+ * on s[h*srow] (score rows are padded either side). */
+AVX512_INL void avx512_store_tile(float *s, ptrdiff_t srow, __m512 r, int TT, int HT) {
+#pragma GCC unroll 8
+    for (int h = 0; h < HT; h++)
+        _mm512_mask_storeu_ps(s + h * srow - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+}
+
 /* Scores of TT consecutive K rows (rowb bytes apart, type dt) against HT
  * query heads (q, head_dim D apart): s[h * srow + j] = q[h] . k[j], with
  * TT * HT <= 16 accumulators and one transpose-reduce. TT and HT are
@@ -171,12 +180,7 @@ AVX512_INL void avx512_qk_tile(const float *q, int D, const void *k, size_t rowb
             for (int h = 0; h < HT; h++) a[h * TT + j] = _mm512_fmadd_ps(qv[h], kv, a[h * TT + j]);
         }
     }
-    const __m512 r = avx512_hsum16(a, TT * HT);
-    /* Lanes [h*TT, h*TT+TT) belong to head h: one masked store per head,
-     * addressed so that lane h*TT lands on s[h*srow] (rows are padded). */
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + h * srow - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+    avx512_store_tile(s, srow, avx512_hsum16(a, TT * HT), TT, HT);
 }
 
 /* avx512_qk_tile with 8 columns per 256-bit FMA (Zen 4 issues two a cycle,
@@ -186,10 +190,7 @@ AVX512_INL void avx512_qk_tile_ymm(const float *q, int D, const void *k, size_t 
                                    ptrdiff_t srow, apex_dtype dt, int TT, int HT) {
     __m256 a[16];
     avx2_qk_dots(a, q, D, k, rowb, dt, TT, HT);
-    const __m512 r = avx512_hsum16_ymm(a, TT * HT);
-#pragma GCC unroll 8
-    for (int h = 0; h < HT; h++)
-        _mm512_mask_storeu_ps(s + h * srow - h * TT, (__mmask16)(((1u << TT) - 1) << (h * TT)), r);
+    avx512_store_tile(s, srow, avx512_hsum16_ymm(a, TT * HT), TT, HT);
 }
 
 /* P.V in 16-wide column slices. Independent token sets (avx512_pv_sets)
