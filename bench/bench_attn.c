@@ -43,7 +43,7 @@ typedef struct {
     int32_t threads, q_heads, kv_heads, head_dim, block_tokens, iters;
     apex_dtype kv_dtype;
     double max_gb, min_seconds;
-    int json, small_pages;
+    int json, small_pages, pairs;
 } opts;
 
 static int parse_list(const char *s, int32_t *out, int32_t *n) {
@@ -72,12 +72,15 @@ static void usage(FILE *f) {
             "usage: apex-bench attn [--json] [--batch N,..] [--ctx N,..] [--threads N]\n"
             "         [--kv-dtype f16|bf16|f32] [--head-dim N] [--q-heads N] [--kv-heads N]\n"
             "         [--block N] [--iters N] [--min-seconds S] [--max-gb G] [--small-pages]\n"
+            "         [--kv-layout rows|pairs]\n"
             "defaults: Llama-3.1-8B attention (32 q heads, 8 KV heads, head_dim 128,\n"
             "f16 KV, block 16), batch 1,4,16,64, ctx 512,2048,8192,32768, one thread\n"
             "per CPU, cases with more than --max-gb (10) GB of KV skipped.\n"
             "--iters caps the timed iterations (default: as many as fit in\n"
             "--min-seconds, 0.5, at least 5). KV memory comes from the host pool's\n"
             "allocator (transparent huge pages); --small-pages uses 4 KiB pages.\n"
+            "--kv-layout pairs: bf16 KV in the CPU pair layout (cpu_attn/kv_layout.h;\n"
+            "block >= 16, the avx512bf16 kernel).\n"
             "APEX_ISA=avx512bf16|avx512|avx2|scalar\n"
             "picks the kernel.\n");
 }
@@ -104,7 +107,11 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--iters")) bad = parse_int(v, &o->iters);
         else if (!strcmp(a, "--max-gb")) bad = !((o->max_gb = atof(v)) > 0.0);
         else if (!strcmp(a, "--min-seconds")) bad = !((o->min_seconds = atof(v)) >= 0.0);
-        else if (!strcmp(a, "--kv-dtype")) {
+        else if (!strcmp(a, "--kv-layout")) {
+            if (!strcmp(v, "rows")) o->pairs = 0;
+            else if (!strcmp(v, "pairs")) o->pairs = 1;
+            else bad = 1;
+        } else if (!strcmp(a, "--kv-dtype")) {
             if (!strcmp(v, "f16") || !strcmp(v, "fp16")) o->kv_dtype = APEX_DTYPE_F16;
             else if (!strcmp(v, "bf16")) o->kv_dtype = APEX_DTYPE_BF16;
             else if (!strcmp(v, "f32") || !strcmp(v, "fp32")) o->kv_dtype = APEX_DTYPE_F32;
@@ -187,7 +194,7 @@ static int run_case(const opts *o, int32_t batch, int32_t ctx, double kv_bytes, 
     int layers = in_cache ? 1 : (int)((MIN_FOOTPRINT + slab - 1) / slab);
     if (layers < 1) layers = 1;
 
-    cpu_attn_geom g = {o->q_heads, H, D, bt, o->kv_dtype};
+    cpu_attn_geom g = {o->q_heads, H, D, bt, o->kv_dtype, o->pairs};
     int32_t *table = malloc(n_blocks * sizeof *table);
     int32_t *lens = malloc((size_t)batch * sizeof *lens);
     const size_t nq = (size_t)batch * (size_t)o->q_heads * (size_t)D;
@@ -298,6 +305,12 @@ int bench_attn_main(int argc, char **argv) {
     opts o;
     if (parse(argc, argv, &o)) return 2;
     const char *isa = cpu_attn_isa_name(cpu_attn_isa_selected());
+    const cpu_attn_geom pg = {o.q_heads, o.kv_heads, o.head_dim, o.block_tokens, o.kv_dtype, 1};
+    if (o.pairs && !cpu_attn_pairs_ok(&pg)) {
+        fprintf(stderr, "apex-bench attn: --kv-layout pairs needs bf16 KV, --block >= 16 and the "
+                        "avx512bf16 kernel (selected: %s)\n", isa);
+        return 2;
+    }
     /* The kernel's compute ceiling: one sequence per thread, 128 tokens,
      * re-read from the caches. A DRAM case near it is compute-bound. */
     result cr;
@@ -312,10 +325,11 @@ int bench_attn_main(int argc, char **argv) {
                         (double)apex_dtype_size(o.kv_dtype) / G / 1e9;
     if (o.json)
         printf("{\"bench\":\"attn\",\"isa\":\"%s\",\"timing\":\"best of iters (median also "
-               "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,"
+               "given); stream: best of 5 reads of %llu bytes\",\"small_pages\":%s,\"kv_layout\":\"%s\","
                "\"in_cache_gbps\":%.4g,\"product_peak_gbps\":%.4g,\"in_cache_of_peak\":%.3f,"
                "\"cases\":[",
-               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false", ceiling,
+               isa, (unsigned long long)STREAM_BYTES, o.small_pages ? "true" : "false",
+               o.pairs ? "pairs" : "rows", ceiling,
                peak, peak > 0 ? ceiling / peak : 0.0);
     else
         printf("apex-bench attn: isa %s, %d threads, %d q / %d kv heads, head_dim %d, %s KV, "

@@ -27,6 +27,7 @@
 
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "cpu_attn/simd_avx512.h"
 
 #define SPAN_INL static inline __attribute__((always_inline))
@@ -39,12 +40,15 @@
 
 /* ---------------------------------------------------------------- prefetch */
 
-/* A piece of a group: rows [off / rowb, + n) of one block, whose scores
- * sit at column so of the score rows. */
+/* A piece of a group: rows [r, r + n) of one block, whose scores sit at
+ * column so of the score rows. In a head's K (V) panel its bytes are
+ * [off[0], end[0]) ([off[1], end[1])): the rows themselves in the row
+ * layout; in the pair layout (kv_layout.h) the whole 16-token tiles (token
+ * pairs) that hold them. */
 typedef struct {
     const uint8_t *blk;
-    size_t off;
-    int n, so;
+    size_t off[2], end[2];
+    int r, n, so;
 } span_piece;
 
 /* Lines to prefetch: one contiguous run... */
@@ -68,27 +72,26 @@ SPAN_INL void pf_run_some(pf_run *r, int lines) {
 typedef struct {
     const cpu_attn_span *sp;
     const span_piece *p;
-    size_t panel_off, rowb;
-    int np, x, hh;
+    int which, np, x, hh;
     pf_run r;
 } pf_list;
 
-static inline pf_run piece_lines(const cpu_attn_span *sp, const span_piece *p, size_t panel_off,
-                                 int hh, size_t rowb) {
-    const uintptr_t a = (uintptr_t)(p->blk + panel_off + (size_t)hh * sp->panel + p->off);
-    const uintptr_t b = a + (size_t)p->n * rowb;
+static inline pf_run piece_lines(const cpu_attn_span *sp, const span_piece *p, int which, int hh) {
+    const uint8_t *panel = p->blk + (which ? sp->v_off : sp->k_off) + (size_t)hh * sp->panel;
+    const uintptr_t a = (uintptr_t)(panel + p->off[which]);
+    const uintptr_t b = (uintptr_t)(panel + p->end[which]);
     const uintptr_t a0 = a & ~(uintptr_t)63;
     return (pf_run){(const char *)a0, (int)((((b + 63) & ~(uintptr_t)63) - a0) / 64)};
 }
 
 /* Returns the number of lines in the list. */
 static inline int pf_list_init(pf_list *l, const cpu_attn_span *sp, const span_piece *p, int np,
-                               size_t panel_off, size_t rowb) {
-    *l = (pf_list){sp, p, panel_off, rowb, np, 0, 0, {NULL, 0}};
+                               int which) {
+    *l = (pf_list){sp, p, which, np, 0, 0, {NULL, 0}};
     int total = 0;
     for (int x = 0; x < np; x++)
-        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], panel_off, hh, rowb).left;
-    if (np > 0) l->r = piece_lines(sp, &p[0], panel_off, 0, rowb);
+        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], which, hh).left;
+    if (np > 0) l->r = piece_lines(sp, &p[0], which, 0);
     return total;
 }
 
@@ -99,7 +102,7 @@ SPAN_INL void pf_list_some(pf_list *l, int lines) {
         lines -= take;
         if (l->r.left == 0) {
             if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
-            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->panel_off, l->hh, l->rowb);
+            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->which, l->hh);
         }
     }
 }
@@ -116,14 +119,15 @@ SPAN_INL void pf_share(pf_list *l, int *left, int per) {
 /* One piece of a group for PV: n rows of one block's V panel (one KV
  * head), their probabilities at column so of the P rows. */
 typedef struct {
-    const uint8_t *v;
-    int n, so;
+    const uint8_t *v;   /* the piece's first row (pair layout: its pair) */
+    int r, n, so;       /* rows [r, r + n) of the block                   */
 } pv_piece;
 
-/* Scores of n rows of K (one block panel of KV head hh, rows rowb apart)
+/* Scores of n rows of K (one block panel of KV head hh, rows rowb apart;
+ * pair layout: k is the 16-token tile holding row r, the piece's first)
  * for the head's G q heads: s[g * CPU_ATTN_SROW + j]; pf_lines of pf
  * handed out between tiles. */
-typedef void (*span_qk_fn)(const void *ctx, int hh, const uint8_t *k, int n, float *s,
+typedef void (*span_qk_fn)(const void *ctx, int hh, const uint8_t *k, int r, int n, float *s,
                            pf_list *pf, int pf_lines);
 /* acc[g][D] of KV head hh's G q heads += P (rows p, stride CPU_ATTN_SROW)
  * times V over the pieces of one group. */
@@ -135,8 +139,19 @@ static inline int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, 
     int npc = 0;
     for (int32_t t = gs; t < ge;) {
         const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
+        const int32_t r = t % sp->bt, re = r + (e - t);
         pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
-        pc[npc].off = (size_t)(t % sp->bt) * rowb;
+        if (sp->pairs) {
+            const int32_t T = APEX_KV_PAIR_TILE;
+            pc[npc].off[0] = (size_t)(r / T * T) * rowb;
+            pc[npc].end[0] = (size_t)((re + T - 1) / T * T) * rowb;
+            pc[npc].off[1] = (size_t)(r & ~1) * rowb;
+            pc[npc].end[1] = (size_t)((re + 1) & ~1) * rowb;
+        } else {
+            pc[npc].off[0] = pc[npc].off[1] = (size_t)r * rowb;
+            pc[npc].end[0] = pc[npc].end[1] = (size_t)re * rowb;
+        }
+        pc[npc].r = r;
         pc[npc].n = e - t;
         pc[npc++].so = t - gs;
         t = e;
@@ -205,8 +220,8 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
     {
         pf_list k, v;
-        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, sp->k_off, rowb));
-        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, sp->v_off, rowb));
+        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, 0));
+        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, 1));
     }
 
     while (gs < sp->t1) {
@@ -219,14 +234,14 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         span_piece *pn = pieces[cur ^ 1];
         const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pn) : 0;
         pf_list pfk, pfv;
-        const int k_lines = pf_list_init(&pfk, sp, pn, npn, sp->k_off, rowb);
-        const int v_lines = pf_list_init(&pfv, sp, pn, npn, sp->v_off, rowb);
+        const int k_lines = pf_list_init(&pfk, sp, pn, npn, 0);
+        const int v_lines = pf_list_init(&pfv, sp, pn, npn, 1);
         const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
             for (int hh = 0; hh < NH; hh++)
-                qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off, pc[x].n,
-                   sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
+                qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off[0], pc[x].r,
+                   pc[x].n, sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
         pf_list_some(&pfk, k_lines);
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
@@ -293,8 +308,8 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         for (int hh = 0; hh < NH; hh++) {
             pv_piece all[SPAN_MAX_PIECES];
             for (int x = 0; x < npc; x++)
-                all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off,
-                                    pc[x].n, pc[x].so};
+                all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off[1],
+                                    pc[x].r, pc[x].n, pc[x].so};
             pv(ctx, hh, all, npc, sc + (size_t)hh * G * CPU_ATTN_SROW, acc + (size_t)hh * G * D,
                &pfv, v_per);
         }

@@ -34,6 +34,8 @@ typedef struct cpu_attn_geom {
     int32_t head_dim;
     int32_t block_tokens;
     apex_dtype kv_dtype;
+    int32_t kv_pairs;          /* 1: blocks in the pair layout (kv_layout.h);
+                                * only where cpu_attn_pairs_ok()            */
 } cpu_attn_geom;
 
 typedef struct cpu_attn_batch {
@@ -66,6 +68,11 @@ cpu_attn_isa cpu_attn_isa_selected(void);
 const char *cpu_attn_isa_name(cpu_attn_isa isa);
 /* Forces a variant (tests); returns 0, or -1 if the CPU lacks it. */
 int cpu_attn_isa_force(cpu_attn_isa isa);
+/* 1 if g's KV may be held in the pair layout: bf16 KV, block_tokens >= 16
+ * and the selected variant reads it (avx512bf16); the other variants and
+ * cpu_attn_decode on a geometry they cannot read return -1. The reference
+ * reads both layouts. */
+int cpu_attn_pairs_ok(const cpu_attn_geom *g);
 
 /* Workspace for cpu_attn_decode: partial results of the split-K items.
  * Sized for a batch of at most max_seqs sequences of at most max_len tokens

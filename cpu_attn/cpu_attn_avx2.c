@@ -344,4 +344,4 @@ static void store_avx2(void *out, apex_dtype dt, const float *src, float mul, in
     for (; i < n; i++) apex_store_f32(out, dt, (size_t)i, src[i] * mul);
 }
 
-const cpu_attn_kernel cpu_attn_kernel_avx2 = {span_avx2, store_avx2, NULL, 0};
+const cpu_attn_kernel cpu_attn_kernel_avx2 = {span_avx2, store_avx2, NULL, 0, NULL};

@@ -129,9 +129,10 @@ typedef struct {
     size_t rowb;
 } fma_ctx;
 
-static void qk_fma(const void *ctx, int hh, const uint8_t *k, int n, float *s, pf_list *pf,
-                   int pf_lines) {
+static void qk_fma(const void *ctx, int hh, const uint8_t *k, int r, int n, float *s,
+                   pf_list *pf, int pf_lines) {
     const fma_ctx *c = ctx;
+    (void)r;
     qk_block(c->q + (size_t)hh * c->G * c->D, c->D, k, c->rowb, n, s, c->dt, c->G, pf, pf_lines);
 }
 
@@ -191,4 +192,4 @@ void cpu_attn_load_avx512(float *dst, const void *src, apex_dtype dt, size_t n, 
 }
 
 const cpu_attn_kernel cpu_attn_kernel_avx512 = {cpu_attn_span_avx512, cpu_attn_store_avx512,
-                                                cpu_attn_load_avx512, 0};
+                                                cpu_attn_load_avx512, 0, NULL};

@@ -227,6 +227,9 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
     if (n_chunks < 0) return -1;
 
     const cpu_attn_kernel *kern = cpu_attn_kernel_get(cpu_attn_isa_selected());
+    if (g->kv_pairs && !cpu_attn_pairs_ok(g)) return -1;
+    void (*const span)(const cpu_attn_span *, float *, float *, float *, float *) =
+        g->kv_pairs ? kern->span_pairs : kern->span;
     const int32_t H = g->n_kv_heads, HQ = g->n_q_heads, G = HQ / H, D = g->head_dim;
     const int32_t bt = g->block_tokens;
     const apex_kv_layout lay = apex_kv_layout_of(H, bt, D, apex_dtype_size(g->kv_dtype));
@@ -279,9 +282,10 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
                 .t0 = ws->chunk_t0[c], .t1 = ws->chunk_t1[c],
                 .kv_dtype = g->kv_dtype,
                 .softcap = b->softcap,
+                .pairs = g->kv_pairs,
             };
             if (ws->seq_nchunks[i] == 1) {
-                kern->span(&sp, m, l, acc, kscratch);
+                span(&sp, m, l, acc, kscratch);
                 for (size_t j = 0; j < nq; j++)
                     kern->store((uint8_t *)b->out + (qbase + j * (size_t)D) * osz, b->out_dtype,
                                 acc + j * (size_t)D, 1.0f / l[j], D);
@@ -289,7 +293,7 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
                 /* Partials of chunk c: m[HQ], l[HQ], acc[HQ][D]. */
                 float *p = ws->partials + (size_t)c * ws->part_floats;
                 const size_t q0 = (size_t)h0 * (size_t)G;
-                kern->span(&sp, p + q0, p + HQ + q0, p + 2 * (size_t)HQ + q0 * (size_t)D, kscratch);
+                span(&sp, p + q0, p + HQ + q0, p + 2 * (size_t)HQ + q0 * (size_t)D, kscratch);
             }
         }
 

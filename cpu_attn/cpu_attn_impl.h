@@ -45,6 +45,7 @@ typedef struct cpu_attn_span {
     int32_t t0, t1;          /* token positions [t0, t1), t0 < t1            */
     apex_dtype kv_dtype;
     float softcap;           /* 0 = off                                      */
+    int32_t pairs;           /* blocks in the pair layout (kv_layout.h)      */
 } cpu_attn_span;
 
 /* Floats of per-thread scratch a kernel's span() needs for nq = NH*G q
@@ -68,6 +69,9 @@ typedef struct cpu_attn_kernel {
     /* Nonzero: for bf16 KV, span() takes q unscaled (its bf16 rounding is
      * then exact for bf16 q) and applies q_scale to the scores itself. */
     int raw_q_bf16_kv;
+    /* span() for bf16 KV in the pair layout (kv_layout.h); NULL: the
+     * variant does not read it. */
+    void (*span_pairs)(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch);
 } cpu_attn_kernel;
 
 extern const cpu_attn_kernel cpu_attn_kernel_scalar;

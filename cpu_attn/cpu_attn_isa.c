@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cpu_attn/cpu_attn_impl.h"
+#include "cpu_attn/kv_layout.h"
 #include "csrc/env.h"
 
 typedef struct {
@@ -134,4 +135,9 @@ const cpu_attn_kernel *cpu_attn_kernel_get(cpu_attn_isa isa) {
     case CPU_ATTN_ISA_AVX2: return &cpu_attn_kernel_avx2;
     default: return &cpu_attn_kernel_scalar;
     }
+}
+
+int cpu_attn_pairs_ok(const cpu_attn_geom *g) {
+    return g->kv_dtype == APEX_DTYPE_BF16 && g->block_tokens >= APEX_KV_PAIR_TILE &&
+           cpu_attn_kernel_get(cpu_attn_isa_selected())->span_pairs != NULL;
 }

@@ -11,12 +11,14 @@
 /* Element (token t, dim d) of head h's K (which = 0) or V (which = 1). */
 static float kv_at(const cpu_attn_geom *g, const cpu_attn_batch *b, const int32_t *table,
                    int32_t t, int32_t h, int which, int32_t d) {
-    const apex_kv_layout lay = apex_kv_layout_of(g->n_kv_heads, g->block_tokens, g->head_dim,
-                                                 apex_dtype_size(g->kv_dtype));
+    apex_kv_layout lay = apex_kv_layout_of(g->n_kv_heads, g->block_tokens, g->head_dim,
+                                           apex_dtype_size(g->kv_dtype));
+    lay.pairs = g->kv_pairs;
     int32_t blk = table[t / g->block_tokens];
     const uint8_t *base = (const uint8_t *)b->kv + (size_t)blk * b->block_bytes;
-    return apex_load_f32(base + apex_kv_offset(&lay, which, h, t % g->block_tokens), g->kv_dtype,
-                         (size_t)d);
+    const size_t esz = apex_dtype_size(g->kv_dtype);
+    return apex_load_f32(base + apex_kv_elem_offset(&lay, which, h, t % g->block_tokens, d, esz),
+                         g->kv_dtype, 0);
 }
 
 static double score(const cpu_attn_geom *g, const cpu_attn_batch *b, const int32_t *table,
@@ -31,6 +33,9 @@ static double score(const cpu_attn_geom *g, const cpu_attn_batch *b, const int32
 }
 
 int cpu_attn_reference(const cpu_attn_geom *g, const cpu_attn_batch *b) {
+    /* The pair layout is defined for 2-byte elements and whole 16-token tiles. */
+    if (g->kv_pairs && (apex_dtype_size(g->kv_dtype) != 2 || g->block_tokens < APEX_KV_PAIR_TILE))
+        return -1;
     const int32_t D = g->head_dim;
     const int32_t group = g->n_q_heads / g->n_kv_heads;
     for (int32_t i = 0; i < b->n_seqs; i++) {

@@ -73,4 +73,4 @@ static void store_scalar(void *out, apex_dtype dt, const float *src, float mul, 
     for (int32_t i = 0; i < n; i++) apex_store_f32(out, dt, (size_t)i, src[i] * mul);
 }
 
-const cpu_attn_kernel cpu_attn_kernel_scalar = {span_scalar, store_scalar, NULL, 0};
+const cpu_attn_kernel cpu_attn_kernel_scalar = {span_scalar, store_scalar, NULL, 0, NULL};

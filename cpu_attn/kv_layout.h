@@ -43,6 +43,9 @@ typedef struct apex_kv_layout {
     size_t half;         /* all heads' K in a block; V starts here      */
     size_t block;        /* bytes of one block of one layer: 2 * half   */
     int32_t block_tokens;
+    int32_t pairs;       /* 1: the CPU pair layout inside each panel
+                          * (below); 0: rows, what apex_kv_layout_of
+                          * gives and what apex_kv_offset addresses      */
 } apex_kv_layout;
 
 APEX_KV_FN apex_kv_layout apex_kv_layout_of(int32_t n_kv_heads, int32_t block_tokens,
@@ -53,6 +56,7 @@ APEX_KV_FN apex_kv_layout apex_kv_layout_of(int32_t n_kv_heads, int32_t block_to
     l.half = (size_t)n_kv_heads * l.panel;
     l.block = 2 * l.half;
     l.block_tokens = block_tokens;
+    l.pairs = 0;
     return l;
 }
 
@@ -66,6 +70,35 @@ static inline size_t apex_kv_block_bytes(int32_t n_kv_heads, int32_t block_token
  * block, in K (which 0) or V (which 1). */
 APEX_KV_FN size_t apex_kv_offset(const apex_kv_layout *l, int which, int32_t h, int32_t t) {
     return (size_t)which * l->half + (size_t)h * l->panel + (size_t)t * l->row;
+}
+
+/* The CPU pair layout (l->pairs), an alternative inside a block for bf16
+ * KV (2-byte elements) with block_tokens >= 16: the panels sit where the row layout
+ * puts them and have its size, but the elements inside are ordered for
+ * vdpbf16ps, which multiplies adjacent pairs:
+ *   K panel: tiles of 16 tokens, each [head_dim/2][16] of (d even, d odd)
+ *            pairs, so one 64-byte line is one dim pair of 16 tokens and a
+ *            dot product gives 16 tokens' partial scores with no reduce;
+ *   V panel: [block_tokens/2][head_dim] of (t even, t odd) pairs, so one
+ *            line times a broadcast (p_t, p_t+1) adds two tokens into 16
+ *            columns with no interleave.
+ * A group of whole 16-token tiles (K) or token pairs (V) stays contiguous.
+ * Only the CPU kernels read it (cpu_attn.h, kv_pairs); it is never a device
+ * tier's layout: a context uses it only without a device (csrc/context.c). Element offset in bytes of (token t, dim d) of head h's
+ * K (which 0) or V (which 1) from the block's start, either layout. */
+#define APEX_KV_PAIR_TILE 16
+APEX_KV_FN size_t apex_kv_elem_offset(const apex_kv_layout *l, int which, int32_t h, int32_t t,
+                                      int32_t d, size_t elem_bytes) {
+    if (!l->pairs) return apex_kv_offset(l, which, h, t) + (size_t)d * elem_bytes;
+    const size_t D = l->row / elem_bytes, base = (size_t)which * l->half + (size_t)h * l->panel;
+    size_t e;
+    if (which == 0)
+        e = (size_t)(t / APEX_KV_PAIR_TILE) * D * APEX_KV_PAIR_TILE +
+            ((size_t)(d / 2) * APEX_KV_PAIR_TILE + (size_t)(t % APEX_KV_PAIR_TILE)) * 2 +
+            (size_t)(d & 1);
+    else
+        e = ((size_t)(t / 2) * D + (size_t)d) * 2 + (size_t)(t & 1);
+    return base + e * elem_bytes;
 }
 
 /* A slot is block * block_tokens + row (the paged ABI's slot mapping and

@@ -152,8 +152,19 @@ void block_pool_store_rows(block_pool *p, const apex_kv_layout *l, apex_dtype kv
         const uint8_t *ks = (const uint8_t *)k + (size_t)i * row;
         const uint8_t *vs = (const uint8_t *)v + (size_t)i * row;
         for (int32_t h = 0; h < n_kv_heads; h++) {
-            apex_dtype_convert(blk + apex_kv_offset(l, 0, h, t), kv_dtype, ks + h * hrow, src, d);
-            apex_dtype_convert(blk + apex_kv_offset(l, 1, h, t), kv_dtype, vs + h * hrow, src, d);
+            if (!l->pairs) {
+                apex_dtype_convert(blk + apex_kv_offset(l, 0, h, t), kv_dtype, ks + h * hrow, src, d);
+                apex_dtype_convert(blk + apex_kv_offset(l, 1, h, t), kv_dtype, vs + h * hrow, src, d);
+                continue;
+            }
+            /* Pair layout: a row's elements are 4 bytes apart (K) or in
+             * place every other element (V); converted, then scattered. */
+            uint16_t row_kv[APEX_MAX_HEAD_DIM];
+            for (int which = 0; which < 2; which++) {
+                apex_dtype_convert(row_kv, kv_dtype, (which ? vs : ks) + h * hrow, src, d);
+                for (size_t e = 0; e < d; e++)
+                    memcpy(blk + apex_kv_elem_offset(l, which, h, t, (int32_t)e, 2), &row_kv[e], 2);
+            }
         }
     }
 }

@@ -190,6 +190,19 @@ static void huge_engine_kv(apex_context *ctx) {
     host_pool_runs(ctx, huge_run);
 }
 
+/* Without a device, bf16 KV is held in the CPU pair layout (kv_layout.h)
+ * when the kernel reads it: 13-31 % more in-cache speed than rows
+ * (docs/cpu_kernel.md, kern6). With a device both tiers keep the row
+ * layout, so that a block moves between them as a copy. APEX_KV_LAYOUT=rows
+ * keeps rows. */
+static void choose_kv_layout(apex_context *ctx) {
+    const char *e = apex_env_get(APEX_ENV_KV_LAYOUT);
+    cpu_attn_geom g = ctx->geom;
+    g.kv_pairs = 1;
+    ctx->geom.kv_pairs = ctx->host_mode && !(e && strcmp(e, "rows") == 0) && cpu_attn_pairs_ok(&g);
+    ctx->layout.pairs = ctx->geom.kv_pairs;
+}
+
 apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv,
                               apex_context **out) {
     apex_context *ctx = calloc(1, sizeof *ctx);
@@ -270,6 +283,7 @@ apex_status context_create_on(const apex_config *cfg, void *const *host_layer_kv
         said = 1;
     }
     ctx->host_mode = ctx->dev == NULL;
+    choose_kv_layout(ctx);
     if (!ctx->dev) {
         if (cfg->device_blocks > 0 && !said)
             fprintf(stderr, "apex: host mode (no device): device_blocks %lld -> 0\n",
@@ -377,6 +391,30 @@ apex_status context_kv_write(apex_context *ctx, int32_t layer, int32_t n, const 
     return exec_kv_write(ctx, &r);
 }
 
+/* context_kv_read for the pair layout (host tier only: no device),
+ * element by element. */
+static apex_status kv_read_pairs(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
+                                 const int32_t *pos, void *k, void *v, apex_dtype dst) {
+    const int32_t hk = ctx->cfg.n_kv_heads, d = ctx->cfg.head_dim, bt = ctx->layout.block_tokens;
+    const size_t kel = apex_dtype_size(ctx->cfg.kv_dtype), del = apex_dtype_size(dst);
+    uint8_t tmp[APEX_MAX_HEAD_DIM * 4];
+    for (int32_t i = 0; i < n; i++) {
+        const int64_t slot = pos_slot(ctx, seqs[i], pos[i]);
+        const uint8_t *blk = block_pool_layer(&ctx->pools[APEX_TIER_HOST], layer) +
+                             (size_t)apex_kv_slot_block(slot, bt) * ctx->block_bytes;
+        const int32_t t = apex_kv_slot_row(slot, bt);
+        for (int32_t h = 0; h < hk; h++)
+            for (int w = 0; w < 2; w++) {
+                for (int32_t e = 0; e < d; e++)
+                    memcpy(tmp + (size_t)e * kel,
+                           blk + apex_kv_elem_offset(&ctx->layout, w, h, t, e, kel), kel);
+                apex_dtype_convert((uint8_t *)(w ? v : k) + ((size_t)i * hk + (size_t)h) * d * del,
+                                   dst, tmp, ctx->cfg.kv_dtype, (size_t)d);
+            }
+    }
+    return APEX_OK;
+}
+
 apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const int32_t *seqs,
                             const int32_t *pos, void *k, void *v, apex_dtype dst) {
     pipeline_sync(ctx);
@@ -384,6 +422,7 @@ apex_status context_kv_read(apex_context *ctx, int32_t layer, int32_t n, const i
     size_t kel = apex_dtype_size(ctx->cfg.kv_dtype), del = apex_dtype_size(dst);
     size_t head_stride = ctx->layout.panel;
     uint8_t tmp[2][256 * 4];
+    if (ctx->layout.pairs) return kv_read_pairs(ctx, layer, n, seqs, pos, k, v, dst);
     for (int32_t i = 0; i < n; i++) {
         const seq_entry *e = &ctx->seqs.seqs[seqs[i]];
         int64_t slot = pos_slot(ctx, seqs[i], pos[i]);

@@ -364,7 +364,7 @@ static void run_rows(const cmd *c) {
 
 static void run_decode(const apex_cuda_decode *a) {
     const cpu_attn_geom g = {a->n_q_heads, a->n_kv_heads, a->head_dim, a->block_tokens,
-                             a->kv_dtype};
+                             a->kv_dtype, 0};
     const cpu_attn_batch b = {
         .n_seqs = a->n_seqs,
         .q = a->q,

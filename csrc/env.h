@@ -35,6 +35,7 @@
     X(ISA, "avx512bf16|avx512|avx2|scalar", "best", "CPU attention kernel (first call)")       \
     X(PIN_HOST_POOL, "0|1", "1", "0: do not cudaHostRegister the host pool")                    \
     X(HUGE_ENGINE_KV, "0|1", "0", "1: an engine's host KV onto huge pages at context creation") \
+    X(KV_LAYOUT, "auto|rows", "auto", "host-mode bf16 KV: auto takes the CPU pair layout")      \
     X(EMU_DEVICE_MB, "int", "256", "memory of the emulated device")                             \
     X(EMU_KERNEL_DELAY_US, "int", "0", "emulated device: sleep per kernel (0..1000000)")        \
     X(STAGING_SLOTS, "int", "2*layers", "pipeline staging slots (2..64)")                       \

@@ -68,7 +68,7 @@ sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double b
     if (g->kv_bytes != 2 && g->kv_bytes != 4)
         return sched_fail(SCHED_ERR_INVALID, "measure_cpu: kv_bytes %d unsupported", g->kv_bytes);
     cpu_attn_geom cg = {g->n_q_heads, g->n_kv_heads, g->head_dim, 16,
-                        g->kv_bytes == 2 ? APEX_DTYPE_F16 : APEX_DTYPE_F32};
+                        g->kv_bytes == 2 ? APEX_DTYPE_F16 : APEX_DTYPE_F32, 0};
     /* shapes: (sequences, tokens each); slab sized for the largest */
     static const int shapes[][2] = {{1, 1024}, {1, 8192}, {8, 512}, {8, 2048},
                                     {32, 256}, {32, 1024}, {64, 128}};

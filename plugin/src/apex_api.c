@@ -71,6 +71,9 @@ APEX_API apex_status apex_context_config(const apex_context *ctx, apex_config *o
 }
 
 APEX_API int apex_context_host_mode(const apex_context *ctx) { return ctx ? ctx->host_mode : 1; }
+APEX_API apex_kv_order apex_context_kv_layout(const apex_context *ctx) {
+    return ctx && ctx->layout.pairs ? APEX_KV_PAIRS : APEX_KV_ROWS;
+}
 
 APEX_API const char *apex_cpu_isa(void) { return cpu_attn_isa_name(cpu_attn_isa_selected()); }
 

@@ -179,7 +179,7 @@ static void run_decode(const decode_case *c) {
     const float scale = c->softcap > 0 ? 2.0f : 1.0f / sqrtf((float)D);
 
     float *ref = xmalloc(qn * sizeof *ref);
-    cpu_attn_geom g = {c->hq, c->hkv, D, c->bt, c->kv};
+    cpu_attn_geom g = {c->hq, c->hkv, D, c->bt, c->kv, 0};
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < n; i++) {
         cpu_attn_batch b;

@@ -12,6 +12,7 @@
 
 #include "cpu_attn/dtype_convert.h"
 #include "apex/apex_paged.h"
+#include "csrc/env.h"
 #include "test_util.h"
 
 enum { L = 2, HQ = 8, HK = 2, D = 64, BT = 16, SLOTS = 6, MAXB = 4, MAXLEN = 300 };
@@ -140,6 +141,80 @@ static void test_attention_matches_naive(void **state) {
     assert_int_equal(st.errors, 0);
     assert_true(st.attention_seconds > 0);
     teardown_fixture(&f);
+}
+
+/* bf16 KV in host mode: the CPU pair layout where the kernel reads it
+ * (APEX_KV_LAYOUT unset), the row layout with APEX_KV_LAYOUT=rows. In both,
+ * what apex_kv_read returns is exactly what was written (values chosen
+ * bf16-exact), a fork's copy reads the same, and attention equals the naive
+ * one over those values within the bf16 kernel's rounding of P (2^-9
+ * max|V|; q is bf16-exact too). */
+static void test_bf16_layouts(void **state) {
+    (void)state;
+    const int isa_pairs = !strcmp(apex_cpu_isa(), "avx512bf16");
+    for (int rows = 0; rows < 2; rows++) {
+        if (rows) setenv("APEX_KV_LAYOUT", "rows", 1);
+        else unsetenv("APEX_KV_LAYOUT");
+        apex_env_refresh();
+        fixture f;
+        memset(&f, 0, sizeof f);
+        apex_config c = small_config();
+        c.kv_dtype = APEX_DTYPE_BF16;
+        c.device = APEX_DEVICE_NONE;
+        assert_ok(apex_context_create(&c, &f.ctx));
+        assert_int_equal(apex_context_kv_layout(f.ctx), !rows && isa_pairs ? APEX_KV_PAIRS : APEX_KV_ROWS);
+        f.kv = calloc((size_t)SLOTS * L * MAXLEN * 2 * HK * D, sizeof(float));
+        uint64_t rng = 5;
+        static const int lens[] = {1, 18, 61, 200};
+        for (int s = 0; s < 4; s++) {
+            assert_ok(apex_seq_add(f.ctx, s, APEX_TIER_AUTO));
+            int32_t first;
+            assert_ok(apex_seq_reserve(f.ctx, s, lens[s], &first));
+            for (int p = 0; p < lens[s]; p++)
+                for (int l = 0; l < L; l++) {
+                    float *k = kv_at(&f, s, l, p, 0), *v = kv_at(&f, s, l, p, 1);
+                    for (int i = 0; i < HK * D; i++) {
+                        k[i] = apex_bf16_to_f32(apex_f32_to_bf16(test_rand_f(&rng)));
+                        v[i] = apex_bf16_to_f32(apex_f32_to_bf16(test_rand_f(&rng)));
+                    }
+                    int32_t seq = s, pos = p;
+                    assert_ok(apex_kv_write(f.ctx, l, 1, &seq, &pos, k, v, APEX_DTYPE_F32));
+                }
+            f.len[s] = lens[s];
+        }
+        assert_ok(apex_seq_fork(f.ctx, 3, 4));
+        memcpy(kv_at(&f, 4, 0, 0, 0), kv_at(&f, 3, 0, 0, 0),
+               sizeof(float) * (size_t)L * MAXLEN * 2 * HK * D);
+        f.len[4] = f.len[3];
+        for (int s = 0; s < 5; s++)
+            for (int l = 0; l < L; l++)
+                for (int p = 0; p < f.len[s]; p += 7) {
+                    float k[HK * D], v[HK * D];
+                    int32_t seq = s, pos = p;
+                    assert_ok(apex_kv_read(f.ctx, l, 1, &seq, &pos, k, v, APEX_DTYPE_F32));
+                    assert_memory_equal(k, kv_at(&f, s, l, p, 0), sizeof k);
+                    assert_memory_equal(v, kv_at(&f, s, l, p, 1), sizeof v);
+                }
+        int32_t seqs[MAXB] = {3, 0, 4, 2};
+        for (int l = 0; l < L; l++) {
+            float q[MAXB * HQ * D], out[MAXB * HQ * D];
+            for (int i = 0; i < MAXB * HQ * D; i++)
+                q[i] = apex_bf16_to_f32(apex_f32_to_bf16(2.0f * test_rand_f(&rng)));
+            assert_ok(apex_attention(f.ctx, l, MAXB, seqs, q, out, NULL));
+            for (int b = 0; b < MAXB; b++)
+                for (int h = 0; h < HQ; h++) {
+                    double want[D];
+                    naive(&f, seqs[b], l, h, q + (b * HQ + h) * D, 1.0f / sqrtf(D), 0, 0, want);
+                    for (int i = 0; i < D; i++)
+                        if (fabs(out[(b * HQ + h) * D + i] - want[i]) > 1.0 / 512 + 2e-5)
+                            fail_msg("rows %d seq %d head %d dim %d: got %g want %g", rows, seqs[b], h,
+                                     i, out[(b * HQ + h) * D + i], want[i]);
+                }
+        }
+        teardown_fixture(&f);
+    }
+    unsetenv("APEX_KV_LAYOUT");
+    apex_env_refresh();
 }
 
 /* ---------------------------------------------------------- bad input */
@@ -498,6 +573,7 @@ int main(void) {
         cmocka_unit_test(test_version_and_isa),
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_attention_matches_naive),
+        cmocka_unit_test(test_bf16_layouts),
         cmocka_unit_test(test_bad_config),
         cmocka_unit_test(test_bad_sequences),
         cmocka_unit_test(test_bad_kv_write),

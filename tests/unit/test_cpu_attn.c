@@ -85,11 +85,13 @@ static cpu_attn_isa isas[4];
 /* Largest fp32-output error of the avx512bf16 variant on bf16 KV with bf16
  * q (P's rounding alone). */
 static double worst_bf16;
+/* Cases also run in the pair layout. */
+static int pairs_cases;
 
 /* Builds the case (blocks in shuffled order), runs the reference and the
  * kernel under every ISA and thread count, asserts the tolerance. */
 static void run_case(const tcase *c, double *worst) {
-    cpu_attn_geom g = {c->hq, c->hkv, c->d, c->bt, c->kv};
+    cpu_attn_geom g = {c->hq, c->hkv, c->d, c->bt, c->kv, 0};
     const size_t esz = apex_dtype_size(c->kv);
     const size_t block_bytes = 2 * (size_t)c->hkv * (size_t)c->bt * (size_t)c->d * esz;
     int32_t max_len = 0, stride = 0, n_blocks = 0;
@@ -165,6 +167,43 @@ static void run_case(const tcase *c, double *worst) {
                 worst_bf16 = err;
         }
     }
+    /* The same bytes read in the pair layout (kv_layout.h): a different
+     * logical KV, so its own reference; the avx512bf16 variant is held to
+     * it as above, and the variants that cannot read it refuse it. */
+    if (c->kv == APEX_DTYPE_BF16 && c->bt >= APEX_KV_PAIR_TILE) {
+        g.kv_pairs = 1;
+        b.out = ref;
+        b.out_dtype = APEX_DTYPE_F32;
+        assert_int_equal(cpu_attn_reference(&g, &b), 0);
+        b.out = out;
+        b.out_dtype = c->out;
+        for (int k = 0; k < n_isas; k++) {
+            assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
+            if (isas[k] != CPU_ATTN_ISA_AVX512BF16) {
+                assert_int_equal(cpu_attn_pairs_ok(&g), 0);
+                assert_int_equal(cpu_attn_decode(&g, &b, ws, 1), -1);
+                continue;
+            }
+            assert_int_equal(cpu_attn_pairs_ok(&g), 1);
+            const double extra = bf16_extra(c, q);
+            for (int ti = 0; ti < n_threads; ti++) {
+                memset(out, 0xff, n_q * 4);
+                assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
+                for (size_t x = 0; x < n_q; x++) {
+                    double r = ref[x], v = apex_load_f32(out, c->out, x);
+                    if (!(fabs(v - r) <= ATOL + extra + rtol(c->out) * fabs(r))) {
+                        fprintf(stderr,
+                                "pair layout mismatch threads=%d hq=%d hkv=%d d=%d bt=%d q=%d "
+                                "out=%d softcap=%g window=%d: elem %zu ref %.8g got %.8g\n",
+                                threads[ti], c->hq, c->hkv, c->d, c->bt, c->q, c->out, c->softcap,
+                                c->window, x, r, v);
+                        fail();
+                    }
+                }
+            }
+        }
+        pairs_cases++;
+    }
     cpu_attn_ws_destroy(ws);
     free(perm);
     free(table);
@@ -182,7 +221,7 @@ static void run_case(const tcase *c, double *worst) {
 static void test_reference_hand(void **state) {
     (void)state;
     enum { D = 64, BT = 8 };
-    cpu_attn_geom g = {1, 1, D, BT, APEX_DTYPE_F32};
+    cpu_attn_geom g = {1, 1, D, BT, APEX_DTYPE_F32, 0};
     float kv[2 * BT * D] = {0}; /* K panel then V panel of one block */
     float q[D] = {0};
     q[0] = 1.0f;
@@ -300,8 +339,10 @@ static void test_grid(void **state) {
                 };
                 run_case(&c, &worst);
             }
-    fprintf(stderr, "grid: %d cases, worst fp32 abs error %.3g (avx512bf16, bf16 KV and q: %.3g)\n", n,
-            worst, worst_bf16);
+    fprintf(stderr,
+            "grid: %d cases, worst fp32 abs error %.3g (avx512bf16, bf16 KV and q: %.3g); "
+            "%d cases so far also in the pair layout\n",
+            n, worst, worst_bf16, pairs_cases);
 }
 
 /* Longer sequences, a peaky softmax whose max moves, chunked over threads. */
@@ -368,7 +409,7 @@ static void test_window_softcap(void **state) {
  * an empty batch is a no-op. */
 static void test_workspace(void **state) {
     (void)state;
-    cpu_attn_geom g = {4, 1, 64, 16, APEX_DTYPE_F16};
+    cpu_attn_geom g = {4, 1, 64, 16, APEX_DTYPE_F16, 0};
     assert_null(cpu_attn_ws_create(&g, 0, 16, 1));
     cpu_attn_ws *ws = cpu_attn_ws_create(&g, 4, 4096, 1);
     assert_non_null(ws);

@@ -331,7 +331,7 @@ static void run_decode_case(fix *x, const decode_case *dc, uint64_t seed) {
 
     void *want = malloc(q_elems * 4);
     memset(want, 0x7f, q_elems * 4);
-    const cpu_attn_geom g = {H, KH, D, BT, dc->kv};
+    const cpu_attn_geom g = {H, KH, D, BT, dc->kv, 0};
     const cpu_attn_batch b = {NS, q, dc->q, want, dc->out, lens_d, table_d, STRIDE, kv,
                               block_bytes, 1.0f / 8.0f, dc->softcap, dc->window};
     assert_int_equal(cpu_attn_reference(&g, &b), 0);

@@ -529,9 +529,18 @@ static void test_half_dtypes(void **state) {
     assert_int_equal(nb, NB);
     size_t block_bytes = 2 * (size_t)HK * BT * D * 2;
     const uint16_t *blk = (const uint16_t *)((const uint8_t *)base + 17 * block_bytes);
-    /* token 18 = block 17 offset 2; V of kv head 1 */
-    assert_int_equal(blk[(size_t)HK * BT * D + (size_t)1 * BT * D + 2 * D + 3],
+    /* token 18 = block 17 offset 2; V of kv head 1, element 3: a row's
+     * element in the row layout, the odd half of the (2, 3) token pair's
+     * element 3 in the pair layout (host mode picks it for bf16) */
+    const size_t v_h1 = (size_t)HK * BT * D + (size_t)1 * BT * D;
+    const int pairs = apex_context_kv_layout(ctx) == APEX_KV_PAIRS;
+    assert_int_equal(pairs, apex_context_host_mode(ctx) && !strcmp(apex_cpu_isa(), "avx512bf16"));
+    assert_int_equal(blk[v_h1 + (pairs ? (2 / 2) * 2 * D + 2 * 3 + 0 : 2 * D + 3)],
                      apex_f32_to_bf16(apex_f16_to_f32(vh[18][D + 3])));
+    /* K of kv head 0, token 18 (row 2 of tile 0), element 5: dim pair 2's
+     * odd half in the pair layout */
+    assert_int_equal(blk[pairs ? ((5 / 2) * 16 + 2) * 2 + 1 : 2 * D + 5],
+                     apex_f32_to_bf16(apex_f16_to_f32(kh[18][5])));
     assert_ok(apex_context_destroy(ctx));
 }
 

@@ -41,6 +41,11 @@
  *
  * KV layout (identical on both tiers, so a tier move is a block copy)
  * -------------------------------------------------------------------
+ * (The one exception: a context without a device, bf16 KV, block_tokens >= 16
+ * and the avx512bf16 CPU kernel orders the elements inside each panel for the
+ * CPU's pair dot products, apex_context_kv_layout() == APEX_KV_PAIRS; see
+ * cpu_attn/kv_layout.h. Block bytes, panels and their places are as below.
+ * APEX_KV_LAYOUT=rows keeps the row layout.)
  * A block holds block_tokens consecutive positions of one sequence, for every
  * layer. Within a tier, layer l's slab is [n_blocks][block_bytes]; one block of
  * one layer is
@@ -62,6 +67,7 @@
  *   apex_status_name, apex_last_error, apex_abi_version, apex_version,
  *   apex_cpu_isa                        constants and names (never NULL);
  *   apex_context_host_mode              1 for a NULL context;
+ *   apex_context_kv_layout              APEX_KV_ROWS for a NULL context;
  *   apex_attn_opts_default              fp32 q/out for a NULL context;
  *   apex_trace_level, apex_trace_begin, apex_trace_end,
  *   apex_trace_thread_name              the tracer: off is not an error, a
@@ -198,6 +204,15 @@ APEX_API apex_status apex_context_destroy(apex_context *ctx); /* NULL ok */
 APEX_API apex_status apex_context_config(const apex_context *ctx,
                                          apex_config *out);
 APEX_API int apex_context_host_mode(const apex_context *ctx);
+
+/* How K and V sit inside this context's blocks ("KV layout" above). */
+typedef enum apex_kv_order {
+    APEX_KV_ROWS = 0,  /* panels of [block_tokens][head_dim] rows          */
+    APEX_KV_PAIRS = 1  /* host mode, bf16: K [block_tokens/16][head_dim/2]
+                        * [16] of (d, d+1) pairs, V [block_tokens/2]
+                        * [head_dim] of (t, t+1) pairs, per panel          */
+} apex_kv_order;
+APEX_API apex_kv_order apex_context_kv_layout(const apex_context *ctx);
 
 /* Name of the CPU kernel variant in use: "avx512bf16", "avx512", "avx2" or
  * "scalar". Chosen once from cpuid; APEX_ISA=avx512bf16|avx512|avx2|scalar
