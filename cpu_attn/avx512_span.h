@@ -236,13 +236,19 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         pf_list pfk, pfv;
         const int k_lines = pf_list_init(&pfk, sp, pn, npn, 0);
         const int v_lines = pf_list_init(&pfv, sp, pn, npn, 1);
-        const int k_per = (k_lines + npc * NH - 1) / (npc * NH);
+#ifndef SPAN_K_SM_DIV
+#define SPAN_K_SM_DIV 6
+#endif
+        const int k_sm_lines = sp->pairs ? k_lines / SPAN_K_SM_DIV : 0;
+        const int k_per = (k_lines - k_sm_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
             for (int hh = 0; hh < NH; hh++)
                 qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off[0], pc[x].r,
                    pc[x].n, sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
-        pf_list_some(&pfk, k_lines);
+        if (!k_sm_lines) pf_list_some(&pfk, k_lines);
+        int k_left = k_sm_lines;
+        const int k_sm = (k_sm_lines + NQ - 1) / NQ;
 
         const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
         /* An eighth of the next group's V lines go out during the softmax,
@@ -300,7 +306,9 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
             }
             l[h] += _mm512_reduce_add_ps(vsum);
             pf_share(&pfv, &v_left, v_sm);
+            pf_share(&pfk, &k_left, k_sm);
         }
+        if (k_sm_lines) pf_list_some(&pfk, k_lines);
 
         /* Per KV head, all pieces of the group at once: the accumulators
          * stay in registers over the group's tokens. */

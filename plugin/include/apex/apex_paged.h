@@ -23,7 +23,9 @@
  * memory). An engine whose pool is device_blocks + host_blocks large thus
  * holds more KV than the GPU. slot = id * block_tokens + offset, as in vLLM.
  * The KV layout is apex.h's: per layer and tier a slab [n_blocks][block],
- * a block is K [n_kv_heads][block_tokens][head_dim] then V likewise.
+ * a block is K [n_kv_heads][block_tokens][head_dim] then V likewise (in a
+ * context without a device with bf16 KV, the elements inside each panel in
+ * the CPU pair order: apex_context_kv_layout).
  *
  * Both tiers work (device-tier ids exist only in a context with a device).
  * The calls are synchronous (apex_paged_submit/_wait below are the
