@@ -12,6 +12,7 @@
  * rows matches a double-precision reference.
  */
 #include "cpu_attn/dtype_convert.h"
+#include "cpu_attn/kv_layout.h"
 #include "apex/apex_paged.h"
 #include "fuzz_util.h"
 
@@ -131,6 +132,9 @@ static void op_write(model *m, fz *f) {
 static void check_memory(model *m) {
     int D = m->c.head_dim, hk = m->c.n_kv_heads;
     size_t el = apex_dtype_size(m->c.kv_dtype);
+    /* Row layout, or (host mode, bf16) the CPU pair layout: kv_layout.h. */
+    apex_kv_layout lay = apex_kv_layout_of(hk, m->bt, D, el);
+    lay.pairs = apex_context_kv_layout(m->ctx) == APEX_KV_PAIRS;
     for (int l = 0; l < m->c.n_layers; l++) {
         void *base;
         int64_t nb;
@@ -142,8 +146,8 @@ static void check_memory(model *m) {
             for (int w = 0; w < 2; w++)
                 for (int h = 0; h < hk; h++)
                     for (int e = 0; e < D; e++) {
-                        size_t at = (((size_t)w * hk + h) * m->bt + (size_t)off) * D + e;
-                        float got = apex_load_f32(b, m->c.kv_dtype, at);
+                        const size_t at = apex_kv_elem_offset(&lay, w, h, (int32_t)off, e, el);
+                        float got = apex_load_f32(b + at, m->c.kv_dtype, 0);
                         FZ_CHECK(got == kv_at(m, l, slot, w)[h * D + e],
                                  "layer %d slot %lld: engine memory differs", l, (long long)slot);
                     }
