@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=4)
     ap.add_argument("--num-blocks", type=int, default=0,
                     help="vLLM's pool (num_gpu_blocks_override); 0: from the KV space")
+    ap.add_argument("--dtype", default="float32", help="the model's dtype (and so the KV's)")
     ap.add_argument("--apex-scheduler", action="store_true",
                     help="APEX's scheduler (two tiers, apex_vllm.scheduler.ApexScheduler)")
     a = ap.parse_args()
@@ -69,7 +70,7 @@ def main():
         kw["num_gpu_blocks_override"] = a.num_blocks
     # block_size 32 (CPU_ATTN needs a multiple of 32) and a batch of 4 with 6 prompts: decode and prefill rows
     # share steps, and requests queue for blocks.
-    llm = LLM(model=a.model, dtype="float32", enforce_eager=True, max_model_len=512,
+    llm = LLM(model=a.model, dtype=a.dtype, enforce_eager=True, max_model_len=512,
               max_num_seqs=a.max_num_seqs, block_size=32, seed=0, **kw)
     outs = llm.generate(PROMPTS[:a.prompts],
                         SamplingParams(temperature=0, max_tokens=a.max_tokens))
