@@ -47,8 +47,9 @@
  * pairs) that hold them. */
 typedef struct {
     const uint8_t *blk;
-    size_t off[2], end[2];
-    int r, n, so;
+    size_t off[2];
+    int n, so, r;
+    size_t end[2];
 } span_piece;
 
 /* Lines to prefetch: one contiguous run... */
@@ -95,15 +96,19 @@ static inline int pf_list_init(pf_list *l, const cpu_attn_span *sp, const span_p
     return total;
 }
 
+/* The next run of the list (once per piece and head): out of line, so
+ * that the loops that hand out lines stay small. */
+static __attribute__((noinline)) void pf_list_next(pf_list *l) {
+    if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
+    if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->which, l->hh);
+}
+
 SPAN_INL void pf_list_some(pf_list *l, int lines) {
     while (lines > 0 && l->r.left > 0) {
         const int take = lines < l->r.left ? lines : l->r.left;
         pf_run_some(&l->r, take);
         lines -= take;
-        if (l->r.left == 0) {
-            if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
-            if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->which, l->hh);
-        }
+        if (l->r.left == 0) pf_list_next(l);
     }
 }
 
@@ -120,7 +125,7 @@ SPAN_INL void pf_share(pf_list *l, int *left, int per) {
  * head), their probabilities at column so of the P rows. */
 typedef struct {
     const uint8_t *v;   /* the piece's first row (pair layout: its pair) */
-    int r, n, so;       /* rows [r, r + n) of the block                   */
+    int n, so, r;       /* rows [r, r + n) of the block                   */
 } pv_piece;
 
 /* Scores of n rows of K (one block panel of KV head hh, rows rowb apart;
@@ -134,14 +139,14 @@ typedef void (*span_qk_fn)(const void *ctx, int hh, const uint8_t *k, int r, int
 typedef void (*span_pv_fn)(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
                            float *acc, pf_list *pf, int pf_lines);
 
-static inline int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_t rowb,
-                               span_piece *pc) {
+SPAN_INL int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_t rowb,
+                          int pairs, span_piece *pc) {
     int npc = 0;
     for (int32_t t = gs; t < ge;) {
         const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
         const int32_t r = t % sp->bt, re = r + (e - t);
         pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
-        if (sp->pairs) {
+        if (pairs) {
             const int32_t T = APEX_KV_PAIR_TILE;
             pc[npc].off[0] = (size_t)(r / T * T) * rowb;
             pc[npc].end[0] = (size_t)((re + T - 1) / T * T) * rowb;
@@ -184,10 +189,12 @@ SPAN_INL __m512 span_exp16_bf(__m512 x) {
  * so its exp is the cheaper span_exp16_bf. (Writing P as bf16 here, and
  * so dropping the kernel's rounding pass, was 4-5% slower with MHA in
  * cache in the two forms tried, all heads' P to one buffer and each KV
- * head's just before its PV, though up to 10% faster with GQA.) */
+ * head's just before its PV, though up to 10% faster with GQA.) pairs:
+ * the span's KV is in the pair layout (kv_layout.h), which qk and pv read;
+ * a constant at each call, so the row kernels compile as before. */
 SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float *acc,
-                              float *scratch, int p_bf16, span_qk_fn qk, span_pv_fn pv,
-                              const void *ctx) {
+                              float *scratch, int p_bf16, int pairs, span_qk_fn qk,
+                              span_pv_fn pv, const void *ctx) {
     const int NH = sp->NH, G = sp->G, NQ = NH * G, D = sp->D, bt = sp->bt;
     const size_t rowb = (size_t)D * apex_dtype_size(sp->kv_dtype);
     /* Group: whole blocks, at most 256 KiB of K+V (stays in L2 between QK
@@ -217,7 +224,7 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int cur = 0;
     int32_t gs = sp->t0, ge = (gs / gt + 1) * gt;
     if (ge > sp->t1) ge = sp->t1;
-    int npc = group_pieces(sp, gs, ge, rowb, pieces[cur]);
+    int npc = group_pieces(sp, gs, ge, rowb, pairs, pieces[cur]);
     {
         pf_list k, v;
         pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, 0));
@@ -232,7 +239,7 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
          * 256 KiB, what L2 holds beside this one. */
         const int32_t ns = ge, ne = ns + gt < sp->t1 ? ns + gt : sp->t1;
         span_piece *pn = pieces[cur ^ 1];
-        const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pn) : 0;
+        const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pairs, pn) : 0;
         pf_list pfk, pfv;
         const int k_lines = pf_list_init(&pfk, sp, pn, npn, 0);
         const int v_lines = pf_list_init(&pfv, sp, pn, npn, 1);
@@ -241,14 +248,14 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
          * drain (1 thread from DRAM, batch 16 ctx 8192: 19.8-21.0 GB/s
          * against rows' 22.4-23.3); a sixth of them during the softmax:
          * 23.6-24.6 (an eighth to a fifth alike, a third or a half slower). */
-        const int k_sm_lines = sp->pairs ? k_lines / 6 : 0;
+        const int k_sm_lines = pairs ? k_lines / 6 : 0;
         const int k_per = (k_lines - k_sm_lines + npc * NH - 1) / (npc * NH);
 
         for (int x = 0; x < npc; x++)
             for (int hh = 0; hh < NH; hh++)
                 qk(ctx, hh, pc[x].blk + sp->k_off + (size_t)hh * sp->panel + pc[x].off[0], pc[x].r,
                    pc[x].n, sc + (size_t)hh * G * CPU_ATTN_SROW + pc[x].so, &pfk, k_per);
-        if (!k_sm_lines) pf_list_some(&pfk, k_lines);
+        if (!pairs) pf_list_some(&pfk, k_lines);
         int k_left = k_sm_lines;
         const int k_sm = (k_sm_lines + NQ - 1) / NQ;
 
@@ -308,9 +315,9 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
             }
             l[h] += _mm512_reduce_add_ps(vsum);
             pf_share(&pfv, &v_left, v_sm);
-            pf_share(&pfk, &k_left, k_sm);
+            if (pairs) pf_share(&pfk, &k_left, k_sm);
         }
-        if (k_sm_lines) pf_list_some(&pfk, k_lines);
+        if (pairs) pf_list_some(&pfk, k_lines);
 
         /* Per KV head, all pieces of the group at once: the accumulators
          * stay in registers over the group's tokens. */
@@ -319,7 +326,7 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
             pv_piece all[SPAN_MAX_PIECES];
             for (int x = 0; x < npc; x++)
                 all[x] = (pv_piece){pc[x].blk + sp->v_off + (size_t)hh * sp->panel + pc[x].off[1],
-                                    pc[x].r, pc[x].n, pc[x].so};
+                                    pc[x].n, pc[x].so, pc[x].r};
             pv(ctx, hh, all, npc, sc + (size_t)hh * G * CPU_ATTN_SROW, acc + (size_t)hh * G * D,
                &pfv, v_per);
         }

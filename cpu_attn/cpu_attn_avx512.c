@@ -147,7 +147,7 @@ static void pv_fma(const void *ctx, int hh, const pv_piece *pc, int npc, const f
 void cpu_attn_span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
     const fma_ctx c = {sp->q, sp->D, sp->G, (int)sp->kv_dtype,
                        (size_t)sp->D * apex_dtype_size(sp->kv_dtype)};
-    avx512_span_run(sp, m, l, acc, scratch, 0, qk_fma, pv_fma, &c);
+    avx512_span_run(sp, m, l, acc, scratch, 0, 0, qk_fma, pv_fma, &c);
 }
 
 /* ---------------------------------------------------------------- store */

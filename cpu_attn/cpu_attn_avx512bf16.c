@@ -322,7 +322,7 @@ static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const 
 
 /* Rounds q to bf16 (zero past D) and runs the driver with the given stages. */
 INL void bf_span(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch,
-                 span_qk_fn qk, span_pv_fn pv) {
+                 int pairs, span_qk_fn qk, span_pv_fn pv) {
     const int NQ = sp->NH * sp->G, D = sp->D, Dq = (D + 31) & ~31;
     /* Scratch: the driver's score rows, then P and q in bf16 (64-byte
      * aligned: SROW floats are a multiple of 64 bytes). */
@@ -335,7 +335,7 @@ INL void bf_span(const cpu_attn_span *sp, float *m, float *l, float *acc, float 
             _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
         }
     const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale};
-    avx512_span_run(sp, m, l, acc, scratch, 1, qk, pv, &cx);
+    avx512_span_run(sp, m, l, acc, scratch, 1, pairs, qk, pv, &cx);
 }
 
 static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *acc,
@@ -344,7 +344,7 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
         cpu_attn_span_avx512(sp, m, l, acc, scratch);
         return;
     }
-    bf_span(sp, m, l, acc, scratch, qk_bf16, pv_bf16);
+    bf_span(sp, m, l, acc, scratch, 0, qk_bf16, pv_bf16);
 }
 
 /* ---------------------------------------------------------------- pair layout */
@@ -524,7 +524,7 @@ static void pv_pairs(const void *ctx, int hh, const pv_piece *pc, int npc, const
 
 static void span_avx512bf16_pairs(const cpu_attn_span *sp, float *m, float *l, float *acc,
                                   float *scratch) {
-    bf_span(sp, m, l, acc, scratch, qk_pairs, pv_pairs);
+    bf_span(sp, m, l, acc, scratch, 1, qk_pairs, pv_pairs);
 }
 
 const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,

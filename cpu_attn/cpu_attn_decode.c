@@ -282,7 +282,6 @@ int cpu_attn_decode(const cpu_attn_geom *g, const cpu_attn_batch *b, cpu_attn_ws
                 .t0 = ws->chunk_t0[c], .t1 = ws->chunk_t1[c],
                 .kv_dtype = g->kv_dtype,
                 .softcap = b->softcap,
-                .pairs = g->kv_pairs,
             };
             if (ws->seq_nchunks[i] == 1) {
                 span(&sp, m, l, acc, kscratch);

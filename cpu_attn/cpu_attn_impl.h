@@ -45,7 +45,6 @@ typedef struct cpu_attn_span {
     int32_t t0, t1;          /* token positions [t0, t1), t0 < t1            */
     apex_dtype kv_dtype;
     float softcap;           /* 0 = off                                      */
-    int32_t pairs;           /* blocks in the pair layout (kv_layout.h)      */
 } cpu_attn_span;
 
 /* Floats of per-thread scratch a kernel's span() needs for nq = NH*G q
