@@ -41,6 +41,20 @@ typedef struct {
 
 INL __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
+/* CALL(h) with h the compile-time constant equal to n (1-8): the stages
+ * keep their accumulators in registers only with a constant head count. */
+#define BF_HEADS_CONST(n, CALL)                                                                  \
+    switch (n) {                                                                                 \
+    case 1: CALL(1); break;                                                                      \
+    case 2: CALL(2); break;                                                                      \
+    case 3: CALL(3); break;                                                                      \
+    case 4: CALL(4); break;                                                                      \
+    case 5: CALL(5); break;                                                                      \
+    case 6: CALL(6); break;                                                                      \
+    case 7: CALL(7); break;                                                                      \
+    default: CALL(8); break;                                                                     \
+    }
+
 /* ---------------------------------------------------------------- QK */
 
 /* s[h * SROW + j] = scale * q[h] . k[j] for TT rows x HT heads, 32
@@ -135,16 +149,9 @@ static void qk_bf16(const void *ctx, int hh, const uint8_t *k, int r, int n, flo
         const int HT = cx->G - h0 < 8 ? cx->G - h0 : 8;
         const uint16_t *q = cx->q + ((size_t)hh * cx->G + (size_t)h0) * cx->Dq;
         float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
-        switch (HT) {
-        case 1: bf_qk_rows(cx, q, k, n, sh, 1, pf, pf_lines); break;
-        case 2: bf_qk_rows(cx, q, k, n, sh, 2, pf, pf_lines); break;
-        case 3: bf_qk_rows(cx, q, k, n, sh, 3, pf, pf_lines); break;
-        case 4: bf_qk_rows(cx, q, k, n, sh, 4, pf, pf_lines); break;
-        case 5: bf_qk_rows(cx, q, k, n, sh, 5, pf, pf_lines); break;
-        case 6: bf_qk_rows(cx, q, k, n, sh, 6, pf, pf_lines); break;
-        case 7: bf_qk_rows(cx, q, k, n, sh, 7, pf, pf_lines); break;
-        default: bf_qk_rows(cx, q, k, n, sh, 8, pf, pf_lines); break;
-        }
+#define QK_ROWS(h) bf_qk_rows(cx, q, k, n, sh, h, pf, pf_lines)
+        BF_HEADS_CONST(HT, QK_ROWS)
+#undef QK_ROWS
         pf_lines = 0;
     }
 }
@@ -295,28 +302,9 @@ INL void bf_round_p(const bf_ctx *cx, const pv_piece *pc, int npc, const float *
         }
 }
 
+/* Defined with the pair layout's stages below. */
 static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
-                    float *acc, pf_list *pf, int pf_lines) {
-    const bf_ctx *cx = ctx;
-    (void)hh;
-    bf_round_p(cx, pc, npc, p);
-    for (int h0 = 0; h0 < cx->G; h0 += 8) {
-        const int HP = cx->G - h0 < 8 ? cx->G - h0 : 8;
-        const uint16_t *ph = cx->p + (size_t)h0 * PROW;
-        float *ah = acc + (size_t)h0 * cx->D;
-        switch (HP) {
-        case 1: bf_pv_heads(cx, pc, npc, ph, ah, 1, pf, pf_lines); break;
-        case 2: bf_pv_heads(cx, pc, npc, ph, ah, 2, pf, pf_lines); break;
-        case 3: bf_pv_heads(cx, pc, npc, ph, ah, 3, pf, pf_lines); break;
-        case 4: bf_pv_heads(cx, pc, npc, ph, ah, 4, pf, pf_lines); break;
-        case 5: bf_pv_heads(cx, pc, npc, ph, ah, 5, pf, pf_lines); break;
-        case 6: bf_pv_heads(cx, pc, npc, ph, ah, 6, pf, pf_lines); break;
-        case 7: bf_pv_heads(cx, pc, npc, ph, ah, 7, pf, pf_lines); break;
-        default: bf_pv_heads(cx, pc, npc, ph, ah, 8, pf, pf_lines); break;
-        }
-        pf_lines = 0;
-    }
-}
+                    float *acc, pf_list *pf, int pf_lines);
 
 /* ---------------------------------------------------------------- span */
 
@@ -408,16 +396,9 @@ static void qk_pairs(const void *ctx, int hh, const uint8_t *k, int r, int n, fl
         const int HG = cx->G - h0 < 8 ? cx->G - h0 : 8;
         const uint16_t *q = cx->q + ((size_t)hh * cx->G + (size_t)h0) * cx->Dq;
         float *sh = s + (size_t)h0 * CPU_ATTN_SROW;
-        switch (HG) {
-        case 1: bf_qk_pairs_heads(cx, q, k, r, n, sh, 1, pf, pf_lines); break;
-        case 2: bf_qk_pairs_heads(cx, q, k, r, n, sh, 2, pf, pf_lines); break;
-        case 3: bf_qk_pairs_heads(cx, q, k, r, n, sh, 3, pf, pf_lines); break;
-        case 4: bf_qk_pairs_heads(cx, q, k, r, n, sh, 4, pf, pf_lines); break;
-        case 5: bf_qk_pairs_heads(cx, q, k, r, n, sh, 5, pf, pf_lines); break;
-        case 6: bf_qk_pairs_heads(cx, q, k, r, n, sh, 6, pf, pf_lines); break;
-        case 7: bf_qk_pairs_heads(cx, q, k, r, n, sh, 7, pf, pf_lines); break;
-        default: bf_qk_pairs_heads(cx, q, k, r, n, sh, 8, pf, pf_lines); break;
-        }
+#define QK_PAIRS(h) bf_qk_pairs_heads(cx, q, k, r, n, sh, h, pf, pf_lines)
+        BF_HEADS_CONST(HG, QK_PAIRS)
+#undef QK_PAIRS
         pf_lines = 0;
     }
 }
@@ -499,27 +480,38 @@ INL void bf_pv_pairs_heads(const bf_ctx *cx, const pv_piece *pc, int npc, const 
     pf_list_some(pf, left);
 }
 
-static void pv_pairs(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
-                     float *acc, pf_list *pf, int pf_lines) {
-    const bf_ctx *cx = ctx;
-    (void)hh;
+/* P.V of one KV head in either layout: P rounded to bf16, then each group
+ * of up to 8 q heads with a constant head count. */
+INL void bf_pv(const bf_ctx *cx, const pv_piece *pc, int npc, const float *p, float *acc,
+               pf_list *pf, int pf_lines, int pairs) {
     bf_round_p(cx, pc, npc, p);
     for (int h0 = 0; h0 < cx->G; h0 += 8) {
         const int HG = cx->G - h0 < 8 ? cx->G - h0 : 8;
         const uint16_t *ph = cx->p + (size_t)h0 * PROW;
         float *ah = acc + (size_t)h0 * cx->D;
-        switch (HG) {
-        case 1: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 1, pf, pf_lines); break;
-        case 2: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 2, pf, pf_lines); break;
-        case 3: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 3, pf, pf_lines); break;
-        case 4: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 4, pf, pf_lines); break;
-        case 5: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 5, pf, pf_lines); break;
-        case 6: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 6, pf, pf_lines); break;
-        case 7: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 7, pf, pf_lines); break;
-        default: bf_pv_pairs_heads(cx, pc, npc, ph, ah, 8, pf, pf_lines); break;
+#define PV_ROWS(h) bf_pv_heads(cx, pc, npc, ph, ah, h, pf, pf_lines)
+#define PV_PAIRS(h) bf_pv_pairs_heads(cx, pc, npc, ph, ah, h, pf, pf_lines)
+        if (pairs) {
+            BF_HEADS_CONST(HG, PV_PAIRS)
+        } else {
+            BF_HEADS_CONST(HG, PV_ROWS)
         }
+#undef PV_ROWS
+#undef PV_PAIRS
         pf_lines = 0;
     }
+}
+
+static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                    float *acc, pf_list *pf, int pf_lines) {
+    (void)hh;
+    bf_pv(ctx, pc, npc, p, acc, pf, pf_lines, 0);
+}
+
+static void pv_pairs(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                     float *acc, pf_list *pf, int pf_lines) {
+    (void)hh;
+    bf_pv(ctx, pc, npc, p, acc, pf, pf_lines, 1);
 }
 
 static void span_avx512bf16_pairs(const cpu_attn_span *sp, float *m, float *l, float *acc,
