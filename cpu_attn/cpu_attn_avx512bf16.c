@@ -19,6 +19,8 @@
  *      each accumulator lane gets one column of two tokens. The interleave
  *      permutes the columns; they are put back once per group. With 4
  *      heads a pass covers 64 columns (128 bytes of each row).
+ * In the pair layout (kv_layout.h; span_pairs) K and V come already in the
+ * order vdpbf16ps wants: q.K needs no reduce, P.V no interleave (below).
  * The span driver (groups, prefetch, online softmax) is avx512_span.h's. */
 #include <immintrin.h>
 #include <string.h>
