@@ -191,7 +191,7 @@ static void huge_engine_kv(apex_context *ctx) {
 }
 
 /* Without a device, bf16 KV is held in the CPU pair layout (kv_layout.h)
- * when the kernel reads it: 13-31 % more in-cache speed than rows
+ * when the kernel reads it: 8-42 % more in-cache speed than rows, by geometry
  * (docs/cpu_kernel.md, kern6). With a device both tiers keep the row
  * layout, so that a block moves between them as a copy. APEX_KV_LAYOUT=rows
  * keeps rows. */
