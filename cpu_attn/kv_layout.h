@@ -73,9 +73,9 @@ APEX_KV_FN size_t apex_kv_offset(const apex_kv_layout *l, int which, int32_t h, 
 }
 
 /* The CPU pair layout (l->pairs), an alternative inside a block for bf16
- * KV (2-byte elements) with block_tokens >= 16: the panels sit where the row layout
- * puts them and have its size, but the elements inside are ordered for
- * vdpbf16ps, which multiplies adjacent pairs:
+ * KV (2-byte elements) with block_tokens >= 16: the panels sit where the
+ * row layout puts them and have its size, but the elements inside are
+ * ordered for vdpbf16ps, which multiplies adjacent pairs:
  *   K panel: tiles of 16 tokens, each [head_dim/2][16] of (d even, d odd)
  *            pairs, so one 64-byte line is one dim pair of 16 tokens and a
  *            dot product gives 16 tokens' partial scores with no reduce;
@@ -84,8 +84,9 @@ APEX_KV_FN size_t apex_kv_offset(const apex_kv_layout *l, int which, int32_t h, 
  *            columns with no interleave.
  * A group of whole 16-token tiles (K) or token pairs (V) stays contiguous.
  * Only the CPU kernels read it (cpu_attn.h, kv_pairs); it is never a device
- * tier's layout: a context uses it only without a device (csrc/context.c). Element offset in bytes of (token t, dim d) of head h's
- * K (which 0) or V (which 1) from the block's start, either layout. */
+ * tier's layout: a context uses it only without a device (csrc/context.c).
+ * apex_kv_elem_offset: the byte offset, from the block's start, of (token
+ * t, dim d) of head h's K (which 0) or V (which 1), in either layout. */
 #define APEX_KV_PAIR_TILE 16
 APEX_KV_FN size_t apex_kv_elem_offset(const apex_kv_layout *l, int which, int32_t h, int32_t t,
                                       int32_t d, size_t elem_bytes) {
