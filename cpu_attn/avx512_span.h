@@ -41,15 +41,14 @@
 /* ---------------------------------------------------------------- prefetch */
 
 /* A piece of a group: rows [r, r + n) of one block, whose scores sit at
- * column so of the score rows. In a head's K (V) panel its bytes are
- * [off[0], end[0]) ([off[1], end[1])): the rows themselves in the row
- * layout; in the pair layout (kv_layout.h) the whole 16-token tiles (token
- * pairs) that hold them. */
+ * column so of the score rows. In a head's K (V) panel its bytes start at
+ * off[0] (off[1]): its first row in the row layout; in the pair layout
+ * (kv_layout.h) the 16-token tile (the token pair) that holds it. (Kept
+ * small: 16 bytes more here cost the fp32 kernel 3-4 % in cache.) */
 typedef struct {
     const uint8_t *blk;
     size_t off[2];
     int n, so, r;
-    size_t end[2];
 } span_piece;
 
 /* Lines to prefetch: one contiguous run... */
@@ -73,26 +72,33 @@ SPAN_INL void pf_run_some(pf_run *r, int lines) {
 typedef struct {
     const cpu_attn_span *sp;
     const span_piece *p;
-    int which, np, x, hh;
+    int which, pairs, np, x, hh;
     pf_run r;
 } pf_list;
 
-static inline pf_run piece_lines(const cpu_attn_span *sp, const span_piece *p, int which, int hh) {
+/* The lines of piece p's K (which 0) or V (1) rows of head hh: the rows,
+ * or in the pair layout the whole tiles (K) or token pairs (V) holding
+ * them. */
+static inline pf_run piece_lines(const cpu_attn_span *sp, const span_piece *p, int which,
+                                 int pairs, int hh) {
     const uint8_t *panel = p->blk + (which ? sp->v_off : sp->k_off) + (size_t)hh * sp->panel;
+    const int T = APEX_KV_PAIR_TILE, re = p->r + p->n;
+    const int end = !pairs ? re : which ? (re + 1) & ~1 : (re + T - 1) / T * T;
+    const size_t rowb = (size_t)sp->D * apex_dtype_size(sp->kv_dtype);
     const uintptr_t a = (uintptr_t)(panel + p->off[which]);
-    const uintptr_t b = (uintptr_t)(panel + p->end[which]);
+    const uintptr_t b = (uintptr_t)(panel + (size_t)end * rowb);
     const uintptr_t a0 = a & ~(uintptr_t)63;
     return (pf_run){(const char *)a0, (int)((((b + 63) & ~(uintptr_t)63) - a0) / 64)};
 }
 
 /* Returns the number of lines in the list. */
 static inline int pf_list_init(pf_list *l, const cpu_attn_span *sp, const span_piece *p, int np,
-                               int which) {
-    *l = (pf_list){sp, p, which, np, 0, 0, {NULL, 0}};
+                               int which, int pairs) {
+    *l = (pf_list){sp, p, which, pairs, np, 0, 0, {NULL, 0}};
     int total = 0;
     for (int x = 0; x < np; x++)
-        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], which, hh).left;
-    if (np > 0) l->r = piece_lines(sp, &p[0], which, 0);
+        for (int hh = 0; hh < sp->NH; hh++) total += piece_lines(sp, &p[x], which, pairs, hh).left;
+    if (np > 0) l->r = piece_lines(sp, &p[0], which, pairs, 0);
     return total;
 }
 
@@ -100,7 +106,7 @@ static inline int pf_list_init(pf_list *l, const cpu_attn_span *sp, const span_p
  * that the loops that hand out lines stay small. */
 static __attribute__((noinline)) void pf_list_next(pf_list *l) {
     if (++l->hh == l->sp->NH) l->hh = 0, l->x++;
-    if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->which, l->hh);
+    if (l->x < l->np) l->r = piece_lines(l->sp, &l->p[l->x], l->which, l->pairs, l->hh);
 }
 
 SPAN_INL void pf_list_some(pf_list *l, int lines) {
@@ -144,17 +150,13 @@ SPAN_INL int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_
     int npc = 0;
     for (int32_t t = gs; t < ge;) {
         const int32_t be = (t / sp->bt + 1) * sp->bt, e = be < ge ? be : ge;
-        const int32_t r = t % sp->bt, re = r + (e - t);
+        const int32_t r = t % sp->bt;
         pc[npc].blk = sp->kv + (size_t)sp->blocks[t / sp->bt] * sp->block_bytes;
         if (pairs) {
-            const int32_t T = APEX_KV_PAIR_TILE;
-            pc[npc].off[0] = (size_t)(r / T * T) * rowb;
-            pc[npc].end[0] = (size_t)((re + T - 1) / T * T) * rowb;
+            pc[npc].off[0] = (size_t)(r / APEX_KV_PAIR_TILE * APEX_KV_PAIR_TILE) * rowb;
             pc[npc].off[1] = (size_t)(r & ~1) * rowb;
-            pc[npc].end[1] = (size_t)((re + 1) & ~1) * rowb;
         } else {
             pc[npc].off[0] = pc[npc].off[1] = (size_t)r * rowb;
-            pc[npc].end[0] = pc[npc].end[1] = (size_t)re * rowb;
         }
         pc[npc].r = r;
         pc[npc].n = e - t;
@@ -227,8 +229,8 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int npc = group_pieces(sp, gs, ge, rowb, pairs, pieces[cur]);
     {
         pf_list k, v;
-        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, 0));
-        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, 1));
+        pf_list_some(&k, pf_list_init(&k, sp, pieces[cur], npc, 0, pairs));
+        pf_list_some(&v, pf_list_init(&v, sp, pieces[cur], npc, 1, pairs));
     }
 
     while (gs < sp->t1) {
@@ -241,8 +243,8 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
         span_piece *pn = pieces[cur ^ 1];
         const int npn = ns < sp->t1 ? group_pieces(sp, ns, ne, rowb, pairs, pn) : 0;
         pf_list pfk, pfv;
-        const int k_lines = pf_list_init(&pfk, sp, pn, npn, 0);
-        const int v_lines = pf_list_init(&pfv, sp, pn, npn, 1);
+        const int k_lines = pf_list_init(&pfk, sp, pn, npn, 0, pairs);
+        const int v_lines = pf_list_init(&pfv, sp, pn, npn, 1, pairs);
         /* In the pair layout q.K is a third shorter, and the next group's
          * K lines all handed out in it came faster than one core's misses
          * drain (1 thread from DRAM, batch 16 ctx 8192: 19.8-21.0 GB/s
