@@ -91,10 +91,15 @@ static void naive(fixture *f, int s, int l, int h, const float *q, float scale, 
                          2 * HK * D, start, n, scale, softcap, out);
 }
 
-static void check_attention(fixture *f, int n, const int32_t *seqs, int layer,
-                            const apex_attn_opts *o, uint64_t *rng) {
+/* Attention of n sequences against the naive one, within tol; q_bf16: q
+ * drawn bf16-exact (for bf16 KV, whose kernel rounds q to bf16). */
+static void check_attention_tol(fixture *f, int n, const int32_t *seqs, int layer,
+                                const apex_attn_opts *o, uint64_t *rng, double tol, int q_bf16) {
     float q[MAXB * HQ * D], out[MAXB * HQ * D];
-    for (int i = 0; i < n * HQ * D; i++) q[i] = 2.0f * test_rand_f(rng);
+    for (int i = 0; i < n * HQ * D; i++) {
+        q[i] = 2.0f * test_rand_f(rng);
+        if (q_bf16) q[i] = apex_bf16_to_f32(apex_f32_to_bf16(q[i]));
+    }
     assert_ok(apex_attention(f->ctx, layer, n, seqs, q, out, o));
     float scale = o && o->scale > 0 ? o->scale : 1.0f / sqrtf(D);
     for (int b = 0; b < n; b++)
@@ -103,10 +108,15 @@ static void check_attention(fixture *f, int n, const int32_t *seqs, int layer,
             naive(f, seqs[b], layer, h, q + (b * HQ + h) * D, scale, o ? o->softcap : 0,
                   o ? o->window : 0, want);
             for (int i = 0; i < D; i++)
-                if (fabs(out[(b * HQ + h) * D + i] - want[i]) > 2e-5)
+                if (fabs(out[(b * HQ + h) * D + i] - want[i]) > tol)
                     fail_msg("seq %d head %d dim %d: got %g want %g", seqs[b], h, i,
                              out[(b * HQ + h) * D + i], want[i]);
         }
+}
+
+static void check_attention(fixture *f, int n, const int32_t *seqs, int layer,
+                            const apex_attn_opts *o, uint64_t *rng) {
+    check_attention_tol(f, n, seqs, layer, o, rng, 2e-5, 0);
 }
 
 static void test_attention_matches_naive(void **state) {
@@ -196,21 +206,8 @@ static void test_bf16_layouts(void **state) {
                     assert_memory_equal(v, kv_at(&f, s, l, p, 1), sizeof v);
                 }
         int32_t seqs[MAXB] = {3, 0, 4, 2};
-        for (int l = 0; l < L; l++) {
-            float q[MAXB * HQ * D], out[MAXB * HQ * D];
-            for (int i = 0; i < MAXB * HQ * D; i++)
-                q[i] = apex_bf16_to_f32(apex_f32_to_bf16(2.0f * test_rand_f(&rng)));
-            assert_ok(apex_attention(f.ctx, l, MAXB, seqs, q, out, NULL));
-            for (int b = 0; b < MAXB; b++)
-                for (int h = 0; h < HQ; h++) {
-                    double want[D];
-                    naive(&f, seqs[b], l, h, q + (b * HQ + h) * D, 1.0f / sqrtf(D), 0, 0, want);
-                    for (int i = 0; i < D; i++)
-                        if (fabs(out[(b * HQ + h) * D + i] - want[i]) > 1.0 / 512 + 2e-5)
-                            fail_msg("rows %d seq %d head %d dim %d: got %g want %g", rows, seqs[b], h,
-                                     i, out[(b * HQ + h) * D + i], want[i]);
-                }
-        }
+        for (int l = 0; l < L; l++)
+            check_attention_tol(&f, MAXB, seqs, l, NULL, &rng, 1.0 / 512 + 2e-5, 1);
         teardown_fixture(&f);
     }
     unsetenv("APEX_KV_LAYOUT");

@@ -88,6 +88,29 @@ static double worst_bf16;
 /* Cases also run in the pair layout. */
 static int pairs_cases;
 
+/* Fails (naming the first element out of tolerance) unless every output is
+ * within ATOL + extra + rtol of the reference; returns the largest error. */
+static double expect_close(const tcase *c, const float *ref, const void *out, size_t n_q,
+                           double extra, const char *what, int threads) {
+    double err = 0.0;
+    size_t bad = SIZE_MAX;
+    for (size_t x = 0; x < n_q; x++) {
+        double r = ref[x], v = apex_load_f32(out, c->out, x);
+        double e = fabs(v - r);
+        if (!(e <= ATOL + extra + rtol(c->out) * fabs(r)) && bad == SIZE_MAX) bad = x;
+        if (!(e <= err)) err = e;
+    }
+    if (bad != SIZE_MAX) {
+        fprintf(stderr,
+                "mismatch isa=%s threads=%d hq=%d hkv=%d d=%d bt=%d kv=%d q=%d out=%d "
+                "softcap=%g window=%d q_mag=%g: elem %zu ref %.8g got %.8g\n",
+                what, threads, c->hq, c->hkv, c->d, c->bt, c->kv, c->q, c->out, c->softcap,
+                c->window, c->q_mag, bad, ref[bad], apex_load_f32(out, c->out, bad));
+        fail();
+    }
+    return err;
+}
+
 /* Builds the case (blocks in shuffled order), runs the reference and the
  * kernel under every ISA and thread count, asserts the tolerance. */
 static void run_case(const tcase *c, double *worst) {
@@ -145,23 +168,8 @@ static void run_case(const tcase *c, double *worst) {
         for (int ti = 0; ti < n_threads; ti++) {
             memset(out, 0xff, n_q * 4); /* NaN everywhere: every output must be written */
             assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
-            double err = 0.0;
-            size_t bad = SIZE_MAX;
-            for (size_t x = 0; x < n_q; x++) {
-                double r = ref[x], v = apex_load_f32(out, c->out, x);
-                double e = fabs(v - r);
-                if (!(e <= ATOL + extra + rtol(c->out) * fabs(r)) && bad == SIZE_MAX) bad = x;
-                if (!(e <= err)) err = e;
-            }
-            if (bad != SIZE_MAX) {
-                fprintf(stderr,
-                        "mismatch isa=%s threads=%d hq=%d hkv=%d d=%d bt=%d kv=%d q=%d out=%d "
-                        "softcap=%g window=%d q_mag=%g: elem %zu ref %.8g got %.8g\n",
-                        cpu_attn_isa_name(isas[k]), threads[ti], c->hq, c->hkv, c->d, c->bt,
-                        c->kv, c->q, c->out, c->softcap, c->window, c->q_mag, bad, ref[bad],
-                        apex_load_f32(out, c->out, bad));
-                fail();
-            }
+            const double err =
+                expect_close(c, ref, out, n_q, extra, cpu_attn_isa_name(isas[k]), threads[ti]);
             if (c->out == APEX_DTYPE_F32 && worst && !bf && err > *worst) *worst = err;
             if (c->out == APEX_DTYPE_F32 && bf && c->q == APEX_DTYPE_BF16 && err > worst_bf16)
                 worst_bf16 = err;
@@ -189,17 +197,7 @@ static void run_case(const tcase *c, double *worst) {
             for (int ti = 0; ti < n_threads; ti++) {
                 memset(out, 0xff, n_q * 4);
                 assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
-                for (size_t x = 0; x < n_q; x++) {
-                    double r = ref[x], v = apex_load_f32(out, c->out, x);
-                    if (!(fabs(v - r) <= ATOL + extra + rtol(c->out) * fabs(r))) {
-                        fprintf(stderr,
-                                "pair layout mismatch threads=%d hq=%d hkv=%d d=%d bt=%d q=%d "
-                                "out=%d softcap=%g window=%d: elem %zu ref %.8g got %.8g\n",
-                                threads[ti], c->hq, c->hkv, c->d, c->bt, c->q, c->out, c->softcap,
-                                c->window, x, r, v);
-                        fail();
-                    }
-                }
+                expect_close(c, ref, out, n_q, extra, "avx512bf16, pair layout", threads[ti]);
             }
         }
         pairs_cases++;
