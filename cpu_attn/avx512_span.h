@@ -233,8 +233,9 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
     int npc = group_pieces(sp, gs, ge, rowb, pairs, pieces[cur]);
     /* The first group's K lines go out at once (there is nothing yet to
      * hide them behind); its V lines are handed out during its q.K, ahead
-     * of the next group's K. From DRAM, spans of 128-256 tokens ran 8-13 %
-     * faster than with both in the opening burst (batch 64, 2 threads). */
+     * of the next group's K. From DRAM, spans of 128 tokens ran 4-17 %
+     * faster than with both in the opening burst (batch 8/64, 2 threads;
+     * bf16 and f16), longer ones the same. */
     pf_list v_first;
     {
         pf_list k;
