@@ -342,7 +342,7 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
 /* acc += k times the bf16 pair at p broadcast to every lane, the pair read
  * by the instruction itself ({1to16}): GCC 12 loads it with a separate
  * vpbroadcastd, and with one broadcast per product q.K in the pair layout
- * ran 2-5 % slower in cache (1 thread; Llama, SmolLM2, MHA, G8). */
+ * ran 1-5 % slower in cache (1 thread; Llama, SmolLM2, MHA, G8). */
 INL __m512 dp_bcast(__m512 acc, __m512bh k, const uint16_t *p) {
     __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(k), "m"(*(const uint32_t *)p));
     return acc;
