@@ -176,8 +176,9 @@ SPAN_INL int group_pieces(const cpu_attn_span *sp, int32_t gs, int32_t ge, size_
  * Eight vector ops where the Taylor form on e^r took twelve; the rounding
  * of t costs up to ~1e-5 relative for |s| ~ 100, also far below 2^-9.
  * t is clamped so that a score of -inf gives 0, not NaN. */
+#define SPAN_LOG2E 1.44269504088896341f
 SPAN_INL __m512 span_exp16_bf(__m512 s, __m512 m_log2e) {
-    __m512 t = _mm512_fmsub_ps(s, _mm512_set1_ps(1.44269504088896341f), m_log2e);
+    __m512 t = _mm512_fmsub_ps(s, _mm512_set1_ps(SPAN_LOG2E), m_log2e);
     t = _mm512_max_ps(t, _mm512_set1_ps(-150.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(t, n);
@@ -195,7 +196,8 @@ SPAN_INL __m512 span_exp16_bf(__m512 s, __m512 m_log2e) {
  * so its exp is the cheaper span_exp16_bf. (Writing P as bf16 here, and
  * so dropping the kernel's rounding pass, was 4-5% slower with MHA in
  * cache in the two forms tried, all heads' P to one buffer and each KV
- * head's just before its PV, though up to 10% faster with GQA.) pairs:
+ * head's just before its PV, though up to 10% faster with GQA; re-measured
+ * after kern7's changes, all rows to one buffer: within 1 %.) pairs:
  * the span's KV is in the pair layout (kv_layout.h), which qk and pv read;
  * a constant at each call, so the row kernels compile as before. */
 SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float *acc,
@@ -315,10 +317,9 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
                     _mm512_storeu_ps(ah + d, _mm512_mul_ps(av, _mm512_loadu_ps(ah + d)));
                 m[h] = mx;
             }
-            const __m512 mv = _mm512_set1_ps(m[h]);
             __m512 vsum = _mm512_setzero_ps();
             if (p_bf16) {
-                const __m512 ml = _mm512_set1_ps(m[h] * 1.44269504088896341f);
+                const __m512 ml = _mm512_set1_ps(m[h] * SPAN_LOG2E);
                 for (j = 0; j < n; j += 16) {
                     const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
                     const __m512 p = span_exp16_bf(_mm512_maskz_loadu_ps(k, row + j), ml);
@@ -326,6 +327,7 @@ SPAN_INL void avx512_span_run(const cpu_attn_span *sp, float *m, float *l, float
                     vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
                 }
             } else {
+                const __m512 mv = _mm512_set1_ps(m[h]);
                 for (j = 0; j < n; j += 16) {
                     const __mmask16 k = j + 16 <= n ? (__mmask16)0xffff : tail;
                     const __m512 p = avx512_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), mv));
