@@ -100,7 +100,15 @@ if [ "${APEX_LLAMA_CUDA:-0}" = 1 ]; then
          "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   BUILD=$ROOT/build
-  extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON)
+  # No AMX in ggml-cpu even where -march=native has it: on a Xeon VM with AMX
+  # (cpuid and XCR0 both say yes) its AMX matmul kills llama-batched -np 8
+  # with SIGILL before any APEX code runs (ldtilecfg faults on the config it
+  # builds on the stack, the next tile instruction traps; upstream: ggml-org/
+  # llama.cpp PR 26954). Its AVX-512 paths are the same on either CPU then.
+  # GCC's explicit -mno-* flags win over -march=native whatever their order.
+  extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON
+         "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+         "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 fi
 targets=(llama llama-batched llama-bench llama-simple llama-server llama-cli ${APEX_LLAMA_TARGETS:-})
 # LLAMA_USE_PREBUILT_UI=OFF: llama-server's web page is not fetched from the
