@@ -80,8 +80,8 @@ static void usage(FILE *f) {
             "--min-seconds, 0.5, at least 5). KV memory comes from the host pool's\n"
             "allocator (transparent huge pages); --small-pages uses 4 KiB pages.\n"
             "--kv-layout pairs: bf16 KV in the CPU pair layout (cpu_attn/kv_layout.h;\n"
-            "block >= 16, the avx512bf16 kernel).\n"
-            "APEX_ISA=avx512bf16|avx512|avx2|scalar\n"
+            "block >= 16, the avx512bf16 or amxbf16 kernel).\n"
+            "APEX_ISA=amxbf16|avx512bf16|avx512|avx2|scalar\n"
             "picks the kernel.\n");
 }
 
@@ -308,7 +308,7 @@ int bench_attn_main(int argc, char **argv) {
     const cpu_attn_geom pg = {o.q_heads, o.kv_heads, o.head_dim, o.block_tokens, o.kv_dtype, 1};
     if (o.pairs && !cpu_attn_pairs_ok(&pg)) {
         fprintf(stderr, "apex-bench attn: --kv-layout pairs needs bf16 KV, --block >= 16 and the "
-                        "avx512bf16 kernel (selected: %s)\n", isa);
+                        "avx512bf16 or amxbf16 kernel (selected: %s)\n", isa);
         return 2;
     }
     /* The kernel's compute ceiling: one sequence per thread, 128 tokens,

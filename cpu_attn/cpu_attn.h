@@ -60,7 +60,10 @@ typedef enum cpu_attn_isa {
     CPU_ATTN_ISA_AVX512 = 2,
     /* AVX512 + AVX512-BF16: bf16 KV dotted with vdpbf16ps (q and P rounded
      * to bf16, fp32 accumulation); f16/f32 KV as avx512. */
-    CPU_ATTN_ISA_AVX512BF16 = 3
+    CPU_ATTN_ISA_AVX512BF16 = 3,
+    /* avx512bf16 + AMX-BF16 (and the OS's leave to use the tiles): bf16 KV
+     * in the pair layout on tiles; everything else as avx512bf16. */
+    CPU_ATTN_ISA_AMXBF16 = 4
 } cpu_attn_isa;
 
 /* The variant picked from cpuid (or APEX_ISA), decided once, thread-safe. */
@@ -69,7 +72,7 @@ const char *cpu_attn_isa_name(cpu_attn_isa isa);
 /* Forces a variant (tests); returns 0, or -1 if the CPU lacks it. */
 int cpu_attn_isa_force(cpu_attn_isa isa);
 /* 1 if g's KV may be held in the pair layout: bf16 KV, block_tokens >= 16
- * and the selected variant reads it (avx512bf16); the other variants and
+ * and the selected variant reads it (avx512bf16, amxbf16); the others and
  * cpu_attn_decode on a geometry they cannot read return -1. The reference
  * reads both layouts. */
 int cpu_attn_pairs_ok(const cpu_attn_geom *g);

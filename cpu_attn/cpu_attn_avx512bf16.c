@@ -492,9 +492,8 @@ INL void bf_pv_pairs_heads(const bf_ctx *cx, const pv_piece *pc, int npc, const 
 
 /* P.V of one KV head in either layout: P rounded to bf16, then each group
  * of up to 8 q heads with a constant head count. */
-INL void bf_pv(const bf_ctx *cx, const pv_piece *pc, int npc, const float *p, float *acc,
-               pf_list *pf, int pf_lines, int pairs) {
-    bf_round_p(cx, pc, npc, p);
+INL void bf_pv_rounded(const bf_ctx *cx, const pv_piece *pc, int npc, float *acc, pf_list *pf,
+                       int pf_lines, int pairs) {
     for (int h0 = 0; h0 < cx->G; h0 += 8) {
         const int HG = cx->G - h0 < 8 ? cx->G - h0 : 8;
         const uint16_t *ph = cx->p + (size_t)h0 * PROW;
@@ -510,6 +509,12 @@ INL void bf_pv(const bf_ctx *cx, const pv_piece *pc, int npc, const float *p, fl
 #undef PV_PAIRS
         pf_lines = 0;
     }
+}
+
+INL void bf_pv(const bf_ctx *cx, const pv_piece *pc, int npc, const float *p, float *acc,
+               pf_list *pf, int pf_lines, int pairs) {
+    bf_round_p(cx, pc, npc, p);
+    bf_pv_rounded(cx, pc, npc, acc, pf, pf_lines, pairs);
 }
 
 static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
@@ -532,3 +537,131 @@ static void span_avx512bf16_pairs(const cpu_attn_span *sp, float *m, float *l, f
 const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,
                                                     cpu_attn_load_avx512, 1,
                                                     span_avx512bf16_pairs};
+
+/* ---------------------------------------------------------------- AMX-BF16 */
+
+/* The amxbf16 variant: this kernel with q.K and P.V of the pair layout on
+ * AMX tiles wherever a piece is whole 16-token tiles (block-aligned, as
+ * every piece is but a window's first and a sequence's last); other pieces,
+ * the row layout and f16/f32 KV take the avx512bf16 stages above. The pair
+ * layout is AMX's own operand order: a K tile's 16 lines of dim pairs are a
+ * B tile (16 pair rows x 16 tokens), and 8 V pair rows' 16 columns are one
+ * (8 token-pair rows x 16 columns). tdpbf16ps multiplies bf16 pairs and
+ * accumulates in fp32 like vdpbf16ps (denormals flushed), so the tolerance
+ * is the bf16 kernel's.
+ *
+ * Tiles (one configuration per span, rows = G q heads):
+ *   0 scores  G x 16 fp32     1 q    G x 32 bf16     2 K  16 pair rows x 16
+ *   3 acc     G x 16 fp32     4 P    G x 16 bf16     5 V   8 pair rows x 16
+ * The instructions are written as asm with a memory clobber: GCC 12's tile
+ * intrinsics tell the compiler neither that tileloadd reads memory nor that
+ * ldtilecfg reads all 64 bytes (so stores to either can be dropped or
+ * moved past them; ggml's AMX code crashes on exactly that). */
+#define AMX_LOAD(t, base, stride)                                                                \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"((long)(stride)) : "memory")
+#define AMX_STORE(t, base, stride)                                                               \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"((long)(stride)) : "memory")
+#define AMX_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::: "memory")
+#define AMX_DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::: "memory")
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg;
+
+static void amx_configure(int G) {
+    amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const uint8_t rows[6] = {(uint8_t)G, (uint8_t)G, 16, (uint8_t)G, (uint8_t)G, 8};
+    const uint16_t colsb[6] = {64, 64, 64, 64, 32, 64};
+    for (int t = 0; t < 6; t++) c.rows[t] = rows[t], c.colsb[t] = colsb[t];
+    __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
+}
+
+/* q.K of one piece: AMX when it is whole tiles, else the avx512bf16 stage. */
+static void qk_amx(const void *ctx, int hh, const uint8_t *k, int r, int n, float *s, pf_list *pf,
+                   int pf_lines) {
+    const bf_ctx *cx = ctx;
+    const int T = APEX_KV_PAIR_TILE;
+    if (r % T || n % T) {
+        qk_pairs(ctx, hh, k, r, n, s, pf, pf_lines);
+        return;
+    }
+    const int G = cx->G, chunks = cx->D / 32, tiles = n / T, per = (pf_lines + tiles - 1) / tiles;
+    const uint16_t *q = cx->q + (size_t)hh * G * cx->Dq;
+    const __m512 sc = _mm512_set1_ps(cx->scale);
+    float tmp[16 * 16] __attribute__((aligned(64)));
+    int left = pf_lines;
+    for (int i = 0; i < tiles; i++) {
+        const uint8_t *tile = k + (size_t)i * T * cx->rowb;
+        AMX_ZERO(0);
+        for (int c = 0; c < chunks; c++) {
+            AMX_LOAD(1, q + 32 * c, cx->Dq * 2);
+            AMX_LOAD(2, tile + (size_t)c * 16 * 64, 64);
+            AMX_DP(0, 1, 2);
+        }
+        AMX_STORE(0, tmp, 64);
+        for (int h = 0; h < G; h++)
+            _mm512_storeu_ps(s + (size_t)h * CPU_ATTN_SROW + T * i,
+                             _mm512_mul_ps(_mm512_load_ps(tmp + 16 * h), sc));
+        pf_share(pf, &left, per);
+    }
+    pf_list_some(pf, left);
+}
+
+/* P.V of one KV head: the whole-tile pieces on AMX (acc's rows are the C
+ * tile, loaded and stored once per 16 columns), the rest by the
+ * avx512bf16 stage. */
+static void pv_amx(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                   float *acc, pf_list *pf, int pf_lines) {
+    const bf_ctx *cx = ctx;
+    (void)hh;
+    const int T = APEX_KV_PAIR_TILE;
+    bf_round_p(cx, pc, npc, p);
+    pv_piece whole[SPAN_MAX_PIECES], rest[SPAN_MAX_PIECES];
+    int nw = 0, nr = 0;
+    for (int x = 0; x < npc; x++) {
+        if (pc[x].r % T == 0 && pc[x].n % T == 0) whole[nw++] = pc[x];
+        else rest[nr++] = pc[x];
+    }
+    if (nr) {
+        const int lines = nw ? pf_lines / 4 : pf_lines;
+        bf_pv_rounded(cx, rest, nr, acc, pf, lines, 1);
+        pf_lines -= lines;
+    }
+    if (!nw) return;
+    const int D = cx->D, cols = D / 16, per = (pf_lines + cols - 1) / cols;
+    const size_t vstride = (size_t)D * 4, unit = (size_t)T * cx->rowb; /* 8 pair rows */
+    int left = pf_lines;
+    for (int c = 0; c < cols; c++) {
+        float *a = acc + 16 * c;
+        AMX_LOAD(3, a, vstride);
+        for (int x = 0; x < nw; x++)
+            for (int u = 0; u < whole[x].n / T; u++) {
+                AMX_LOAD(4, cx->p + whole[x].so + T * u, PROW * 2);
+                AMX_LOAD(5, whole[x].v + u * unit + (size_t)c * 64, vstride);
+                AMX_DP(3, 4, 5);
+            }
+        AMX_STORE(3, a, vstride);
+        pf_share(pf, &left, per);
+    }
+    pf_list_some(pf, left);
+}
+
+/* AMX needs G <= 16 (tile rows) and head_dim a multiple of 32 (q.K's
+ * 32-dim steps); other shapes take the avx512bf16 stages throughout. */
+static void span_amxbf16_pairs(const cpu_attn_span *sp, float *m, float *l, float *acc,
+                               float *scratch) {
+    if (sp->G > 16 || sp->D % 32) {
+        span_avx512bf16_pairs(sp, m, l, acc, scratch);
+        return;
+    }
+    amx_configure(sp->G);
+    bf_span(sp, m, l, acc, scratch, 1, qk_amx, pv_amx);
+    __asm__ volatile("tilerelease" ::: "memory");
+}
+
+const cpu_attn_kernel cpu_attn_kernel_amxbf16 = {span_avx512bf16, cpu_attn_store_avx512,
+                                                 cpu_attn_load_avx512, 1, span_amxbf16_pairs};

@@ -77,6 +77,7 @@ extern const cpu_attn_kernel cpu_attn_kernel_scalar;
 extern const cpu_attn_kernel cpu_attn_kernel_avx2;
 extern const cpu_attn_kernel cpu_attn_kernel_avx512;
 extern const cpu_attn_kernel cpu_attn_kernel_avx512bf16;
+extern const cpu_attn_kernel cpu_attn_kernel_amxbf16;
 /* The avx512 kernel's stages, which avx512bf16 reuses for f16/f32 KV. */
 void cpu_attn_span_avx512(const cpu_attn_span *s, float *m, float *l, float *acc, float *scratch);
 void cpu_attn_store_avx512(void *out, apex_dtype dt, const float *src, float mul, int32_t n);

@@ -6,6 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "cpu_attn/cpu_attn_impl.h"
 #include "cpu_attn/kv_layout.h"
@@ -15,6 +19,8 @@ typedef struct {
     int avx2;      /* AVX2 + FMA + F16C, OS saves YMM              */
     int avx512;    /* AVX-512 F/BW/VL/DQ, OS saves ZMM and k-regs   */
     int avx512bf16;
+    int amxbf16;   /* AMX-TILE + AMX-BF16, tile state in XCR0, and the
+                    * process's permission to use it (Linux asks for it) */
 } isa_caps;
 
 static uint64_t xgetbv0(void) {
@@ -24,7 +30,7 @@ static uint64_t xgetbv0(void) {
 }
 
 static isa_caps detect(void) {
-    isa_caps c = {0, 0, 0};
+    isa_caps c = {0, 0, 0, 0};
     unsigned a, b, cx, d;
     if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
     int fma = (cx >> 12) & 1, osxsave = (cx >> 27) & 1, avx = (cx >> 28) & 1;
@@ -43,6 +49,15 @@ static isa_caps detect(void) {
         unsigned a71 = 0, b71, c71, d71;
         __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
         c.avx512bf16 = (a71 >> 5) & 1;
+    }
+    /* AMX: cpuid 7.0 edx bits 22 (BF16) and 24 (TILE), XCR0 bits 17-18
+     * (tile config and data), and on Linux the permission for tile data
+     * (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18), asked for once for the
+     * process; without it the first tile instruction traps. */
+    if (c.avx512bf16 && ((d7 >> 22) & 1) && ((d7 >> 24) & 1) && (xcr0 & 0x60000) == 0x60000) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+        c.amxbf16 = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
     }
     return c;
 }
@@ -63,6 +78,7 @@ static int supported(cpu_attn_isa isa) {
     case CPU_ATTN_ISA_AVX2: return c.avx2;
     case CPU_ATTN_ISA_AVX512: return c.avx512;
     case CPU_ATTN_ISA_AVX512BF16: return c.avx512 && c.avx512bf16;
+    case CPU_ATTN_ISA_AMXBF16: return c.avx512 && c.avx512bf16 && c.amxbf16;
     }
     return 0;
 }
@@ -73,6 +89,7 @@ int cpu_attn_have_avx512bf16(void) { return caps().avx512bf16; }
 static _Atomic int selected = -1;
 
 static cpu_attn_isa best(void) {
+    if (supported(CPU_ATTN_ISA_AMXBF16)) return CPU_ATTN_ISA_AMXBF16;
     if (supported(CPU_ATTN_ISA_AVX512BF16)) return CPU_ATTN_ISA_AVX512BF16;
     if (supported(CPU_ATTN_ISA_AVX512)) return CPU_ATTN_ISA_AVX512;
     if (supported(CPU_ATTN_ISA_AVX2)) return CPU_ATTN_ISA_AVX2;
@@ -84,12 +101,13 @@ static cpu_attn_isa decide(void) {
     const char *env = apex_env_get(APEX_ENV_ISA);
     if (env && *env) {
         cpu_attn_isa want;
-        if (!strcmp(env, "avx512bf16")) want = CPU_ATTN_ISA_AVX512BF16;
+        if (!strcmp(env, "amxbf16")) want = CPU_ATTN_ISA_AMXBF16;
+        else if (!strcmp(env, "avx512bf16")) want = CPU_ATTN_ISA_AVX512BF16;
         else if (!strcmp(env, "avx512")) want = CPU_ATTN_ISA_AVX512;
         else if (!strcmp(env, "avx2")) want = CPU_ATTN_ISA_AVX2;
         else if (!strcmp(env, "scalar")) want = CPU_ATTN_ISA_SCALAR;
         else {
-            fprintf(stderr, "apex: APEX_ISA=%s is not avx512bf16|avx512|avx2|scalar; using %s\n", env,
+            fprintf(stderr, "apex: APEX_ISA=%s is not amxbf16|avx512bf16|avx512|avx2|scalar; using %s\n", env,
                     cpu_attn_isa_name(pick));
             return pick;
         }
@@ -115,13 +133,14 @@ const char *cpu_attn_isa_name(cpu_attn_isa isa) {
     case CPU_ATTN_ISA_AVX2: return "avx2";
     case CPU_ATTN_ISA_AVX512: return "avx512";
     case CPU_ATTN_ISA_AVX512BF16: return "avx512bf16";
+    case CPU_ATTN_ISA_AMXBF16: return "amxbf16";
     }
     return "unknown";
 }
 
 int cpu_attn_isa_force(cpu_attn_isa isa) {
     if (isa != CPU_ATTN_ISA_SCALAR && isa != CPU_ATTN_ISA_AVX2 && isa != CPU_ATTN_ISA_AVX512 &&
-        isa != CPU_ATTN_ISA_AVX512BF16)
+        isa != CPU_ATTN_ISA_AVX512BF16 && isa != CPU_ATTN_ISA_AMXBF16)
         return -1;
     if (!supported(isa)) return -1;
     atomic_store_explicit(&selected, (int)isa, memory_order_release);
@@ -130,6 +149,7 @@ int cpu_attn_isa_force(cpu_attn_isa isa) {
 
 const cpu_attn_kernel *cpu_attn_kernel_get(cpu_attn_isa isa) {
     switch (isa) {
+    case CPU_ATTN_ISA_AMXBF16: return &cpu_attn_kernel_amxbf16;
     case CPU_ATTN_ISA_AVX512BF16: return &cpu_attn_kernel_avx512bf16;
     case CPU_ATTN_ISA_AVX512: return &cpu_attn_kernel_avx512;
     case CPU_ATTN_ISA_AVX2: return &cpu_attn_kernel_avx2;

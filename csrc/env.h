@@ -32,7 +32,7 @@
     X(DEVICE, "auto|none|emulated|cuda", "auto", "the device a context opens")                  \
     X(CPUSET, "cpu list", "", "worker cores, e.g. 0-3,8 (default: the GPU's local cores)")      \
     X(HOST_KV_GB, "float", "2", "host-tier size over all layers when host_blocks is 0")         \
-    X(ISA, "avx512bf16|avx512|avx2|scalar", "best", "CPU attention kernel (first call)")       \
+    X(ISA, "amxbf16|avx512bf16|avx512|avx2|scalar", "best", "CPU attention kernel (first call)")       \
     X(PIN_HOST_POOL, "0|1", "1", "0: do not cudaHostRegister the host pool")                    \
     X(HUGE_ENGINE_KV, "0|1", "0", "1: an engine's host KV onto huge pages at context creation") \
     X(KV_LAYOUT, "auto|rows", "auto", "host-mode bf16 KV: auto takes the CPU pair layout")      \

@@ -161,7 +161,7 @@ static void test_attention_matches_naive(void **state) {
  * max|V|; q is bf16-exact too). */
 static void test_bf16_layouts(void **state) {
     (void)state;
-    const int isa_pairs = !strcmp(apex_cpu_isa(), "avx512bf16");
+    const int isa_pairs = !strcmp(apex_cpu_isa(), "avx512bf16") || !strcmp(apex_cpu_isa(), "amxbf16");
     for (int rows = 0; rows < 2; rows++) {
         if (rows) setenv("APEX_KV_LAYOUT", "rows", 1);
         else unsetenv("APEX_KV_LAYOUT");
@@ -509,7 +509,7 @@ static void test_version_and_isa(void **state) {
     assert_int_equal(apex_abi_version(), APEX_ABI_VERSION);
     assert_string_equal(apex_version(), APEX_VERSION_STRING);
     const char *isa = apex_cpu_isa();
-    assert_true(!strcmp(isa, "avx512bf16") || !strcmp(isa, "avx512") || !strcmp(isa, "avx2") ||
+    assert_true(!strcmp(isa, "amxbf16") || !strcmp(isa, "avx512bf16") || !strcmp(isa, "avx512") || !strcmp(isa, "avx2") ||
                 !strcmp(isa, "scalar"));
     assert_string_equal(apex_status_name(APEX_ERR_OUT_OF_BLOCKS), "APEX_ERR_OUT_OF_BLOCKS");
     apex_config c = small_config();

@@ -80,7 +80,7 @@ static double bf16_extra(const tcase *c, const void *q) {
 }
 
 static int n_isas;
-static cpu_attn_isa isas[4];
+static cpu_attn_isa isas[5];
 
 /* Largest fp32-output error of the avx512bf16 variant on bf16 KV with bf16
  * q (P's rounding alone). */
@@ -163,7 +163,8 @@ static void run_case(const tcase *c, double *worst) {
     const int n_threads = c->few_threads ? 2 : 3;
     for (int k = 0; k < n_isas; k++) {
         assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
-        const int bf = isas[k] == CPU_ATTN_ISA_AVX512BF16 && c->kv == APEX_DTYPE_BF16;
+        const int bf = (isas[k] == CPU_ATTN_ISA_AVX512BF16 || isas[k] == CPU_ATTN_ISA_AMXBF16) &&
+                       c->kv == APEX_DTYPE_BF16;
         const double extra = bf ? bf16_extra(c, q) : 0.0;
         for (int ti = 0; ti < n_threads; ti++) {
             memset(out, 0xff, n_q * 4); /* NaN everywhere: every output must be written */
@@ -187,7 +188,7 @@ static void run_case(const tcase *c, double *worst) {
         b.out_dtype = c->out;
         for (int k = 0; k < n_isas; k++) {
             assert_int_equal(cpu_attn_isa_force(isas[k]), 0);
-            if (isas[k] != CPU_ATTN_ISA_AVX512BF16) {
+            if (isas[k] != CPU_ATTN_ISA_AVX512BF16 && isas[k] != CPU_ATTN_ISA_AMXBF16) {
                 assert_int_equal(cpu_attn_pairs_ok(&g), 0);
                 assert_int_equal(cpu_attn_decode(&g, &b, ws, 1), -1);
                 continue;
@@ -197,7 +198,10 @@ static void run_case(const tcase *c, double *worst) {
             for (int ti = 0; ti < n_threads; ti++) {
                 memset(out, 0xff, n_q * 4);
                 assert_int_equal(cpu_attn_decode(&g, &b, ws, threads[ti]), 0);
-                expect_close(c, ref, out, n_q, extra, "avx512bf16, pair layout", threads[ti]);
+                expect_close(c, ref, out, n_q, extra,
+                             isas[k] == CPU_ATTN_ISA_AMXBF16 ? "amxbf16, pair layout"
+                                                             : "avx512bf16, pair layout",
+                             threads[ti]);
             }
         }
         pairs_cases++;
@@ -267,7 +271,9 @@ static void test_isa_dispatch(void **state) {
     (void)state;
     cpu_attn_isa sel = cpu_attn_isa_selected();
     assert_true(sel == CPU_ATTN_ISA_SCALAR || sel == CPU_ATTN_ISA_AVX2 ||
-                sel == CPU_ATTN_ISA_AVX512 || sel == CPU_ATTN_ISA_AVX512BF16);
+                sel == CPU_ATTN_ISA_AVX512 || sel == CPU_ATTN_ISA_AVX512BF16 ||
+                sel == CPU_ATTN_ISA_AMXBF16);
+    assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AMXBF16), "amxbf16");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX512BF16), "avx512bf16");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX512), "avx512");
     assert_string_equal(cpu_attn_isa_name(CPU_ATTN_ISA_AVX2), "avx2");
@@ -422,11 +428,11 @@ static void test_workspace(void **state) {
  * has it, else the best one it has (APEX_ISA naming a missing or unknown
  * variant falls back). Returns the process status. */
 static int check_isa_env(const char *expect) {
-    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_AVX512BF16, CPU_ATTN_ISA_AVX512,
-                                       CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_SCALAR};
+    static const cpu_attn_isa all[] = {CPU_ATTN_ISA_AMXBF16, CPU_ATTN_ISA_AVX512BF16,
+                                       CPU_ATTN_ISA_AVX512, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_SCALAR};
     const char *sel = cpu_attn_isa_name(cpu_attn_isa_selected()); /* decided from APEX_ISA */
     const char *want = NULL, *best = NULL;
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 5; k++) {
         if (cpu_attn_isa_force(all[k])) continue; /* the CPU lacks it */
         if (!best) best = cpu_attn_isa_name(all[k]);
         if (!strcmp(expect, cpu_attn_isa_name(all[k]))) want = expect;
@@ -460,9 +466,9 @@ int main(void) {
     if (expect) return check_isa_env(expect);
     /* Variants this CPU runs; forcing each is part of the test. */
     static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512,
-                                       CPU_ATTN_ISA_AVX512BF16};
+                                       CPU_ATTN_ISA_AVX512BF16, CPU_ATTN_ISA_AMXBF16};
     cpu_attn_isa sel = cpu_attn_isa_selected();
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
         if (cpu_attn_isa_force(all[k]) == 0) isas[n_isas++] = all[k];
     cpu_attn_isa_force(sel);
     fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);

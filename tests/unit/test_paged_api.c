@@ -534,7 +534,7 @@ static void test_half_dtypes(void **state) {
      * element 3 in the pair layout (host mode picks it for bf16) */
     const size_t v_h1 = (size_t)HK * BT * D + (size_t)1 * BT * D;
     const int pairs = apex_context_kv_layout(ctx) == APEX_KV_PAIRS;
-    assert_int_equal(pairs, apex_context_host_mode(ctx) && !strcmp(apex_cpu_isa(), "avx512bf16"));
+    assert_int_equal(pairs, apex_context_host_mode(ctx) && (!strcmp(apex_cpu_isa(), "avx512bf16") || !strcmp(apex_cpu_isa(), "amxbf16")));
     assert_int_equal(blk[v_h1 + (pairs ? (2 / 2) * 2 * D + 2 * 3 + 0 : 2 * D + 3)],
                      apex_f32_to_bf16(apex_f16_to_f32(vh[18][D + 3])));
     /* K of kv head 0, token 18 (row 2 of tile 0), element 5: dim pair 2's

@@ -42,7 +42,7 @@
  * KV layout (identical on both tiers, so a tier move is a block copy)
  * -------------------------------------------------------------------
  * (The one exception: a context without a device, bf16 KV, block_tokens >= 16
- * and the avx512bf16 CPU kernel orders the elements inside each panel for the
+ * and the avx512bf16 or amxbf16 CPU kernel orders the elements inside each panel for the
  * CPU's pair dot products, apex_context_kv_layout() == APEX_KV_PAIRS; see
  * cpu_attn/kv_layout.h. Block bytes, panels and their places are as below.
  * APEX_KV_LAYOUT=rows keeps the row layout.)
@@ -214,9 +214,9 @@ typedef enum apex_kv_order {
 } apex_kv_order;
 APEX_API apex_kv_order apex_context_kv_layout(const apex_context *ctx);
 
-/* Name of the CPU kernel variant in use: "avx512bf16", "avx512", "avx2" or
- * "scalar". Chosen once from cpuid; APEX_ISA=avx512bf16|avx512|avx2|scalar
- * forces one. */
+/* Name of the CPU kernel variant in use: "amxbf16", "avx512bf16", "avx512",
+ * "avx2" or "scalar". Chosen once from cpuid; APEX_ISA=amxbf16|avx512bf16|
+ * avx512|avx2|scalar forces one. */
 APEX_API const char *apex_cpu_isa(void);
 
 /* What this build accepts, for engines to ask instead of keeping lists
