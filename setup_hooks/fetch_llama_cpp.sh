@@ -100,15 +100,21 @@ if [ "${APEX_LLAMA_CUDA:-0}" = 1 ]; then
          "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
 else
   BUILD=$ROOT/build
-  # No AMX in ggml-cpu even where -march=native has it: on a Xeon VM with AMX
-  # (cpuid and XCR0 both say yes) its AMX matmul kills llama-batched -np 8
-  # with SIGILL before any APEX code runs (ldtilecfg faults on the config it
-  # builds on the stack, the next tile instruction traps; upstream: ggml-org/
-  # llama.cpp PR 26954). Its AVX-512 paths are the same on either CPU then.
+  # -march=native, less two things a Xeon (Sapphire Rapids and later) adds:
+  # - AMX: on a Xeon VM with AMX (cpuid and XCR0 both say yes) ggml's AMX
+  #   matmul kills llama-batched -np 8 with SIGILL before any APEX code runs
+  #   (ldtilecfg faults on the config it builds on the stack, the next tile
+  #   instruction traps; upstream: ggml-org/llama.cpp PR 26954).
+  # - AVX512-FP16: with it ggml-cpu's FLASH_ATTN_EXT accumulates V in fp16
+  #   arithmetic (_mm512_fmadd_ph, the weight rounded to fp16) for head_dim
+  #   >= 128, where the F16C build converts, FMAs in fp32 and rounds once.
+  #   APEX's exact mode mirrors the F16C build (every x86 ggml without
+  #   AVX512-FP16, Zen 4's native one included); see
+  #   integration/llama_cpp/README.md, "Exactness".
   # GCC's explicit -mno-* flags win over -march=native whatever their order.
+  nox86=(-mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -mno-avx512fp16)
   extra=(-DGGML_CUDA=OFF -DGGML_NATIVE=ON
-         "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-         "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+         "-DCMAKE_C_FLAGS=${nox86[*]}" "-DCMAKE_CXX_FLAGS=${nox86[*]}")
 fi
 targets=(llama llama-batched llama-bench llama-simple llama-server llama-cli ${APEX_LLAMA_TARGETS:-})
 # LLAMA_USE_PREBUILT_UI=OFF: llama-server's web page is not fetched from the
