@@ -626,7 +626,8 @@ static void pv_amx(const void *ctx, int hh, const pv_piece *pc, int npc, const f
         if (pc[x].r % T == 0 && pc[x].n % T == 0) whole[nw++] = pc[x];
         else rest[nr++] = pc[x];
     }
-    if (nr) {
+    if (nr) { /* a group has at most two such pieces (its ends): a quarter
+               * of the lines (not tuned) */
         const int lines = nw ? pf_lines / 4 : pf_lines;
         bf_pv_rounded(cx, rest, nr, acc, pf, lines, 1);
         pf_lines -= lines;

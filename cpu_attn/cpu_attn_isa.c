@@ -9,6 +9,9 @@
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+/* arch_prctl's request for an extended state component, and AMX tile data's. */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
 #endif
 
 #include "cpu_attn/cpu_attn_impl.h"
@@ -51,12 +54,12 @@ static isa_caps detect(void) {
         c.avx512bf16 = (a71 >> 5) & 1;
     }
     /* AMX: cpuid 7.0 edx bits 22 (BF16) and 24 (TILE), XCR0 bits 17-18
-     * (tile config and data), and on Linux the permission for tile data
-     * (arch_prctl ARCH_REQ_XCOMP_PERM, feature 18), asked for once for the
-     * process; without it the first tile instruction traps. */
+     * (tile config and data), and on Linux the permission for tile data,
+     * asked for once for the process; without it the first tile
+     * instruction traps. */
     if (c.avx512bf16 && ((d7 >> 22) & 1) && ((d7 >> 24) & 1) && (xcr0 & 0x60000) == 0x60000) {
 #if defined(__linux__) && defined(SYS_arch_prctl)
-        c.amxbf16 = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+        c.amxbf16 = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 #endif
     }
     return c;

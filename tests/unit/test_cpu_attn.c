@@ -432,7 +432,7 @@ static int check_isa_env(const char *expect) {
                                        CPU_ATTN_ISA_AVX512, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_SCALAR};
     const char *sel = cpu_attn_isa_name(cpu_attn_isa_selected()); /* decided from APEX_ISA */
     const char *want = NULL, *best = NULL;
-    for (int k = 0; k < 5; k++) {
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) {
         if (cpu_attn_isa_force(all[k])) continue; /* the CPU lacks it */
         if (!best) best = cpu_attn_isa_name(all[k]);
         if (!strcmp(expect, cpu_attn_isa_name(all[k]))) want = expect;
@@ -468,7 +468,7 @@ int main(void) {
     static const cpu_attn_isa all[] = {CPU_ATTN_ISA_SCALAR, CPU_ATTN_ISA_AVX2, CPU_ATTN_ISA_AVX512,
                                        CPU_ATTN_ISA_AVX512BF16, CPU_ATTN_ISA_AMXBF16};
     cpu_attn_isa sel = cpu_attn_isa_selected();
-    for (int k = 0; k < 5; k++)
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
         if (cpu_attn_isa_force(all[k]) == 0) isas[n_isas++] = all[k];
     cpu_attn_isa_force(sel);
     fprintf(stderr, "cpu_attn: selected %s, testing %d variants\n", cpu_attn_isa_name(sel), n_isas);
