@@ -511,22 +511,27 @@ INL void bf_pv_rounded(const bf_ctx *cx, const pv_piece *pc, int npc, float *acc
     }
 }
 
-INL void bf_pv(const bf_ctx *cx, const pv_piece *pc, int npc, const float *p, float *acc,
-               pf_list *pf, int pf_lines, int pairs) {
-    bf_round_p(cx, pc, npc, p);
-    bf_pv_rounded(cx, pc, npc, acc, pf, pf_lines, pairs);
-}
-
 static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
                     float *acc, pf_list *pf, int pf_lines) {
     (void)hh;
-    bf_pv(ctx, pc, npc, p, acc, pf, pf_lines, 0);
+    bf_round_p(ctx, pc, npc, p);
+    bf_pv_rounded(ctx, pc, npc, acc, pf, pf_lines, 0);
+}
+
+/* The pair layout's P.V on rounded P, one copy for pv_pairs and pv_amx's
+ * partial pieces: inlined into both it doubled the file's compile time
+ * (clang's ASan+UBSan+coverage build: over 10 minutes). */
+static __attribute__((noinline)) void pv_pairs_rounded(const bf_ctx *cx, const pv_piece *pc,
+                                                       int npc, float *acc, pf_list *pf,
+                                                       int pf_lines) {
+    bf_pv_rounded(cx, pc, npc, acc, pf, pf_lines, 1);
 }
 
 static void pv_pairs(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
                      float *acc, pf_list *pf, int pf_lines) {
     (void)hh;
-    bf_pv(ctx, pc, npc, p, acc, pf, pf_lines, 1);
+    bf_round_p(ctx, pc, npc, p);
+    pv_pairs_rounded(ctx, pc, npc, acc, pf, pf_lines);
 }
 
 static void span_avx512bf16_pairs(const cpu_attn_span *sp, float *m, float *l, float *acc,
@@ -629,7 +634,7 @@ static void pv_amx(const void *ctx, int hh, const pv_piece *pc, int npc, const f
     if (nr) { /* a group has at most two such pieces (its ends): a quarter
                * of the lines (not tuned) */
         const int lines = nw ? pf_lines / 4 : pf_lines;
-        bf_pv_rounded(cx, rest, nr, acc, pf, lines, 1);
+        pv_pairs_rounded(cx, rest, nr, acc, pf, lines);
         pf_lines -= lines;
     }
     if (!nw) return;
