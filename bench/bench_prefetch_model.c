@@ -51,8 +51,9 @@ int bench_prefetch_model_main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json")) json = 1;
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--kv-layout") && i + 1 < argc && !strcmp(argv[i + 1], "pairs")) pairs = 1, i++;
-        else if (!strcmp(argv[i], "--kv-layout") && i + 1 < argc && !strcmp(argv[i + 1], "rows")) pairs = 0, i++;
+        else if (!strcmp(argv[i], "--kv-layout") && i + 1 < argc &&
+                 (!strcmp(argv[i + 1], "pairs") || !strcmp(argv[i + 1], "rows")))
+            pairs = !strcmp(argv[++i], "pairs");
         else if (!strcmp(argv[i], "--fma") && i + 1 < argc) {
             n_fma = 0;
             for (char *s = argv[++i]; *s && n_fma < 16;) {
@@ -61,7 +62,8 @@ int bench_prefetch_model_main(int argc, char **argv) {
                 else break;
             }
         } else {
-            fprintf(stderr, "usage: apex-bench prefetch-model [--json] [--threads N] [--fma N,..] [--kv-layout rows|pairs]\n"
+            fprintf(stderr, "usage: apex-bench prefetch-model [--json] [--threads N] [--fma N,..]\n"
+                            "         [--kv-layout rows|pairs]\n"
                             "  --fma: synthetic FMAs per 64-byte line, one row each (default 0,1,2,4,8)\n");
             return 2;
         }
@@ -77,15 +79,19 @@ int bench_prefetch_model_main(int argc, char **argv) {
     const int ctx = 8192, nb = ctx / PM_BT;
     const int n_seqs = (int)(DRAM_BYTES / ((size_t)nb * lay.block));
     const size_t n_blocks = (size_t)n_seqs * nb, bytes = n_blocks * lay.block;
-    const size_t scratch_floats = 2 * PM_H * PM_G * PM_D + 2 * PM_H * PM_G + cpu_attn_scratch_floats(PM_H * PM_G, PM_D) + 64;
+    /* Per thread: q, acc, m, l (what the span reads and writes), the
+     * driver's scratch. */
+    const size_t scratch_floats = 2 * PM_H * PM_G * PM_D + 2 * PM_H * PM_G +
+                                  cpu_attn_scratch_floats(PM_H * PM_G, PM_D) + 64;
     uint8_t *kv = host_mem_alloc(NULL, bytes);
     int32_t *table = random_table(n_blocks);
     int32_t *cache_table = random_table((size_t)threads * (CACHE_CTX / PM_BT));
     float *scratch = aligned_alloc(64, ((size_t)threads * scratch_floats * 4 + 63) & ~(size_t)63);
     stream_buf sb = {0};
+    int rc = 1;
     if (!kv || !table || !cache_table || !scratch || stream_init(&sb, DRAM_BYTES, threads)) {
         fprintf(stderr, "apex-bench prefetch-model: out of memory\n");
-        return 1;
+        goto done;
     }
     /* bf16 1.0 everywhere: finite, and the pages backed by the threads. */
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -93,33 +99,37 @@ int bench_prefetch_model_main(int argc, char **argv) {
     const double stream = stream_read_gbps(&sb, threads, 5);
     if (json) printf("{\"bench\":\"prefetch-model\",\"threads\":%d,\"kv_layout\":\"%s\",\"kv_bytes\":%zu,"
                      "\"stream_gbps\":%.2f,\"rows\":[", threads, pairs ? "pairs" : "rows", bytes, stream);
-    else printf("threads %d, STREAM read %.2f GB/s, %zu MiB of bf16 KV (Llama-3.1-8B heads, block 16, %s)\n"
-                "%12s %16s %12s %8s\n", threads, stream, bytes >> 20, pairs ? "pair layout" : "row layout", "fma/line", "in-cache GB/s",
-                "DRAM GB/s", "ratio");
+    else printf("threads %d, STREAM read %.2f GB/s, %zu MiB of bf16 KV (Llama-3.1-8B heads, "
+                "block 16, %s)\n%12s %16s %12s %8s\n", threads, stream, bytes >> 20,
+                pairs ? "pair layout" : "row layout", "fma/line", "in-cache GB/s", "DRAM GB/s", "ratio");
     for (int f = 0; f < n_fma; f++) {
         const int fma = fmas[f] < 0 ? 0 : fmas[f];
         /* In cache: each thread's own CACHE_CTX-token sequence, re-read. */
         double best_c = 1e30, best_d = 1e30;
         for (int rep = 0; rep < 20; rep++) {
-            const double t = prefetch_model_run(kv, cache_table, threads, CACHE_CTX, threads, fma, pairs, scratch,
-                                                scratch_floats);
+            const double t = prefetch_model_run(kv, cache_table, threads, CACHE_CTX, threads, fma,
+                                                pairs, scratch, scratch_floats);
             if (t < best_c) best_c = t;
         }
         for (int rep = 0; rep < 3; rep++) {
-            const double t = prefetch_model_run(kv, table, n_seqs, ctx, threads, fma, pairs, scratch, scratch_floats);
+            const double t =
+                prefetch_model_run(kv, table, n_seqs, ctx, threads, fma, pairs, scratch, scratch_floats);
             if (t < best_d) best_d = t;
         }
         const double cache = (double)threads * (CACHE_CTX / PM_BT) * lay.block / best_c / 1e9;
         const double dram = (double)bytes / best_d / 1e9;
-        if (json) printf("%s{\"fma_per_line\":%d,\"in_cache_gbps\":%.2f,\"dram_gbps\":%.2f,\"ratio\":%.4f}",
-                         f ? "," : "", fma, cache, dram, dram / stream);
+        if (json)
+            printf("%s{\"fma_per_line\":%d,\"in_cache_gbps\":%.2f,\"dram_gbps\":%.2f,\"ratio\":%.4f}",
+                   f ? "," : "", fma, cache, dram, dram / stream);
         else printf("%12d %16.2f %12.2f %8.3f\n", fma, cache, dram, dram / stream);
     }
     if (json) printf("]}\n");
+    rc = 0;
+done:
     stream_free(&sb);
-    host_mem_free(kv, bytes);
+    if (kv) host_mem_free(kv, bytes);
     free(table);
     free(cache_table);
     free(scratch);
-    return 0;
+    return rc;
 }

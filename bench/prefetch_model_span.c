@@ -71,15 +71,16 @@ double prefetch_model_run(const uint8_t *kv, const int32_t *table, int n_seqs, i
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < n_seqs; i++) {
         float *ts = scratch + (size_t)omp_get_thread_num() * scratch_floats;
-        float *q = ts, *acc = q + PM_H * PM_G * PM_D, *ml = acc + PM_H * PM_G * PM_D, *l = ml + PM_H * PM_G;
+        float *q = ts, *acc = q + PM_H * PM_G * PM_D, *ml = acc + PM_H * PM_G * PM_D;
+        float *l = ml + PM_H * PM_G;
         const cpu_attn_span sp = {
             .q = q, .q_scale = 1.0f, .kv = kv, .blocks = table + (size_t)i * nb,
             .block_bytes = lay.block, .k_off = apex_kv_offset(&lay, 0, 0, 0),
-            .v_off = apex_kv_offset(&lay, 1, 0, 0), .panel = lay.panel, .NH = PM_H, .G = PM_G, .D = PM_D,
-            .bt = PM_BT, .t0 = 0, .t1 = ctx, .kv_dtype = APEX_DTYPE_BF16, .softcap = 0.0f,
+            .v_off = apex_kv_offset(&lay, 1, 0, 0), .panel = lay.panel,
+            .NH = PM_H, .G = PM_G, .D = PM_D, .bt = PM_BT, .t0 = 0, .t1 = ctx,
+            .kv_dtype = APEX_DTYPE_BF16, .softcap = 0.0f,
         };
         avx512_span_run(&sp, ml, l, acc, l + PM_H * PM_G, 1, pairs, qk_model, pv_model, m);
     }
     return omp_get_wtime() - t0;
 }
-
