@@ -71,6 +71,15 @@ cpu_attn_isa cpu_attn_isa_selected(void);
 const char *cpu_attn_isa_name(cpu_attn_isa isa);
 /* Forces a variant (tests); returns 0, or -1 if the CPU lacks it. */
 int cpu_attn_isa_force(cpu_attn_isa isa);
+/* 1 if the AVX-512 kernels' row-layout q.K takes 256-bit tiles for 3-4 q
+ * heads per KV head (f16 KV in avx512, bf16 KV in avx512bf16): faster where
+ * 512-bit operations issue as two 256-bit halves (AMD Zen 4, measured
+ * +2-7 % in cache), much slower where they do not (a Xeon: 512-bit tiles
+ * ran 1.3-1.5x faster in cache). From cpuid (AMD family 19h), decided once;
+ * cpu_attn_qk_ymm_force(0 or 1) overrides it (tests: each path on any
+ * CPU), -1 returns to cpuid's choice. */
+int cpu_attn_qk_ymm(void);
+void cpu_attn_qk_ymm_force(int on);
 /* 1 if g's KV may be held in the pair layout: bf16 KV, block_tokens >= 16
  * and the selected variant reads it (avx512bf16, amxbf16); the others and
  * cpu_attn_decode on a geometry they cannot read return -1. The reference

@@ -24,7 +24,7 @@
 /* n consecutive rows of one block panel, HT heads; pf_lines of pf spread
  * over the tiles. */
 INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s, int dt,
-                 int HT, pf_list *pf, int pf_lines) {
+                 int HT, int ymm, pf_list *pf, int pf_lines) {
     int j = 0, left = pf_lines;
     if (HT == 1) {
         const int per = (pf_lines + (n + 15) / 16 - 1) / ((n + 15) / 16);
@@ -36,8 +36,9 @@ INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, fl
     } else {
         const int TT = 16 / HT, per = (pf_lines + (n + TT - 1) / TT - 1) / ((n + TT - 1) / TT);
         for (; j + TT <= n; j += TT) {
-            /* f16 KV, 3-4 heads: 256-bit tiles, q.K 5-7 % faster in cache. */
-            if (dt == APEX_DTYPE_F16 && (HT == 3 || HT == 4))
+            /* f16 KV, 3-4 heads: 256-bit tiles where cpu_attn_qk_ymm says
+             * (Zen 4: q.K 5-7 % faster in cache; a Xeon: 1.5x slower). */
+            if (ymm && dt == APEX_DTYPE_F16 && (HT == 3 || HT == 4))
                 avx512_qk_tile_ymm(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, TT, HT);
             else
                 avx512_qk_tile(q, D, k + (size_t)j * rowb, rowb, s + j, CPU_ATTN_SROW, (apex_dtype)dt, TT, HT);
@@ -49,13 +50,13 @@ INL void qk_rows(const float *q, int D, const uint8_t *k, size_t rowb, int n, fl
 }
 
 #define QK_CASE(DT, HT) \
-    case (DT) * 16 + (HT): qk_rows(qh, D, k, rowb, n, sh, DT, HT, pf, pf_lines); break;
+    case (DT) * 16 + (HT): qk_rows(qh, D, k, rowb, n, sh, DT, HT, ymm, pf, pf_lines); break;
 #define QK_CASES(DT) \
     QK_CASE(DT, 1) QK_CASE(DT, 2) QK_CASE(DT, 3) QK_CASE(DT, 4) \
     QK_CASE(DT, 5) QK_CASE(DT, 6) QK_CASE(DT, 7) QK_CASE(DT, 8)
 
 static void qk_block(const float *q, int D, const uint8_t *k, size_t rowb, int n, float *s,
-                     int dt, int G, pf_list *pf, int pf_lines) {
+                     int dt, int G, int ymm, pf_list *pf, int pf_lines) {
     for (int h0 = 0; h0 < G; h0 += 8) {
         const int HT = G - h0 < 8 ? G - h0 : 8;
         const float *qh = q + (size_t)h0 * D;
@@ -127,13 +128,15 @@ typedef struct {
     const float *q; /* [NH*G][D], prescaled */
     int D, G, dt;
     size_t rowb;
+    int ymm;        /* cpu_attn_qk_ymm() */
 } fma_ctx;
 
 static void qk_fma(const void *ctx, int hh, const uint8_t *k, int r, int n, float *s,
                    pf_list *pf, int pf_lines) {
     const fma_ctx *c = ctx;
     (void)r;
-    qk_block(c->q + (size_t)hh * c->G * c->D, c->D, k, c->rowb, n, s, c->dt, c->G, pf, pf_lines);
+    qk_block(c->q + (size_t)hh * c->G * c->D, c->D, k, c->rowb, n, s, c->dt, c->G, c->ymm, pf,
+             pf_lines);
 }
 
 static void pv_fma(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p, float *acc,
@@ -146,7 +149,7 @@ static void pv_fma(const void *ctx, int hh, const pv_piece *pc, int npc, const f
 /* Also the avx512bf16 kernel's path for f16 and f32 KV. */
 void cpu_attn_span_avx512(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch) {
     const fma_ctx c = {sp->q, sp->D, sp->G, (int)sp->kv_dtype,
-                       (size_t)sp->D * apex_dtype_size(sp->kv_dtype)};
+                       (size_t)sp->D * apex_dtype_size(sp->kv_dtype), cpu_attn_qk_ymm()};
     avx512_span_run(sp, m, l, acc, scratch, 0, 0, qk_fma, pv_fma, &c);
 }
 

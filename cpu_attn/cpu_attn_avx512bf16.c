@@ -39,6 +39,7 @@ typedef struct {
     int D, Dq, G;
     size_t rowb;
     float scale;
+    int ymm;           /* cpu_attn_qk_ymm()                          */
 } bf_ctx;
 
 INL __m512bh as_bh(__m512i x) { return (__m512bh)x; }
@@ -122,11 +123,12 @@ INL void bf_qk_tile256(const uint16_t *q, int Dq, int D, const uint8_t *k, size_
     avx512_store_tile(s, CPU_ATTN_SROW, _mm512_mul_ps(avx512_hsum16_ymm(a, TT * HT), _mm512_set1_ps(scale)), TT, HT);
 }
 
-/* 256-bit where measured faster (3 heads +4-7 % in cache, 4 heads +2-3 %);
- * 2 heads lost 10 % from DRAM with it (head_dim 256) and 8 gained nothing. */
+/* 256-bit where measured faster on Zen 4 (3 heads +4-7 % in cache, 4 heads
+ * +2-3 %; 2 heads lost 10 % from DRAM with it (head_dim 256) and 8 gained
+ * nothing), when cpu_attn_qk_ymm says: on a Xeon it was 1.3x slower. */
 INL void bf_qk_tile(const uint16_t *q, int Dq, int D, const uint8_t *k, size_t rowb, float *s,
-                    float scale, int TT, int HT) {
-    if (HT == 3 || HT == 4) bf_qk_tile256(q, Dq, D, k, rowb, s, scale, TT, HT);
+                    float scale, int TT, int HT, int ymm) {
+    if (ymm && (HT == 3 || HT == 4)) bf_qk_tile256(q, Dq, D, k, rowb, s, scale, TT, HT);
     else bf_qk_tile512(q, Dq, D, k, rowb, s, scale, TT, HT);
 }
 
@@ -135,11 +137,13 @@ INL void bf_qk_rows(const bf_ctx *cx, const uint16_t *q, const uint8_t *k, int n
     const int TT = 16 / HT, tiles = (n + TT - 1) / TT, per = (pf_lines + tiles - 1) / tiles;
     int j = 0, left = pf_lines;
     for (; j + TT <= n; j += TT) {
-        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, TT, HT);
+        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, TT, HT,
+                   cx->ymm);
         pf_share(pf, &left, per);
     }
     for (; j < n; j++)
-        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, 1, HT);
+        bf_qk_tile(q, cx->Dq, cx->D, k + (size_t)j * cx->rowb, cx->rowb, s + j, cx->scale, 1, HT,
+                   cx->ymm);
     pf_list_some(pf, left);
 }
 
@@ -324,7 +328,7 @@ INL void bf_span(const cpu_attn_span *sp, float *m, float *l, float *acc, float 
                                     : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
         }
-    const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale};
+    const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale, cpu_attn_qk_ymm()};
     avx512_span_run(sp, m, l, acc, scratch, 1, pairs, qk, pv, &cx);
 }
 

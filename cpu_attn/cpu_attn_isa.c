@@ -24,6 +24,8 @@ typedef struct {
     int avx512bf16;
     int amxbf16;   /* AMX-TILE + AMX-BF16, tile state in XCR0, and the
                     * process's permission to use it (Linux asks for it) */
+    int zmm_split; /* 512-bit ops issue as two 256-bit halves: AMD
+                    * family 19h (Zen 4, the one with AVX-512)        */
 } isa_caps;
 
 static uint64_t xgetbv0(void) {
@@ -33,9 +35,13 @@ static uint64_t xgetbv0(void) {
 }
 
 static isa_caps detect(void) {
-    isa_caps c = {0, 0, 0, 0};
+    isa_caps c = {0, 0, 0, 0, 0};
     unsigned a, b, cx, d;
+    if (!__get_cpuid(0, &a, &b, &cx, &d)) return c;
+    const int amd = b == 0x68747541u && d == 0x69746e65u && cx == 0x444d4163u; /* "AuthenticAMD" */
     if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
+    const unsigned base_family = (a >> 8) & 0xf;
+    const unsigned family = base_family == 0xf ? base_family + ((a >> 20) & 0xff) : base_family;
     int fma = (cx >> 12) & 1, osxsave = (cx >> 27) & 1, avx = (cx >> 28) & 1;
     int f16c = (cx >> 29) & 1;
     if (!osxsave || !avx) return c;
@@ -48,6 +54,7 @@ static isa_caps detect(void) {
     int f = (b7 >> 16) & 1, dq = (b7 >> 17) & 1, bw = (b7 >> 30) & 1, vl = (b7 >> 31) & 1;
     c.avx2 = os_ymm && avx2 && fma && f16c;
     c.avx512 = c.avx2 && os_zmm && f && dq && bw && vl;
+    c.zmm_split = c.avx512 && amd && family == 0x19;
     if (c.avx512 && a7 >= 1) {
         unsigned a71 = 0, b71, c71, d71;
         __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
@@ -87,6 +94,18 @@ static int supported(cpu_attn_isa isa) {
 }
 
 int cpu_attn_have_avx512bf16(void) { return caps().avx512bf16; }
+
+/* -1: cpuid's choice. */
+static _Atomic int qk_ymm_forced = -1;
+
+int cpu_attn_qk_ymm(void) {
+    const int f = atomic_load_explicit(&qk_ymm_forced, memory_order_relaxed);
+    return f >= 0 ? f : caps().zmm_split;
+}
+
+void cpu_attn_qk_ymm_force(int on) {
+    atomic_store_explicit(&qk_ymm_forced, on < 0 ? -1 : on != 0, memory_order_relaxed);
+}
 
 /* -1: not decided yet. */
 static _Atomic int selected = -1;

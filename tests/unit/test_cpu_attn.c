@@ -111,9 +111,21 @@ static double expect_close(const tcase *c, const float *ref, const void *out, si
     return err;
 }
 
+/* Cases run with 3-4 q heads per KV head (mod 8), [f16, bf16][512-bit,
+ * 256-bit q.K tiles]: test_qk_widths checks that each was run. */
+static int qk_width_cases[2][2];
+
 /* Builds the case (blocks in shuffled order), runs the reference and the
  * kernel under every ISA and thread count, asserts the tolerance. */
 static void run_case(const tcase *c, double *worst) {
+    /* The row layout's q.K tile width for 3-4 heads (cpu_attn_qk_ymm):
+     * cases alternate, so both widths run on any CPU. */
+    static int n_cases;
+    const int ymm = n_cases++ & 1;
+    cpu_attn_qk_ymm_force(ymm);
+    const int g8 = c->hq / c->hkv % 8;
+    if ((g8 == 3 || g8 == 4) && (c->kv == APEX_DTYPE_F16 || c->kv == APEX_DTYPE_BF16))
+        qk_width_cases[c->kv == APEX_DTYPE_BF16][ymm]++;
     cpu_attn_geom g = {c->hq, c->hkv, c->d, c->bt, c->kv, 0};
     const size_t esz = apex_dtype_size(c->kv);
     const size_t block_bytes = 2 * (size_t)c->hkv * (size_t)c->bt * (size_t)c->d * esz;
@@ -206,6 +218,7 @@ static void run_case(const tcase *c, double *worst) {
         }
         pairs_cases++;
     }
+    cpu_attn_qk_ymm_force(-1);
     cpu_attn_ws_destroy(ws);
     free(perm);
     free(table);
@@ -265,6 +278,21 @@ static void test_reference_hand(void **state) {
         for (int d = 0; d < D; d++) assert_float_equal(out[d], 5.0f, 1e-6f);
     }
     cpu_attn_ws_destroy(ws);
+}
+
+/* Both q.K tile widths were held to the reference for f16 and bf16 KV
+ * (run after the sweeps), and the override round-trips. */
+static void test_qk_widths(void **state) {
+    (void)state;
+    for (int dt = 0; dt < 2; dt++)
+        for (int w = 0; w < 2; w++) assert_true(qk_width_cases[dt][w] > 0);
+    cpu_attn_qk_ymm_force(1);
+    assert_int_equal(cpu_attn_qk_ymm(), 1);
+    cpu_attn_qk_ymm_force(0);
+    assert_int_equal(cpu_attn_qk_ymm(), 0);
+    cpu_attn_qk_ymm_force(-1);
+    const int v = cpu_attn_qk_ymm();
+    assert_true(v == 0 || v == 1);
 }
 
 static void test_isa_dispatch(void **state) {
@@ -482,6 +510,7 @@ int main(void) {
         cmocka_unit_test(test_window_softcap),
         cmocka_unit_test(test_equal_lengths),
         cmocka_unit_test(test_workspace),
+        cmocka_unit_test(test_qk_widths),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
