@@ -15,7 +15,6 @@
  * Geometry: Llama-3.1-8B's KV (8 KV heads, 4 q heads each, head_dim 128),
  * bf16, row layout, block 16, blocks in random order; each thread runs whole
  * sequences (one span each, all KV heads). */
-#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
