@@ -36,6 +36,10 @@
 typedef struct {
     const uint16_t *q; /* [NH*G][Dq] bf16, unscaled, zero past D      */
     uint16_t *p;       /* [G][PROW] bf16 P of the KV head in PV       */
+    uint16_t *qt;      /* amxbf16, rows: [NH][Dq/2][G][2] (q's dim pairs
+                        * outermost: an AMX B tile per 32 dims)        */
+    uint16_t *vb;      /* amxbf16, rows: one group's V, [MAX_BT/2][Dq][2]
+                        * (token pairs interleaved: AMX B tiles)        */
     int D, Dq, G;
     size_t rowb;
     float scale;
@@ -316,19 +320,27 @@ static void pv_bf16(const void *ctx, int hh, const pv_piece *pc, int npc, const 
 
 /* Rounds q to bf16 (zero past D) and runs the driver with the given stages. */
 INL void bf_span(const cpu_attn_span *sp, float *m, float *l, float *acc, float *scratch,
-                 int pairs, span_qk_fn qk, span_pv_fn pv) {
+                 int pairs, int amx_rows, span_qk_fn qk, span_pv_fn pv) {
     const int NQ = sp->NH * sp->G, D = sp->D, Dq = (D + 31) & ~31;
     /* Scratch: the driver's score rows, then P and q in bf16 (64-byte
      * aligned: SROW floats are a multiple of 64 bytes). */
     uint16_t *pb = (uint16_t *)(scratch + (size_t)NQ * CPU_ATTN_SROW);
-    uint16_t *qb = pb + (size_t)NQ * PROW;
+    uint16_t *qb = pb + (size_t)NQ * PROW, *qt = qb + (size_t)NQ * Dq, *vb = qt + (size_t)NQ * Dq;
     for (int h = 0; h < NQ; h++)
         for (int c = 0; c < Dq; c += 16) {
             const __m256i v = c < D ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sp->q + (size_t)h * D + c))
                                     : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(qb + (size_t)h * Dq + c), v);
         }
-    const bf_ctx cx = {qb, pb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale, cpu_attn_qk_ymm()};
+    if (amx_rows) { /* q's dim pairs outermost, per KV head: qt[hh][pr][g] */
+        const int G = sp->G;
+        const uint32_t *q2 = (const uint32_t *)qb;
+        uint32_t *t2 = (uint32_t *)qt;
+        for (int h = 0; h < NQ; h++)
+            for (int pr = 0; pr < Dq / 2; pr++)
+                t2[((size_t)(h / G) * (Dq / 2) + pr) * G + h % G] = q2[(size_t)h * (Dq / 2) + pr];
+    }
+    const bf_ctx cx = {qb, pb, qt, vb, D, Dq, sp->G, (size_t)D * 2, sp->q_scale, cpu_attn_qk_ymm()};
     avx512_span_run(sp, m, l, acc, scratch, 1, pairs, qk, pv, &cx);
 }
 
@@ -338,7 +350,7 @@ static void span_avx512bf16(const cpu_attn_span *sp, float *m, float *l, float *
         cpu_attn_span_avx512(sp, m, l, acc, scratch);
         return;
     }
-    bf_span(sp, m, l, acc, scratch, 0, qk_bf16, pv_bf16);
+    bf_span(sp, m, l, acc, scratch, 0, 0, qk_bf16, pv_bf16);
 }
 
 /* ---------------------------------------------------------------- pair layout */
@@ -540,7 +552,7 @@ static void pv_pairs(const void *ctx, int hh, const pv_piece *pc, int npc, const
 
 static void span_avx512bf16_pairs(const cpu_attn_span *sp, float *m, float *l, float *acc,
                                   float *scratch) {
-    bf_span(sp, m, l, acc, scratch, 1, qk_pairs, pv_pairs);
+    bf_span(sp, m, l, acc, scratch, 1, 0, qk_pairs, pv_pairs);
 }
 
 const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_store_avx512,
@@ -579,12 +591,11 @@ typedef struct {
     uint8_t rows[16];
 } amx_cfg;
 
-static void amx_configure(int G) {
+/* Tiles 0-5: rows[t] x colsb[t] bytes. */
+static void amx_configure(const uint8_t rows[6], const uint16_t colsb[6]) {
     amx_cfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    const uint8_t rows[6] = {(uint8_t)G, (uint8_t)G, 16, (uint8_t)G, (uint8_t)G, 8};
-    const uint16_t colsb[6] = {64, 64, 64, 64, 32, 64};
     for (int t = 0; t < 6; t++) c.rows[t] = rows[t], c.colsb[t] = colsb[t];
     __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
 }
@@ -671,10 +682,117 @@ static void span_amxbf16_pairs(const cpu_attn_span *sp, float *m, float *l, floa
         span_avx512bf16_pairs(sp, m, l, acc, scratch);
         return;
     }
-    amx_configure(sp->G);
-    bf_span(sp, m, l, acc, scratch, 1, qk_amx, pv_amx);
+    const uint8_t G = (uint8_t)sp->G, rows[6] = {G, G, 16, G, G, 8};
+    const uint16_t colsb[6] = {64, 64, 64, 64, 32, 64};
+    amx_configure(rows, colsb);
+    bf_span(sp, m, l, acc, scratch, 1, 0, qk_amx, pv_amx);
     __asm__ volatile("tilerelease" ::: "memory");
 }
 
-const cpu_attn_kernel cpu_attn_kernel_amxbf16 = {span_avx512bf16, cpu_attn_store_avx512,
+/* ------------------------------------------------ AMX-BF16, row layout */
+
+/* The row layout (what a context with a device keeps, so a block moves
+ * between tiers as a copy) on the same tiles, other operands:
+ *  QK  S^T = K q^T: 16 K rows x 32 dims are an A tile as they lie (rows
+ *      rowb apart), q's 32 dims of the KV head's G heads a B tile (16 dim
+ *      pair rows x G, cx->qt, made once per span); the 16 x G scores are
+ *      stored and read back a head at a time by a gather.
+ *  PV  as the pair layout's pv_amx on 32-token units, V's token pairs
+ *      interleaved into cx->vb first (once per group and KV head), P's
+ *      columns past the group zeroed (and V's rows there read as zeros).
+ * Tiles (one configuration per span):
+ *   0 scores^T 16 x G fp32    1 K  16 x 32 bf16     2 q^T 16 pair rows x G
+ *   3 acc      G x 16 fp32    4 P  G x 32 bf16      5 V  16 pair rows x 16 */
+static void qk_amx_rows(const void *ctx, int hh, const uint8_t *k, int r, int n, float *s,
+                        pf_list *pf, int pf_lines) {
+    const bf_ctx *cx = ctx;
+    const int G = cx->G, chunks = cx->D / 32, tiles = n / 16;
+    const int per = tiles ? (pf_lines + tiles - 1) / tiles : 0;
+    const uint16_t *qt = cx->qt + (size_t)hh * cx->Dq * G;
+    const __m512 sc = _mm512_set1_ps(cx->scale);
+    const __m512i col = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192,
+                                          208, 224, 240);
+    float tmp[16 * 16] __attribute__((aligned(64)));
+    int left = pf_lines;
+    for (int i = 0; i < tiles; i++) {
+        const uint8_t *kt = k + (size_t)i * 16 * cx->rowb;
+        AMX_ZERO(0);
+        for (int c = 0; c < chunks; c++) {
+            AMX_LOAD(1, kt + (size_t)c * 64, cx->rowb);
+            AMX_LOAD(2, qt + (size_t)c * 32 * G, 4 * G);
+            AMX_DP(0, 1, 2);
+        }
+        AMX_STORE(0, tmp, 64);
+        for (int h = 0; h < G; h++)
+            _mm512_storeu_ps(s + (size_t)h * CPU_ATTN_SROW + 16 * i,
+                             _mm512_mul_ps(_mm512_i32gather_ps(col, tmp + h, 4), sc));
+        pf_share(pf, &left, per);
+    }
+    if (n > 16 * tiles)
+        qk_bf16(ctx, hh, k + (size_t)tiles * 16 * cx->rowb, r + 16 * tiles, n - 16 * tiles,
+                s + 16 * tiles, pf, left);
+    else
+        pf_list_some(pf, left);
+}
+
+static void pv_amx_rows(const void *ctx, int hh, const pv_piece *pc, int npc, const float *p,
+                        float *acc, pf_list *pf, int pf_lines) {
+    static const uint16_t zero_row[APEX_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    const bf_ctx *cx = ctx;
+    (void)hh;
+    bf_round_p(cx, pc, npc, p);
+    const int D = cx->D, n = pc[npc - 1].so + pc[npc - 1].n, n32 = (n + 31) & ~31;
+    for (int h = 0; h < cx->G; h++)
+        for (int j = n; j < n32; j++) cx->p[(size_t)h * PROW + j] = 0;
+    const uint8_t *row[CPU_ATTN_MAX_BT];
+    int t = 0;
+    for (int x = 0; x < npc; x++)
+        for (int j = 0; j < pc[x].n; j++) row[t++] = pc[x].v + (size_t)j * cx->rowb;
+    for (; t < n32; t++) row[t] = (const uint8_t *)zero_row;
+    /* Pair row j: (token 2j, token 2j+1) for each dim, 32 dims a step. */
+    static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int j = 0; j < n32 / 2; j++) {
+        const uint8_t *a = row[2 * j], *b = row[2 * j + 1];
+        uint16_t *o = cx->vb + (size_t)j * D * 2;
+        for (int d = 0; d < D; d += 32) {
+            const __m512i va = _mm512_loadu_si512(a + 2 * d), vb = _mm512_loadu_si512(b + 2 * d);
+            _mm512_storeu_si512(o + 2 * d, _mm512_permutex2var_epi16(va, lo, vb));
+            _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(va, hi, vb));
+        }
+    }
+    const int cols = D / 16, per = (pf_lines + cols - 1) / cols;
+    const size_t stride = (size_t)D * 4;
+    int left = pf_lines;
+    for (int c = 0; c < cols; c++) {
+        float *a = acc + 16 * c;
+        AMX_LOAD(3, a, stride);
+        for (int u = 0; u < n32 / 32; u++) {
+            AMX_LOAD(4, cx->p + 32 * u, PROW * 2);
+            AMX_LOAD(5, cx->vb + (size_t)u * 32 * D + 32 * c, stride);
+            AMX_DP(3, 4, 5);
+        }
+        AMX_STORE(3, a, stride);
+        pf_share(pf, &left, per);
+    }
+    pf_list_some(pf, left);
+}
+
+/* The same shapes as span_amxbf16_pairs take AMX (G 2-16, head_dim a
+ * multiple of 32); others, and f16/f32 KV, the avx512bf16 stages. */
+static void span_amxbf16_rows(const cpu_attn_span *sp, float *m, float *l, float *acc,
+                              float *scratch) {
+    if (sp->kv_dtype != APEX_DTYPE_BF16 || sp->G < 2 || sp->G > 16 || sp->D % 32) {
+        span_avx512bf16(sp, m, l, acc, scratch);
+        return;
+    }
+    const uint8_t G = (uint8_t)sp->G, rows[6] = {16, 16, 16, G, G, 16};
+    const uint16_t colsb[6] = {(uint16_t)(4 * G), 64, (uint16_t)(4 * G), 64, 64, 64};
+    amx_configure(rows, colsb);
+    bf_span(sp, m, l, acc, scratch, 0, 1, qk_amx_rows, pv_amx_rows);
+    __asm__ volatile("tilerelease" ::: "memory");
+}
+
+const cpu_attn_kernel cpu_attn_kernel_amxbf16 = {span_amxbf16_rows, cpu_attn_store_avx512,
                                                  cpu_attn_load_avx512, 1, span_amxbf16_pairs};

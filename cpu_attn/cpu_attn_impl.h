@@ -49,9 +49,12 @@ typedef struct cpu_attn_span {
 
 /* Floats of per-thread scratch a kernel's span() needs for nq = NH*G q
  * heads (64-byte aligned): score rows, then (avx512bf16) the same rows of
- * P in bf16 and q in bf16 padded to a multiple of 32 columns. */
+ * P in bf16 and q in bf16 padded to a multiple of 32 columns, then
+ * (amxbf16, row layout) q again with dim pairs outermost and one group's
+ * V (<= MAX_BT tokens) with token pairs interleaved. */
 static inline size_t cpu_attn_scratch_floats(int32_t nq, int32_t D) {
-    return (size_t)nq * CPU_ATTN_SROW * 3 / 2 + (size_t)nq * ((size_t)D + 32) / 2 + (size_t)D + 64;
+    return (size_t)nq * CPU_ATTN_SROW * 3 / 2 + (size_t)nq * ((size_t)D + 32) +
+           (size_t)CPU_ATTN_MAX_BT * ((size_t)D + 32) / 2 + (size_t)D + 64;
 }
 
 typedef struct cpu_attn_kernel {
