@@ -631,6 +631,35 @@ static void qk_amx(const void *ctx, int hh, const uint8_t *k, int r, int n, floa
     pf_list_some(pf, left);
 }
 
+/* A P.V unit on AMX: P's columns from so (tile 4) against the V pair rows
+ * at v (tile 5), D * 4 bytes apart (a pair row of head_dim pairs). */
+typedef struct {
+    const uint8_t *v;
+    int so;
+} amx_pv_unit;
+
+/* acc (G x D) += the units' products, one 16-column slice at a time:
+ * acc's rows are tile 3, loaded and stored once per slice; pf_lines of pf
+ * handed out over the slices. */
+static void amx_pv_units(const bf_ctx *cx, const amx_pv_unit *un, int nu, float *acc, pf_list *pf,
+                         int pf_lines) {
+    const int D = cx->D, cols = D / 16, per = (pf_lines + cols - 1) / cols;
+    const size_t vstride = (size_t)D * 4;
+    int left = pf_lines;
+    for (int c = 0; c < cols; c++) {
+        float *a = acc + 16 * c;
+        AMX_LOAD(3, a, vstride);
+        for (int u = 0; u < nu; u++) {
+            AMX_LOAD(4, cx->p + un[u].so, PROW * 2);
+            AMX_LOAD(5, un[u].v + (size_t)c * 64, vstride);
+            AMX_DP(3, 4, 5);
+        }
+        AMX_STORE(3, a, vstride);
+        pf_share(pf, &left, per);
+    }
+    pf_list_some(pf, left);
+}
+
 /* P.V of one KV head: the whole-tile pieces on AMX (acc's rows are the C
  * tile, loaded and stored once per 16 columns), the rest by the
  * avx512bf16 stage. */
@@ -653,22 +682,12 @@ static void pv_amx(const void *ctx, int hh, const pv_piece *pc, int npc, const f
         pf_lines -= lines;
     }
     if (!nw) return;
-    const int D = cx->D, cols = D / 16, per = (pf_lines + cols - 1) / cols;
-    const size_t vstride = (size_t)D * 4, unit = (size_t)T * cx->rowb; /* 8 pair rows */
-    int left = pf_lines;
-    for (int c = 0; c < cols; c++) {
-        float *a = acc + 16 * c;
-        AMX_LOAD(3, a, vstride);
-        for (int x = 0; x < nw; x++)
-            for (int u = 0; u < whole[x].n / T; u++) {
-                AMX_LOAD(4, cx->p + whole[x].so + T * u, PROW * 2);
-                AMX_LOAD(5, whole[x].v + u * unit + (size_t)c * 64, vstride);
-                AMX_DP(3, 4, 5);
-            }
-        AMX_STORE(3, a, vstride);
-        pf_share(pf, &left, per);
-    }
-    pf_list_some(pf, left);
+    amx_pv_unit un[CPU_ATTN_MAX_BT / APEX_KV_PAIR_TILE];
+    int nu = 0;
+    for (int x = 0; x < nw; x++)
+        for (int u = 0; u < whole[x].n / T; u++) /* 16 tokens: 8 pair rows */
+            un[nu++] = (amx_pv_unit){whole[x].v + (size_t)u * T * cx->rowb, whole[x].so + T * u};
+    amx_pv_units(cx, un, nu, acc, pf, pf_lines);
 }
 
 /* AMX needs G <= 16 (tile rows) and head_dim a multiple of 32 (q.K's
@@ -762,21 +781,10 @@ static void pv_amx_rows(const void *ctx, int hh, const pv_piece *pc, int npc, co
             _mm512_storeu_si512(o + 2 * d + 32, _mm512_permutex2var_epi16(va, hi, vb));
         }
     }
-    const int cols = D / 16, per = (pf_lines + cols - 1) / cols;
-    const size_t stride = (size_t)D * 4;
-    int left = pf_lines;
-    for (int c = 0; c < cols; c++) {
-        float *a = acc + 16 * c;
-        AMX_LOAD(3, a, stride);
-        for (int u = 0; u < n32 / 32; u++) {
-            AMX_LOAD(4, cx->p + 32 * u, PROW * 2);
-            AMX_LOAD(5, cx->vb + (size_t)u * 32 * D + 32 * c, stride);
-            AMX_DP(3, 4, 5);
-        }
-        AMX_STORE(3, a, stride);
-        pf_share(pf, &left, per);
-    }
-    pf_list_some(pf, left);
+    amx_pv_unit un[CPU_ATTN_MAX_BT / 32];
+    for (int u = 0; u < n32 / 32; u++) /* 32 tokens: 16 pair rows */
+        un[u] = (amx_pv_unit){(const uint8_t *)(cx->vb + (size_t)u * 32 * D), 32 * u};
+    amx_pv_units(cx, un, n32 / 32, acc, pf, pf_lines);
 }
 
 /* The same shapes as span_amxbf16_pairs take AMX (G 2-16, head_dim a
