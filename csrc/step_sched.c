@@ -65,7 +65,8 @@ apex_status step_sched_enable(apex_context *ctx, const apex_sched_options *o) {
     };
     const char *how = NULL;
     apex_status st = from_sched(apex_profile_obtain(preset, &g, (double)o->weight_bytes,
-                                                    ctx->workers.n_threads, NULL, &fresh.profile,
+                                                    ctx->workers.n_threads, ctx->cfg.kv_dtype,
+                                                    ctx->geom.kv_pairs, NULL, &fresh.profile,
                                                     &how),
                                 "apex_sched_enable: profile");
     if (st) return st;

@@ -61,14 +61,35 @@ static int lsq3(int n, const double *x1, const double *x2, const double *y, doub
     return 0;
 }
 
-sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double budget_s) {
+/* The KV type measured: kv_dtype, or by kv_bytes (f16, f32) if it is -1;
+ * -1 if neither fits kv_bytes. */
+static int measured_dtype(int32_t kv_bytes, int32_t kv_dtype) {
+    if (kv_dtype == -1) return kv_bytes == 2 ? APEX_DTYPE_F16 : kv_bytes == 4 ? APEX_DTYPE_F32 : -1;
+    if ((kv_dtype != APEX_DTYPE_F16 && kv_dtype != APEX_DTYPE_BF16 && kv_dtype != APEX_DTYPE_F32) ||
+        (int32_t)apex_dtype_size((apex_dtype)kv_dtype) != kv_bytes)
+        return -1;
+    return kv_dtype;
+}
+
+/* Whether the KV measured is in the pair layout: asked for, and the
+ * selected kernel reads it for this geometry. */
+static int measured_pairs(const apex_model_geom *g, apex_dtype dt, int32_t kv_pairs) {
+    const cpu_attn_geom cg = {g->n_q_heads, g->n_kv_heads, g->head_dim, 16, dt, 1};
+    return kv_pairs && cpu_attn_pairs_ok(&cg);
+}
+
+sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double budget_s,
+                                      int32_t kv_dtype, int32_t kv_pairs) {
     if (!p || threads <= 0)
         return sched_fail(SCHED_ERR_INVALID, "measure_cpu: bad arguments");
     const apex_model_geom *g = &p->geom;
-    if (g->kv_bytes != 2 && g->kv_bytes != 4)
-        return sched_fail(SCHED_ERR_INVALID, "measure_cpu: kv_bytes %d unsupported", g->kv_bytes);
-    cpu_attn_geom cg = {g->n_q_heads, g->n_kv_heads, g->head_dim, 16,
-                        g->kv_bytes == 2 ? APEX_DTYPE_F16 : APEX_DTYPE_F32, 0};
+    const int dti = measured_dtype(g->kv_bytes, kv_dtype);
+    if (dti < 0)
+        return sched_fail(SCHED_ERR_INVALID, "measure_cpu: KV type %d with kv_bytes %d unsupported",
+                          kv_dtype, g->kv_bytes);
+    const apex_dtype dt = (apex_dtype)dti;
+    const cpu_attn_geom cg = {g->n_q_heads, g->n_kv_heads, g->head_dim, 16, dt,
+                              measured_pairs(g, dt, kv_pairs)};
     /* shapes: (sequences, tokens each); slab sized for the largest */
     static const int shapes[][2] = {{1, 1024}, {1, 8192}, {8, 512}, {8, 2048},
                                     {32, 256}, {32, 1024}, {64, 128}};
@@ -91,10 +112,12 @@ sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double b
         goto done;
     }
     uint64_t seed = 0x9E3779B97F4A7C15ull;
-    /* small random values: fp16 0x3000..0x33ff is ~0.125..0.25, any sign */
+    /* small random values, any sign: fp16 0x3000..0x33ff and bf16
+     * 0x3e00..0x3e7f are 0.125..0.25, f32 as two fp16 halves ~1e-9 */
     uint16_t *h = kv;
-    for (size_t i = 0; i < slab / 2; i++)
-        h[i] = (uint16_t)(0x3000 | (rng_next(&seed) & 0x83ff));
+    const uint16_t base = dt == APEX_DTYPE_BF16 ? 0x3e00 : 0x3000;
+    const uint16_t mask = dt == APEX_DTYPE_BF16 ? 0x807f : 0x83ff;
+    for (size_t i = 0; i < slab / 2; i++) h[i] = (uint16_t)(base | (rng_next(&seed) & mask));
     for (size_t i = 0; i < qn; i++) q[i] = (float)((int)(rng_next(&seed) % 200) - 100) * 1e-3f;
     int32_t tcounts[3] = {1, threads / 2, threads};
     int nt = 0;
@@ -198,8 +221,9 @@ static void mkdir_p(const char *dir) {
 }
 
 sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *g,
-                                 double weight_bytes, int32_t threads, const char *cache_dir,
-                                 apex_profile *out, const char **how) {
+                                 double weight_bytes, int32_t threads, int32_t kv_dtype,
+                                 int32_t kv_pairs, const char *cache_dir, apex_profile *out,
+                                 const char **how) {
     if (!g || !out) return sched_fail(SCHED_ERR_INVALID, "profile_obtain: NULL argument");
     char mkey[160];
     apex_model_key(g, mkey, sizeof mkey);
@@ -225,9 +249,18 @@ sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *
         s = sched_fail(SCHED_ERR_NOT_FOUND, "profile_obtain: unknown GPU preset '%s'", gpu_preset);
         goto out;
     }
+    const int dti = measured_dtype(g->kv_bytes, kv_dtype);
+    if (dti < 0) {
+        s = sched_fail(SCHED_ERR_INVALID, "profile_obtain: KV type %d with kv_bytes %d unsupported",
+                       kv_dtype, g->kv_bytes);
+        goto out;
+    }
+    const apex_dtype dt = (apex_dtype)dti;
+    const int pairs = measured_pairs(g, dt, kv_pairs);
     char hwkey[160];
-    snprintf(hwkey, sizeof hwkey, "gpu=%s;cpu=%s;threads=%d", host ? "host-emulated" : hw->name,
-             cpu_attn_isa_name(cpu_attn_isa_selected()), threads);
+    snprintf(hwkey, sizeof hwkey, "gpu=%s;cpu=%s;kv=%s-%s;threads=%d",
+             host ? "host-emulated" : hw->name, cpu_attn_isa_name(cpu_attn_isa_selected()),
+             apex_dtype_name(dt), pairs ? "pairs" : "rows", threads);
     char dir[3072], path[4096];
     if (cache_dir) snprintf(dir, sizeof dir, "%s", cache_dir);
     else if (getenv("XDG_CACHE_HOME") && *getenv("XDG_CACHE_HOME"))
@@ -244,7 +277,7 @@ sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *
     }
     /* fresh: GPU part from the preset, CPU part measured */
     if ((s = apex_profile_from_preset(hw, g, weight_bytes, threads, p))) goto out;
-    if ((s = apex_profile_measure_cpu(p, threads, 2.0))) goto out;
+    if ((s = apex_profile_measure_cpu(p, threads, 2.0, dt, pairs))) goto out;
     if (host) {
         apex_link l;
         if ((s = apex_profile_measure_memcpy(&l))) goto out;
@@ -253,9 +286,10 @@ sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *
     }
     snprintf(p->hw_key, sizeof p->hw_key, "%s", hwkey);
     snprintf(p->source, sizeof p->source,
-             "measured: CPU attention (cpu_attn_decode, %s)%s; GPU parts: preset %s "
-             "(roofline estimate)",
-             cpu_attn_isa_name(cpu_attn_isa_selected()),
+             "measured: CPU attention (cpu_attn_decode, %s, %s KV in %s)%s; GPU parts: "
+             "preset %s (roofline estimate)",
+             cpu_attn_isa_name(cpu_attn_isa_selected()), apex_dtype_name(dt),
+             pairs ? "the pair layout" : "rows",
              host ? ", link: memcpy stand-in (emulated device)" : "", hw->name);
     if ((s = apex_profile_validate(p))) goto out;
     mkdir_p(dir);

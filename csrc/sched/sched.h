@@ -312,21 +312,28 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
 /* Measures T_catt on this machine with cpu_attn_decode (a real workspace,
  * KV far larger than the last-level cache) for thread counts up to
  * `threads`, and least-squares fits (c0, per_seq, per_token) for each.
- * budget_s bounds the time spent. Fills p->catt, p->n_catt. */
-sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads,
-                                      double budget_s);
+ * budget_s bounds the time spent. The KV is what the context's kernel
+ * reads: kv_dtype (an apex_dtype; -1: f16 for kv_bytes 2, f32 for 4) in the
+ * CPU pair layout if kv_pairs (cpu_attn/kv_layout.h; where the kernel
+ * cannot read it, rows), since the kernels' speeds differ by dtype and
+ * layout (bf16 on AMX reads up to 2x f16's in cache). Fills p->catt,
+ * p->n_catt. */
+sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double budget_s,
+                                      int32_t kv_dtype, int32_t kv_pairs);
 /* Host memcpy bandwidth, the PCIe stand-in of the emulated device. */
 sched_status apex_profile_measure_memcpy(apex_link *out);
 
 /* The profile to use: APEX_PROFILE=<file> if set (must match geometry), else
  * the cache file cache_dir/profile-<key hash>.json when its keys match, else
- * a fresh one: CPU part measured, GPU and PCIe parts from preset `gpu_preset`
- * (no GPU here), saved to the cache. cache_dir NULL = $XDG_CACHE_HOME/apex
- * or ~/.cache/apex. *how (may be NULL) says which path was taken. */
-sched_status apex_profile_obtain(const char *gpu_preset,
-                                 const apex_model_geom *g, double weight_bytes,
-                                 int32_t threads, const char *cache_dir,
-                                 apex_profile *out, const char **how);
+ * a fresh one: CPU part measured (kv_dtype, kv_pairs as for
+ * apex_profile_measure_cpu; both are in the hardware key with the kernel
+ * variant and threads), GPU and PCIe parts from preset `gpu_preset` (no GPU
+ * here), saved to the cache. cache_dir NULL = $XDG_CACHE_HOME/apex or
+ * ~/.cache/apex. *how (may be NULL) says which path was taken. */
+sched_status apex_profile_obtain(const char *gpu_preset, const apex_model_geom *g,
+                                 double weight_bytes, int32_t threads, int32_t kv_dtype,
+                                 int32_t kv_pairs, const char *cache_dir, apex_profile *out,
+                                 const char **how);
 
 #ifdef __cplusplus
 }

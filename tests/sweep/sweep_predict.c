@@ -94,7 +94,7 @@ int main(int argc, char **argv) {
     cpu.layer_sync_s = 10e-6;
     snprintf(cpu.hw_key, sizeof cpu.hw_key, "this machine, %d threads", threads);
     apex_model_key(&g, cpu.model_key, sizeof cpu.model_key);
-    sched_status st = apex_profile_measure_cpu(&cpu, threads, 3.0);
+    sched_status st = apex_profile_measure_cpu(&cpu, threads, 3.0, -1, 0); /* f16 (kv_bytes 2), rows: llama.cpp's KV */
     if (!st) st = apex_profile_measure_memcpy(&cpu.h2d);
     cpu.d2h = cpu.h2d;
     if (st) {

@@ -12,6 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "apex/apex.h"
+#include "cpu_attn/cpu_attn.h"
 #include "csrc/sched/sched.h"
 #include "csrc/env.h"
 
@@ -148,9 +150,9 @@ static void test_obtain_env_and_cache(void **st) {
     apex_env_refresh(); /* the snapshot the core reads (csrc/env.h) */
     const char *how = NULL;
     /* geometry mismatch is refused with a clear message */
-    assert_int_equal(apex_profile_obtain("t4", &g, wb, 2, "/tmp", &q, &how), SCHED_ERR_MISMATCH);
+    assert_int_equal(apex_profile_obtain("t4", &g, wb, 2, -1, 0, "/tmp", &q, &how), SCHED_ERR_MISMATCH);
     assert_non_null(strstr(sched_last_error(), "APEX_PROFILE"));
-    assert_int_equal(apex_profile_obtain("a10", &p.geom, wb, 2, "/tmp", &q, &how), SCHED_OK);
+    assert_int_equal(apex_profile_obtain("a10", &p.geom, wb, 2, -1, 0, "/tmp", &q, &how), SCHED_OK);
     assert_string_equal(how, "APEX_PROFILE");
     unsetenv("APEX_PROFILE");
     apex_env_refresh();
@@ -162,7 +164,7 @@ static void test_obtain_env_and_cache(void **st) {
 static void test_measure_cpu(void **st) {
     (void)st;
     apex_profile p = base();
-    sched_status s = apex_profile_measure_cpu(&p, 2, 0.3);
+    sched_status s = apex_profile_measure_cpu(&p, 2, 0.3, -1, 0);
     assert_int_equal(s, SCHED_OK);
     assert_true(p.n_catt >= 1);
     for (int i = 0; i < p.n_catt; i++) {
@@ -176,6 +178,46 @@ static void test_measure_cpu(void **st) {
     assert_true(l.bw_Bps > 1e8 && l.lat_s >= 0);
 }
 
+/* The CPU part measures the KV the context's kernel reads: bf16 (in the
+ * pair layout where the kernel reads it) as well as f16, each under its
+ * own cache key; a KV type that does not match kv_bytes is refused with a
+ * message and leaves the profile as it was. */
+static void test_measure_cpu_kv(void **st) {
+    (void)st;
+    apex_profile p = base();
+    assert_int_equal(apex_profile_measure_cpu(&p, 1, 0.2, APEX_DTYPE_BF16, 1), SCHED_OK);
+    assert_true(p.n_catt >= 1 && p.catt[0].per_token > 0 && isfinite(p.catt[0].per_token));
+    assert_int_equal(apex_profile_validate(&p), SCHED_OK);
+    const apex_profile before = p;
+    assert_int_equal(apex_profile_measure_cpu(&p, 1, 0.2, APEX_DTYPE_F32, 0), SCHED_ERR_INVALID);
+    assert_non_null(strstr(sched_last_error(), "kv_bytes 2"));
+    assert_int_equal(apex_profile_measure_cpu(&p, 1, 0.2, 99, 0), SCHED_ERR_INVALID);
+    assert_memory_equal(&p, &before, sizeof p);
+
+    char dir[] = "/tmp/apex_prof_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    apex_profile q;
+    const char *how = NULL;
+    assert_int_equal(apex_profile_obtain("t4", &p.geom, 1e9, 1, APEX_DTYPE_BF16, 1, dir, &q, &how),
+                     SCHED_OK);
+    assert_string_equal(how, "measured, saved");
+    const cpu_attn_geom cg = {p.geom.n_q_heads, p.geom.n_kv_heads, p.geom.head_dim, 16,
+                              APEX_DTYPE_BF16, 1};
+    assert_non_null(strstr(q.hw_key, cpu_attn_pairs_ok(&cg) ? "kv=bf16-pairs" : "kv=bf16-rows"));
+    assert_int_equal(apex_profile_obtain("t4", &p.geom, 1e9, 1, APEX_DTYPE_BF16, 1, dir, &q, &how),
+                     SCHED_OK);
+    assert_string_equal(how, "cache");
+    /* f16 is another key: measured afresh, not the bf16 file */
+    assert_int_equal(apex_profile_obtain("t4", &p.geom, 1e9, 1, -1, 0, dir, &q, &how), SCHED_OK);
+    assert_string_equal(how, "measured, saved");
+    assert_non_null(strstr(q.hw_key, "kv=f16-rows"));
+    assert_int_equal(apex_profile_obtain("t4", &p.geom, 1e9, 1, APEX_DTYPE_F32, 0, dir, &q, &how),
+                     SCHED_ERR_INVALID);
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest t[] = {
         cmocka_unit_test(test_round_trip),
@@ -183,6 +225,7 @@ int main(void) {
         cmocka_unit_test(test_presets),
         cmocka_unit_test(test_obtain_env_and_cache),
         cmocka_unit_test(test_measure_cpu),
+        cmocka_unit_test(test_measure_cpu_kv),
     };
     return cmocka_run_group_tests(t, NULL, NULL);
 }
