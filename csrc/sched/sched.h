@@ -316,7 +316,7 @@ sched_status apex_sched_plan(const sched_state *st, const apex_profile *p,
  * reads: kv_dtype (an apex_dtype; -1: f16 for kv_bytes 2, f32 for 4) in the
  * CPU pair layout if kv_pairs (cpu_attn/kv_layout.h; where the kernel
  * cannot read it, rows), since the kernels' speeds differ by dtype and
- * layout (bf16 on AMX reads up to 2x f16's in cache). Fills p->catt,
+ * layout (bf16 pairs on AMX: 1.7x f16's in-cache speed on a Xeon). Fills p->catt,
  * p->n_catt. */
 sched_status apex_profile_measure_cpu(apex_profile *p, int32_t threads, double budget_s,
                                       int32_t kv_dtype, int32_t kv_pairs);
