@@ -58,9 +58,21 @@ typedef struct {
     int left;
 } pf_run;
 
+/* Four prefetches per loop step: with one per step (and its add and
+ * branch) the AMX kernels ran 1-15 % slower in cache and 2-5 % from DRAM
+ * (Xeon, kern10); with no software prefetch at all, 25 % faster in cache
+ * but a quarter slower from DRAM. */
 SPAN_INL void pf_run_some(pf_run *r, int lines) {
     if (lines > r->left) lines = r->left;
-    for (int i = 0; i < lines; i++) _mm_prefetch(r->p + (size_t)i * 64, SPAN_PF_HINT);
+    int i = 0;
+    for (; i + 4 <= lines; i += 4) {
+        const char *a = r->p + (size_t)i * 64;
+        _mm_prefetch(a, SPAN_PF_HINT);
+        _mm_prefetch(a + 64, SPAN_PF_HINT);
+        _mm_prefetch(a + 128, SPAN_PF_HINT);
+        _mm_prefetch(a + 192, SPAN_PF_HINT);
+    }
+    for (; i < lines; i++) _mm_prefetch(r->p + (size_t)i * 64, SPAN_PF_HINT);
     r->p += (size_t)lines * 64;
     r->left -= lines;
 }
