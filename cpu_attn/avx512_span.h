@@ -59,9 +59,10 @@ typedef struct {
 } pf_run;
 
 /* Four prefetches per loop step: with one per step (and its add and
- * branch) the AMX kernels ran 1-15 % slower in cache and 2-5 % from DRAM
- * (Xeon, kern10); with no software prefetch at all, 25 % faster in cache
- * but a quarter slower from DRAM. */
+ * branch) the AMX kernels ran up to 15 % slower in cache and 2-3 % from
+ * DRAM, the f16 one 1-2 % faster from DRAM (Xeon, kern10); with no
+ * software prefetch at all, 25 % faster in cache but a quarter slower from
+ * DRAM. */
 SPAN_INL void pf_run_some(pf_run *r, int lines) {
     if (lines > r->left) lines = r->left;
     int i = 0;
