@@ -62,7 +62,8 @@ typedef enum cpu_attn_isa {
      * to bf16, fp32 accumulation); f16/f32 KV as avx512. */
     CPU_ATTN_ISA_AVX512BF16 = 3,
     /* avx512bf16 + AMX-BF16 (and the OS's leave to use the tiles): bf16 KV
-     * in the pair layout on tiles; everything else as avx512bf16. */
+     * on tiles in either layout (G 2-16, head_dim % 32); everything else
+     * as avx512bf16. */
     CPU_ATTN_ISA_AMXBF16 = 4
 } cpu_attn_isa;
 
