@@ -563,8 +563,9 @@ const cpu_attn_kernel cpu_attn_kernel_avx512bf16 = {span_avx512bf16, cpu_attn_st
 
 /* The amxbf16 variant: this kernel with q.K and P.V of the pair layout on
  * AMX tiles wherever a piece is whole 16-token tiles (block-aligned, as
- * every piece is but a window's first and a sequence's last); other pieces,
- * the row layout and f16/f32 KV take the avx512bf16 stages above. The pair
+ * every piece is but a window's first and a sequence's last); other pieces
+ * and f16/f32 KV take the avx512bf16 stages above (the row layout has AMX
+ * stages of its own, further below). The pair
  * layout is AMX's own operand order: a K tile's 16 lines of dim pairs are a
  * B tile (16 pair rows x 16 tokens), and 8 V pair rows' 16 columns are one
  * (8 token-pair rows x 16 columns). tdpbf16ps multiplies bf16 pairs and
